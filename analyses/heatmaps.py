@@ -1,0 +1,159 @@
+"""Fig. 4 of Drozdzal et al. 2016: where in the network the weights move, epoch by epoch.
+
+One panel per run: layers left to right in input-to-output order (labelled encoder / centre /
+decoder), epochs (or binned steps) bottom to top, colour = the chosen statistic on a log scale. All
+panels share one colour scale, so a starved centre in one variant reads as dark against a bright
+centre in its neighbour. The default statistic, ``update_mean_abs`` per epoch, is the paper's
+mean |W_end − W_start| over each epoch, read from the store's ``epochs`` group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from analyses.runs import runs, segment_mean, select_layers, stages
+from gradflow.errors import GradflowError
+
+PER = ("epoch", "step")
+LABELS = {
+    "update_mean_abs": "mean |ΔW|",
+    "update_norm": "‖ΔW‖₂",
+    "update_max_abs": "max |ΔW|",
+    "update_ratio": "‖ΔW‖ / ‖W‖",
+    "grad_norm": "‖∇W‖₂",
+    "grad_max_abs": "max |∇W|",
+    "param_norm": "‖W‖₂",
+    "nonfinite": "non-finite gradient values",
+}
+
+
+def _levels(data: xr.Dataset | xr.DataTree) -> tuple[dict[str, xr.Dataset], dict[str, xr.Dataset]]:
+    """(epoch-level runs, step-level runs); a bare Dataset fills only the level it has."""
+    if isinstance(data, xr.Dataset):
+        return (runs(data, "epoch") if "epoch" in data.dims else {}), (
+            runs(data, "step") if "step" in data.dims else {}
+        )
+    return runs(data, "epoch"), runs(data, "step")
+
+
+def _step_bins(ds: xr.Dataset, stat: str, bins: int) -> xr.DataArray:
+    """Mean of ``stat`` over ``bins`` equal runs of recorded steps; ``step`` = first step of each bin."""
+    n = ds.sizes["step"]
+    n_bins = max(1, min(bins, n))
+    labels = (np.arange(n) * n_bins) // max(n, 1)
+    keys, means = segment_mean(ds[stat], labels)
+    steps = ds["step"].values
+    first = np.searchsorted(labels, keys, side="left")
+    last = np.searchsorted(labels, keys, side="right") - 1
+    return xr.DataArray(
+        means,
+        dims=("step", "layer"),
+        coords={"step": steps[first], "step_end": ("step", steps[last] + 1), "layer": ds["layer"].values},
+        name=stat,
+    )
+
+
+def heatmap_data(
+    data: xr.Dataset | xr.DataTree,
+    stat: str = "update_mean_abs",
+    per: str = "epoch",
+    layers: str | list[str] = "auto",
+    bins: int = 200,
+) -> dict[str, xr.DataArray]:
+    """The arrays :func:`heatmaps` draws: ``{run: DataArray (epoch|step, layer)}``.
+
+    ``per="epoch"`` takes ``stat`` from the epoch group when it is there (``update_mean_abs``,
+    ``update_norm``), otherwise averages the step-level ``stat`` over each epoch's steps.
+    ``per="step"`` averages the step-level ``stat`` over ``bins`` equal runs of steps (a 10⁵-step
+    store becomes ``bins`` rows, read block by block). Non-finite values are ignored in means.
+    """
+    if per not in PER:
+        raise GradflowError(f"per must be one of {', '.join(PER)}, got {per!r}")
+    epoch_runs, step_runs = _levels(data)
+    out: dict[str, xr.DataArray] = {}
+    for name in dict.fromkeys([*epoch_runs, *step_runs]):
+        ep, st = epoch_runs.get(name), step_runs.get(name)
+        if per == "epoch" and ep is not None and stat in ep:
+            out[name] = select_layers(ep, layers)[stat].transpose("epoch", "layer")
+        elif st is not None and stat in st and st.sizes["step"] > 0:
+            st = select_layers(st, layers)
+            if per == "step":
+                out[name] = _step_bins(st, stat, bins)
+            elif "epoch" in st.coords:
+                keys, means = segment_mean(st[stat], st["epoch"].values)
+                out[name] = xr.DataArray(
+                    means, dims=("epoch", "layer"), coords={"epoch": keys, "layer": st["layer"].values}, name=stat
+                )
+    out = {name: da for name, da in out.items() if da.sizes[da.dims[0]] > 0}
+    if not out:
+        names = sorted({v for ds in [*epoch_runs.values(), *step_runs.values()] for v in ds.data_vars})
+        raise GradflowError(f"no {per}-level variable {stat!r} in the store (it has: {', '.join(names) or 'nothing'})")
+    return out
+
+
+def _edges(centres: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """Cell edges along y: epochs are unit cells around their index; step bins span [first, end)."""
+    if ends is not None:
+        return np.r_[centres, ends[-1]].astype(float)
+    return np.r_[centres - 0.5, centres[-1] + 0.5].astype(float)
+
+
+def heatmaps(
+    data: xr.Dataset | xr.DataTree,
+    stat: str = "update_mean_abs",
+    per: str = "epoch",
+    layers: str | list[str] = "auto",
+    bins: int = 200,
+    log: bool | None = None,
+    ncols: int | None = None,
+) -> Figure:
+    """Fig. 4-style grid of layer × epoch (or step) heatmaps, one panel per run, one colour scale.
+
+    Panels are titled with the run name; each panel's ``collections[0].get_array()`` is the plotted
+    (time, layer) array, exactly :func:`heatmap_data`'s values. ``log`` defaults to a log colour scale
+    for every statistic except the ``nonfinite`` counts; zero or negative cells show grey.
+    """
+    arrays = heatmap_data(data, stat=stat, per=per, layers=layers, bins=bins)
+    log = stat != "nonfinite" if log is None else log
+    values = np.concatenate([np.ravel(da.values) for da in arrays.values()])
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    if log and positive.size:
+        norm = LogNorm(vmin=positive.min(), vmax=max(positive.max(), positive.min() * (1 + 1e-6)))
+    else:
+        norm = Normalize(vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+
+    ncols = ncols or min(len(arrays), 2)
+    nrows = math.ceil(len(arrays) / ncols)
+    fig = Figure(figsize=(5.2 * ncols + 1.0, 2.6 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    mesh = None
+    for ax, (name, da) in zip(axes, arrays.items()):
+        time = da.dims[0]
+        ends = da["step_end"].values if "step_end" in da.coords else None
+        x = np.arange(da.sizes["layer"] + 1) - 0.5
+        mesh = ax.pcolormesh(x, _edges(da[time].values, ends), da.values, norm=norm, cmap=cmap)
+        names = [str(n) for n in da["layer"].values]
+        runs_of_stage = stages(names, fold_skips=True)
+        if any(stage != "other" for stage, _, _ in runs_of_stage):
+            ax.set_xticks([(a + b - 1) / 2 for _, a, b in runs_of_stage], [s for s, _, _ in runs_of_stage])
+            for _, a, _ in runs_of_stage[1:]:
+                ax.axvline(a - 0.5, color="white", linewidth=0.8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("layer (input → output)", fontsize=8)
+        ax.set_ylabel(time, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(arrays) :]:
+        ax.remove()
+    label = f"{LABELS.get(stat, stat)} per {per}" + (" (log)" if isinstance(norm, LogNorm) else "")
+    fig.colorbar(mesh, ax=list(axes[: len(arrays)]), label=label)
+    return fig

@@ -1,0 +1,33 @@
+"""Table 3 of Drozdzal et al. 2016: per run, the best validation loss and the training loss then.
+
+The training loss at the best-validation epoch (not the lowest training loss) is what tells
+over-fitting from under-fitting: a low value there with a high validation loss over-fits, two high
+values under-fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from analyses.runs import runs
+
+
+def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:
+    """One row per run (index ``run``): ``epochs``, ``best_epoch``, ``best_val_loss``,
+    ``train_loss_at_best``. Runs without a finite validation loss get NaN in the last three."""
+    rows = []
+    for name, ds in runs(data, "epoch").items():
+        row = {"run": name, "epochs": int(ds.sizes["epoch"]), "best_epoch": np.nan}
+        row.update(best_val_loss=np.nan, train_loss_at_best=np.nan)
+        val = np.asarray(ds["val_loss"].values, dtype=float) if "val_loss" in ds else np.array([])
+        if np.isfinite(val).any():
+            best = int(np.nanargmin(np.where(np.isfinite(val), val, np.nan)))
+            row["best_epoch"] = ds["epoch"].values[best].item()
+            row["best_val_loss"] = val[best]
+            if "train_loss" in ds:
+                row["train_loss_at_best"] = float(ds["train_loss"].values[best])
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["run", "epochs", "best_epoch", "best_val_loss", "train_loss_at_best"])
+    return table.astype({"best_epoch": "Int64"}).set_index("run")

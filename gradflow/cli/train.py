@@ -1,0 +1,66 @@
+"""``gradflow train``: train one FCN variant with the Recorder attached, showing progress with ETA."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from gradflow.cli import app
+
+@app.command("train")
+def train_command(
+    depth: Annotated[int, typer.Option(help="Residual blocks per level.")] = 7,
+    levels: Annotated[int, typer.Option(help="Down/up-sampling levels (size must divide by 2**levels).")] = 4,
+    width: Annotated[int, typer.Option(help="Channels of every conv (constant across levels).")] = 32,
+    block: Annotated[str, typer.Option(help="Residual block type.")] = "simple",
+    bn: Annotated[bool, typer.Option("--bn/--no-bn", help="Batch normalisation.")] = True,
+    short: Annotated[bool, typer.Option("--short/--no-short", help="Short (residual) skips.")] = True,
+    long: Annotated[str, typer.Option(help="Long skips: sum, concat, sat, at, st or none.")] = "sum",
+    dropout: Annotated[float, typer.Option(help="Dropout probability.")] = 0.0,
+    data: Annotated[str, typer.Option(help="'synthetic' or a folder with ISBI 2012 images and labels.")] = "synthetic",
+    size: Annotated[int, typer.Option(help="Image / tile side in pixels.")] = 128,
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 25,
+    n_val: Annotated[int, typer.Option(help="Validation images.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 4,
+    loss: Annotated[str, typer.Option(help="bce or dice.")] = "bce",
+    lr: Annotated[float, typer.Option(help="RMSprop learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="RMSprop weight decay.")] = 1e-3,
+    sparsity: Annotated[float, typer.Option(help="Weight of the SAT channel-selection L1 penalty.")] = 1e-4,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, rotations, shear, elastic warp.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data, batch order, augmentation, dropout.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only).")] = False,
+    every: Annotated[int, typer.Option(help="Record every N-th optimizer step.")] = 1,
+    out: Annotated[str, typer.Option(help="Zarr store to record into (path or fsspec URL).")] = "run.zarr",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Safetensors file for the best-validation weights.")] = None,
+) -> None:
+    """Train one variant end to end, recording gradient flow into OUT."""
+    import fsspec
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from gradflow.errors import GradflowError
+    from gradflow.train import TrainConfig, train
+
+    config = TrainConfig(block=block, depth=depth, levels=levels, width=width, batch_norm=bn,
+                         short_skip=short, long_skip=long, dropout=dropout, data=data, size=size,
+                         n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, loss=loss,
+                         lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+                         every=every, augment=augment, sparsity=sparsity)
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.exists(path):
+        if not overwrite:
+            raise GradflowError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        fs.rm(path, recursive=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        result = train(config, out, checkpoint=checkpoint, progress=progress)
+    best = result.history.loc[result.best_epoch]
+    saved = f", checkpoint {result.checkpoint}" if result.checkpoint else ""
+    typer.echo(f"trained {config.epochs} epochs; best epoch {result.best_epoch}: val loss {result.best_val_loss:.4f} "
+               f"(train {result.train_loss_at_best:.4f}), val accuracy {best['val_accuracy']:.4f}; "
+               f"store {out}{saved}")

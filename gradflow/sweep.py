@@ -1,0 +1,310 @@
+"""Sweeps: a Cartesian grid of FCN variants, each trained into its own group of one store.
+
+``STORE/<variant>/`` holds a variant's step-level arrays and ``STORE/<variant>/epochs/`` its
+epoch-level arrays, exactly what a single ``Recorder`` store has at its root, so every reader works
+on both. A variant is *finished* when its group carries the ``finished`` attribute, written only after
+its training returned; a rerun skips finished variants and retrains the rest from scratch (deleting
+the partial group first), so Ctrl-C or a kill costs at most the variant in flight. Variants run one
+after another in this process (``executor="local"``, with a rich progress display) or as Ray tasks,
+one per GPU or CPU slot, each writing its own group (``executor="ray"``).
+
+Readers see a store through the consolidated metadata at its root (``gradflow.store``), which every
+Recorder flush rewrites. Sweep bookkeeping therefore reads the groups' own metadata
+(``use_consolidated=False``) and re-consolidates after each change. Ray tasks flushing side by side
+can overwrite each other's root snapshot with a slightly older one (writes are atomic per file, so
+never a torn one), so the driver re-consolidates after each finished task and at the end, deletes
+partial groups before any task starts, and any sweep re-consolidates before it starts (repairing a
+store whose driver was killed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from gradflow.errors import GradflowError
+from gradflow.train import TrainConfig
+
+EXECUTORS = ("local", "ray")
+# Settings a variant's name does not show; a finished variant recorded with other values is stale.
+_SETTINGS_CHECKED = ("levels", "width", "size", "n_train", "n_val", "epochs", "batch_size", "loss", "lr", "data",
+                     "every", "dropout", "weight_decay", "augment")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One grid point: its group name in the store and the full training config."""
+
+    name: str
+    config: TrainConfig
+
+
+def variant_name(config: TrainConfig, with_seed: bool = False) -> str:
+    """Readable group name, e.g. ``simple-d7-bn0-long_sum-short0`` (``-s1`` appended with several seeds)."""
+    name = (f"{config.block}-d{config.depth}-bn{int(config.batch_norm)}"
+            f"-long_{config.long_skip}-short{int(config.short_skip)}")
+    return f"{name}-s{config.seed}" if with_seed else name
+
+
+def expand_grid(base: TrainConfig, *, depths: Iterable[int], batch_norms: Iterable[bool] = (True,),
+                long_skips: Iterable[str] = ("sum",), short_skips: Iterable[bool] = (False, True),
+                seeds: Iterable[int] = (0,)) -> list[Variant]:
+    """All combinations, depth-major (depth, batch norm, long skip, short skip, seed), duplicates dropped.
+
+    Every other setting comes from ``base``. Names carry the seed only when there are several seeds.
+    """
+    axes = [list(dict.fromkeys(axis)) for axis in (depths, batch_norms, long_skips, short_skips, seeds)]
+    if any(not axis for axis in axes):
+        raise GradflowError("every grid axis needs at least one value")
+    with_seed = len(axes[4]) > 1
+    variants = []
+    for depth, bn, long_skip, short, seed in itertools.product(*axes):
+        config = dataclasses.replace(base, depth=depth, batch_norm=bn, long_skip=long_skip,
+                                     short_skip=short, seed=seed)
+        variants.append(Variant(variant_name(config, with_seed), config))
+    return variants
+
+
+def absolute_store(store: str | os.PathLike) -> str:
+    """A local path made absolute (Ray workers may run elsewhere); URLs (``s3://…``) unchanged."""
+    store = str(store)
+    return store if "://" in store else str(Path(store).expanduser().resolve())
+
+
+def _open_root(store: str, mode: str) -> zarr.Group | None:
+    """The store's root group from its own (not consolidated) metadata; None if there is no store."""
+    try:
+        return zarr.open_group(store, mode=mode, use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        return None
+
+
+def consolidate(store: str) -> None:
+    """Rewrite the root's consolidated metadata from the groups' own, so readers see every change."""
+    if _open_root(store, "r") is not None:
+        zarr.consolidate_metadata(store)
+
+
+def finished_variants(store: str) -> dict[str, dict[str, Any]]:
+    """``{variant name: its group attrs}``, sorted by name, for every group with the ``finished`` marker."""
+    root = _open_root(store, "r")
+    if root is None:
+        return {}
+    found = {name: dict(group.attrs) for name, group in root.groups() if group.attrs.get("finished")}
+    return dict(sorted(found.items()))
+
+
+def _clear_group(store: str, name: str) -> None:
+    """Delete a variant's (partial) group so it can be recorded again from step 0."""
+    root = _open_root(store, "a")
+    if root is not None and name in root:
+        del root[name]
+
+
+def _mark_finished(store: str, name: str, summary: dict[str, Any], consolidated: bool) -> None:
+    """Write the ``finished`` marker (and the run's outcome) into the variant's group attrs."""
+    group = zarr.open_group(store, mode="r+", path=name, use_consolidated=False)
+    group.attrs.update({"finished": True, "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+                        **summary})
+    if consolidated:
+        consolidate(store)
+
+
+def train_variant(variant: Variant, store: str, command: str, progress=None, data=None,
+                  consolidated: bool = True) -> dict[str, Any]:
+    """Train one variant into ``STORE/<name>``, then mark it finished. Returns its outcome.
+
+    The group's ``metadata`` attr gets the full config (``train`` records it), the variant name and
+    the exact ``command`` line, so every figure can be traced back to how it was made.
+    ``consolidated=False`` (Ray tasks) leaves re-consolidating the root to the driver.
+    """
+    from gradflow.train import train
+
+    started = time.perf_counter()
+    _clear_group(store, variant.name)
+    result = train(variant.config, store, group=variant.name, progress=progress, data=data,
+                   metadata={"variant": variant.name, "command": command})
+    summary = {"best_epoch": int(result.best_epoch), "best_val_loss": _json_float(result.best_val_loss),
+               "train_loss_at_best": _json_float(result.train_loss_at_best),
+               "train_seconds": round(time.perf_counter() - started, 3)}
+    _mark_finished(store, variant.name, summary, consolidated)
+    return summary
+
+
+def _json_float(value: float | None) -> float | None:
+    """A loss for JSON attrs: NaN/Inf (a diverged run) become null."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _stale_settings(variant: Variant, attrs: dict[str, Any]) -> list[str]:
+    """Settings whose recorded value differs from the requested one (the name does not show them)."""
+    recorded = attrs.get("metadata") or {}
+    requested = dataclasses.asdict(variant.config)
+    return [f"{key} {recorded[key]!r} vs {requested[key]!r}" for key in _SETTINGS_CHECKED
+            if key in recorded and recorded[key] != requested[key]]
+
+
+def plan(variants: list[Variant], store: str, force: bool = False) -> tuple[list[Variant], list[Variant]]:
+    """Split into (to train, already finished). Refuses to skip a finished variant with other settings."""
+    if len({v.name for v in variants}) != len(variants):
+        raise GradflowError("two variants of the sweep have the same name")
+    done = {} if force else finished_variants(store)
+    todo, skipped = [], []
+    for variant in variants:
+        if variant.name not in done:
+            todo.append(variant)
+            continue
+        stale = _stale_settings(variant, done[variant.name])
+        if stale:
+            raise GradflowError(f"{store} already holds {variant.name} trained with other settings "
+                                f"({'; '.join(stale)}); use --force to retrain or --out for a new store")
+        skipped.append(variant)
+    return todo, skipped
+
+
+def validate(variants: list[Variant]) -> None:
+    """Fail fast, before any training, on what would fail later: model options, device, data path."""
+    from gradflow.data import load_data
+    from gradflow.train import build_model, resolve_device
+
+    checked: set = set()
+    for variant in variants:
+        c = variant.config
+        arch = (c.block, c.depth, c.levels, c.width, c.batch_norm, c.short_skip, c.long_skip, c.dropout)
+        if arch not in checked:
+            build_model(c)
+            checked.add(arch)
+        resolve_device(c.device)
+    for c in {(v.config.data, v.config.size, v.config.n_train, v.config.n_val): v.config for v in variants}.values():
+        if c.data != "synthetic":
+            load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+
+
+def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool = False, executor: str = "local",
+              ray_address: str | None = None, command: str = "", console=None) -> dict[str, dict[str, Any]]:
+    """Train every unfinished variant of the grid into ``store``. Returns ``{trained name: outcome}``."""
+    if executor not in EXECUTORS:
+        raise GradflowError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    store = absolute_store(store)
+    validate(variants)
+    consolidate(store)  # repair the readers' view if an earlier (Ray) driver was killed
+    todo, skipped = plan(variants, store, force)
+    if console is not None:
+        for variant in skipped:
+            console.print(f"[dim]skip {variant.name} (finished)[/dim]")
+    if not todo:
+        return {}
+    zarr.open_group(store, mode="a", use_consolidated=False)  # one root before any variant writes
+    if executor == "ray":
+        if store.startswith("memory://"):
+            raise GradflowError("a memory:// store lives in one process; give --executor ray a path or URL")
+        return _run_ray(todo, store, command, ray_address, console)
+    return _run_local(todo, store, command, len(skipped), console)
+
+
+def _progress(console):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=console)
+
+
+def _report(console, name: str, summary: dict[str, Any]) -> None:
+    """One line per finished variant: best validation loss, the training loss then, time taken."""
+    if console is not None:
+        val, train = (float("nan") if v is None else v for v in (summary["best_val_loss"], summary["train_loss_at_best"]))
+        console.print(f"{name}: best val {val:.4f} (train {train:.4f}) at epoch {summary['best_epoch']}, "
+                      f"{summary['train_seconds']:.0f} s", soft_wrap=True)
+
+
+def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, console) -> dict[str, dict[str, Any]]:
+    """One variant after another in this process; data loaded once per distinct data setting."""
+    from gradflow.data import load_data
+
+    outcomes: dict[str, dict[str, Any]] = {}
+    cache: dict[tuple, Any] = {}
+    with _progress(console) as progress:
+        overall = progress.add_task("sweep: variants", total=len(todo) + n_skipped, completed=n_skipped)
+        for variant in todo:
+            c = variant.config
+            key = (c.data, c.size, c.seed, c.n_train, c.n_val)
+            if key not in cache:
+                cache[key] = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+            progress.update(overall, description=f"sweep: {variant.name}")
+            outcomes[variant.name] = train_variant(variant, store, command, progress=progress, data=cache[key])
+            _report(progress.console, variant.name, outcomes[variant.name])
+            progress.advance(overall)
+        progress.update(overall, description="sweep: variants")
+    return outcomes
+
+
+def _ray_train(config: dict[str, Any], name: str, store: str, command: str) -> dict[str, Any]:
+    """Ray task body: rebuild the variant from plain data and train it (module-level so Ray can pickle it)."""
+    return train_variant(Variant(name, TrainConfig(**config)), store, command, consolidated=False)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise GradflowError("--executor ray needs Ray: pip install 'gradflow[ray]'") from None
+    return ray
+
+
+def _run_ray(todo: list[Variant], store: str, command: str, address: str | None, console) -> dict[str, dict[str, Any]]:
+    """Variants as Ray tasks (1 GPU each when the cluster has GPUs, else 1 CPU), results as they finish.
+
+    On a local instance the workers import gradflow from this checkout; on an existing cluster
+    (``address``) gradflow must be installed on the workers. Ctrl-C cancels the tasks in flight;
+    finished variants stay finished.
+    """
+    ray = _import_ray()
+    for variant in todo:  # here, not in the tasks: no task deletes while another lists the store
+        _clear_group(store, variant.name)
+    consolidate(store)
+    started_here = not ray.is_initialized()
+    if started_here:
+        source_root = str(Path(__file__).resolve().parent.parent)
+        python_path = os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))
+        runtime_env = None if address else {"env_vars": {"PYTHONPATH": python_path}}
+        ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    outcomes: dict[str, dict[str, Any]] = {}
+    pending: dict[Any, str] = {}
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_ray_train)
+        pending = {task.remote(dataclasses.asdict(v.config), v.name, store, command): v.name for v in todo}
+        with _progress(console) as progress:
+            overall = progress.add_task(f"sweep on Ray ({'GPU' if gpus else 'CPU'} tasks): variants", total=len(todo))
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                name = pending.pop(done[0])
+                try:
+                    outcomes[name] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, GradflowError):
+                        raise GradflowError(f"{name}: {cause}") from None
+                    raise
+                _report(progress.console, name, outcomes[name])
+                progress.advance(overall)
+                consolidate(store)  # readers see the finished variant now, not only at the end
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+        consolidate(store)
+    return outcomes

@@ -1,0 +1,303 @@
+"""Train one FCN variant end to end, with the gradflow Recorder attached.
+
+The loop is deliberately the plain PyTorch loop (shuffle, augment, forward, loss, backward, step)
+plus bookkeeping that stays on the device: losses and correct-pixel counts are accumulated as
+tensors and read back once per epoch, so the loop does not stall the GPU with per-step host syncs
+and keeps within a few percent of a hand-written loop (``analyses/bench_train.py`` measures this).
+
+Defaults follow Drozdzal et al. 2016: RMSprop, lr 1e-3, weight decay 1e-3, flips / rotations /
+shear / elastic warping on the fly. The weights with the lowest validation loss are kept, saved
+with safetensors when ``checkpoint`` is given, and loaded back into the model at the end.
+
+Per epoch the store (``rec.end_epoch``) and ``TrainResult.history`` get ``train_loss`` (mean loss
+over the epoch's training batches as they were trained: augmented, dropout on, weights moving
+within the epoch; without the SAT sparsity penalty, so that it compares with ``val_loss``),
+``val_loss`` (eval mode, after the epoch), and ``train_accuracy`` / ``val_accuracy`` (fraction of
+pixels where sigmoid(logit) > 0.5 agrees with the membrane label).
+
+Everything random is derived from ``config.seed``: model initialisation and dropout (global torch
+RNG, seeded here), the data split and synthetic data (``load_data(seed=...)``), the batch order
+(a CPU ``torch.Generator``) and augmentation (a ``torch.Generator`` on the training device). The
+same config therefore gives the same weights, with or without the Recorder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gradflow.errors import GradflowError
+
+
+@dataclass
+class TrainConfig:
+    """One training run: model variant, data, optimiser and loop settings (all JSON-able)."""
+
+    block: str = "simple"
+    depth: int = 7
+    levels: int = 4
+    width: int = 32
+    batch_norm: bool = True
+    short_skip: bool = True
+    long_skip: str = "sum"
+    dropout: float = 0.0
+    data: str = "synthetic"
+    size: int = 128
+    n_train: int = 25
+    n_val: int = 5
+    epochs: int = 10
+    batch_size: int = 4
+    loss: str = "bce"
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    every: int = 1
+    augment: bool = True
+    sparsity: float = 1e-4  # weight of model.sparsity_loss() (SAT channel selection)
+
+    def __post_init__(self) -> None:
+        """Reject values no run could use, naming the field (model and data check their own)."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "every": self.every,
+                    "n_train": self.n_train, "n_val": self.n_val}
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GradflowError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise GradflowError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("weight_decay", "sparsity"):
+            value = getattr(self, name)
+            if not value >= 0 or not math.isfinite(value):
+                raise GradflowError(f"{name} must be a non-negative number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GradflowError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.loss not in ("bce", "dice"):
+            raise GradflowError(f"loss must be 'bce' or 'dice', got {self.loss!r}")
+        if isinstance(self.levels, int) and self.levels >= 0 and isinstance(self.size, int):
+            step = 2 ** self.levels
+            if self.size < step or self.size % step:
+                nearest = max(step, round(self.size / step) * step)
+                raise GradflowError(f"size {self.size} is not divisible by 2**levels = {step}; "
+                                    f"try size {nearest}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``model`` holds the best-validation weights, on the training device."""
+
+    best_epoch: int
+    best_val_loss: float
+    train_loss_at_best: float
+    history: pd.DataFrame  # one row per epoch: train_loss, val_loss, train_accuracy, val_accuracy, seconds
+    checkpoint: str | None
+    model: nn.Module | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when present, else CPU; anything else must name an available device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise GradflowError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GradflowError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GradflowError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The FCN variant the config describes (initialised from the current torch RNG state)."""
+    from gradflow.models import simple_fcn
+
+    return simple_fcn(config.depth, config.levels, config.width, block=config.block,
+                      batch_norm=config.batch_norm, short_skip=config.short_skip,
+                      long_skip=config.long_skip, dropout=config.dropout)
+
+
+def _correct_pixels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Number of pixels where the prediction (logit > 0, i.e. p > 0.5) matches the binary target."""
+    return ((logits > 0) == (target > 0.5)).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn,
+             batch_size: int, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation loss and pixel accuracy in eval mode, as 0-d device tensors (no host sync).
+
+    The loss is the mean of per-batch losses weighted by batch size (for BCE: the mean over all
+    pixels; for Dice: the per-batch Dice losses averaged over images).
+    """
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)
+            loss_sum += loss_fn(logits, y).float() * len(x)
+        correct += _correct_pixels(logits, y)
+    return loss_sum / len(images), correct / labels.numel()
+
+
+def _is_better(val_loss: float, best: float | None) -> bool:
+    """Strictly lower validation loss; a finite loss always beats NaN, NaN never beats anything."""
+    if best is None:
+        return True
+    if math.isnan(val_loss):
+        return False
+    return math.isnan(best) or val_loss < best
+
+
+def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None, *,
+          checkpoint: str | Path | None = None, progress=None, metadata: dict | None = None,
+          data=None) -> TrainResult:
+    """Train ``config``'s model, recording gradient flow into ``store`` (``None``: no recording).
+
+    ``group``: sub-group of the store to record into (sweeps use one group per variant).
+    ``checkpoint``: safetensors file for the best-validation weights (``None``: kept in memory only).
+    ``progress``: a ``rich.progress.Progress``; two tasks (epochs, steps of the current epoch, with
+    the last train/val loss in the epoch task's description) are added and removed at the end.
+    ``metadata``: extra JSON-able attrs for the store; the config itself is always recorded.
+    ``data``: an ``EMData`` already loaded for this config (sweeps reuse one); default: load it.
+    """
+    from gradflow.data import augment_batch, load_data
+    from gradflow.losses import get_loss
+
+    device = resolve_device(config.device)
+    if config.amp and device.type != "cuda":
+        raise GradflowError(f"mixed precision (amp) needs a CUDA device, not {device.type!r}")
+    loss_fn = get_loss(config.loss)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    if data is None:
+        data = load_data(config.data, size=config.size, seed=config.seed,
+                         n_train=config.n_train, n_val=config.n_val)
+    train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
+    val_images, val_labels = data.val_images.to(device), data.val_labels.to(device)
+    n_train, batch_size = len(train_images), config.batch_size
+    steps_per_epoch = math.ceil(n_train / batch_size)
+
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if config.amp else None
+    order_generator = torch.Generator().manual_seed(config.seed)
+    augment_generator = torch.Generator(device=device).manual_seed(config.seed)
+    # The SAT channel-selection penalty is a constant 0 for every other model: skip it per step.
+    use_sparsity = config.sparsity > 0 and model.sparsity_loss().requires_grad
+
+    rec = None
+    if store is not None:
+        from gradflow import Recorder
+
+        attrs = {**dataclasses.asdict(config), "data_source": str(data.source),
+                 "data_split": data.split, **(metadata or {})}
+        rec = Recorder(model, optimizer, store, every=config.every, group=group, metadata=attrs)
+
+    label = group or "train"
+    if progress is not None:
+        epoch_task = progress.add_task(f"{label}: epochs", total=config.epochs)
+        step_task = progress.add_task(f"{label}: steps of epoch 0", total=steps_per_epoch)
+
+    rows, best_state, best_epoch, best_val = [], None, -1, None
+    try:
+        for epoch in range(config.epochs):
+            started = time.perf_counter()
+            model.train()
+            losses, corrects = [], []
+            batches = torch.randperm(n_train, generator=order_generator).to(device).split(batch_size)
+            for index in batches:
+                x, y = train_images[index], train_labels[index]
+                if config.augment:
+                    x, y = augment_batch(x, y, augment_generator)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    objective = loss + config.sparsity * model.sparsity_loss() if use_sparsity else loss
+                    objective.backward()
+                    optimizer.step()
+                else:
+                    with torch.autocast(device.type, dtype=torch.float16):
+                        logits = model(x)
+                        loss = loss_fn(logits, y).float()
+                        objective = loss + config.sparsity * model.sparsity_loss() if use_sparsity else loss
+                    scaler.scale(objective).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                losses.append(loss.detach())
+                corrects.append(_correct_pixels(logits.detach(), y))
+                if progress is not None:
+                    progress.advance(step_task)
+
+            batch_sizes = torch.tensor([len(index) for index in batches], device=device)
+            train_loss = (torch.stack(losses) * batch_sizes).sum() / n_train
+            train_accuracy = torch.stack(corrects).sum() / train_labels.numel()
+            val_loss, val_accuracy = evaluate(model, val_images, val_labels, loss_fn, batch_size, config.amp)
+            # The one host sync of the epoch.
+            train_loss, val_loss, train_accuracy, val_accuracy = torch.stack(
+                [train_loss, val_loss, train_accuracy.float(), val_accuracy.float()]).tolist()
+
+            if _is_better(val_loss, best_val):
+                best_epoch, best_val = epoch, val_loss
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if rec is not None:
+                rec.end_epoch(train_loss=train_loss, val_loss=val_loss,
+                              train_accuracy=train_accuracy, val_accuracy=val_accuracy)
+            rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                         "train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
+                         "seconds": time.perf_counter() - started})
+            if progress is not None:
+                progress.update(epoch_task, advance=1,
+                                description=f"{label}: epochs (train {train_loss:.4f}, val {val_loss:.4f})")
+                if epoch + 1 < config.epochs:
+                    progress.reset(step_task, description=f"{label}: steps of epoch {epoch + 1}")
+    finally:
+        if rec is not None:
+            rec.close()
+        if progress is not None:
+            progress.remove_task(epoch_task)
+            progress.remove_task(step_task)
+
+    model.load_state_dict(best_state)
+    if checkpoint is not None:
+        save_checkpoint(best_state, checkpoint, best_epoch=best_epoch)
+    history = pd.DataFrame(rows).set_index("epoch")
+    return TrainResult(best_epoch=best_epoch, best_val_loss=best_val,
+                       train_loss_at_best=float(history.loc[best_epoch, "train_loss"]),
+                       history=history, checkpoint=None if checkpoint is None else str(checkpoint),
+                       model=model)
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, **info: Any) -> None:
+    """Write a state dict as safetensors (CPU, contiguous); ``info`` goes into its string metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
+              metadata={k: str(v) for k, v in info.items()})
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors checkpoint; when ``model`` is given, load the weights into it too."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise GradflowError(f"checkpoint {str(path)!r} does not exist")
+    state = load_file(str(path))
+    if model is not None:
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return state

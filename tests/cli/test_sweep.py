@@ -1,0 +1,146 @@
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import gradflow
+import gradflow.data
+import gradflow.train
+from gradflow.sweep import finished_variants
+
+
+def group_attrs(store, name):
+    return dict(zarr.open_group(str(store), mode="r", use_consolidated=False)[name].attrs)
+
+
+def test_sweep_records_each_variant_with_its_config_and_command(tiny_sweep, tiny, variants):
+    tree = gradflow.open(tiny_sweep)
+    assert isinstance(tree, xr.DataTree)
+    assert sorted(tree.children) == variants
+    for name in variants:
+        attrs = tree[name].attrs
+        assert attrs["finished"] is True
+        config = attrs["metadata"]
+        assert (config["depth"], config["batch_norm"], config["short_skip"]) == (1, False, name.endswith("short1"))
+        assert (config["size"], config["levels"], config["width"], config["epochs"]) == (32, 2, 4, 1)
+        assert shlex.split(config["command"]) == ["gradflow", "sweep", "--depths", "1", "--no-bn", *tiny,
+                                                  "--out", str(tiny_sweep)]
+        epochs = tree[f"{name}/epochs"]
+        assert epochs.sizes["epoch"] == 1 and tree[name].sizes["step"] == 2  # 4 images, batch 2
+        assert attrs["best_val_loss"] == pytest.approx(float(epochs["val_loss"].values[0]))
+
+
+@pytest.fixture
+def training_calls(monkeypatch):
+    """Record which groups ``train`` is called for (the real training still runs)."""
+    calls, real_train = [], gradflow.train.train
+
+    def spy(config, store, group=None, **kwargs):
+        calls.append(group)
+        return real_train(config, store, group, **kwargs)
+
+    monkeypatch.setattr(gradflow.train, "train", spy)
+    return calls
+
+
+def test_interrupted_sweep_keeps_finished_variants_and_resumes_only_the_rest(tmp_path, cli, monkeypatch, tiny,
+                                                                               variants, training_calls):
+    store = tmp_path / "s.zarr"
+    args = ["sweep", "--depths", "1", "--no-bn", *tiny, "--out", store]
+    # Ctrl-C in the middle of the second variant's first step (after its Recorder wrote its group).
+    real_augment, seen = gradflow.data.augment_batch, []
+
+    def interrupt_on_third_batch(x, y, generator):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real_augment(x, y, generator)
+
+    monkeypatch.setattr(gradflow.data, "augment_batch", interrupt_on_third_batch)
+    assert cli(*args).exit_code != 0
+    monkeypatch.setattr(gradflow.data, "augment_batch", real_augment)
+    assert list(finished_variants(str(store))) == variants[:1]
+    assert variants[1] in zarr.open_group(str(store), mode="r", use_consolidated=False)  # the partial group
+    tree = gradflow.open(store)  # finished variant intact and readable
+    finished_before = tree[f"{variants[0]}/epochs"].to_dataset().load()
+    stamp = group_attrs(store, variants[0])["finished_at"]
+    assert cli("report", store, "--out", tmp_path / "rep").exit_code == 0
+    assert f"Unfinished (interrupted) variants, shown as far as they got: {variants[1]}." in (
+        tmp_path / "rep" / "report.md").read_text()
+    # A kill can leave junk in the partial group; the rerun must start it from scratch.
+    zarr.open_group(str(store), mode="a", use_consolidated=False)[variants[1]].create_array(
+        "junk", shape=(3,), dtype="f4")
+
+    training_calls.clear()
+    assert cli(*args).exit_code == 0
+    assert training_calls == [variants[1]]
+    assert list(finished_variants(str(store))) == variants
+    assert group_attrs(store, variants[0])["finished_at"] == stamp
+    tree = gradflow.open(store)
+    xr.testing.assert_identical(tree[f"{variants[0]}/epochs"].to_dataset().load(), finished_before)
+    assert "junk" not in tree[variants[1]].to_dataset()
+    assert tree[variants[1]].sizes["step"] == 2 and tree[f"{variants[1]}/epochs"].sizes["epoch"] == 1
+
+    training_calls.clear()
+    assert cli(*args).exit_code == 0
+    assert training_calls == []
+    assert cli(*args, "--force").exit_code == 0
+    assert training_calls == variants
+
+
+def test_rerun_with_other_settings_is_refused_not_skipped(tiny_sweep, tmp_path, run_main, tiny):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_sweep, store)
+    code, _, err = run_main("sweep", "--depths", "1", "--no-bn", *tiny, "--epochs", "2", "--out", store)
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and "epochs 1 vs 2" in err and "--force" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depths", "a,b"], "--depths: 'a' is not an integer"),
+    (["--depths", "3,0"], "--depths: 0 is out of range"),
+    (["--long", "sum,diagonal"], "--long: unknown value 'diagonal'"),
+    (["--seeds", "x"], "--seeds: 'x' is not an integer"),
+    (["--executor", "spark"], "--executor: unknown value 'spark'"),
+    (["--block", "wide"], "block"),
+    (["--size", "30"], "size 30"),
+    (["--loss", "l2"], "loss"),
+    (["--executor", "ray", "--out", "memory://sweep"], "memory:// store lives in one process"),
+    (["--ray-address", "auto"], "--ray-address needs --executor ray"),
+])
+def test_bad_options_are_one_line_and_exit_2(args, message, tmp_path, run_main, tiny):
+    code, out, err = run_main("sweep", "--depths", "1", *tiny, "--out", tmp_path / "s.zarr", *args)
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_data_folder_without_images_is_a_user_error(tmp_path, run_main, tiny):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main("sweep", "--depths", "1", *tiny, "--data", tmp_path / "empty", "--out", tmp_path / "s.zarr")
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_ray_executor_without_ray_says_how_to_install(tmp_path, run_main, monkeypatch, tiny):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code, _, err = run_main("sweep", "--depths", "1", *tiny, "--executor", "ray", "--out", tmp_path / "s.zarr")
+    assert code == 2 and "pip install 'gradflow[ray]'" in err
+
+
+def test_ray_executor_trains_every_variant_on_a_local_instance(tmp_path, cli, tiny, variants):
+    pytest.importorskip("ray")
+    store = tmp_path / "ray.zarr"
+    result = cli("sweep", "--depths", "1", "--no-bn", *tiny, "--executor", "ray", "--out", store)
+    assert result.exit_code == 0, result.output
+    assert list(finished_variants(str(store))) == variants
+    tree = gradflow.open(store)
+    for name in variants:  # the root view is consolidated once all tasks are done
+        assert tree[name].attrs["finished"] is True
+        assert tree[name].sizes["step"] == 2
+        np.testing.assert_array_equal(tree[f"{name}/epochs"]["epoch"].values, [0])

@@ -1,0 +1,149 @@
+"""The training loop: determinism, recorder neutrality, recorded losses vs. independent recomputation."""
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+
+import gradflow
+from gradflow.data import load_data
+from gradflow.errors import GradflowError
+from gradflow.models import simple_fcn
+from gradflow.train import TrainConfig, load_checkpoint, train
+
+TINY = TrainConfig(depth=1, levels=2, width=4, size=32, n_train=4, n_val=2, batch_size=4, epochs=2, device="cpu")
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return result.model.state_dict()
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def fresh_model(config: TrainConfig) -> torch.nn.Module:
+    return simple_fcn(config.depth, config.levels, config.width, block=config.block, batch_norm=config.batch_norm,
+                      short_skip=config.short_skip, long_skip=config.long_skip, dropout=config.dropout)
+
+
+def hand_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prob = torch.sigmoid(logits)
+    return -2 * (prob * target).sum() / (prob.sum() + target.sum())
+
+
+def hand_loss(name: str, logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Written out here, independently of gradflow.losses."""
+    if name == "bce":
+        z = logits.double()
+        return float(-(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z)).mean())
+    return float(hand_dice(logits.double(), target.double()))
+
+
+def test_same_seed_same_weights_and_recorder_changes_nothing(tmp_path):
+    # Dropout and augmentation on, so every random source (init, order, augmentation, dropout) is used.
+    config = dataclasses.replace(TINY, dropout=0.2, augment=True)
+    first = train(config, store=None)
+    again = train(config, store=None)
+    recorded = train(config, store=str(tmp_path / "run.zarr"))
+    other_seed = train(dataclasses.replace(config, seed=1), store=None)
+
+    assert_same_weights(weights(first), weights(again))
+    assert_same_weights(weights(first), weights(recorded))
+    columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+    assert first.history[columns].equals(recorded.history[columns])
+    assert not torch.equal(weights(first)["classifier.weight"], weights(other_seed)["classifier.weight"])
+
+
+@pytest.mark.parametrize("loss", ["bce", "dice"])
+def test_recorded_losses_match_recomputation_from_checkpoints(tmp_path, loss):
+    # No augmentation and no dropout, one batch per epoch: every recorded number is reproducible by
+    # hand from the weights. Epoch 0 of a 2-epoch run equals a 1-epoch run with the same seed, so the
+    # 1-epoch run's checkpoint holds the weights the 2-epoch run starts its epoch 1 from.
+    config = dataclasses.replace(TINY, augment=False, loss=loss)
+    store = str(tmp_path / "run.zarr")
+    result = train(config, store=store, checkpoint=tmp_path / "best.safetensors")
+    after_one = train(dataclasses.replace(config, epochs=1), store=None, checkpoint=tmp_path / "one.safetensors")
+
+    ep = gradflow.open(store, group="epochs")
+    val_loss = ep["val_loss"].values
+    assert len(val_loss) == 2
+    assert result.best_epoch == int(np.argmin(val_loss))
+    assert result.best_val_loss == pytest.approx(val_loss[result.best_epoch], rel=1e-6)
+    np.testing.assert_allclose(ep["train_loss"].values, result.history["train_loss"].values, rtol=1e-6)
+
+    data = load_data("synthetic", size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val)
+    attrs = gradflow.open(store).attrs
+    assert attrs["metadata"]["loss"] == loss and attrs["metadata"]["data_split"]["val"] == data.split["val"]
+    optimizer = attrs["optimizers"][0]
+    assert optimizer["class"] == "RMSprop"  # the paper's optimiser and defaults
+    assert optimizer["param_groups"][0]["lr"] == 1e-3 and optimizer["param_groups"][0]["weight_decay"] == 1e-3
+    with torch.no_grad():
+        best = fresh_model(config).eval()
+        load_checkpoint(tmp_path / "best.safetensors", best)
+        logits = best(data.val_images)
+        assert val_loss[result.best_epoch] == pytest.approx(hand_loss(loss, logits, data.val_labels), rel=1e-5)
+        accuracy = float(((logits > 0).float() == data.val_labels).float().mean())
+        assert ep["val_accuracy"].values[result.best_epoch] == pytest.approx(accuracy, abs=1e-6)
+
+        start_of_epoch_1 = fresh_model(config).train()  # train mode: BN on batch statistics
+        load_checkpoint(tmp_path / "one.safetensors", start_of_epoch_1)
+        logits = start_of_epoch_1(data.train_images)
+        assert ep["train_loss"].values[1] == pytest.approx(hand_loss(loss, logits, data.train_labels), rel=1e-5)
+        accuracy = float(((logits > 0).float() == data.train_labels).float().mean())
+        assert ep["train_accuracy"].values[1] == pytest.approx(accuracy, abs=1e-6)
+
+    # the model handed back carries the best weights
+    assert_same_weights(weights(result), load_checkpoint(tmp_path / "best.safetensors"))
+
+
+def test_progress_tasks_are_added_and_removed():
+    progress = Progress(console=Console(file=io.StringIO()))
+    added = []
+    add_task = progress.add_task
+    progress.add_task = lambda *a, **k: added.append(add_task(*a, **k)) or added[-1]
+    with progress:
+        train(TINY, store=None, progress=progress)
+    assert len(added) == 2
+    assert progress.tasks == []
+
+
+def test_sparsity_penalty_only_where_there_is_one():
+    # SAT has a trainable channel selection: its L1 weight changes the weights. Other long skips
+    # have no penalty at all: the weight must change nothing.
+    sat = dataclasses.replace(TINY, long_skip="sat", augment=False)
+    assert not torch.equal(weights(train(dataclasses.replace(sat, sparsity=0.0), store=None))["classifier.weight"],
+                           weights(train(dataclasses.replace(sat, sparsity=0.5), store=None))["classifier.weight"])
+    plain = dataclasses.replace(TINY, augment=False)
+    assert_same_weights(weights(train(dataclasses.replace(plain, sparsity=0.0), store=None)),
+                        weights(train(dataclasses.replace(plain, sparsity=0.5), store=None)))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 0), ("batch_size", 0), ("every", 0), ("lr", 0.0), ("lr", float("nan")),
+    ("weight_decay", -1.0), ("dropout", 1.0), ("loss", "l2"), ("size", 30), ("n_train", 0),
+])
+def test_bad_config_values_raise(field, value):
+    with pytest.raises(GradflowError, match=field if field != "size" else "size 32"):
+        dataclasses.replace(TINY, **{field: value})
+
+
+@pytest.mark.parametrize("device, amp, message", [("tpu", False, "device"), ("cpu", True, "CUDA")])
+def test_bad_device_or_amp_raise(device, amp, message):
+    with pytest.raises(GradflowError, match=message):
+        train(dataclasses.replace(TINY, device=device, amp=amp), store=None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_trains_and_is_recorded(tmp_path):
+    store = str(tmp_path / "run.zarr")
+    result = train(dataclasses.replace(TINY, device="auto", amp=True), store=store)
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert np.isfinite(gradflow.open(store, group="epochs")["val_loss"].values).all()
