@@ -1,0 +1,98 @@
+"""Per-tensor figure kernels and per-layer aggregation on hand-made tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradflow import quantities as q
+
+INF, NAN = float("inf"), float("nan")
+
+
+def test_gradient_figures_on_hand_made_rows():
+    grads = torch.tensor([[3.0, -4.0, 0.0, 0.0], [1.0, NAN, INF, -INF], [0.0, 0.0, 0.0, -2.0]])
+    norm, max_abs = (x.tolist() for x in q.gradient_figures(grads.clone()))
+    assert norm[0] == 5 and np.isnan(norm[1]) and norm[2] == 2
+    assert max_abs[0] == 4 and np.isnan(max_abs[1]) and max_abs[2] == 2
+    assert q.nonfinite_counts(grads.clone()).tolist() == [0, 3, 0]
+    assert q.nonfinite_counts(torch.tensor([[INF, 1.0]])).tolist() == [1]
+
+
+def test_update_figures_and_norms():
+    diff = torch.tensor([[3.0, -4.0, 0.0], [0.0, 0.0, 0.0], [-0.5, 0.25, 0.0]])
+    norm, abs_sum, max_abs = q.update_figures(diff.clone())
+    np.testing.assert_allclose(norm.tolist(), [5.0, 0.0, np.sqrt(0.3125)], rtol=1e-7)
+    assert abs_sum.tolist() == [7.0, 0.0, 0.75]
+    assert max_abs.tolist() == [4.0, 0.0, 0.5]
+    np.testing.assert_allclose(q.norms(diff).tolist(), [5.0, 0.0, np.sqrt(0.3125)], rtol=1e-7)
+
+
+def test_bucket_figures_for_bfloat16_with_a_missing_gradient():
+    torch.manual_seed(0)
+    params = [torch.randn(3, 2, dtype=torch.bfloat16), torch.randn(3, 2, dtype=torch.bfloat16),
+              torch.randn(5, dtype=torch.bfloat16)]
+    params[0].grad = torch.randn(3, 2, dtype=torch.bfloat16)
+    params[2].grad = torch.randn(5, dtype=torch.bfloat16)  # params[1] has no gradient
+    bucket = q.Bucket.build(params, [4, 5, 6])  # global indices 4..6
+    assert [len(c.params) for c in bucket.classes] == [2, 1]
+    present = np.ones(7, dtype=bool)
+    before = [p.double().numpy().copy() for p in params]
+    parts = bucket.before_step(present, grad_scale=None)
+    for p in params:
+        p.sub_(0.125 * torch.sign(p))  # a bf16 update
+    parts += bucket.after_step()
+    matrix, found_inf = q.to_host(parts).resolve(q.NUM_FIGURES, 7)
+    assert found_inf == 0 and present.tolist() == [True] * 5 + [False, True]
+    for j, p in enumerate(params):
+        t = 4 + j
+        g = np.zeros(p.shape) if p.grad is None else p.grad.double().numpy()
+        d = p.double().numpy() - before[j]
+        expected = {q.GRAD_NORM: np.sqrt(np.sum(g**2)), q.GRAD_MAX_ABS: np.abs(g).max(),
+                    q.GRAD_NONFINITE: 0, q.PARAM_NORM_BEFORE: np.sqrt(np.sum(before[j]**2)),
+                    q.UPDATE_NORM: np.sqrt(np.sum(d**2)), q.UPDATE_ABS_SUM: np.abs(d).sum(),
+                    q.UPDATE_MAX_ABS: np.abs(d).max(),
+                    q.PARAM_NORM_AFTER: np.sqrt(np.sum(p.double().numpy()**2))}
+        for row, value in expected.items():
+            np.testing.assert_allclose(matrix[row, t], value, rtol=1e-6, err_msg=f"row {row} t {t}")
+    assert (matrix[:, :4] == 0).all()
+
+
+def test_grad_scale_unscales_the_gradient_figures():
+    p = torch.zeros(2)
+    p.grad = torch.tensor([6.0, -8.0])
+    bucket = q.Bucket.build([p], [0])
+    parts = bucket.before_step(np.ones(1, dtype=bool), grad_scale=torch.tensor(4.0))
+    matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 1)
+    assert matrix[q.GRAD_NORM, 0] == 2.5 and matrix[q.GRAD_MAX_ABS, 0] == 2.0
+
+
+def test_layer_step_figures_combine_tensors():
+    # Layer 0 = tensors 0, 1 (10 and 5 elements); layer 1 = tensor 2 (4 elements, no gradient).
+    per_tensor = np.zeros((1, q.NUM_FIGURES, 3))
+    per_tensor[0, q.GRAD_NORM] = [3.0, 4.0, 0.0]
+    per_tensor[0, q.GRAD_MAX_ABS] = [2.0, 3.0, 0.0]
+    per_tensor[0, q.GRAD_NONFINITE] = [1.0, 2.0, 0.0]
+    per_tensor[0, q.PARAM_NORM_BEFORE] = [8.0, 6.0, 2.0]
+    per_tensor[0, q.UPDATE_NORM] = [1.0, np.sqrt(3.0), 0.0]
+    per_tensor[0, q.UPDATE_ABS_SUM] = [2.0, 4.0, 0.0]
+    per_tensor[0, q.UPDATE_MAX_ABS] = [0.5, 1.5, 0.0]
+    per_tensor[0, q.PARAM_NORM_AFTER] = [1.0, np.sqrt(8.0), 4.0]
+    present = np.array([[True, True, False]])
+    out = q.layer_step_figures(per_tensor, present, np.array([0, 2]), np.array([15.0, 4.0]))
+    assert out["grad_norm"][0, 0] == 5.0 and np.isnan(out["grad_norm"][0, 1])
+    assert out["grad_max_abs"][0, 0] == 3.0 and np.isnan(out["grad_max_abs"][0, 1])
+    assert out["nonfinite"][0, 0] == 3.0 and np.isnan(out["nonfinite"][0, 1])
+    np.testing.assert_allclose(out["update_norm"], [[2.0, 0.0]], rtol=1e-7)
+    np.testing.assert_allclose(out["update_mean_abs"], [[6.0 / 15.0, 0.0]])
+    assert out["update_max_abs"].tolist() == [[1.5, 0.0]]
+    np.testing.assert_allclose(out["param_norm"], [[3.0, 4.0]], rtol=1e-7)
+    np.testing.assert_allclose(out["update_ratio"], [[0.2, 0.0]], rtol=1e-7)
+    assert all(v.dtype == np.float32 for v in out.values())
+
+
+def test_layer_epoch_figures():
+    per_tensor = np.array([[3.0, 1.0, 8.0], [2.0, np.sqrt(5.0), 3.0]])  # abs sums, norms
+    out = q.layer_epoch_figures(per_tensor, np.array([0, 2]), np.array([8.0, 2.0]))
+    np.testing.assert_allclose(out["update_mean_abs"], [0.5, 4.0])
+    np.testing.assert_allclose(out["update_norm"], [3.0, 3.0])

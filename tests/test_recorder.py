@@ -1,0 +1,519 @@
+"""Recorder: every recorded number against a reference computed here from raw tensors with numpy.
+
+Each test runs an ordinary training loop, saves what the optimizer saw (the gradient at step time)
+and the weights before and after every step with plain torch, recomputes each per-layer figure from
+first principles in float64, and compares it with the store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+import gradflow
+from gradflow import GradflowError
+
+STEP_VARIABLES = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
+                  "param_norm", "update_ratio", "nonfinite")
+
+
+class Net(nn.Module):
+    """Conv → BatchNorm → ReLU → Dropout → Linear on (N, 2, 4, 4) inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(48, 2)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.norm(self.conv(x)))).flatten(1))
+
+
+NET_LAYERS = {"conv": ["conv.weight", "conv.bias"], "norm": ["norm.weight", "norm.bias"],
+              "head": ["head.weight", "head.bias"]}
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batches(n: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 2, 4, 4, generator=gen), torch.randn(4, 2, generator=gen))
+            for _ in range(n)]
+
+
+def weights(model: nn.Module) -> dict[str, np.ndarray]:
+    return {n: p.detach().double().cpu().numpy().copy() for n, p in model.named_parameters()}
+
+
+def grads(model: nn.Module) -> dict[str, np.ndarray | None]:
+    return {n: None if p.grad is None else p.grad.double().cpu().numpy().copy()
+            for n, p in model.named_parameters()}
+
+
+def reference(grad, before, after, names: list[str]) -> dict[str, float]:
+    """One layer's step figures from raw tensors, in float64 (gradients that are None are left out)."""
+    present = [grad[n].ravel() for n in names if grad is not None and grad[n] is not None]
+    w0 = np.concatenate([before[n].ravel() for n in names])
+    w1 = np.concatenate([after[n].ravel() for n in names])
+    d = w1 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero-initialised biases: ratio inf/NaN
+        ratio = np.sqrt(np.sum(d**2)) / np.sqrt(np.sum(w0**2))
+    out = {"update_norm": np.sqrt(np.sum(d**2)), "update_mean_abs": np.sum(np.abs(d)) / d.size,
+           "update_max_abs": np.max(np.abs(d)), "param_norm": np.sqrt(np.sum(w1**2)),
+           "update_ratio": ratio}
+    if present:
+        g = np.concatenate(present)
+        out.update(grad_norm=np.sqrt(np.sum(g**2)), grad_max_abs=np.max(np.abs(g)),
+                   nonfinite=float(np.sum(~np.isfinite(g))))
+    else:
+        out.update(grad_norm=np.nan, grad_max_abs=np.nan, nonfinite=np.nan)
+    return out
+
+
+def check_steps(ds: xr.Dataset, records: list, layers: dict[str, list[str]], rtol=2e-6) -> None:
+    """Compare every step variable of ``ds`` with references from ``records`` = [(grad, before, after)]."""
+    assert list(ds.layer.values) == list(layers)
+    assert ds.sizes["step"] == len(records)
+    for k, (grad, before, after) in enumerate(records):
+        for layer, names in layers.items():
+            expected = reference(grad, before, after, names)
+            for var in STEP_VARIABLES:
+                actual = float(ds[var].sel(layer=layer).values[k])
+                np.testing.assert_allclose(actual, expected[var], rtol=rtol, atol=0,
+                                           err_msg=f"{var} of {layer} at row {k}")
+
+
+def check_layer_coords(ds: xr.Dataset, model: nn.Module, layers: dict[str, list[str]]) -> None:
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    assert list(ds.depth.values) == list(range(len(layers)))
+    assert list(ds.module_type.values) == [type(modules[n]).__name__ for n in layers]
+    assert list(ds.num_params.values) == [sum(params[p].numel() for p in names)
+                                          for names in layers.values()]
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.Adam(ps, lr=0.01),
+], ids=["sgd-momentum", "adam"])
+def test_every_variable_matches_reference(tmp_path, make_optimizer):
+    model = make_net()
+    optimizer = make_optimizer(model.parameters())
+    store = tmp_path / "run.zarr"
+    records, times, epoch_starts, epoch_ends = [], [], [], []
+    rec = gradflow.Recorder(model, optimizer, store, metadata={"note": "test"})
+    data = batches(5)
+    for epoch, chunk in enumerate((data[:3], data[3:])):
+        epoch_starts.append(weights(model))
+        for x, y in chunk:
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            g, w0 = grads(model), weights(model)
+            t0 = time.time()
+            optimizer.step()
+            times.append((t0, time.time()))
+            records.append((g, w0, weights(model)))
+        epoch_ends.append(weights(model))
+        rec.end_epoch(train_loss=1.5 - epoch, val_loss=2.5 - epoch,
+                      **({"val_accuracy": 0.75} if epoch else {}))
+    rec.close()
+
+    ds = gradflow.open(store)
+    check_steps(ds, records, NET_LAYERS)
+    check_layer_coords(ds, model, NET_LAYERS)
+    assert ds.step.values.tolist() == [0, 1, 2, 3, 4]
+    assert ds.epoch.values.tolist() == [0, 0, 0, 1, 1]
+    assert not ds.skipped.values.any()
+    for (t0, t1), t in zip(times, ds.wall_time.values):
+        assert t0 <= t <= t1 + 1e-3
+    assert all(ds[v].dtype == np.float32 for v in STEP_VARIABLES)
+    assert ds.attrs["gradflow_schema"] == 1 and ds.attrs["every"] == 1
+    assert ds.attrs["metadata"] == {"note": "test"}
+    assert ds.attrs["torch_version"] == torch.__version__
+    assert ds.attrs["model_class"].endswith("Net")
+    assert ds.attrs["optimizers"][0]["class"] == type(optimizer).__name__
+    assert ds.attrs["optimizers"][0]["param_groups"][0]["lr"] == optimizer.param_groups[0]["lr"]
+
+    ep = gradflow.open(store, group="epochs")
+    assert ep.epoch.values.tolist() == [0, 1] and ep.num_steps.values.tolist() == [3, 2]
+    np.testing.assert_array_equal(ep.train_loss.values, [1.5, 0.5])
+    np.testing.assert_array_equal(ep.val_loss.values, [2.5, 1.5])
+    np.testing.assert_array_equal(ep.val_accuracy.values, [np.nan, 0.75])
+    check_layer_coords(ep, model, NET_LAYERS)
+    for e, (start, end) in enumerate(zip(epoch_starts, epoch_ends)):
+        for layer, names in NET_LAYERS.items():
+            d = np.concatenate([(end[n] - start[n]).ravel() for n in names])
+            got = ep.sel(epoch=e, layer=layer)
+            np.testing.assert_allclose(float(got.update_mean_abs), np.mean(np.abs(d)), rtol=2e-6)
+            np.testing.assert_allclose(float(got.update_norm), np.sqrt(np.sum(d**2)), rtol=2e-6)
+
+    # Plain xarray reads the same store, without gradflow.
+    plain = xr.open_zarr(store)
+    np.testing.assert_array_equal(plain.grad_norm.values, ds.grad_norm.values)
+    assert list(plain.layer.values) == list(NET_LAYERS)
+    np.testing.assert_array_equal(xr.open_zarr(store, group="epochs").update_mean_abs.values,
+                                  ep.update_mean_abs.values)
+
+
+def test_recording_does_not_change_training(tmp_path):
+    def train(record: bool) -> dict[str, torch.Tensor]:
+        model = make_net()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") if record else None
+        torch.manual_seed(5)  # dropout masks come from the global generator
+        for x, y in batches(4):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        if rec:
+            rec.end_epoch(train_loss=0.0)
+            rec.close()
+        return {**model.state_dict(), "rng": torch.get_rng_state()}
+
+    plain, recorded = train(False), train(True)
+    assert plain.keys() == recorded.keys()
+    for name in plain:
+        assert torch.equal(plain[name], recorded[name]), name
+
+
+def test_two_param_groups_and_per_parameter(tmp_path):
+    model = make_net().to(memory_format=torch.channels_last)  # non-contiguous conv weight
+    assert not model.conv.weight.is_contiguous()
+    optimizer = torch.optim.SGD([
+        {"params": [model.conv.weight, model.head.weight], "lr": 0.1, "momentum": 0.5},
+        {"params": [model.conv.bias, model.norm.weight, model.norm.bias, model.head.bias],
+         "lr": 0.02},
+    ])
+    records = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", per_parameter=True):
+        for x, y in batches(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            records.append((g, w0, weights(model)))
+    ds = gradflow.open(tmp_path / "run.zarr")
+    per_tensor = {n: [n] for n, _ in model.named_parameters()}
+    check_steps(ds, records, per_tensor)
+    assert list(ds.module_type.values) == ["Conv2d", "Conv2d", "BatchNorm2d", "BatchNorm2d",
+                                           "Linear", "Linear"]
+    assert list(ds.num_params.values) == [p.numel() for p in model.parameters()]
+    assert [g["lr"] for g in ds.attrs["optimizers"][0]["param_groups"]] == [0.1, 0.02]
+    assert ds.attrs["per_parameter"] is True
+
+
+def test_two_optimizers_make_one_step(tmp_path):
+    model = make_net()
+    body = torch.optim.SGD([*model.conv.parameters(), *model.norm.parameters()], lr=0.1)
+    head = torch.optim.Adam(model.head.parameters(), lr=0.01)
+    records = []
+    with gradflow.Recorder(model, [body, head], tmp_path / "run.zarr") as rec:
+        for x, y in batches(3):
+            body.zero_grad()
+            head.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            g, w0 = grads(model), weights(model)
+            body.step()
+            head.step()
+            records.append((g, w0, weights(model)))
+        assert rec.step == 3
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds, records, NET_LAYERS)
+    assert [o["class"] for o in ds.attrs["optimizers"]] == ["SGD", "Adam"]
+
+
+def test_gradient_accumulation_records_the_accumulated_gradient(tmp_path):
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data, records = batches(6), []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for step in range(2):
+            optimizer.zero_grad()
+            for x, y in data[3 * step:3 * step + 3]:  # three backward passes per step
+                (nn.functional.mse_loss(model(x), y) / 3).backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            records.append((g, w0, weights(model)))
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds, records, NET_LAYERS)
+    assert not ds.skipped.values.any()
+
+
+class Branchy(nn.Module):
+    """A frozen input layer, a branch used only on some steps, and a parameter-free module."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(3, 3)  # owned by the optimizer but requires_grad=False
+        self.fixed = nn.Linear(3, 3)  # requires_grad=False and not in the optimizer: not recorded
+        self.main = nn.Linear(3, 2)
+        self.side = nn.Linear(3, 2)
+        self.act = nn.Tanh()
+
+    def forward(self, x, use_side: bool):
+        h = self.act(self.fixed(self.frozen(x)))
+        return self.main(h) + (self.side(h) if use_side else 0)
+
+
+def test_frozen_and_missing_gradients_are_nan_with_zero_update(tmp_path):
+    torch.manual_seed(0)
+    model = Branchy()
+    model.frozen.requires_grad_(False)
+    model.fixed.requires_grad_(False)
+    params = [*model.frozen.parameters(), *model.main.parameters(), *model.side.parameters()]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    gen, records = torch.Generator().manual_seed(2), []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for use_side in (True, False, True):
+            optimizer.zero_grad()
+            model(torch.randn(5, 3, generator=gen), use_side).square().mean().backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            records.append((g, w0, weights(model)))
+    ds = gradflow.open(tmp_path / "run.zarr")
+    layers = {"frozen": ["frozen.weight", "frozen.bias"], "main": ["main.weight", "main.bias"],
+              "side": ["side.weight", "side.bias"]}
+    check_steps(ds, records, layers)
+    assert np.isnan(ds.grad_norm.sel(layer="frozen").values).all()
+    assert (ds.update_norm.sel(layer="frozen").values == 0).all()
+    side = ds.sel(layer="side", step=1)
+    assert np.isnan(float(side.grad_norm)) and np.isnan(float(side.nonfinite))
+    assert float(side.update_norm) == 0 and float(side.param_norm) > 0
+
+
+def test_shared_parameters_are_counted_once(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied: belongs to the first module that owns it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for x, y in [(torch.randn(3, 4), torch.randn(3, 4)) for _ in range(2)]:
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            records.append((g, w0, weights(model)))
+    ds = gradflow.open(tmp_path / "run.zarr")
+    layers = {"0": ["0.weight", "0.bias"], "2": ["2.bias"]}
+    check_steps(ds, records, layers)
+    assert ds.num_params.values.tolist() == [20, 4]
+
+
+def test_bfloat16_parameters_are_recorded_exactly(tmp_path):
+    model = make_net().to(torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    records = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for x, y in batches(3):
+            optimizer.zero_grad()
+            model.train()
+            nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            records.append((g, w0, weights(model)))
+        records_updates = [np.abs(r[2]["head.weight"] - r[1]["head.weight"]).max() for r in records]
+    assert min(records_updates) > 0  # the steps really moved the bf16 weights
+    check_steps(gradflow.open(tmp_path / "run.zarr"), records, NET_LAYERS)
+
+
+def test_every_k_records_and_snapshots_only_every_kth_step(tmp_path, monkeypatch):
+    from gradflow import quantities
+
+    snapshots = []
+    original = quantities.Bucket.before_step
+    monkeypatch.setattr(quantities.Bucket, "before_step",
+                        lambda self, *a: snapshots.append(1) or original(self, *a))
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    records = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", every=3) as rec:
+        for step, (x, y) in enumerate(batches(7)):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            if step % 3 == 0:
+                records.append((g, w0, weights(model)))
+            if step == 4:
+                rec.end_epoch(train_loss=1.0)
+    assert len(snapshots) == 3
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds.step.values.tolist() == [0, 3, 6]
+    assert ds.epoch.values.tolist() == [0, 0, 1]
+    check_steps(ds, records, NET_LAYERS)
+    assert gradflow.open(tmp_path / "run.zarr", group="epochs").num_steps.values.tolist() == [5]
+
+
+def scaler_loop(model, optimizer, scaler, data, bad_steps, rec=None, end_epoch_after=None):
+    """AMP-style loop; returns [(grad the optimizer used, before, after, skipped)] per iteration."""
+    records, device = [], next(model.parameters()).device
+    for step, (x, y) in enumerate(data):
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        if step in bad_steps:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("inf")
+        scale = scaler.get_scale()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            g = {n: v / scale for n, v in grads(model).items()}  # still scaled at step time
+        else:
+            scaler.unscale_(optimizer)
+            g = grads(model)
+        w0 = weights(model)
+        scaler.step(optimizer)
+        scaler.update()
+        records.append((g, w0, weights(model), step in bad_steps))
+        if rec is not None and step == end_epoch_after:
+            rec.end_epoch(train_loss=0.0)
+    return records
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_gradscaler_skipped_steps(tmp_path, fused, device):
+    model = make_net().to(device)
+    model.eval()  # keep BatchNorm statistics finite on the inf batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    scaler = torch.amp.GradScaler(device, init_scale=256.0)
+    # bad step 1 is noticed when the next gradients arrive; bad step 3 at end_epoch
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
+        records = scaler_loop(model, optimizer, scaler, batches(5), {1, 3}, rec, end_epoch_after=3)
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds.skipped.values.tolist() == [r[3] for r in records] == [False, True, False, True, False]
+    assert ds.epoch.values.tolist() == [0, 0, 0, 0, 1]
+    for k, (g, w0, w1, skipped) in enumerate(records):
+        if skipped:
+            for name in w0:
+                np.testing.assert_array_equal(w0[name], w1[name])  # GradScaler really skipped
+        row = ds.isel(step=slice(k, k + 1))
+        if skipped and not fused:
+            g = None  # the skipped gradients are gone when the skip is noticed: NaN figures
+        check_steps(row, [(g, w0, w1)], NET_LAYERS)
+    if fused:
+        assert (ds.nonfinite.values[[1, 3]] > 0).all()
+
+
+def test_resume_appends_and_continues_counters(tmp_path):
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store, data, records = tmp_path / "run.zarr", batches(5), []
+
+    def run(chunk):
+        with gradflow.Recorder(model, optimizer, store, metadata={"part": len(records)}) as rec:
+            for x, y in chunk:
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                g, w0 = grads(model), weights(model)
+                optimizer.step()
+                records.append((g, w0, weights(model)))
+            rec.end_epoch(train_loss=float(len(records)))
+            return rec.step, rec.epoch
+
+    assert run(data[:3]) == (3, 1)
+    assert run(data[3:]) == (5, 2)
+    ds = gradflow.open(store)
+    check_steps(ds, records, NET_LAYERS)
+    assert ds.step.values.tolist() == [0, 1, 2, 3, 4]
+    assert ds.epoch.values.tolist() == [0, 0, 0, 1, 1]
+    assert ds.attrs["metadata"] == {"part": 3}
+    ep = gradflow.open(store, group="epochs")
+    assert ep.train_loss.values.tolist() == [3.0, 5.0] and ep.num_steps.values.tolist() == [3, 2]
+
+    with pytest.raises(GradflowError, match="different model"):
+        other = nn.Linear(2, 2)
+        gradflow.Recorder(other, torch.optim.SGD(other.parameters(), lr=0.1), store)
+    with pytest.raises(GradflowError, match="every=1"):
+        gradflow.Recorder(model, optimizer, store, every=2)
+
+
+def test_memory_store_and_sweep_groups():
+    stores = {}
+    for variant, seed in (("a", 0), ("b", 1)):
+        model = make_net(seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        records = []
+        with gradflow.Recorder(model, optimizer, "memory://gradflow-test/sweep.zarr",
+                               group=variant) as rec:
+            for x, y in batches(2, seed=seed):
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                g, w0 = grads(model), weights(model)
+                optimizer.step()
+                records.append((g, w0, weights(model)))
+            rec.end_epoch(val_loss=float(seed))
+        stores[variant] = records
+    url = "memory://gradflow-test/sweep.zarr"
+    for variant, records in stores.items():
+        check_steps(gradflow.open(url, group=variant), records, NET_LAYERS)
+        check_steps(xr.open_zarr(url, group=variant), records, NET_LAYERS)
+        assert gradflow.open(url, group=f"{variant}/epochs").val_loss.values.tolist() == \
+            [float(variant == "b")]
+    tree = gradflow.open(url)
+    assert isinstance(tree, xr.DataTree) and set(tree.children) == {"a", "b"}
+    np.testing.assert_array_equal(tree["a"].to_dataset().grad_norm.values,
+                                  gradflow.open(url, group="a").grad_norm.values)
+    assert tree["b/epochs"].to_dataset().sizes["epoch"] == 1
+    with pytest.raises(GradflowError, match="sweep store"):
+        model = make_net()
+        gradflow.Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), url)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch._dynamo's import-time warnings
+def test_wrappers_are_looked_through(tmp_path):
+    model = make_net()
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    with gradflow.Recorder(nn.DataParallel(compiled), optimizer, tmp_path / "run.zarr") as rec:
+        assert rec.layers == list(NET_LAYERS)
+    assert list(gradflow.open(tmp_path / "run.zarr").layer.values) == list(NET_LAYERS)
+
+
+def test_bad_inputs(tmp_path):
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = tmp_path / "run.zarr"
+
+    def fails(match, *args, **kwargs):
+        with pytest.raises(GradflowError, match=match):
+            gradflow.Recorder(*args, **kwargs)
+
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    fails("no trainable parameters", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), store)
+    other = nn.Linear(2, 2)
+    fails("'conv.weight' is trainable but no optimizer",
+          model, torch.optim.SGD(other.parameters(), lr=0.1), store)
+    fails("optimizer 1 .* owns none", model,
+          [optimizer, torch.optim.SGD(other.parameters(), lr=0.1)], store)
+    fails("every must be a positive integer", model, optimizer, store, every=0)
+    fails("optimizer must be", model, "sgd", store)
+    fails("model must be", "model", optimizer, store)
+    fails("metadata must be", model, optimizer, store, metadata={"f": object()})
+    fails("group must be", model, optimizer, store, group="x/epochs")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    fails("not a Zarr store", model, optimizer, tmp_path / "notes")
+    assert not store.exists()  # nothing was created by the failed attempts
+
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        with pytest.raises(GradflowError, match="reserved"):
+            rec.end_epoch(update_mean_abs=1.0)
+        with pytest.raises(GradflowError, match="not a number"):
+            rec.end_epoch(train_loss="low")
+    with pytest.raises(GradflowError, match="closed"):
+        rec.end_epoch(train_loss=1.0)

@@ -1,0 +1,200 @@
+"""The store: buffered background writes, crash safety, resumption, layout, and ``gradflow.open``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from torch import nn
+
+import gradflow
+from gradflow import GradflowError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def train(model, optimizer, steps: int, seed: int = 0) -> list[float]:
+    """``steps`` plain steps; returns the first layer's reference gradient norm at each step."""
+    gen, norms = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(5, 3, generator=gen)).square().mean().backward()
+        g = np.concatenate([p.grad.double().numpy().ravel() for p in model[0].parameters()])
+        norms.append(float(np.sqrt(np.sum(g**2))))
+        optimizer.step()
+    return norms
+
+
+def run_child(code: str, store: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that has ``model``, ``optimizer``, ``train`` and ``rec``."""
+    import inspect
+
+    prelude = "\n".join([
+        "import os", "import numpy as np", "import torch", "from torch import nn", "import gradflow",
+        inspect.getsource(tiny), inspect.getsource(train), "model, optimizer = tiny()",
+        f"rec = gradflow.Recorder(model, optimizer, {str(store)!r})", ""])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_crash_loses_only_the_unflushed_buffer(tmp_path):
+    store = tmp_path / "run.zarr"
+    child = run_child("""
+        train(model, optimizer, 3)
+        rec.flush()              # committed
+        train(model, optimizer, 2, seed=1)  # still in the buffer
+        os._exit(1)              # no close, no atexit
+    """, store)
+    assert child.returncode == 1, child.stderr
+    model, optimizer = tiny()
+    expected = train(model, optimizer, 3)
+    ds = xr.open_zarr(store)  # plain xarray reads what was flushed
+    assert ds.step.values.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(ds.grad_norm.sel(layer="0").values, expected, rtol=2e-6)
+    # Resuming continues after the last committed step.
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        assert rec.step == 3
+        train(model, optimizer, 1, seed=3)
+    assert gradflow.open(store).step.values.tolist() == [0, 1, 2, 3]
+
+
+def test_unhandled_exception_flushes_at_exit(tmp_path):
+    store = tmp_path / "run.zarr"
+    child = run_child("""
+        train(model, optimizer, 4)
+        rec.end_epoch(train_loss=0.5)
+        train(model, optimizer, 1, seed=1)
+        raise RuntimeError("training crashed")   # rec is never closed
+    """, store)
+    assert child.returncode == 1 and "training crashed" in child.stderr
+    ds = gradflow.open(store)
+    assert ds.step.values.tolist() == [0, 1, 2, 3, 4]
+    assert ds.epoch.values.tolist() == [0, 0, 0, 0, 1]
+    assert gradflow.open(store, group="epochs").train_loss.values.tolist() == [0.5]
+
+
+def test_exception_inside_with_block_flushes(tmp_path):
+    model, optimizer = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+            expected = train(model, optimizer, 3)
+            raise KeyboardInterrupt
+    ds = gradflow.open(tmp_path / "run.zarr")
+    np.testing.assert_allclose(ds.grad_norm.sel(layer="0").values, expected, rtol=2e-6)
+
+
+def test_rows_are_buffered_and_written_off_the_training_thread(tmp_path, monkeypatch):
+    from gradflow import recorder as recorder_module
+    from gradflow import store as store_module
+
+    writers = []
+    original = store_module.RunStore.append_steps
+    monkeypatch.setattr(store_module.RunStore, "append_steps",
+                        lambda self, columns: writers.append(threading.current_thread().name)
+                        or original(self, columns))
+    monkeypatch.setattr(recorder_module, "FLUSH_ROWS", 2)
+    model, optimizer = tiny()
+    store = tmp_path / "run.zarr"
+    rec = gradflow.Recorder(model, optimizer, store)
+    expected = train(model, optimizer, 1)
+    time.sleep(0.2)
+    assert gradflow.open(store).sizes["step"] == 0  # one row: still buffered
+    expected += train(model, optimizer, 4, seed=1)  # 5 rows: two hand-offs of 2
+    deadline = time.monotonic() + 10
+    while gradflow.open(store).sizes["step"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gradflow.open(store).sizes["step"] == 4
+    rec.close()
+    ds = gradflow.open(store)
+    assert ds.step.values.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(ds.grad_norm.sel(layer="0").values, expected, rtol=2e-6)
+    assert writers and all(name.startswith("gradflow-writer") for name in writers)
+    assert threading.current_thread().name not in writers
+
+
+def test_layout_is_plain_chunked_zarr(tmp_path):
+    model, optimizer = tiny()
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
+        train(model, optimizer, 2)
+        rec.end_epoch(train_loss=1.0)
+    group = zarr.open_group(tmp_path / "run.zarr", mode="r")
+    assert group.metadata.zarr_format == 3
+    grad_norm = group["grad_norm"]
+    assert grad_norm.metadata.dimension_names == ("step", "layer")
+    assert grad_norm.chunks == (1024, 2) and grad_norm.shape == (2, 2)
+    assert group["epochs/update_mean_abs"].metadata.dimension_names == ("epoch", "layer")
+    assert group["layer"][:].tolist() == ["0", "2"]
+    assert group.attrs["gradflow_schema"] == 1 and group.attrs["steps_seen"] == 2
+
+
+def test_interrupted_flush_is_invisible_and_trimmed_on_resume(tmp_path):
+    store = tmp_path / "run.zarr"
+    model, optimizer = tiny()
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        expected = train(model, optimizer, 3)
+        rec.end_epoch(train_loss=1.0)
+    # A flush that resized and wrote some arrays but died before committing:
+    group = zarr.open_group(store, mode="a", use_consolidated=False)
+    for name in ("grad_norm", "step"):
+        array = group[name]
+        array.resize((5,) + array.shape[1:])
+        array[3:] = 99
+    group["epochs/train_loss"].resize((2,))
+    plain = xr.open_zarr(store)
+    assert plain.sizes["step"] == 3 and gradflow.open(store).sizes["step"] == 3
+    assert xr.open_zarr(store, group="epochs").sizes["epoch"] == 1
+
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        assert (rec.step, rec.epoch) == (3, 1)
+        expected += train(model, optimizer, 2, seed=1)
+    ds = gradflow.open(store)
+    assert ds.step.values.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(ds.grad_norm.sel(layer="0").values, expected, rtol=2e-6)
+    assert gradflow.open(store, group="epochs").train_loss.values.tolist() == [1.0]
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(GradflowError, match=f"no gradflow store at {tmp_path / 'missing.zarr'}"):
+        gradflow.open(tmp_path / "missing.zarr")
+    with pytest.raises(GradflowError, match="no gradflow store"):
+        gradflow.open("memory://gradflow-test/missing.zarr")
+    other = zarr.open_group(tmp_path / "other.zarr", mode="w")
+    other.create_array("x", shape=(2,), dtype="float32")
+    with pytest.raises(GradflowError, match="other.zarr is not a gradflow store"):
+        gradflow.open(tmp_path / "other.zarr")
+    with pytest.raises(GradflowError, match="is an array"):
+        gradflow.open(tmp_path / "other.zarr", group="x")
+
+    model, optimizer = tiny()
+    store = tmp_path / "run.zarr"
+    gradflow.Recorder(model, optimizer, store).close()
+    with pytest.raises(GradflowError, match="has no group 'nope'"):
+        gradflow.open(store, group="nope")
+    with pytest.raises(GradflowError, match="single run"):
+        gradflow.Recorder(model, optimizer, store, group="variant")
+    group = zarr.open_group(store, mode="a")
+    group.attrs["gradflow_schema"] = 99
+    zarr.consolidate_metadata(store)
+    with pytest.raises(GradflowError, match="newer gradflow"):
+        gradflow.open(store)
+    with pytest.raises(GradflowError, match="newer gradflow"):
+        gradflow.Recorder(model, optimizer, store)
+    with pytest.raises(GradflowError, match="not a gradflow store"):
+        gradflow.Recorder(model, optimizer, tmp_path / "other.zarr")
