@@ -38,7 +38,7 @@ from gradflow.train import TrainConfig
 EXECUTORS = ("local", "ray")
 # Settings a variant's name does not show; a finished variant recorded with other values is stale.
 _SETTINGS_CHECKED = ("levels", "width", "size", "n_train", "n_val", "epochs", "batch_size", "loss", "lr", "data",
-                     "every", "dropout", "weight_decay", "augment")
+                     "every", "dropout", "weight_decay", "augment", "init")
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,21 @@ def test_cuda_amp_trains_and_is_recorded(tmp_path):
     result = train(dataclasses.replace(TINY, device="auto", amp=True), store=store)
     assert next(result.model.parameters()).device.type == "cuda"
     assert np.isfinite(gradflow.open(store, group="epochs")["val_loss"].values).all()
+
+
+def test_config_init_reaches_the_model():
+    from gradflow.train import build_model
+
+    config = dataclasses.replace(TINY, init="scaled")
+    torch.manual_seed(0)
+    built = build_model(config).state_dict()
+    torch.manual_seed(0)
+    reference = simple_fcn(config.depth, config.levels, config.width, batch_norm=config.batch_norm,
+                           init="scaled").state_dict()
+    assert all(torch.equal(built[name], reference[name]) for name in reference)
+
+
+def test_denormals_are_not_flushed_after_training():
+    """Training flushes denormals on CPU for speed, then switches that off again."""
+    train(TINY, store=None)
+    assert (torch.tensor(1e-39) * 1.0).item() != 0.0  # 1e-39 is a float32 denormal

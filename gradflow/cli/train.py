@@ -18,6 +18,7 @@ def train_command(
     short: Annotated[bool, typer.Option("--short/--no-short", help="Short (residual) skips.")] = True,
     long: Annotated[str, typer.Option(help="Long skips: sum, concat, sat, at, st or none.")] = "sum",
     dropout: Annotated[float, typer.Option(help="Dropout probability.")] = 0.0,
+    init: Annotated[str, typer.Option(help="he (the paper's) or scaled (residual branches × L^-1/2, for no-BN nets).")] = "he",
     data: Annotated[str, typer.Option(help="'synthetic' or a folder with ISBI 2012 images and labels.")] = "synthetic",
     size: Annotated[int, typer.Option(help="Image / tile side in pixels.")] = 128,
     n_train: Annotated[int, typer.Option(help="Training images.")] = 25,
@@ -46,7 +47,7 @@ def train_command(
     from gradflow.train import TrainConfig, train
 
     config = TrainConfig(block=block, depth=depth, levels=levels, width=width, batch_norm=bn,
-                         short_skip=short, long_skip=long, dropout=dropout, data=data, size=size,
+                         short_skip=short, long_skip=long, dropout=dropout, init=init, data=data, size=size,
                          n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, loss=loss,
                          lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
                          every=every, augment=augment, sparsity=sparsity)

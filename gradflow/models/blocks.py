@@ -23,7 +23,9 @@ upsamples, and a 1×1 conv only where the channel counts differ; nothing else.
 Convs get He init (kaiming normal, fan-in) and zero bias. Without batch norm, a He-initialised
 residual branch is as large as its input, so each block with a short skip roughly doubles the
 signal's variance: a no-BN ``simple_fcn(depth=9, levels=4)`` (63 blocks) starts with logits of
-order 1e9. With BN, or without short skips, the scale stays O(1).
+order 1e9. With BN, or without short skips, the scale stays O(1). ``FCN(init="scaled")`` fixes this
+for no-BN residual nets by shrinking each branch's last conv (:attr:`Block.branch_output`), see
+:func:`gradflow.models.fcn.scale_residual_branches`.
 """
 
 from __future__ import annotations
@@ -87,7 +89,13 @@ class Shortcut(nn.Module):
 
 
 class Block(nn.Module):
-    """Shared switches of all blocks; subclasses define ``residual``."""
+    """Shared switches of all blocks; subclasses define ``residual``.
+
+    ``branch_output``: attribute name of the residual path's last conv (the one whose output is
+    added to the shortcut), used by residual-branch init scaling.
+    """
+
+    branch_output = "conv"
 
     def __init__(self, in_channels: int, out_channels: int, *, downsample: bool = False,
                  upsample: bool = False, batch_norm: bool = True, short_skip: bool = True,
@@ -132,6 +140,8 @@ class BasicBlock(Block):
     """Two BN → ReLU → 3×3 conv units with dropout between them [+ shortcut]; the first conv has
     stride 2 when downsampling, rows and columns are repeated before the second when upsampling."""
 
+    branch_output = "conv2"
+
     def __init__(self, in_channels: int, out_channels: int, **switches):
         super().__init__(in_channels, out_channels, **switches)
         self.bn1 = norm(in_channels, self.batch_norm)
@@ -154,6 +164,7 @@ class BottleneckBlock(Block):
     width is 4× the inner width, as in Table 1 (``bottleneck 128`` has 32-channel inner convs)."""
 
     expansion = 4
+    branch_output = "conv3"
 
     def __init__(self, in_channels: int, out_channels: int, **switches):
         if out_channels % self.expansion:

@@ -31,7 +31,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from gradflow.errors import GradflowError
-from gradflow.models.blocks import BLOCKS, conv, norm
+from gradflow.models.blocks import BLOCKS, Block, conv, norm
 from gradflow.models.skips import LONG_SKIPS, long_skip as make_long_skip
 
 
@@ -54,6 +54,26 @@ TABLE_1_DOWN = (
     Stage("bottleneck", 512, 10),    # down5    32²
 )
 TABLE_1_ACROSS = Stage("bottleneck", 1024, 3)  # across 32² (16² between its first and last copy)
+
+INITS = ("he", "scaled")
+
+
+def scale_residual_branches(model: nn.Module) -> int:
+    """Multiply the last conv weight of every residual branch that has a short skip by L^(-1/2).
+
+    L is the number of such blocks in ``model``. Without batch norm a He-initialised branch is as
+    large as its input, so ``x + branch(x)`` doubles the signal's second moment per block (2^L over
+    the net). Scaled by L^(-1/2), each block multiplies it by about (1 + 1/L), at most e ≈ 2.7
+    over the whole net. This is the variance argument of Fixup (Zhang et al. 2019), whose
+    L^(-1/(2m-2)) rule has no finite value for the one-conv branches of ``simple`` blocks; Fixup's
+    bias and multiplier parameters are not added. Blocks without a short skip are left at He init
+    (they have no sum to control). Biases are zero, so they need no scaling. Returns L.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Block) and m.shortcut is not None]
+    with torch.no_grad():
+        for block in blocks:
+            getattr(block, block.branch_output).weight.mul_(len(blocks) ** -0.5)
+    return len(blocks)
 
 
 class InputConv(nn.Module):
@@ -98,13 +118,19 @@ class FCN(nn.Module):
     ``down[0]`` must be a ``"conv"`` stage (the first 3×3 conv); the others and ``across`` name a
     block type from :data:`gradflow.models.blocks.BLOCKS`. Input (N, in_channels, H, W) with H and
     W divisible by ``2**levels`` (``levels = len(down)``); output logits (N, 1, H, W).
+
+    ``init``: ``"he"`` (the paper's: He / kaiming normal for every conv) or ``"scaled"`` (He, then
+    :func:`scale_residual_branches`, so that nets with short skips and no batch norm do not start
+    with exploding activations; a deviation from the paper).
     """
 
     def __init__(self, down: Sequence[Stage], across: Stage, *, batch_norm: bool = True,
                  short_skip: bool = True, long_skip: str = "sum", dropout: float = 0.0,
-                 in_channels: int = 1):
+                 in_channels: int = 1, init: str = "he"):
         super().__init__()
         check_switches(down, across, long_skip, dropout)
+        if init not in INITS:
+            raise GradflowError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
         self.levels, self.in_channels, self.long_skip = len(down), in_channels, long_skip
         switches = dict(batch_norm=batch_norm, short_skip=short_skip, dropout=dropout)
 
@@ -129,6 +155,8 @@ class FCN(nn.Module):
             channels = stage.width
 
         self.classifier = conv(channels, 1, 1)
+        if init == "scaled":
+            scale_residual_branches(self)
 
     def skips(self) -> list[nn.Module | None]:
         """Long-skip modules ``skip1 … skipL`` (None each where ``long_skip="none"``)."""
@@ -191,19 +219,19 @@ def check_switches(down: Sequence[Stage], across: Stage, long_skip: str, dropout
 
 
 def paper_fcn(*, batch_norm: bool = True, short_skip: bool = True, long_skip: str = "sum",
-              dropout: float = 0.0) -> FCN:
+              dropout: float = 0.0, init: str = "he") -> FCN:
     """The Table 1 model of Drozdzal et al. 2016 (levels = 5: inputs divisible by 32, e.g. 512²).
 
     11,451,745 parameters with the defaults (short skips, ``sum`` long skips, batch norm); the
     authors' implementation counts about 11.5M. See ``reports/skip_cost.md`` for the other long skips.
     """
     return FCN(TABLE_1_DOWN, TABLE_1_ACROSS, batch_norm=batch_norm, short_skip=short_skip,
-               long_skip=long_skip, dropout=dropout)
+               long_skip=long_skip, dropout=dropout, init=init)
 
 
 def simple_fcn(depth: int = 7, levels: int = 4, width: int = 32, *, block: str = "simple",
                batch_norm: bool = True, short_skip: bool = True, long_skip: str = "sum",
-               dropout: float = 0.0) -> FCN:
+               dropout: float = 0.0, init: str = "he") -> FCN:
     """The Fig. 4 family: ``depth`` repetitions of ``block`` per level, ``width`` channels everywhere.
 
     The width is constant across levels (no doubling): every 3×3 conv then has the same fan-in
@@ -211,7 +239,7 @@ def simple_fcn(depth: int = 7, levels: int = 4, width: int = 32, *, block: str =
     mean |W_end − W_start|) comparable along the network, and no shortcut or long-skip needs a
     1×1 channel-matching conv. ``levels`` counts the encoder stages (``down1`` = the first conv,
     ``down2..down<levels>`` = blocks) plus the across stage one level lower: inputs must be
-    divisible by ``2**levels``.
+    divisible by ``2**levels``. ``init``: ``"he"`` (the paper's) or ``"scaled"`` (see :class:`FCN`).
     """
     for name, value in (("depth", depth), ("levels", levels), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -220,4 +248,4 @@ def simple_fcn(depth: int = 7, levels: int = 4, width: int = 32, *, block: str =
         raise GradflowError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
     stage = Stage(block, width, depth)
     return FCN([Stage("conv", width)] + [stage] * (levels - 1), stage, batch_norm=batch_norm,
-               short_skip=short_skip, long_skip=long_skip, dropout=dropout)
+               short_skip=short_skip, long_skip=long_skip, dropout=dropout, init=init)

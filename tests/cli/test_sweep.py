@@ -26,6 +26,7 @@ def test_sweep_records_each_variant_with_its_config_and_command(tiny_sweep, tiny
         config = attrs["metadata"]
         assert (config["depth"], config["batch_norm"], config["short_skip"]) == (1, False, name.endswith("short1"))
         assert (config["size"], config["levels"], config["width"], config["epochs"]) == (32, 2, 4, 1)
+        assert (config["init"], config["lr"]) == ("scaled", 1e-4)  # the sweep's documented defaults
         assert shlex.split(config["command"]) == ["gradflow", "sweep", "--depths", "1", "--no-bn", *tiny,
                                                   "--out", str(tiny_sweep)]
         epochs = tree[f"{name}/epochs"]
@@ -108,6 +109,7 @@ def test_rerun_with_other_settings_is_refused_not_skipped(tiny_sweep, tmp_path, 
     (["--block", "wide"], "block"),
     (["--size", "30"], "size 30"),
     (["--loss", "l2"], "loss"),
+    (["--init", "xavier"], "--init: unknown value 'xavier'"),
     (["--executor", "ray", "--out", "memory://sweep"], "memory:// store lives in one process"),
     (["--ray-address", "auto"], "--ray-address needs --executor ray"),
 ])

@@ -276,3 +276,67 @@ def test_cuda_smoke(long_skip):
     (logits.mean() + model.sparsity_loss()).backward()
     assert all(p.grad is not None and p.grad.is_cuda for p in model.parameters())
     assert model.sparsity_loss().device.type == "cuda"
+
+
+# ---------------------------------------------------------------- residual-branch init scaling
+
+@pytest.mark.parametrize("block, branch_output", [("simple", "conv"), ("basic", "conv2"),
+                                                  ("bottleneck", "conv3")])
+def test_scaled_init_multiplies_each_branch_output_by_inverse_sqrt_of_block_count(block, branch_output):
+    """Same seed, so ``init="scaled"`` must equal ``"he"`` except the last conv of each residual
+    branch, which is × L^(-1/2); L counted by hand: (levels - 1) encoder stages + the across stage +
+    (levels - 1) decoder stages, ``depth`` blocks each."""
+    depth, levels = 2, 3
+    blocks = (2 * levels - 1) * depth
+    torch.manual_seed(0)
+    he = simple_fcn(depth, levels, 8, block=block, batch_norm=False, init="he").state_dict()
+    torch.manual_seed(0)
+    scaled = simple_fcn(depth, levels, 8, block=block, batch_norm=False, init="scaled").state_dict()
+    branch_outputs = {name for name in he if name.endswith(f".{branch_output}.weight")
+                      and ".block" in name and ".shortcut." not in name}
+    assert len(branch_outputs) == blocks
+    for name in he:
+        factor = blocks ** -0.5 if name in branch_outputs else 1.0
+        torch.testing.assert_close(scaled[name], he[name] * factor, rtol=1e-6, atol=0, msg=name)
+
+
+def test_scaled_init_std_follows_the_formula():
+    """std of a scaled simple-block conv = He std √(2 / fan_in) × L^(-1/2), fan_in = 9 · width."""
+    depth, levels, width = 4, 3, 32
+    blocks = (2 * levels - 1) * depth
+    torch.manual_seed(0)
+    model = simple_fcn(depth, levels, width, batch_norm=False, init="scaled")
+    weights = torch.cat([model.get_submodule(f"across.block{j}.conv").weight.detach().flatten()
+                         for j in range(depth)])
+    expected = math.sqrt(2.0 / (9 * width)) / math.sqrt(blocks)
+    assert weights.std().item() == pytest.approx(expected, rel=0.03)
+    first = model.down1.conv.weight.detach()  # not a residual branch: plain He (fan-in 9)
+    assert first.std().item() == pytest.approx(math.sqrt(2.0 / 9), rel=0.3)
+
+
+def test_scaled_init_leaves_nets_without_short_skips_at_he_init():
+    torch.manual_seed(0)
+    he = simple_fcn(3, 3, 8, batch_norm=False, short_skip=False, init="he").state_dict()
+    torch.manual_seed(0)
+    scaled = simple_fcn(3, 3, 8, batch_norm=False, short_skip=False, init="scaled").state_dict()
+    assert all(torch.equal(he[name], scaled[name]) for name in he)
+
+
+def test_scaled_init_keeps_no_bn_residual_logits_order_one():
+    """Depth 9, no BN: He init makes each residual block ~double the signal's variance, so the
+    logits are orders of magnitude above the input's scale; scaled init bounds the growth by
+    ∏(1 + 1/L) ≤ e per path, so the logits stay O(1) (here: within a factor 10 of the input)."""
+    x = torch.randn(2, 1, 32, 32)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        he = simple_fcn(9, 3, 8, batch_norm=False, init="he")
+        torch.manual_seed(seed)
+        scaled = simple_fcn(9, 3, 8, batch_norm=False, init="scaled")
+        with torch.no_grad():
+            assert he(x).std().item() > 1e3
+            assert 0.1 < scaled(x).std().item() < 10
+
+
+def test_unknown_init_is_a_user_error():
+    with pytest.raises(GradflowError, match="unknown init 'xavier'"):
+        simple_fcn(1, 2, 4, init="xavier")
