@@ -6,6 +6,7 @@ trains well but generalises badly (or does not train at all) stands out.
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
@@ -33,7 +34,8 @@ def loss_curves(data: xr.Dataset | xr.DataTree, log: bool = True) -> Figure:
         raise GradflowError("no train_loss or val_loss recorded in the store; nothing to plot")
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    colours = [f"C{i % 10}" for i in range(len(epoch_runs))]
+    n = len(epoch_runs)  # up to 10 runs: the default colour cycle; up to 20: tab20's 20 distinct colours
+    colours = [f"C{i}" for i in range(n)] if n <= 10 else [matplotlib.colormaps["tab20"](i % 20) for i in range(n)]
     all_positive = True
     for colour, (name, ds) in zip(colours, epoch_runs.items()):
         for ax, loss in zip(axes, LOSSES):

@@ -11,6 +11,8 @@
   few steps' value). With
   an adaptive optimizer (RMSprop, Adam) a starved layer's tiny gradient is rescaled into an ordinary
   update, so the gradient ratio is where vanishing gradients show even when the update ratio does not.
+- ``optimizer``: the optimizer class the Recorder recorded (blank when the store does not say): the
+  update ratio means different things under SGD (|ΔW| ∝ gradient) and RMSprop (|ΔW| ≈ lr per step).
 - ``nonfinite_values`` / ``nonfinite_steps`` / ``first_nonfinite_step`` / ``nonfinite_layers``:
   where NaN/Inf gradients appeared (from the step-level ``nonfinite`` counts).
 """
@@ -21,11 +23,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.runs import runs, select_layers, step_blocks
+from analyses.runs import optimizer_of, run_attrs, runs, select_layers, step_blocks
 from gradflow.errors import GradflowError
 from gradflow.models.naming import stage_of
 
 COLUMNS = [
+    "optimizer",
     "layers",
     "updatable_depth",
     "centre_to_end_ratio",
@@ -119,10 +122,11 @@ def flow_summary(data: xr.Dataset | xr.DataTree, fraction: float = 0.1, layers: 
         step_runs = runs(data, "step") if "step" in data.dims else {}
     else:
         epoch_runs, step_runs = runs(data, "epoch"), runs(data, "step")
+    attrs = run_attrs(data)
     rows = []
     for name in dict.fromkeys([*epoch_runs, *step_runs]):
         ep, st = epoch_runs.get(name), step_runs.get(name)
-        row = {"run": name, "layers": 0, "updatable_depth": 0}
+        row = {"run": name, "optimizer": optimizer_of(attrs.get(name, {}))[0], "layers": 0, "updatable_depth": 0}
         update = _mean_update(ep, st, layers)
         if update is not None and update.sizes["layer"] > 0:
             values = update.values.astype(float)

@@ -9,7 +9,6 @@ mean |W_end − W_start| over each epoch, read from the store's ``epochs`` group
 
 from __future__ import annotations
 
-import math
 
 import matplotlib
 import numpy as np
@@ -113,14 +112,21 @@ def heatmaps(
     bins: int = 200,
     log: bool | None = None,
     ncols: int | None = None,
+    grid: list[list[str | None]] | None = None,
 ) -> Figure:
     """Fig. 4-style grid of layer × epoch (or step) heatmaps, one panel per run, one colour scale.
 
     Panels are titled with the run name; each panel's ``collections[0].get_array()`` is the plotted
     (time, layer) array, exactly :func:`heatmap_data`'s values. ``log`` defaults to a log colour scale
     for every statistic except the ``nonfinite`` counts; zero or negative cells show grey.
+    Panels fill ``ncols`` columns (default 2) in run order, or sit where ``grid`` (rows of run names,
+    e.g. :func:`analyses.panel_grid.panel_grid`) puts them; a named run without data leaves its cell empty.
     """
     arrays = heatmap_data(data, stat=stat, per=per, layers=layers, bins=bins)
+    if grid is not None:
+        left_out = sorted(set(arrays) - {name for row in grid for name in row})
+        if left_out:
+            raise GradflowError(f"the panel grid leaves out run(s) {', '.join(left_out)}")
     log = stat != "nonfinite" if log is None else log
     values = np.concatenate([np.ravel(da.values) for da in arrays.values()])
     finite = values[np.isfinite(values)]
@@ -131,12 +137,17 @@ def heatmaps(
         norm = Normalize(vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 
-    ncols = ncols or min(len(arrays), 2)
-    nrows = math.ceil(len(arrays) / ncols)
+    if grid is None:
+        ncols = ncols or min(len(arrays), 2)
+        names = list(arrays)
+        grid = [names[i : i + ncols] for i in range(0, len(names), ncols)]
+    nrows, ncols = len(grid), max(len(row) for row in grid)
     fig = Figure(figsize=(5.2 * ncols + 1.0, 2.6 * nrows + 0.6), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    cells = fig.subplots(nrows, ncols, squeeze=False)
+    placed = {name: cells[r, c] for r, row in enumerate(grid) for c, name in enumerate(row) if name in arrays}
     mesh = None
-    for ax, (name, da) in zip(axes, arrays.items()):
+    for name, ax in placed.items():
+        da = arrays[name]
         time = da.dims[0]
         ends = da["step_end"].values if "step_end" in da.coords else None
         x = np.arange(da.sizes["layer"] + 1) - 0.5
@@ -152,8 +163,10 @@ def heatmaps(
         ax.set_xlabel("layer (input → output)", fontsize=8)
         ax.set_ylabel(time, fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(arrays) :]:
-        ax.remove()
+    used = list(placed.values())
+    for ax in cells.ravel():
+        if not any(ax is u for u in used):
+            ax.remove()
     label = f"{LABELS.get(stat, stat)} per {per}" + (" (log)" if isinstance(norm, LogNorm) else "")
-    fig.colorbar(mesh, ax=list(axes[: len(arrays)]), label=label)
+    fig.colorbar(mesh, ax=used, label=label, fraction=0.15 / max(1, nrows / 3), aspect=20 * max(1, nrows / 3))
     return fig

@@ -62,6 +62,28 @@ def runs(data: xr.Dataset | xr.DataTree, level: str = "epoch") -> dict[str, xr.D
     return {name: found[name] for name in sorted(found, key=natural_key)}
 
 
+def run_attrs(data: xr.Dataset | xr.DataTree) -> dict[str, dict]:
+    """``{run name: attrs}`` of every run :func:`runs` finds (the step-level group's attrs, where the
+    Recorder writes ``optimizers`` and the user ``metadata``; a bare Dataset: its own attrs)."""
+    if isinstance(data, xr.Dataset):
+        return {"run": dict(data.attrs)}
+    if not isinstance(data, xr.DataTree):
+        raise GradflowError(f"expected an xarray Dataset or DataTree, got {type(data).__name__}")
+    names = {*runs(data, "epoch"), *runs(data, "step")}
+    found = {node.path.strip("/") or "run": dict(node.attrs) for node in data.subtree}
+    return {name: found[name] for name in sorted(names, key=natural_key)}
+
+
+def optimizer_of(attrs: dict) -> tuple[str, float]:
+    """(optimizer class, learning rate) recorded by the Recorder, e.g. ``("SGD", 0.01)``; several
+    optimizers are joined with ``+``; ``("", nan)`` when the store does not say."""
+    recorded = attrs.get("optimizers") or []
+    names = "+".join(str(o.get("class", "")) for o in recorded)
+    rates = [g.get("lr") for o in recorded for g in o.get("param_groups", [])]
+    rates = [r for r in rates if isinstance(r, (int, float))]
+    return names, float(rates[0]) if rates and len(set(rates)) == 1 else float("nan")
+
+
 def select_layers(ds: xr.Dataset, layers: str | list[str] = "auto") -> xr.Dataset:
     """Keep the layers to plot, in input-to-output order (the ``depth`` coordinate).
 

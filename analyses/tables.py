@@ -11,15 +11,18 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.runs import runs
+from analyses.runs import optimizer_of, run_attrs, runs
 
 
 def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:
-    """One row per run (index ``run``): ``epochs``, ``best_epoch``, ``best_val_loss``,
+    """One row per run (index ``run``): ``optimizer`` and ``lr`` (as recorded by the Recorder; blank
+    when the store does not say), ``epochs``, ``best_epoch``, ``best_val_loss``,
     ``train_loss_at_best``. Runs without a finite validation loss get NaN in the last three."""
     rows = []
+    attrs = run_attrs(data)
     for name, ds in runs(data, "epoch").items():
-        row = {"run": name, "epochs": int(ds.sizes["epoch"]), "best_epoch": np.nan}
+        optimizer, lr = optimizer_of(attrs.get(name, {}))
+        row = {"run": name, "optimizer": optimizer, "lr": lr, "epochs": int(ds.sizes["epoch"]), "best_epoch": np.nan}
         row.update(best_val_loss=np.nan, train_loss_at_best=np.nan)
         val = np.asarray(ds["val_loss"].values, dtype=float) if "val_loss" in ds else np.array([])
         if np.isfinite(val).any():
@@ -29,5 +32,6 @@ def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:
             if "train_loss" in ds:
                 row["train_loss_at_best"] = float(ds["train_loss"].values[best])
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run", "epochs", "best_epoch", "best_val_loss", "train_loss_at_best"])
+    table = pd.DataFrame(rows, columns=["run", "optimizer", "lr", "epochs", "best_epoch", "best_val_loss",
+                                        "train_loss_at_best"])
     return table.astype({"best_epoch": "Int64"}).set_index("run")

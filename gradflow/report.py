@@ -60,11 +60,16 @@ def save(fig: Figure, out_dir: Path, stem: str, formats: list[str]) -> list[Path
 
 
 def figures(tree: xr.DataTree, stat: str = "update_mean_abs", per: str = "epoch") -> dict[str, Figure]:
-    """``{file stem: figure}``: the heatmaps of ``stat`` per ``per``, and the loss curves when recorded."""
+    """``{file stem: figure}``: the heatmaps of ``stat`` per ``per``, and the loss curves when recorded.
+
+    Heatmap panels of a sweep are laid out by :func:`analyses.panel_grid.panel_grid`: without / with
+    short skips side by side, one row per other combination (depth × optimizer for the default sweep).
+    """
     from analyses.curves import has_losses, loss_curves
     from analyses.heatmaps import heatmaps
+    from analyses.panel_grid import panel_grid
 
-    out = {f"heatmap-{stat}-{per}": heatmaps(tree, stat=stat, per=per)}
+    out = {f"heatmap-{stat}-{per}": heatmaps(tree, stat=stat, per=per, grid=panel_grid(tree))}
     if has_losses(tree):
         out["curves"] = loss_curves(tree)
     return out
@@ -115,7 +120,9 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     if step_runs_exist:
         from analyses.heatmaps import heatmaps
 
-        figs["heatmap-grad_norm-step"] = heatmaps(tree, stat="grad_norm", per="step")
+        from analyses.panel_grid import panel_grid
+
+        figs["heatmap-grad_norm-step"] = heatmaps(tree, stat="grad_norm", per="step", grid=panel_grid(tree))
     for stem, fig in figs.items():
         save(fig, out_dir, stem, formats)
 

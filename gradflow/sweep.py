@@ -25,7 +25,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from gradflow.train import TrainConfig
 EXECUTORS = ("local", "ray")
 # Settings a variant's name does not show; a finished variant recorded with other values is stale.
 _SETTINGS_CHECKED = ("levels", "width", "size", "n_train", "n_val", "epochs", "batch_size", "loss", "lr", "data",
-                     "every", "dropout", "weight_decay", "augment", "init")
+                     "every", "dropout", "weight_decay", "augment", "init", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -50,27 +50,40 @@ class Variant:
 
 
 def variant_name(config: TrainConfig, with_seed: bool = False) -> str:
-    """Readable group name, e.g. ``simple-d7-bn0-long_sum-short0`` (``-s1`` appended with several seeds)."""
+    """Readable group name, e.g. ``simple-d7-bn0-long_sum-short0``.
+
+    The optimizer shows only when it is not the paper's RMSprop (``-sgd``), whatever else the grid
+    holds, so a variant's name never depends on its neighbours and RMSprop names stay as they always
+    were. ``-s<seed>`` comes last, with several seeds.
+    """
     name = (f"{config.block}-d{config.depth}-bn{int(config.batch_norm)}"
             f"-long_{config.long_skip}-short{int(config.short_skip)}")
+    if config.optimizer != "rmsprop":
+        name = f"{name}-{config.optimizer}"
     return f"{name}-s{config.seed}" if with_seed else name
 
 
 def expand_grid(base: TrainConfig, *, depths: Iterable[int], batch_norms: Iterable[bool] = (True,),
                 long_skips: Iterable[str] = ("sum",), short_skips: Iterable[bool] = (False, True),
-                seeds: Iterable[int] = (0,)) -> list[Variant]:
-    """All combinations, depth-major (depth, batch norm, long skip, short skip, seed), duplicates dropped.
+                optimizers: Iterable[str] | None = None, seeds: Iterable[int] = (0,),
+                learning_rates: Mapping[str, float] | None = None) -> list[Variant]:
+    """All combinations, depth-major (depth, batch norm, long skip, short skip, optimizer, seed),
+    duplicates dropped.
 
-    Every other setting comes from ``base``. Names carry the seed only when there are several seeds.
+    Every other setting comes from ``base``; ``optimizers`` defaults to ``base.optimizer``.
+    ``learning_rates``: the lr of each optimizer (``{"rmsprop": 1e-4, "sgd": 1e-2}``); an optimizer
+    not in it trains with ``base.lr``. Names carry the seed only when there are several seeds.
     """
-    axes = [list(dict.fromkeys(axis)) for axis in (depths, batch_norms, long_skips, short_skips, seeds)]
+    optimizers = (base.optimizer,) if optimizers is None else optimizers
+    axes = [list(dict.fromkeys(axis)) for axis in (depths, batch_norms, long_skips, short_skips, optimizers, seeds)]
     if any(not axis for axis in axes):
         raise GradflowError("every grid axis needs at least one value")
-    with_seed = len(axes[4]) > 1
+    with_seed = len(axes[5]) > 1
+    learning_rates = learning_rates or {}
     variants = []
-    for depth, bn, long_skip, short, seed in itertools.product(*axes):
-        config = dataclasses.replace(base, depth=depth, batch_norm=bn, long_skip=long_skip,
-                                     short_skip=short, seed=seed)
+    for depth, bn, long_skip, short, optimizer, seed in itertools.product(*axes):
+        config = dataclasses.replace(base, depth=depth, batch_norm=bn, long_skip=long_skip, short_skip=short,
+                                     optimizer=optimizer, lr=learning_rates.get(optimizer, base.lr), seed=seed)
         variants.append(Variant(variant_name(config, with_seed), config))
     return variants
 

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pytest
@@ -11,6 +12,10 @@ def test_names_spell_out_the_variant():
     config = TrainConfig(block="simple", depth=7, batch_norm=False, long_skip="sum", short_skip=False, seed=2)
     assert variant_name(config) == "simple-d7-bn0-long_sum-short0"
     assert variant_name(config, with_seed=True) == "simple-d7-bn0-long_sum-short0-s2"
+    # The optimizer shows only when it is not the paper's RMSprop, whatever the rest of the grid is.
+    sgd = dataclasses.replace(config, optimizer="sgd")
+    assert variant_name(sgd) == "simple-d7-bn0-long_sum-short0-sgd"
+    assert variant_name(sgd, with_seed=True) == "simple-d7-bn0-long_sum-short0-sgd-s2"
 
 
 def test_grid_is_the_cartesian_product_depth_major():
@@ -38,3 +43,16 @@ def test_plan_on_a_new_store_trains_everything(tmp_path):
     assert plan(variants, str(tmp_path / "none.zarr")) == (variants, [])
     with pytest.raises(GradflowError, match="same name"):
         plan(variants + variants[:1], str(tmp_path / "none.zarr"))
+
+
+def test_optimizer_axis_with_a_learning_rate_each():
+    base = TrainConfig(lr=0.5)
+    variants = expand_grid(base, depths=[3], short_skips=[False], optimizers=["rmsprop", "sgd", "rmsprop"],
+                           learning_rates={"sgd": 1e-2})
+    assert [(v.name, v.config.optimizer, v.config.lr) for v in variants] == [
+        ("simple-d3-bn1-long_sum-short0", "rmsprop", 0.5),  # not in learning_rates: base.lr
+        ("simple-d3-bn1-long_sum-short0-sgd", "sgd", 1e-2)]
+    alone = expand_grid(dataclasses.replace(base, optimizer="sgd"), depths=[3], short_skips=[True])
+    assert [(v.name, v.config.optimizer, v.config.lr) for v in alone] == [("simple-d3-bn1-long_sum-short1-sgd", "sgd", 0.5)]
+    with pytest.raises(GradflowError, match="optimizer must be"):
+        expand_grid(base, depths=[3], optimizers=["adam"])

@@ -26,8 +26,9 @@ def train_command(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 4,
     loss: Annotated[str, typer.Option(help="bce or dice.")] = "bce",
-    lr: Annotated[float, typer.Option(help="RMSprop learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="RMSprop weight decay.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="rmsprop (the paper's) or sgd (momentum 0.9, no Nesterov).")] = "rmsprop",
+    lr: Annotated[float, typer.Option(help="Learning rate (the paper's RMSprop: 1e-3; SGD usually wants ~1e-2).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (L2 added to the gradient), either optimizer.")] = 1e-3,
     sparsity: Annotated[float, typer.Option(help="Weight of the SAT channel-selection L1 penalty.")] = 1e-4,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, rotations, shear, elastic warp.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for weights, data, batch order, augmentation, dropout.")] = 0,
@@ -49,7 +50,7 @@ def train_command(
     config = TrainConfig(block=block, depth=depth, levels=levels, width=width, batch_norm=bn,
                          short_skip=short, long_skip=long, dropout=dropout, init=init, data=data, size=size,
                          n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, loss=loss,
-                         lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
                          every=every, augment=augment, sparsity=sparsity)
     fs, path = fsspec.core.url_to_fs(out)
     if fs.exists(path):

@@ -34,6 +34,9 @@ def test_updatable_depth_centre_ratio_and_nonfinite_locations(run_factory):
     tree = xr.DataTree.from_dict({"/v": step, "/v/epochs": epoch})
 
     row = flow_summary(tree, fraction=0.1).loc["v"]
+    assert row["optimizer"] == ""  # the hand-made store does not say
+    tree["v"].attrs["optimizers"] = [{"class": "SGD", "param_groups": [{"lr": 0.01}]}]
+    assert flow_summary(tree).loc["v", "optimizer"] == "SGD"
     assert row["layers"] == 6
     assert row["updatable_depth"] == 4  # 0.01 and 0.03 are below 0.1 × median 1.0
     np.testing.assert_allclose(row["centre_to_end_ratio"], (0.01 + 0.03) / 2 / ((2 + 4) / 2), rtol=1e-6)

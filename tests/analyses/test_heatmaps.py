@@ -97,3 +97,20 @@ def test_interrupted_variant_without_epochs_is_left_out(sweep_factory, run_facto
     step, _ = run_factory(5)
     tree["simple-d3-bn0-long_sum-short0"] = xr.DataTree(step.isel(step=slice(0, 0)))
     assert list(panels(heatmaps(tree))) == ["simple-d1-bn0-long_sum-short0", "simple-d1-bn0-long_sum-short1"]
+
+
+def test_grid_places_each_panel_in_its_row_and_column(sweep_factory):
+    names = ["a-short0", "a-short1", "b-short1"]
+    tree = sweep_factory(names=names)
+    fig = heatmaps(tree, grid=[["a-short0", "a-short1"], ["gone", "b-short1"]])
+    axes = panels(fig)
+    assert sorted(axes) == names
+    position = {name: ax.get_subplotspec().get_geometry()[2] for name, ax in axes.items()}  # index in a 2 × 2 grid
+    assert position == {"a-short0": 0, "a-short1": 1, "b-short1": 3}  # "gone" (no data) leaves cell 2 empty
+    meshes = [ax.collections[0] for ax in axes.values()]
+    assert all(mesh.norm is meshes[0].norm for mesh in meshes)
+    for name, ax in axes.items():
+        expected = tree[f"{name}/epochs"].to_dataset()["update_mean_abs"].sel(layer=CONVS_IN_ORDER).values
+        np.testing.assert_array_equal(plotted(ax), expected)
+    with pytest.raises(GradflowError, match="leaves out run\\(s\\) b-short1"):
+        heatmaps(tree, grid=[["a-short0", "a-short1"]])

@@ -24,3 +24,17 @@ def test_run_without_validation_loss_gets_missing_values(run_factory):
     _, epoch = run_factory(0)
     table = best_val_table(epoch.drop_vars("val_loss"))
     assert table.loc["run", "best_epoch"] is not None and np.isnan(table.loc["run", "best_val_loss"])
+
+
+def test_optimizer_and_lr_come_from_the_recorded_optimizer_attrs(run_factory):
+    step, epoch = run_factory(0)
+    recorded = {"sgd": [{"class": "SGD", "param_groups": [{"lr": 0.01, "momentum": 0.9}]}],
+                "rms": [{"class": "RMSprop", "param_groups": [{"lr": 1e-4}]}], "bare": None}
+    nodes = {}
+    for name, optimizers in recorded.items():
+        nodes[f"/{name}"] = step.assign_attrs(optimizers=optimizers) if optimizers else step
+        nodes[f"/{name}/epochs"] = epoch
+    table = best_val_table(xr.DataTree.from_dict(nodes))
+    assert table.loc["sgd", "optimizer"] == "SGD" and table.loc["sgd", "lr"] == 0.01
+    assert table.loc["rms", "optimizer"] == "RMSprop" and table.loc["rms", "lr"] == 1e-4
+    assert table.loc["bare", "optimizer"] == "" and np.isnan(table.loc["bare", "lr"])

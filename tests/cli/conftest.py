@@ -1,4 +1,4 @@
-"""Tiny sweeps for the CLI tests: 32² synthetic images, 2 levels, width 4, 1 epoch, 4 train images."""
+"""Tiny sweeps for the CLI tests: 32² synthetic images, 2 levels, width 4, 1 epoch, 4 train images, RMSprop only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import gradflow.cli
 
 TINY = ["--size", "32", "--levels", "2", "--width", "4", "--epochs", "1", "--n-train", "4", "--n-val", "2",
-        "--batch-size", "2", "--device", "cpu"]
+        "--batch-size", "2", "--device", "cpu", "--optimizer", "rmsprop"]
 VARIANTS = ["simple-d1-bn0-long_sum-short0", "simple-d1-bn0-long_sum-short1"]
 
 

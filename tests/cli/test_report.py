@@ -19,6 +19,7 @@ def test_report_has_figures_table_3_and_flow_summary(tiny_sweep, tmp_path, cli, 
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} ") and "best" not in line)
         assert f"{epochs['val_loss'].values[best]:.4f}" in row
         assert f"{epochs['train_loss'].values[best]:.4f}" in row
+        assert "| RMSprop " in row  # the optimizer column (the tiny sweep is RMSprop only)
     assert "## Gradient-flow summary" in text and text.count("| simple-d1-bn0-long_sum-short") == 4
 
 

@@ -110,6 +110,8 @@ def test_rerun_with_other_settings_is_refused_not_skipped(tiny_sweep, tmp_path, 
     (["--size", "30"], "size 30"),
     (["--loss", "l2"], "loss"),
     (["--init", "xavier"], "--init: unknown value 'xavier'"),
+    (["--optimizer", "rmsprop,adam"], "--optimizer: unknown value 'adam'"),
+    (["--lr", "-1"], "lr must be a positive number"),
     (["--executor", "ray", "--out", "memory://sweep"], "memory:// store lives in one process"),
     (["--ray-address", "auto"], "--ray-address needs --executor ray"),
 ])
@@ -119,6 +121,29 @@ def test_bad_options_are_one_line_and_exit_2(args, message, tmp_path, run_main, 
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
     assert "Traceback" not in out + err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_default_grid_trains_both_optimizers_each_with_its_own_lr(tmp_path, cli, tiny):
+    assert tiny[-2:] == ["--optimizer", "rmsprop"]
+    common = ["sweep", "--depths", "1", "--no-bn", "--short", *tiny[:-2]]
+    store = tmp_path / "s.zarr"
+    assert cli(*common, "--out", store).exit_code == 0
+    expected = {"simple-d1-bn0-long_sum-short1": ("rmsprop", "RMSprop", 1e-4),
+                "simple-d1-bn0-long_sum-short1-sgd": ("sgd", "SGD", 1e-2)}
+    tree = gradflow.open(store)
+    assert sorted(tree.children) == sorted(expected)
+    for name, (option, torch_class, lr) in expected.items():
+        (optimizer,) = tree[name].attrs["optimizers"]  # what the Recorder saw the loop use
+        assert (optimizer["class"], optimizer["param_groups"][0]["lr"]) == (torch_class, lr)
+        assert (tree[name].attrs["metadata"]["optimizer"], tree[name].attrs["metadata"]["lr"]) == (option, lr)
+        if option == "sgd":
+            assert optimizer["param_groups"][0]["momentum"] == 0.9 and optimizer["param_groups"][0]["nesterov"] is False
+
+    # --lr is one rate for every optimizer of the grid.
+    store = tmp_path / "lr.zarr"
+    assert cli(*common, "--lr", "0.003", "--out", store).exit_code == 0
+    tree = gradflow.open(store)
+    assert [tree[name].attrs["optimizers"][0]["param_groups"][0]["lr"] for name in sorted(expected)] == [0.003, 0.003]
 
 
 def test_data_folder_without_images_is_a_user_error(tmp_path, run_main, tiny):

@@ -53,7 +53,7 @@ def test_cli_defaults_are_the_config_defaults():
 
 @pytest.mark.parametrize("option, value, word", [
     ("--epochs", "0", "epochs"), ("--loss", "l2", "loss"), ("--size", "30", "size"),
-    ("--device", "tpu", "device"), ("--lr", "-1", "lr"),
+    ("--device", "tpu", "device"), ("--lr", "-1", "lr"), ("--optimizer", "adam", "optimizer"),
 ])
 def test_bad_values_exit_2_with_one_line(tmp_path, monkeypatch, capsys, option, value, word):
     from gradflow.cli import main
