@@ -6,9 +6,10 @@ torch for them tensor by tensor costs a dispatch (and on a GPU a host sync) per 
 which dominates a deep narrow network. Instead the tensors of one :class:`Bucket` (same optimizer,
 device and dtype) are split into *shape classes*; each class is stacked into one ``(k, numel)``
 matrix and reduced row-wise, so a recorded step costs a handful of fused kernels per shape class,
-independent of the number of tensors (a 200-layer MLP has five shape classes: weights, biases and
-the odd first and last layers). All figures of a step are concatenated into one vector and copied to
-the host once per device (:func:`to_host`).
+independent of the number of tensors. Small shape classes share one zero-padded :class:`RaggedClass`
+(a 200-layer MLP has two shape classes, weights and biases, and one ragged class for the odd first
+and last layers). All figures of a step are concatenated into one vector and copied to the host once
+per device (:func:`to_host`; on the CPU the concatenation happens on the writer thread).
 
 Families of figures (Cockpit/BackPACK style, one function each):
 
@@ -23,7 +24,8 @@ sqrt(Σ‖·‖²), means Σ|·| / Σnumel, maxima the max over tensors.
 
 Memory per bucket: the Δw snapshot, one copy of the recorded parameters (float32 for bfloat16 ones),
 written only on recorded steps; a scratch buffer the size of the largest shape class, into which one
-class of gradients or parameters at a time is stacked; and the epoch-start copy in host memory.
+class of gradients or parameters at a time is stacked; the ragged class's own padded snapshot and
+scratch (at most RAGGED_MAX_ELEMENTS elements per row); and the epoch-start copy in host memory.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM_BEFORE, UPDATE_NORM, UPDATE_
     UPDATE_MAX_ABS, PARAM_NORM_AFTER = range(8)
 NUM_FIGURES = 8
 FOUND_INF = -1  # pseudo-row: GradScaler's found_inf flag handed to a fused optimizer (see recorder)
+
+# A shape class this small (fewer than RAGGED_MAX_TENSORS tensors, at most RAGGED_MAX_ELEMENTS
+# elements in all) joins the bucket's one RaggedClass: a dozen kernel launches per recorded step
+# cost more than its zero padding (at most RAGGED_MAX_ELEMENTS elements per tensor).
+RAGGED_MAX_TENSORS = 64
+RAGGED_MAX_ELEMENTS = 4096
 
 # Rows of the per-tensor figure matrix (2 × T) that one epoch produces.
 EPOCH_ABS_SUM, EPOCH_NORM = range(2)
@@ -88,33 +96,73 @@ class ShapeClass:
     index: np.ndarray  # their global tensor indices (layer order), for the host-side scatter
     snapshot: torch.Tensor  # (k, *shape) view into the bucket's flat snapshot buffer
     scratch: torch.Tensor  # (k, *shape) view into the bucket's scratch buffer (shared by classes)
-    zeros: torch.Tensor | None = None  # stands in for a missing gradient
+    zeros: dict = field(default_factory=dict)  # shape → zeros standing in for a missing gradient
+    # The same buffers seen as (k, numel) matrices, made once: a view costs a dispatch per call.
+    snapshot_rows: torch.Tensor = field(init=False)
+    scratch_rows: torch.Tensor = field(init=False)
 
-    @staticmethod
-    def stack(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """Stack into ``out`` (contiguous, compute dtype: an exact upcast); return it as (k, numel)."""
-        torch.stack(tensors, out=out)
-        return out.view(len(tensors), -1)
+    def __post_init__(self) -> None:
+        self.snapshot_rows = self.snapshot.view(len(self.params), -1)
+        self.scratch_rows = self.scratch.view(len(self.params), -1)
 
-    def grads(self, present: np.ndarray) -> list[torch.Tensor]:
-        """The gradients, zeros standing in for missing ones (``present`` is cleared for those)."""
+    def fill(self, tensors: list[torch.Tensor], into_snapshot: bool) -> None:
+        """Copy ``tensors`` (one per member) into the snapshot or scratch buffer (exact upcast)."""
+        torch.stack(tensors, out=self.snapshot if into_snapshot else self.scratch)
+
+    def stack_params(self, into_snapshot: bool = False) -> torch.Tensor:
+        """The parameters stacked into the scratch (or the snapshot) buffer, as a (k, numel) matrix."""
+        self.fill(self.params, into_snapshot)
+        return self.snapshot_rows if into_snapshot else self.scratch_rows
+
+    def stack_grads(self, present: np.ndarray) -> torch.Tensor:
+        """The gradients stacked into the scratch buffer, as a (k, numel) matrix.
+
+        Zeros stand in for missing gradients (``present`` is cleared for those) and sparse ones
+        (``nn.Embedding(sparse=True)``) are made dense; both are found by the stack failing, so the
+        common case looks at each ``.grad`` once.
+        """
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        try:
+            self.fill(grads, into_snapshot=False)
+        except (TypeError, RuntimeError):  # None does not stack (TypeError), sparse does not either
             for j, g in enumerate(grads):
                 if g is None:
                     present[self.index[j]] = False
-                    if self.zeros is None:
-                        self.zeros = torch.zeros_like(self.params[j],
-                                                      memory_format=torch.contiguous_format)
-                    grads[j] = self.zeros
-        return grads
+                    p = self.params[j]
+                    if p.shape not in self.zeros:
+                        self.zeros[p.shape] = torch.zeros_like(
+                            p, memory_format=torch.contiguous_format)
+                    grads[j] = self.zeros[p.shape]
+                elif g.layout != torch.strided:
+                    grads[j] = g.to_dense()
+            self.fill(grads, into_snapshot=False)
+        return self.scratch_rows
 
-    def stack_grads(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        try:
-            return self.stack(grads, self.scratch)
-        except RuntimeError:  # sparse gradients (nn.Embedding(sparse=True)) do not stack
-            return self.stack([g.to_dense() if g.layout != torch.strided else g for g in grads],
-                              self.scratch)
+
+@dataclass
+class RaggedClass(ShapeClass):
+    """Small tensors of assorted shapes (small shape classes, see :data:`RAGGED_MAX_TENSORS`), one
+    per row of a zero-padded ``(k, widest numel)`` matrix.
+
+    A model's odd tensors (first and last layer, a lone bias of one element, a few biases) would
+    each be a shape class of its own, costing a dozen kernel launches apiece per recorded step;
+    here they cost a dozen together. The zero padding changes no figure (it adds 0 to every sum
+    and norm, and max|·| ≥ 0). ``snapshot`` and ``scratch`` are this class's own zero-initialised
+    ``(k, width)`` buffers, filled through per-tensor views of their rows.
+    """
+
+    snapshot_views: list[torch.Tensor] = field(init=False)
+    scratch_views: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshot_rows, self.scratch_rows = self.snapshot, self.scratch
+        self.snapshot_views = [row[:p.numel()].view(p.shape)
+                               for row, p in zip(self.snapshot, self.params)]
+        self.scratch_views = [row[:p.numel()].view(p.shape)
+                              for row, p in zip(self.scratch, self.params)]
+
+    def fill(self, tensors: list[torch.Tensor], into_snapshot: bool) -> None:
+        torch._foreach_copy_(self.snapshot_views if into_snapshot else self.scratch_views, tensors)
 
 
 @dataclass
@@ -134,23 +182,38 @@ class Bucket:
 
     @classmethod
     def build(cls, params: list[torch.Tensor], index: list[int]) -> Bucket:
-        """Group ``params`` (all on one device with one dtype) into shape classes."""
+        """Group ``params`` (all on one device with one dtype) into shape classes and a ragged one."""
         device, dtype = params[0].device, params[0].dtype
         work = compute_dtype(dtype)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
-        sizes = {shape: len(members) * math.prod(shape) for shape, members in by_shape.items()}
-        flat = torch.empty(sum(sizes.values()), dtype=work, device=device)
-        scratch = torch.empty(max(sizes.values()), dtype=work, device=device)
-        bucket, offset = cls(device, dtype), 0
-        for shape, members in by_shape.items():
-            size = sizes[shape]
-            bucket.classes.append(ShapeClass(
-                [params[i] for i in members], np.array([index[i] for i in members]),
-                flat[offset:offset + size].view(len(members), *shape),
-                scratch[:size].view(len(members), *shape)))
-            offset += size
+        ragged = [i for shape, members in by_shape.items()
+                  if len(members) < RAGGED_MAX_TENSORS
+                  and len(members) * math.prod(shape) <= RAGGED_MAX_ELEMENTS for i in members]
+        if len(ragged) < 2:
+            ragged = []  # nothing to merge
+        by_shape = {shape: members for shape, members in by_shape.items()
+                    if members[0] not in ragged}
+        bucket = cls(device, dtype)
+        if by_shape:
+            sizes = {shape: len(members) * math.prod(shape) for shape, members in by_shape.items()}
+            flat = torch.empty(sum(sizes.values()), dtype=work, device=device)
+            scratch = torch.empty(max(sizes.values()), dtype=work, device=device)
+            offset = 0
+            for shape, members in by_shape.items():
+                size = sizes[shape]
+                bucket.classes.append(ShapeClass(
+                    [params[i] for i in members], np.array([index[i] for i in members]),
+                    flat[offset:offset + size].view(len(members), *shape),
+                    scratch[:size].view(len(members), *shape)))
+                offset += size
+        if ragged:
+            width = max(params[i].numel() for i in ragged)
+            bucket.classes.append(RaggedClass(
+                [params[i] for i in ragged], np.array([index[i] for i in ragged]),
+                torch.zeros(len(ragged), width, dtype=work, device=device),
+                torch.zeros(len(ragged), width, dtype=work, device=device)))
         return bucket
 
     def check_device(self) -> bool:
@@ -165,35 +228,33 @@ class Bucket:
         are then computed on zeros and the host turns them into NaN. ``grad_scale`` is the loss scale
         a GradScaler hands to a fused optimizer, whose gradients are still scaled at this point.
         Non-finite entries are counted on the GPU always; on the CPU, where looking at a value costs
-        no sync, only when some max|g| is not finite (otherwise the count is exactly 0).
+        no sync, only when the sum of the max|g| is not finite (otherwise every count is exactly 0).
         """
         parts, seen = [], []
         count_now = self.device.type != "cpu"
         inv_scale = None if grad_scale is None else grad_scale.to(self.device).double().reciprocal()
         for c in self.classes:
-            grads = c.grads(present)
-            matrix = c.stack_grads(grads)
+            matrix = c.stack_grads(present)
             norm, max_abs = gradient_figures(matrix)
             if count_now:
                 parts.append((GRAD_NONFINITE, c.index, nonfinite_counts(matrix)))
             else:
-                seen.append((c, grads, max_abs))
+                seen.append((c, max_abs))
             if inv_scale is not None:
                 norm, max_abs = norm * inv_scale, max_abs * inv_scale
-            snapshot = c.stack(c.params, c.snapshot)
             parts += [(GRAD_NORM, c.index, norm), (GRAD_MAX_ABS, c.index, max_abs),
-                      (PARAM_NORM_BEFORE, c.index, norms(snapshot))]
-        if seen and not bool(torch.isfinite(torch.cat([m for _, _, m in seen])).all()):
-            parts += [(GRAD_NONFINITE, c.index, nonfinite_counts(c.stack_grads(grads)))
-                      for c, grads, _ in seen]
+                      (PARAM_NORM_BEFORE, c.index, norms(c.stack_params(into_snapshot=True)))]
+        if seen and not math.isfinite(sum(max_abs.sum().item() for _, max_abs in seen)):
+            parts += [(GRAD_NONFINITE, c.index, nonfinite_counts(c.stack_grads(present)))
+                      for c, _ in seen]
         return parts
 
     def after_step(self) -> list:
         """‖w‖ after the step and the update figures, from the snapshot taken by :meth:`before_step`."""
         parts = []
         for c in self.classes:
-            after = c.stack(c.params, c.scratch)
-            diff = c.snapshot.view_as(after).sub_(after)  # w_before − w_after, in place
+            after = c.stack_params()
+            diff = c.snapshot_rows.sub_(after)  # w_before − w_after, in place
             norm, abs_sum, max_abs = update_figures(diff)
             parts += [(PARAM_NORM_AFTER, c.index, norms(after)), (UPDATE_NORM, c.index, norm),
                       (UPDATE_ABS_SUM, c.index, abs_sum), (UPDATE_MAX_ABS, c.index, max_abs)]
@@ -203,7 +264,7 @@ class Bucket:
         """‖w‖ for a recorded step in which this bucket's optimizer did not step (no update)."""
         parts = []
         for c in self.classes:
-            norm = norms(c.stack(c.params, c.scratch))
+            norm = norms(c.stack_params())
             parts += [(PARAM_NORM_BEFORE, c.index, norm), (PARAM_NORM_AFTER, c.index, norm)]
         return parts
 
@@ -212,22 +273,19 @@ class Bucket:
         pinned = self.device.type == "cuda"
         self.epoch_start = []
         for c in self.classes:
-            host = torch.empty(c.scratch.shape, dtype=c.scratch.dtype, pin_memory=pinned)
-            if self.device.type == "cpu":
-                c.stack(c.params, host)
-            else:
-                host.copy_(c.stack(c.params, c.scratch).view_as(host), non_blocking=pinned)
-            self.epoch_start.append(host)
+            now = c.stack_params()
+            host = torch.empty(now.shape, dtype=now.dtype, pin_memory=pinned)
+            self.epoch_start.append(host.copy_(now, non_blocking=pinned))
 
     def end_epoch(self) -> list:
         """Σ|W_end − W_start| and ‖W_end − W_start‖ per tensor; then W_end becomes the new start."""
         parts = []
         for c, start in zip(self.classes, self.epoch_start):
-            now = c.stack(c.params, c.scratch)
-            diff = now - start.to(self.device, non_blocking=True).view_as(now)
+            now = c.stack_params()
+            diff = now - start.to(self.device, non_blocking=True)
             parts += [(EPOCH_NORM, c.index, norms(diff)),
                       (EPOCH_ABS_SUM, c.index, diff.abs_().sum(1))]
-            start.copy_(now.view_as(start), non_blocking=start.is_pinned())
+            start.copy_(now, non_blocking=start.is_pinned())
         return parts
 
 
@@ -235,7 +293,7 @@ class Bucket:
 class HostFigures:
     """Figures of one step or epoch on their way to the host: one vector per device."""
 
-    vectors: list[torch.Tensor]
+    vectors: list  # per device: a host tensor, or on the CPU the parts' tensors, joined by resolve()
     layouts: list[list[tuple[int, np.ndarray]]]
     events: list  # CUDA events marking the end of each device→host copy (None on CPU)
 
@@ -249,6 +307,8 @@ class HostFigures:
         for vector, layout, event in zip(self.vectors, self.layouts, self.events):
             if event is not None:
                 event.synchronize()
+            if isinstance(vector, list):
+                vector = torch.cat(vector)
             values = vector.numpy().astype(np.float64, copy=False)
             offset = 0
             for row, index in layout:
@@ -262,14 +322,21 @@ class HostFigures:
 
 
 def to_host(parts: list) -> HostFigures:
-    """Concatenate ``(row, index, values)`` parts per device and start one device→host copy each."""
+    """Concatenate ``(row, index, values)`` parts per device and start one device→host copy each.
+
+    CPU parts are already on the host: they are kept as they are (fresh tensors nothing writes to
+    again) and joined by :meth:`HostFigures.resolve` on the writer thread, off the training thread.
+    """
     by_device: dict[torch.device, list] = {}
     for part in parts:
         by_device.setdefault(part[2].device, []).append(part)
     vectors, layouts, events = [], [], []
     for device, group in by_device.items():
-        vector = torch.cat([values.reshape(-1) for _, _, values in group])
         event = None
+        if device.type == "cpu":
+            vector = [values for _, _, values in group]
+        else:
+            vector = torch.cat([values for _, _, values in group])  # all parts are 1-D
         if device.type == "cuda":
             host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
             host.copy_(vector, non_blocking=True)

@@ -400,7 +400,8 @@ class Recorder:
                 self._check_device(bucket)
                 self._parts += bucket.before_step(self._present, grad_scale)
             if isinstance(found_inf, torch.Tensor):
-                self._parts.append((quantities.FOUND_INF, None, found_inf.reshape(1).float()))
+                flag = found_inf.reshape(1).float().clone()  # GradScaler's tensor: keep our own
+                self._parts.append((quantities.FOUND_INF, None, flag))
 
     def _after_step(self, i: int, optimizer, args, kwargs) -> None:
         if self._closed or not self._row_open:

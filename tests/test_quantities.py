@@ -30,32 +30,40 @@ def test_update_figures_and_norms():
 
 def test_bucket_figures_for_bfloat16_with_a_missing_gradient():
     torch.manual_seed(0)
-    params = [torch.randn(3, 2, dtype=torch.bfloat16), torch.randn(3, 2, dtype=torch.bfloat16),
-              torch.randn(5, dtype=torch.bfloat16)]
-    params[0].grad = torch.randn(3, 2, dtype=torch.bfloat16)
-    params[2].grad = torch.randn(5, dtype=torch.bfloat16)  # params[1] has no gradient
-    bucket = q.Bucket.build(params, [4, 5, 6])  # global indices 4..6
-    assert [len(c.params) for c in bucket.classes] == [2, 1]
-    present = np.ones(7, dtype=bool)
-    before = [p.double().numpy().copy() for p in params]
-    parts = bucket.before_step(present, grad_scale=None)
-    for p in params:
-        p.sub_(0.125 * torch.sign(p))  # a bf16 update
-    parts += bucket.after_step()
-    matrix, found_inf = q.to_host(parts).resolve(q.NUM_FIGURES, 7)
-    assert found_inf == 0 and present.tolist() == [True] * 5 + [False, True]
-    for j, p in enumerate(params):
-        t = 4 + j
-        g = np.zeros(p.shape) if p.grad is None else p.grad.double().numpy()
-        d = p.double().numpy() - before[j]
-        expected = {q.GRAD_NORM: np.sqrt(np.sum(g**2)), q.GRAD_MAX_ABS: np.abs(g).max(),
-                    q.GRAD_NONFINITE: 0, q.PARAM_NORM_BEFORE: np.sqrt(np.sum(before[j]**2)),
-                    q.UPDATE_NORM: np.sqrt(np.sum(d**2)), q.UPDATE_ABS_SUM: np.abs(d).sum(),
-                    q.UPDATE_MAX_ABS: np.abs(d).max(),
-                    q.PARAM_NORM_AFTER: np.sqrt(np.sum(p.double().numpy()**2))}
-        for row, value in expected.items():
-            np.testing.assert_allclose(matrix[row, t], value, rtol=1e-6, err_msg=f"row {row} t {t}")
-    assert (matrix[:, :4] == 0).all()
+    # Two big tensors of one shape are stacked; three small odd ones share a zero-padded matrix.
+    shapes = [(48, 48)] * 2 + [(5,), (2, 2), ()]
+    params = [torch.randn(shape, dtype=torch.bfloat16) for shape in shapes]
+    bucket = q.Bucket.build(params, list(range(4, 9)))  # global indices 4..8
+    classes = [(type(c).__name__, len(c.params)) for c in bucket.classes]
+    assert classes == [("ShapeClass", 2), ("RaggedClass", 3)]
+    # Three steps reusing the buffers: a different gradient missing, then NaN/Inf in both classes.
+    for missing, bad in (([1, 3], []), ([0, 2], []), ([], [1, 4])):
+        for j, p in enumerate(params):
+            p.grad = None if j in missing else torch.randn(p.shape, dtype=torch.bfloat16)
+            if j in bad:
+                p.grad.view(-1)[0] = NAN if j == 1 else INF
+        present = np.ones(9, dtype=bool)
+        before = [p.double().numpy().copy() for p in params]
+        parts = bucket.before_step(present, grad_scale=None)
+        for p in params:
+            p.sub_(0.125 * torch.sign(p))  # a bf16 update
+        parts += bucket.after_step()
+        matrix, found_inf = q.to_host(parts).resolve(q.NUM_FIGURES, 9)
+        assert found_inf == 0 and matrix[q.GRAD_NONFINITE].sum() == len(bad)
+        assert present.tolist() == [True] * 4 + [j not in missing for j in range(5)]
+        for j, p in enumerate(params):
+            t = 4 + j
+            g = np.zeros(p.shape) if p.grad is None else p.grad.double().numpy()
+            d = p.double().numpy() - before[j]
+            expected = {q.GRAD_NORM: np.sqrt(np.sum(g**2)), q.GRAD_MAX_ABS: np.abs(g).max(),
+                        q.GRAD_NONFINITE: np.sum(~np.isfinite(g)),
+                        q.PARAM_NORM_BEFORE: np.sqrt(np.sum(before[j]**2)),
+                        q.UPDATE_NORM: np.sqrt(np.sum(d**2)), q.UPDATE_ABS_SUM: np.abs(d).sum(),
+                        q.UPDATE_MAX_ABS: np.abs(d).max(),
+                        q.PARAM_NORM_AFTER: np.sqrt(np.sum(p.double().numpy()**2))}
+            for row, value in expected.items():
+                np.testing.assert_allclose(matrix[row, t], value, rtol=1e-6, err_msg=f"row {row} t {t}")
+        assert (matrix[:, :4] == 0).all()
 
 
 def test_grad_scale_unscales_the_gradient_figures():

@@ -1,0 +1,123 @@
+"""Recorder on CUDA: float32, bfloat16 and mixed-dtype models; exact figures; no per-tensor syncs.
+
+Skipped without a GPU. References are recomputed on the host in float64 from the tensors the
+optimizer saw (bfloat16 → float64 is exact), so the recorder must not round its figures to
+bfloat16: ‖·‖ and Δw have to be computed in at least float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradflow
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+STEPS = 3
+LAYERS = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}  # nn.Sequential(Linear, Tanh, Linear)
+
+
+def reference(grads, before, after, names: list[str]) -> dict[str, float]:
+    """Per-layer figures from first principles, in float64."""
+    grad = np.concatenate([grads[n].ravel() for n in names]).astype(np.float64)
+    w0 = np.concatenate([before[n].ravel() for n in names]).astype(np.float64)
+    w1 = np.concatenate([after[n].ravel() for n in names]).astype(np.float64)
+    update = w1 - w0
+    return {
+        "grad_norm": np.sqrt(np.sum(grad**2)),
+        "grad_max_abs": np.max(np.abs(grad)),
+        "nonfinite": float(np.sum(~np.isfinite(grad))),
+        "update_norm": np.sqrt(np.sum(update**2)),
+        "update_mean_abs": np.sum(np.abs(update)) / update.size,
+        "update_max_abs": np.max(np.abs(update)),
+        "param_norm": np.sqrt(np.sum(w1**2)),
+        "update_ratio": np.sqrt(np.sum(update**2)) / np.sqrt(np.sum(w0**2)),
+    }
+
+
+def host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy().copy()
+
+
+def make_model(dtypes: tuple[torch.dtype, torch.dtype], device: str) -> nn.Module:
+    """Two Linear layers with the given dtypes; a cast in between lets mixed dtypes run."""
+    torch.manual_seed(0)
+    first, last = nn.Linear(16, 32), nn.Linear(32, 8)
+    first.to(device=device, dtype=dtypes[0])
+    last.to(device=device, dtype=dtypes[1])
+
+    class Cast(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x).to(dtypes[1])
+
+    return nn.Sequential(first, Cast(), last)
+
+
+def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: str = "cuda") -> None:
+    model = make_model(dtypes, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    store = str(tmp_path / "run.zarr")
+    data = torch.Generator(device=device).manual_seed(1)
+    steps = []
+    with gradflow.Recorder(model, optimizer, store, every=1):
+        for _ in range(STEPS):
+            x = torch.randn(8, 16, generator=data, device=device, dtype=dtypes[0])
+            y = torch.randn(8, 8, generator=data, device=device, dtype=dtypes[1])
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            grads = {n: host(p.grad) for n, p in model.named_parameters()}
+            before = {n: host(p) for n, p in model.named_parameters()}
+            optimizer.step()
+            after = {n: host(p) for n, p in model.named_parameters()}
+            steps.append((grads, before, after))
+    ds = gradflow.open(store)
+    assert list(ds["layer"].values) == list(LAYERS)
+    assert ds.sizes["step"] == STEPS
+    for step, (grads, before, after) in enumerate(steps):
+        for layer, names in LAYERS.items():
+            assert not all(np.array_equal(before[n], after[n]) for n in names)  # weights did move
+            for var, value in reference(grads, before, after, names).items():
+                got = float(ds[var].isel(step=step).sel(layer=layer))
+                np.testing.assert_allclose(got, value, rtol=1e-5, atol=0,
+                                           err_msg=f"{var} step {step} layer {layer} {dtypes}")
+
+
+@pytest.mark.parametrize("dtypes", [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),  # two (device, dtype) groups in one model
+], ids=["float32", "bfloat16", "mixed"])
+def test_cuda_figures_match_reference(tmp_path, dtypes):
+    train_and_check(tmp_path, dtypes)
+
+
+def test_cuda_recording_does_not_sync_per_tensor(tmp_path):
+    """Recording a step may copy its figures to the host once, never once per tensor or layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(20)]).cuda()  # 40 parameter tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 32, device="cuda")
+    steps = 5
+    with gradflow.Recorder(model, optimizer, str(tmp_path / "run.zarr"), every=1):
+        for _ in range(2):  # warm-up: first-step set-up may sync
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    optimizer.zero_grad()
+                    model(x).square().mean().backward()
+                    optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= steps, f"{len(syncs)} host syncs in {steps} recorded steps"
