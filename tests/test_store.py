@@ -49,7 +49,8 @@ def run_child(code: str, store: Path) -> subprocess.CompletedProcess:
         "import os", "import numpy as np", "import torch", "from torch import nn", "import gradflow",
         inspect.getsource(tiny), inspect.getsource(train), "model, optimizer = tiny()",
         f"rec = gradflow.Recorder(model, optimizer, {str(store)!r})", ""])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    path = [str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
 

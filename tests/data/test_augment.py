@@ -213,4 +213,7 @@ def test_runs_on_the_batch_device():
     assert (y_gpu.cpu() != y_cpu).float().mean() < 1e-3
     cuda_generator = torch.Generator(device="cuda").manual_seed(11)
     x_out, y_out = augment_batch(x.cuda(), y.cuda(), cuda_generator)
-    assert mismatch(y_out, x_out, 0.3) < 0.01
+    # The same alignment criterion as test_label_stays_aligned_with_image: disagreement only in
+    # the one-pixel band where interpolation rounds differently, none away from the edge.
+    assert mismatch(y_out, x_out, 0.3) < 0.03
+    assert mismatch_off_the_edge(y_out, x_out, 0.3) < 0.001
