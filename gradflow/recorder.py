@@ -19,10 +19,11 @@ Several optimizers. A step closes once every optimizer has stepped (or skipped),
 them steps a second time; an optimizer that did not step in a step (a GAN generator stepping once
 per k discriminator steps) shows NaN gradient figures and zero update for its layers there.
 
-Buffering. Rows are handed to the writer thread every 1024 recorded steps or 10 s, at every
-``end_epoch``, ``flush()`` and ``close()``, and at interpreter exit (also after an unhandled
-exception). A hard crash (``os._exit``, SIGKILL, power) loses only what was not yet committed;
-everything committed stays readable.
+Buffering. Rows are handed to the writer thread every 1024 recorded steps or, at a step or an
+``end_epoch``, when 10 s have passed since the last hand-off; at ``flush()`` and ``close()``; and at
+interpreter exit (also after an unhandled exception). Each hand-off is one Zarr commit (~0.1 s of
+writer-thread CPU), so many short epochs are batched into one. A hard crash (``os._exit``,
+SIGKILL, power) loses only what was not yet committed; everything committed stays readable.
 
 Skipped steps. ``GradScaler.step`` does not call ``optimizer.step()`` when the gradients hold Inf or
 NaN, so no step hook fires. A gradient hook on one parameter per optimizer notices when a new round
@@ -63,7 +64,7 @@ from gradflow.errors import GradflowError
 from gradflow.store import RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, RunStore, store_url
 
 FLUSH_ROWS = 1024  # hand buffered rows to the writer after this many recorded steps ...
-FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (and at every end_epoch)
+FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (checked at every step and epoch)
 
 
 @dataclass
@@ -345,7 +346,8 @@ class Recorder:
             _EpochRow(self._epoch, self._epoch_steps, values, quantities.to_host(parts)))
         self._epoch += 1
         self._epoch_steps = 0
-        self._handoff()
+        if time.monotonic() - self._last_handoff > FLUSH_SECONDS:
+            self._handoff()  # short epochs are batched: each hand-off costs a Zarr commit
 
     def flush(self) -> None:
         """Write everything recorded so far and wait until it is committed to the store."""

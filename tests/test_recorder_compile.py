@@ -19,24 +19,6 @@ STEPS = 3
 LAYERS = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}  # nn.Sequential(Linear, Tanh, Linear)
 
 
-def reference(grads, before, after, names: list[str]) -> dict[str, float]:
-    """Per-layer figures from first principles, in float64."""
-    grad = np.concatenate([grads[n].ravel() for n in names]).astype(np.float64)
-    w0 = np.concatenate([before[n].ravel() for n in names]).astype(np.float64)
-    w1 = np.concatenate([after[n].ravel() for n in names]).astype(np.float64)
-    update = w1 - w0
-    return {
-        "grad_norm": np.sqrt(np.sum(grad**2)),
-        "grad_max_abs": np.max(np.abs(grad)),
-        "nonfinite": float(np.sum(~np.isfinite(grad))),
-        "update_norm": np.sqrt(np.sum(update**2)),
-        "update_mean_abs": np.sum(np.abs(update)) / update.size,
-        "update_max_abs": np.max(np.abs(update)),
-        "param_norm": np.sqrt(np.sum(w1**2)),
-        "update_ratio": np.sqrt(np.sum(update**2)) / np.sqrt(np.sum(w0**2)),
-    }
-
-
 @pytest.fixture(scope="module")
 def compiled_run(tmp_path_factory):
     """Train a compiled model STEPS steps with a Recorder; return the store and the raw tensors."""
@@ -71,7 +53,7 @@ def test_compiled_model_layer_names_have_no_wrapper_prefix(compiled_run):
     assert list(ds["num_params"].values) == [4 * 8 + 8, 8 * 3 + 3]
 
 
-def test_compiled_model_figures_match_reference(compiled_run):
+def test_compiled_model_figures_match_reference(compiled_run, reference):
     ds, steps = compiled_run
     assert ds.sizes["step"] == STEPS
     for step, (grads, before, after) in enumerate(steps):

@@ -65,25 +65,7 @@ def worker(rank: int, out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def reference(saved, step: int, names: list[str]) -> dict[str, float]:
-    """Per-layer figures from first principles, in float64."""
-    grad = np.concatenate([saved[f"{step}:{n}:grad"].ravel() for n in names]).astype(np.float64)
-    before = np.concatenate([saved[f"{step}:{n}:before"].ravel() for n in names]).astype(np.float64)
-    after = np.concatenate([saved[f"{step}:{n}:after"].ravel() for n in names]).astype(np.float64)
-    update = after - before
-    return {
-        "grad_norm": np.sqrt(np.sum(grad**2)),
-        "grad_max_abs": np.max(np.abs(grad)),
-        "nonfinite": float(np.sum(~np.isfinite(grad))),
-        "update_norm": np.sqrt(np.sum(update**2)),
-        "update_mean_abs": np.sum(np.abs(update)) / update.size,
-        "update_max_abs": np.max(np.abs(update)),
-        "param_norm": np.sqrt(np.sum(after**2)),
-        "update_ratio": np.sqrt(np.sum(update**2)) / np.sqrt(np.sum(before**2)),
-    }
-
-
-def test_ddp_two_ranks_only_rank0_writes_exact_figures(tmp_path):
+def test_ddp_two_ranks_only_rank0_writes_exact_figures(tmp_path, reference):
     import gradflow
 
     root = str(Path(__file__).resolve().parents[1])  # import this checkout's gradflow, installed or not
@@ -116,7 +98,9 @@ def test_ddp_two_ranks_only_rank0_writes_exact_figures(tmp_path):
     assert list(ds["num_params"].values) == [4 * 8 + 8, 8 * 3 + 3]
     for step in range(STEPS):
         for layer, names in LAYERS.items():
-            expected = reference(saved[0], step, names)
+            tensors = {kind: {n: saved[0][f"{step}:{n}:{kind}"] for n in names}
+                       for kind in ("grad", "before", "after")}
+            expected = reference(tensors["grad"], tensors["before"], tensors["after"], names)
             for var, value in expected.items():
                 got = float(ds[var].isel(step=step).sel(layer=layer))
                 np.testing.assert_allclose(got, value, rtol=2e-6, atol=0,
