@@ -5,8 +5,13 @@ distributed runs) compare with :func:`layer_reference`, computed in float64 with
 gradflow's own code.
 """
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def layer_reference(grads: dict, before: dict, after: dict, names: list[str]) -> dict[str, float]:
@@ -31,3 +36,19 @@ def layer_reference(grads: dict, before: dict, after: dict, names: list[str]) ->
 def reference():
     """:func:`layer_reference`, for tests (conftest modules are not importable by name)."""
     return layer_reference
+
+
+def find_isbi() -> Path | None:
+    """The ISBI 2012 folder: $GRADFLOW_ISBI, else ``shared/data/isbi2012`` in or beside the repo."""
+    candidates = [os.environ.get("GRADFLOW_ISBI"), REPO / "shared/data/isbi2012",
+                  REPO.parent / "shared/data/isbi2012"]
+    return next((Path(p) for p in candidates if p and (Path(p) / "labels").is_dir()), None)
+
+
+@pytest.fixture
+def isbi_dir() -> Path:
+    """The real ISBI 2012 data (never copied into the repo); the test skips cleanly without it."""
+    path = find_isbi()
+    if path is None:
+        pytest.skip("ISBI 2012 data not present (set GRADFLOW_ISBI or put it in ../shared/data)")
+    return path

@@ -2,7 +2,6 @@
 
 from collections import deque
 from math import log
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from gradflow.errors import GradflowError
 from gradflow.metrics import (THRESHOLDS, info_scores, isbi_scores, pixel_error, pixel_scores,
                               rand_scores, thinned_proposal, v_info, v_rand)
 
-ISBI_LABELS = Path("/work/shared/data/isbi2012/labels")
 
 
 # ---------------------------------------------------------------- reference flood
@@ -263,11 +261,10 @@ def test_invalid_inputs_raise_one_clear_error(prob, labels, message):
 # ---------------------------------------------------------------- real ground truth
 
 
-@pytest.mark.skipif(not ISBI_LABELS.exists(), reason="ISBI 2012 data not present")
-def test_isbi_ground_truth_against_itself_and_perturbed():
+def test_isbi_ground_truth_against_itself_and_perturbed(isbi_dir):
     from PIL import Image
 
-    labels = np.array(Image.open(sorted(ISBI_LABELS.glob("*.png"))[0]))
+    labels = np.array(Image.open(sorted((isbi_dir / "labels").glob("*.png"))[0]))
     cells = labels > 0
     assert isbi_scores(cells.astype(np.float32), labels) == pytest.approx(
         {"v_rand": 1.0, "v_info": 1.0, "pixel_error": 0.0}, abs=1e-12)

@@ -70,7 +70,7 @@ def test_recorded_losses_match_recomputation_from_checkpoints(tmp_path, loss):
     config = dataclasses.replace(TINY, augment=False, loss=loss)
     store = str(tmp_path / "run.zarr")
     result = train(config, store=store, checkpoint=tmp_path / "best.safetensors")
-    after_one = train(dataclasses.replace(config, epochs=1), store=None, checkpoint=tmp_path / "one.safetensors")
+    train(dataclasses.replace(config, epochs=1), store=None, checkpoint=tmp_path / "one.safetensors")
 
     ep = gradflow.open(store, group="epochs")
     val_loss = ep["val_loss"].values

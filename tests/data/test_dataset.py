@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +7,6 @@ import torch
 from gradflow.data import EMData, load_data, synthetic_em
 from gradflow.errors import GradflowError
 
-ROOT = Path(__file__).resolve().parents[2]
-ISBI = next((p for p in (ROOT / "shared/data/isbi2012", ROOT.parent / "shared/data/isbi2012") if p.exists()),
-            ROOT.parent / "shared/data/isbi2012")
 
 
 def standardised(image: np.ndarray) -> np.ndarray:
@@ -112,9 +108,8 @@ def test_errors(isbi_like, tmp_path):
     assert_one_line_error("does not exist", tmp_path / "missing")
 
 
-@pytest.mark.skipif(not ISBI.exists(), reason="ISBI 2012 data not present")
-def test_real_isbi_paper_split():
-    data = load_data(ISBI, size=128, seed=0)
+def test_real_isbi_paper_split(isbi_dir):
+    data = load_data(isbi_dir, size=128, seed=0)
     assert data.train_images.shape == (25 * 16, 1, 128, 128)
     assert data.val_images.shape == (5 * 16, 1, 128, 128)
     assert len(set(data.split["train"]) | set(data.split["val"])) == 30

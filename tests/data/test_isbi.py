@@ -8,9 +8,6 @@ import tifffile
 from gradflow.data import load_isbi
 from gradflow.errors import GradflowError
 
-ROOT = Path(__file__).resolve().parents[2]
-ISBI = next((p for p in (ROOT / "shared/data/isbi2012", ROOT.parent / "shared/data/isbi2012") if p.exists()),
-            ROOT.parent / "shared/data/isbi2012")
 
 
 def challenge_labels(rng: np.random.Generator, shape) -> np.ndarray:
@@ -150,9 +147,8 @@ def test_error_stacks_of_different_lengths(tmp_path):
     assert_one_line_error(tmp_path, "(3, 8, 8)", "(2, 8, 8)")
 
 
-@pytest.mark.skipif(not ISBI.exists(), reason="ISBI 2012 data not present")
-def test_real_isbi():
-    images, labels, names = load_isbi(ISBI)
+def test_real_isbi(isbi_dir):
+    images, labels, names = load_isbi(isbi_dir)
     assert images.shape == labels.shape == (30, 512, 512)
     assert names == [f"{i:02d}" for i in range(30)]
     assert set(np.unique(labels)) == {0, 1}
