@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from reference import layer_reference
 from torch import nn
 
 import gradflow
@@ -60,24 +61,16 @@ def grads(model: nn.Module) -> dict[str, np.ndarray | None]:
             for n, p in model.named_parameters()}
 
 
-def reference(grad, before, after, names: list[str]) -> dict[str, float]:
-    """One layer's step figures from raw tensors, in float64 (gradients that are None are left out)."""
-    present = [grad[n].ravel() for n in names if grad is not None and grad[n] is not None]
-    w0 = np.concatenate([before[n].ravel() for n in names])
-    w1 = np.concatenate([after[n].ravel() for n in names])
-    d = w1 - w0
-    with np.errstate(divide="ignore", invalid="ignore"):  # zero-initialised biases: ratio inf/NaN
-        ratio = np.sqrt(np.sum(d**2)) / np.sqrt(np.sum(w0**2))
-    out = {"update_norm": np.sqrt(np.sum(d**2)), "update_mean_abs": np.sum(np.abs(d)) / d.size,
-           "update_max_abs": np.max(np.abs(d)), "param_norm": np.sqrt(np.sum(w1**2)),
-           "update_ratio": ratio}
-    if present:
-        g = np.concatenate(present)
-        out.update(grad_norm=np.sqrt(np.sum(g**2)), grad_max_abs=np.max(np.abs(g)),
-                   nonfinite=float(np.sum(~np.isfinite(g))))
-    else:
-        out.update(grad_norm=np.nan, grad_max_abs=np.nan, nonfinite=np.nan)
-    return out
+def mse_steps(model: nn.Module, optimizer, data) -> list:
+    """Plain steps on MSE loss; returns (gradients, weights before, weights after) per step."""
+    records = []
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        g, w0 = grads(model), weights(model)
+        optimizer.step()
+        records.append((g, w0, weights(model)))
+    return records
 
 
 def check_steps(ds: xr.Dataset, records: list, layers: dict[str, list[str]], rtol=2e-6) -> None:
@@ -86,7 +79,7 @@ def check_steps(ds: xr.Dataset, records: list, layers: dict[str, list[str]], rto
     assert ds.sizes["step"] == len(records)
     for k, (grad, before, after) in enumerate(records):
         for layer, names in layers.items():
-            expected = reference(grad, before, after, names)
+            expected = layer_reference(grad, before, after, names)
             for var in STEP_VARIABLES:
                 actual = float(ds[var].sel(layer=layer).values[k])
                 np.testing.assert_allclose(actual, expected[var], rtol=rtol, atol=0,
@@ -194,14 +187,8 @@ def test_two_param_groups_and_per_parameter(tmp_path):
         {"params": [model.conv.bias, model.norm.weight, model.norm.bias, model.head.bias],
          "lr": 0.02},
     ])
-    records = []
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", per_parameter=True):
-        for x, y in batches(3):
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            g, w0 = grads(model), weights(model)
-            optimizer.step()
-            records.append((g, w0, weights(model)))
+        records = mse_steps(model, optimizer, batches(3))
     ds = gradflow.open(tmp_path / "run.zarr")
     per_tensor = {n: [n] for n, _ in model.named_parameters()}
     check_steps(ds, records, per_tensor)
@@ -296,14 +283,8 @@ def test_shared_parameters_are_counted_once(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     model[2].weight = model[0].weight  # tied: belongs to the first module that owns it
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    records = []
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
-        for x, y in [(torch.randn(3, 4), torch.randn(3, 4)) for _ in range(2)]:
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            g, w0 = grads(model), weights(model)
-            optimizer.step()
-            records.append((g, w0, weights(model)))
+        records = mse_steps(model, optimizer, [(torch.randn(3, 4), torch.randn(3, 4)) for _ in range(2)])
     ds = gradflow.open(tmp_path / "run.zarr")
     layers = {"0": ["0.weight", "0.bias"], "2": ["2.bias"]}
     check_steps(ds, records, layers)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference import layer_reference
 from torch import nn
 
 STEPS = 3
@@ -65,11 +66,12 @@ def worker(rank: int, out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_only_rank0_writes_exact_figures(tmp_path, reference):
+def test_ddp_two_ranks_only_rank0_writes_exact_figures(tmp_path):
     import gradflow
 
     root = str(Path(__file__).resolve().parents[1])  # import this checkout's gradflow, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    paths = [root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     procs = [
         subprocess.Popen([sys.executable, __file__, str(rank), str(tmp_path)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -100,7 +102,7 @@ def test_ddp_two_ranks_only_rank0_writes_exact_figures(tmp_path, reference):
         for layer, names in LAYERS.items():
             tensors = {kind: {n: saved[0][f"{step}:{n}:{kind}"] for n in names}
                        for kind in ("grad", "before", "after")}
-            expected = reference(tensors["grad"], tensors["before"], tensors["after"], names)
+            expected = layer_reference(tensors["grad"], tensors["before"], tensors["after"], names)
             for var, value in expected.items():
                 got = float(ds[var].isel(step=step).sel(layer=layer))
                 np.testing.assert_allclose(got, value, rtol=2e-6, atol=0,
