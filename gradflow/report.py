@@ -48,9 +48,17 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
+def make_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` (and parents); a path that exists and is not a folder is a user mistake."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise GradflowError(f"--out {out_dir} exists and is not a folder; choose another --out") from None
+
+
 def save(fig: Figure, out_dir: Path, stem: str, formats: list[str]) -> list[Path]:
     """Write ``fig`` as ``out_dir/stem.<format>`` for each format; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     paths = []
     for fmt in formats:
         path = out_dir / f"{stem}.{fmt}"
@@ -170,7 +178,7 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
         _markdown(summary, ".3g"),
         "",
     ]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -205,6 +205,15 @@ class RunStore:
             raise GradflowError(f"{self.where} holds a different model ({len(stored)} layers, this "
                                 f"model has {len(layers.names)}; e.g. {', '.join(extra)}); use a "
                                 f"new store or group")
+        stored_types = [str(t) for t in node["module_type"][:]]
+        stored_counts = [int(n) for n in node["num_params"][:]]
+        for i, name in enumerate(stored):
+            if (stored_types[i], stored_counts[i]) != (layers.module_types[i], layers.num_params[i]):
+                raise GradflowError(
+                    f"{self.where} holds a different model (layer {name!r} is "
+                    f"{stored_types[i]} with {stored_counts[i]} parameters there, "
+                    f"{layers.module_types[i]} with {layers.num_params[i]} in this model); use a "
+                    f"new store or group")
         if node.attrs.get("every") != every or node.attrs.get("per_parameter") != per_parameter:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "

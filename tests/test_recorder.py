@@ -419,6 +419,12 @@ def test_resume_appends_and_continues_counters(tmp_path):
     with pytest.raises(GradflowError, match="different model"):
         other = nn.Linear(2, 2)
         gradflow.Recorder(other, torch.optim.SGD(other.parameters(), lr=0.1), store)
+    # Same layer names and types, other shapes: still a different model, and nothing is appended.
+    wider = make_net()
+    wider.head = nn.Linear(48, 3)
+    with pytest.raises(GradflowError, match="different model.*parameters"):
+        gradflow.Recorder(wider, torch.optim.SGD(wider.parameters(), lr=0.1), store)
+    assert gradflow.open(store).step.values.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(GradflowError, match="every=1"):
         gradflow.Recorder(model, optimizer, store, every=2)
 

@@ -94,3 +94,12 @@ def test_store_from_a_newer_schema_is_refused(tiny_sweep, tmp_path, run_main, va
 def test_bad_plot_options(args, message, tiny_sweep, tmp_path, run_main):
     code, _, err = run_main("plot", tiny_sweep, "--out", tmp_path, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_that_is_a_file_is_one_line_exit_2_and_kept(tiny_sweep, tmp_path, run_main):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    code, out, err = run_main("plot", tiny_sweep, "--out", taken)
+    assert code == 2 and err.startswith("error: ") and "not a folder" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
+    assert taken.read_text() == "mine"

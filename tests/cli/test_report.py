@@ -28,3 +28,12 @@ def test_report_defaults_to_reports_store_name(tiny_sweep, tmp_path, cli, monkey
     result = cli("report", tiny_sweep)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "reports" / "tiny" / "report.md").is_file()
+
+
+def test_out_that_is_a_file_is_one_line_exit_2_and_kept(tiny_sweep, tmp_path, run_main):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    code, out, err = run_main("report", tiny_sweep, "--out", taken)
+    assert code == 2 and err.startswith("error: ") and "not a folder" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
+    assert taken.read_text() == "mine"

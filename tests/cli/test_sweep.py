@@ -152,6 +152,22 @@ def test_data_folder_without_images_is_a_user_error(tmp_path, run_main, tiny):
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_out_that_exists_and_is_not_a_zarr_store_is_refused_untouched(kind, tmp_path, run_main, tiny):
+    out = tmp_path / "taken"
+    if kind == "file":
+        out.write_text("not a store")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out_text, err = run_main("sweep", "--depths", "1", *tiny, "--out", out)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "not a Zarr store" in err and "Traceback" not in out_text + err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) in ("not a store", "mine")
+
+
 def test_ray_executor_without_ray_says_how_to_install(tmp_path, run_main, monkeypatch, tiny):
     import sys
 
