@@ -158,7 +158,7 @@ def heatmaps(
             ax.set_xticks([(a + b - 1) / 2 for _, a, b in runs_of_stage], [s for s, _, _ in runs_of_stage])
             for _, a, _ in runs_of_stage[1:]:
                 ax.axvline(a - 0.5, color="white", linewidth=0.8)
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("layer (input → output)", fontsize=8)
         ax.set_ylabel(time, fontsize=8)

@@ -28,13 +28,36 @@ def _register() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
+INTERRUPTED = 130  # the shell's exit code for Ctrl-C
+
+
 def main() -> None:
-    """Console entry point: typer handles usage errors (exit 2); we handle GradflowError the same way."""
+    """Console entry point: every user mistake is one ``error:`` line and exit code 2.
+
+    That covers our own ``GradflowError`` and the parser's usage errors (an option value of the wrong
+    type, an unknown option), which typer would otherwise draw as a multi-line box.
+    """
     from gradflow.errors import GradflowError
+
+    try:  # recent typer vendors click; older releases use the click package
+        from typer._click import exceptions as cli_errors
+    except ImportError:
+        from click import exceptions as cli_errors
+    shown_help = getattr(cli_errors, "NoArgsIsHelpError", ())  # bare `gradflow`: help already printed
 
     _register()
     try:
-        app()
+        code = app(standalone_mode=False)
     except GradflowError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except shown_help:
+        sys.exit(0)
+    except cli_errors.ClickException as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130
+        typer.echo("interrupted (rerunning a sweep resumes it)", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -67,7 +67,7 @@ def sweep_command(
     short: Annotated[Optional[bool], typer.Option("--short/--no-short",
                                                   help="Only with / only without short skips (default: both).")] = None,
     block: Annotated[str, typer.Option(help="Residual block: simple, basic or bottleneck.")] = "simple",
-    width: Annotated[int, typer.Option(help="Channels at the first level.")] = 16,
+    width: Annotated[int, typer.Option(help="Channels of every conv (constant across levels).")] = 16,
     levels: Annotated[int, typer.Option(help="Down/up-sampling levels (size must divide by 2**levels).")] = 3,
     epochs: Annotated[int, typer.Option(help="Training epochs per variant.")] = 15,
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 4,

@@ -1,0 +1,32 @@
+"""The console entry point: usage errors are one `error:` line with exit code 2, like GradflowError."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def gradflow(*args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from gradflow.cli import main; sys.argv = ['gradflow', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--depth", "abc"], "'--depth'"),            # wrong type: typer would draw a box
+    (["bench", "--steps", "0"], "'--steps'"),              # out of range
+    (["--bogus"], "--bogus"),                              # unknown option
+    (["plot"], "'store'"),                                 # missing argument
+    (["plot", "/nonexistent/store.zarr"], "no gradflow store"),  # GradflowError
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, words):
+    result = gradflow(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bare_command_shows_help():
+    result = gradflow()
+    assert result.returncode == 0
+    assert "sweep" in result.stdout and "plot" in result.stdout and not result.stderr
