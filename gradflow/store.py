@@ -24,9 +24,11 @@ an interrupted flush left beyond it. One writer per store at a time (sweeps writ
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -330,6 +332,9 @@ class BackgroundWriter:
             raise error
 
 
+OPEN_RETRIES = 40  # × 50 ms: how long a reader waits out a commit that is being written
+
+
 def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.DataTree:  # noqa: A001
     """Open a gradflow store with xarray.
 
@@ -337,7 +342,21 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     ``group="epochs"`` its epoch figures (dims epoch, layer); ``group="<variant>"`` /
     ``"<variant>/epochs"`` one run of a sweep store. A store (or group) whose children are runs opens
     as an ``xarray.DataTree`` with one node per run. Arrays are loaded lazily.
+
+    A store may be read while a Recorder writes it: a commit rewrites the root's metadata, and a
+    reader that catches it half-way (metadata not yet consolidated, or a partly written file)
+    retries for up to two seconds and then sees the last complete flush.
     """
+    for attempt in range(OPEN_RETRIES):
+        try:
+            return _open(store, group)
+        except (ValueError, json.JSONDecodeError) as err:
+            if isinstance(err, GradflowError) or attempt == OPEN_RETRIES - 1:
+                raise
+            time.sleep(0.05)
+
+
+def _open(store: str | os.PathLike, group: str | None) -> xr.Dataset | xr.DataTree:
     url = store_url(store)
     group = group.strip("/") if group else None
     try:

@@ -199,3 +199,24 @@ def test_open_errors(tmp_path):
         gradflow.Recorder(model, optimizer, store)
     with pytest.raises(GradflowError, match="not a gradflow store"):
         gradflow.Recorder(model, optimizer, tmp_path / "other.zarr")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reading_while_the_recorder_commits_never_fails(tmp_path, monkeypatch):
+    # Each commit rewrites the root metadata; a reader that catches it half-way must wait it out.
+    from gradflow import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "FLUSH_ROWS", 1)  # commit after every step
+    model, optimizer = tiny()
+    store = tmp_path / "run.zarr"
+    rec = gradflow.Recorder(model, optimizer, store)
+    train(model, optimizer, 1)
+    rec.flush()
+    writer = threading.Thread(target=lambda: (train(model, optimizer, 40, seed=1), rec.flush()))
+    writer.start()
+    seen = []
+    while writer.is_alive():
+        seen.append(gradflow.open(store).sizes["step"])  # raised ~1 in 70 reads before the retry
+    writer.join()
+    rec.close()
+    assert len(seen) > 10 and seen == sorted(seen) and gradflow.open(store).sizes["step"] == 41
