@@ -254,7 +254,6 @@ class Recorder:
 
         self.layers: list[str] = table.names
         self.every = every
-        self._optimizers = optimizers
         self._closed = True
         self._active = _is_writer_rank()
         if not self._active:

@@ -397,12 +397,7 @@ def test_resume_appends_and_continues_counters(tmp_path):
 
     def run(chunk):
         with gradflow.Recorder(model, optimizer, store, metadata={"part": len(records)}) as rec:
-            for x, y in chunk:
-                optimizer.zero_grad()
-                nn.functional.mse_loss(model(x), y).backward()
-                g, w0 = grads(model), weights(model)
-                optimizer.step()
-                records.append((g, w0, weights(model)))
+            records.extend(mse_steps(model, optimizer, chunk))
             rec.end_epoch(train_loss=float(len(records)))
             return rec.step, rec.epoch
 
@@ -434,15 +429,9 @@ def test_memory_store_and_sweep_groups():
     for variant, seed in (("a", 0), ("b", 1)):
         model = make_net(seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        records = []
         with gradflow.Recorder(model, optimizer, "memory://gradflow-test/sweep.zarr",
                                group=variant) as rec:
-            for x, y in batches(2, seed=seed):
-                optimizer.zero_grad()
-                nn.functional.mse_loss(model(x), y).backward()
-                g, w0 = grads(model), weights(model)
-                optimizer.step()
-                records.append((g, w0, weights(model)))
+            records = mse_steps(model, optimizer, batches(2, seed=seed))
             rec.end_epoch(val_loss=float(seed))
         stores[variant] = records
     url = "memory://gradflow-test/sweep.zarr"
