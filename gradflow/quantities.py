@@ -222,7 +222,11 @@ class Bucket:
         return p.device == self.device and p.dtype == self.dtype
 
     def before_step(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
-        """Gradient figures, ‖w‖ before the step, and the Δw snapshot; returns ``(row, index, values)``.
+        """:meth:`gradient_parts` and :meth:`snapshot` together (a step without a closure)."""
+        return self.gradient_parts(present, grad_scale) + self.snapshot()
+
+    def gradient_parts(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
+        """Gradient figures of the current ``.grad``; returns ``(row, index, values)`` parts.
 
         ``present`` (host, per global tensor) is cleared where a tensor has no gradient; its figures
         are then computed on zeros and the host turns them into NaN. ``grad_scale`` is the loss scale
@@ -242,12 +246,16 @@ class Bucket:
                 seen.append((c, max_abs))
             if inv_scale is not None:
                 norm, max_abs = norm * inv_scale, max_abs * inv_scale
-            parts += [(GRAD_NORM, c.index, norm), (GRAD_MAX_ABS, c.index, max_abs),
-                      (PARAM_NORM_BEFORE, c.index, norms(c.stack_params(into_snapshot=True)))]
+            parts += [(GRAD_NORM, c.index, norm), (GRAD_MAX_ABS, c.index, max_abs)]
         if seen and not math.isfinite(sum(max_abs.sum().item() for _, max_abs in seen)):
             parts += [(GRAD_NONFINITE, c.index, nonfinite_counts(c.stack_grads(present)))
                       for c, _ in seen]
         return parts
+
+    def snapshot(self) -> list:
+        """‖w‖ before the step, copying the parameters into the Δw snapshot."""
+        return [(PARAM_NORM_BEFORE, c.index, norms(c.stack_params(into_snapshot=True)))
+                for c in self.classes]
 
     def after_step(self) -> list:
         """‖w‖ after the step and the update figures, from the snapshot taken by :meth:`before_step`."""
@@ -352,13 +360,16 @@ def to_host(parts: list) -> HostFigures:
 
 
 def layer_step_figures(per_tensor: np.ndarray, present: np.ndarray, starts: np.ndarray,
-                       numel: np.ndarray) -> dict[str, np.ndarray]:
+                       numel: np.ndarray, owned: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-layer step figures from per-tensor ones.
 
     ``per_tensor``: (n, NUM_FIGURES, T) float64; ``present``: (n, T) bool, whether a tensor had a
     gradient; ``starts``: (L,) index of each layer's first tensor (tensors are in layer order);
     ``numel``: (L,) element count per layer. Gradient figures are over the tensors that had a
-    gradient, NaN for a layer none of whose tensors had one. Returns (n, L) float32 arrays.
+    gradient, NaN for a layer none of whose tensors had one. ``owned``: (n, T) bool, whether an
+    optimizer owned the tensor at that step (default: all); a layer none of whose tensors an
+    optimizer owned gets NaN ``param_norm`` and ``update_ratio`` (its update figures are 0: no
+    optimizer step changes it). Returns (n, L) float32 arrays.
     """
     def add(values):
         return np.add.reduceat(values, starts, axis=1)
@@ -383,6 +394,10 @@ def layer_step_figures(per_tensor: np.ndarray, present: np.ndarray, starts: np.n
         }
     for name in ("grad_norm", "grad_max_abs", "nonfinite"):
         figures[name][~has_grad] = np.nan
+    if owned is not None:
+        has_owner = np.logical_or.reduceat(owned, starts, axis=1)
+        for name in ("param_norm", "update_ratio"):
+            figures[name][~has_owner] = np.nan
     return {name: values.astype(np.float32) for name, values in figures.items()}
 
 

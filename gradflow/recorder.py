@@ -3,21 +3,52 @@
 Attach it to a model and its optimizer(s); nothing else in the training loop changes::
 
     rec = gradflow.Recorder(model, optimizer, "run.zarr", every=1)
-    ...                                  # zero_grad / backward (any number of times) / step
+    ...                                  # zero_grad / backward / step, or step(closure)
     rec.end_epoch(train_loss=..., val_loss=...)
     rec.close()
 
-How a step is recorded. A *step* (one row of the store) is one optimizer step of every optimizer
-passed in. On a recorded step (``step % every == 0``) the optimizer's step pre-hook computes the
-gradient figures from the gradient the optimizer is about to use (accumulated, clipped, unscaled:
-whatever ``.grad`` holds) and copies the parameters into the Δw snapshot; the post-hook compares
-the parameters with the snapshot. All figures of the step go to the host in one copy per device
-(:mod:`gradflow.quantities`); the background writer turns them into per-layer rows and appends
-them to Zarr (:mod:`gradflow.store`). Steps that are not recorded cost two Python calls.
+What a row is. A row of the store is one optimizer step: one ``step()`` call of every optimizer
+passed in. Rows are made by the optimizers' step hooks only, never inferred from when gradients
+arrive, so probe backward passes, GAN losses that backpropagate through the other network, LBFGS's
+inner evaluations and gradient accumulation add no rows. With several optimizers a row closes when
+each has stepped once, or when one steps a second time (a GAN generator stepping once per k
+discriminator steps): an optimizer that did not step in a row shows NaN gradient figures and zero
+update for its layers there.
 
-Several optimizers. A step closes once every optimizer has stepped (or skipped), or when one of
-them steps a second time; an optimizer that did not step in a step (a GAN generator stepping once
-per k discriminator steps) shows NaN gradient figures and zero update for its layers there.
+Which gradient. On a recorded step (``step % every == 0``) the step pre-hook copies the parameters
+into the Δw snapshot and computes the gradient figures from what ``.grad`` holds when the optimizer
+takes it: at the pre-hook for ``step()``; for ``step(closure)`` right after the closure's first
+evaluation (the closure computes the gradient: Lightning's default, LBFGS, SAM). LBFGS evaluates
+its closure several times in one ``step()``: the recorded gradient is the first evaluation's, the
+gradient at w_before from which the step starts; Δw is the change over the whole ``step()``. The
+post-hook compares the parameters with the snapshot. All figures of the step go to the host in one
+copy per device (:mod:`gradflow.quantities`); the background writer turns them into per-layer rows
+and appends them to Zarr (:mod:`gradflow.store`). Steps that are not recorded cost two Python calls.
+
+Skipped steps come only from a real signal, never from a guess:
+
+* a fused optimizer (``fused=True``) under GradScaler gets ``found_inf`` (the step is marked
+  skipped) and ``grad_scale`` (the recorded gradient is unscaled by it);
+* ``Recorder(..., scaler=scaler)``: when ``scaler.step(optimizer)`` returns without calling
+  ``optimizer.step()`` (found Inf/NaN), the step is recorded as skipped with the (unscaled)
+  gradients it refused, non-finite counts per layer included, and zero update;
+* ``rec.skip_step()``: the training loop's own decision (``if not finite: continue``): the step is
+  recorded as skipped with the gradients ``.grad`` holds at the call (non-finite counts per layer:
+  which layer held the NaN) and zero update. Call it before the gradients are cleared.
+
+A step the optimizer never takes and nobody reports (GradScaler without ``scaler=``, a guard without
+``skip_step()``) is no row: the store holds the steps that were taken.
+
+Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
+a module that directly owns parameters). One that no optimizer owns (yet) has NaN gradient figures,
+``param_norm`` and ``update_ratio`` and zero update. A param group added later
+(``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
+``len(param_groups)`` check per step) and recorded from that step on.
+
+Optimizer wrappers: accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are
+unwrapped; SAM-style optimizers (a ``base_optimizer`` sharing their param groups, whose
+``first_step``/``second_step`` move the weights) must be given as ``optimizer.base_optimizer``, whose
+``step()`` is the real update. The hooks are excluded from ``torch.compile`` (``torch.compiler.disable``).
 
 Buffering. Rows are handed to the writer thread every 1024 recorded steps or, at a step or an
 ``end_epoch``, when 10 s have passed since the last hand-off; at ``flush()`` and ``close()``; and at
@@ -25,22 +56,10 @@ interpreter exit (also after an unhandled exception). Each hand-off is one Zarr 
 writer-thread CPU), so many short epochs are batched into one. A hard crash (``os._exit``,
 SIGKILL, power) loses only what was not yet committed; everything committed stays readable.
 
-Skipped steps. ``GradScaler.step`` does not call ``optimizer.step()`` when the gradients hold Inf or
-NaN, so no step hook fires. A gradient hook on one parameter per optimizer notices when a new round
-of gradients starts (``.grad`` was cleared by ``zero_grad()``) although the previous round never
-reached ``optimizer.step()``: that round is recorded as a skipped step (``skipped=True``, zero
-update; its gradient figures are NaN because the gradients were already cleared when the skip came
-to light). A round still waiting for its step at ``end_epoch()`` counts as skipped too; at
-``close()`` it does not (training ended, or an exception interrupted the step).
-Fused optimizers (``fused=True``) step even when skipping; GradScaler then hands them ``found_inf``,
-which marks the step skipped, and ``grad_scale``, by which the recorded gradient is unscaled.
-Limitation: with ``zero_grad(set_to_none=False)`` gradients are never cleared to None, so skipped
-steps of non-fused optimizers are not detected (they are simply not rows).
-
 Epochs. The weights at the start of each epoch are kept on the host (one copy of the recorded
 parameters in CPU memory, so GPU memory stays free); ``end_epoch`` compares them with the current
-weights. A user who never calls ``end_epoch`` gets epoch 0 on every step and an empty ``epochs``
-group.
+weights (parameters that joined mid-epoch: from the step they joined). A user who never calls
+``end_epoch`` gets epoch 0 on every step and an empty ``epochs`` group.
 """
 
 from __future__ import annotations
@@ -65,6 +84,11 @@ from gradflow.store import RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, R
 
 FLUSH_ROWS = 1024  # hand buffered rows to the writer after this many recorded steps ...
 FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (checked at every step and epoch)
+MODES = ("w-", "w", "a")
+# Optimizer wrappers handed out by frameworks: (module, class name) → attribute holding the optimizer.
+WRAPPERS = {("accelerate.optimizer", "AcceleratedOptimizer"): "optimizer",
+            ("lightning.pytorch.core.optimizer", "LightningOptimizer"): "_optimizer",
+            ("pytorch_lightning.core.optimizer", "LightningOptimizer"): "_optimizer"}
 
 
 @dataclass
@@ -74,6 +98,7 @@ class _StepRow:
     wall_time: float
     skipped: bool
     present: np.ndarray  # (tensors,) bool: which tensors had a gradient
+    owned: np.ndarray  # (tensors,) bool: which tensors an optimizer owned
     figures: quantities.HostFigures
 
 
@@ -94,6 +119,17 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside accelerate's / Lightning's wrappers (anything else: itself)."""
+    while True:
+        inner = next((getattr(optimizer, attr, None) for cls in type(optimizer).__mro__
+                      for (module, name), attr in WRAPPERS.items()
+                      if cls.__module__ == module and cls.__name__ == name), None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
 
 
 def _is_writer_rank() -> bool:
@@ -122,10 +158,11 @@ def _optimizer_attrs(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool):
-    """Layers (modules owning recorded parameters) in registration order, and their tensors.
+    """Layers (modules owning parameters) in registration order, and their tensors.
 
-    A recorded parameter is one an optimizer owns; a parameter shared by several modules belongs to
-    the first. Returns the layer table and, in layer order, (parameter, optimizer index, layer index).
+    Every real floating-point parameter of the model is recorded, owned by an optimizer or not
+    (yet); a parameter shared by several modules belongs to the first. Returns the layer table and,
+    in layer order, (parameter, optimizer index or -1, layer index).
     """
     names, types, counts, tensors, seen = [], [], [], [], set()
     for module_name, module in model.named_modules():
@@ -135,14 +172,11 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool):
                 continue
             seen.add(id(p))
             qualified = f"{module_name}.{param_name}" if module_name else param_name
-            if id(p) not in owner:
-                if p.requires_grad:
-                    raise GradflowError(f"parameter {qualified!r} is trainable but no optimizer "
-                                        f"passed to the Recorder owns it")
-                continue
             if p.is_complex() or not p.is_floating_point():
-                raise GradflowError(f"parameter {qualified!r} has dtype {p.dtype}; gradflow "
-                                    f"records real floating-point parameters")
+                if id(p) in owner:
+                    raise GradflowError(f"parameter {qualified!r} has dtype {p.dtype}; gradflow "
+                                        f"records real floating-point parameters")
+                continue
             own.append((qualified, p))
         groups = [[item] for item in own] if per_parameter else ([own] if own else [])
         for group in groups:
@@ -150,20 +184,44 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool):
             names.append(group[0][0] if per_parameter else (module_name or "(root)"))
             types.append(type(module).__name__)
             counts.append(sum(p.numel() for _, p in group))
-            tensors += [(p, owner[id(p)], layer) for _, p in group]
+            tensors += [(p, owner.get(id(p), -1), layer) for _, p in group]
     return LayerTable(names, types, counts), tensors
 
 
-def _check_arguments(model, optimizers, every, group, metadata) -> None:
+def _check_optimizers(optimizers: list) -> list[torch.optim.Optimizer]:
+    """The real torch optimizers behind ``optimizers``; a one-line error for anything else."""
+    if not optimizers:
+        raise GradflowError("optimizer must be a torch.optim.Optimizer or a list of them")
+    real = []
+    for i, given in enumerate(optimizers):
+        opt = unwrap_optimizer(given)
+        what = f"optimizer {i} ({type(given).__name__})" if len(optimizers) > 1 \
+            else f"optimizer ({type(given).__name__})"
+        if not isinstance(opt, torch.optim.Optimizer) \
+                or not hasattr(opt, "_optimizer_step_pre_hooks"):
+            raise GradflowError(f"{what} is not a torch.optim.Optimizer (nor an accelerate or "
+                                f"Lightning wrapper of one); pass the torch optimizer it wraps")
+        base = getattr(opt, "base_optimizer", None)
+        if isinstance(base, torch.optim.Optimizer) and base.param_groups is opt.param_groups:
+            raise GradflowError(f"{what} is SAM-style (its base_optimizer makes the real update); "
+                                f"pass optimizer.base_optimizer to the Recorder")
+        real.append(opt)
+    return real
+
+
+def _check_arguments(model, every, group, metadata, mode, scaler) -> None:
     if not isinstance(model, nn.Module):
         raise GradflowError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-        raise GradflowError("optimizer must be a torch.optim.Optimizer or a list of them")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise GradflowError(f"every must be a positive integer, got {every!r}")
     if group is not None and (not isinstance(group, str) or not group.strip("/")
                               or group.strip("/").split("/")[-1] == "epochs"):
         raise GradflowError(f"group must be a non-empty name other than 'epochs', got {group!r}")
+    if mode not in MODES:
+        raise GradflowError(f"mode must be 'w-' (new store), 'w' (overwrite) or 'a' (resume), "
+                            f"got {mode!r}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise GradflowError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise GradflowError("metadata must be a JSON-able dict")
@@ -184,15 +242,20 @@ def _owners(optimizers: list[torch.optim.Optimizer]) -> dict[int, int]:
     return owner
 
 
-def _buckets(tensors: list, optimizer: int) -> list[quantities.Bucket]:
-    """The optimizer's recorded tensors grouped by (device, dtype), with their layer-order index."""
+def _buckets(tensors: list, index: list[int]) -> list[quantities.Bucket]:
+    """Tensors ``index`` (of ``tensors``) grouped by (device, dtype), each with its layer-order index."""
     by_key: dict[tuple, tuple[list, list]] = {}
-    for t, (p, o, _) in enumerate(tensors):
-        if o == optimizer:
-            params, index = by_key.setdefault((p.device, p.dtype), ([], []))
-            params.append(p)
-            index.append(t)
-    return [quantities.Bucket.build(params, index) for params, index in by_key.values()]
+    for t in index:
+        p = tensors[t][0]
+        params, indices = by_key.setdefault((p.device, p.dtype), ([], []))
+        params.append(p)
+        indices.append(t)
+    return [quantities.Bucket.build(params, indices) for params, indices in by_key.values()]
+
+
+def _closure_of(args: tuple, kwargs: dict):
+    """The closure passed to ``optimizer.step`` (args[0] is the optimizer itself), or None."""
+    return args[1] if len(args) > 1 else kwargs.get("closure")
 
 
 _OPEN: set[Recorder] = set()  # recorders to flush at interpreter exit
@@ -224,24 +287,35 @@ class Recorder:
     """Record per-layer, per-step gradient and update figures of ``model`` into a Zarr store.
 
     Args:
-        model: the module being trained (DDP / torch.compile wrappers are looked through).
-        optimizer: one optimizer or a list of them; together they must own every trainable
-            parameter of the model.
-        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``). An existing
-            store of the same model is appended to (resumed); step and epoch counters continue.
+        model: the module being trained (DDP / torch.compile wrappers are looked through). Every
+            parameter is a layer coordinate; those no optimizer owns (yet) are NaN / zero update.
+        optimizer: one optimizer or a list of them (accelerate / Lightning wrappers are unwrapped;
+            for SAM pass ``sam.base_optimizer``). A row is one ``step()`` of each.
+        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``).
         every: record every ``every``-th optimizer step (steps 0, every, 2·every, …).
         group: sub-group of the store to write into (sweeps: one group per variant).
         per_parameter: one layer per parameter tensor (``conv1.weight``, ``conv1.bias``) instead
             of one per module.
         metadata: JSON-able dict stored in the store's attrs.
+        mode: as xarray's ``to_zarr``: ``"w-"`` (default) creates the run and refuses an existing
+            one; ``"w"`` overwrites an existing gradflow run (only a run gradflow wrote: anything
+            else is refused, nothing is deleted); ``"a"`` resumes an existing run of the same
+            model (step and epoch counters continue) or creates it.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the steps it skips
+            (Inf/NaN gradients) are recorded as skipped rows (fused optimizers need no scaler).
+
+    Raises:
+        GradflowError: on any bad argument, before the store is created or touched.
 
     Under torch.distributed only rank 0 records; on other ranks the Recorder does nothing.
     """
 
     def __init__(self, model: nn.Module, optimizer, store, every: int = 1, group: str | None = None,
-                 per_parameter: bool = False, metadata: dict | None = None) -> None:
-        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-        _check_arguments(model, optimizers, every, group, metadata)
+                 per_parameter: bool = False, metadata: dict | None = None, mode: str = "w-",
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        _check_arguments(model, every, group, metadata, mode, scaler)
+        optimizers = _check_optimizers(given)
         url = store_url(store)
         model = unwrap(model)
         if not any(p.requires_grad for p in model.parameters()):
@@ -263,8 +337,14 @@ class Recorder:
         self._starts = np.searchsorted(layer_of, np.arange(len(table.names)))
         self._numel = np.array(table.num_params, dtype=np.float64)
         self._num_tensors = len(tensors)
-        self._tensors_of = [np.array([t for t, (_, o, _) in enumerate(tensors) if o == i])
-                            for i in range(len(optimizers))]
+        self._tensors = tensors
+        self._index = {id(p): t for t, (p, _, _) in enumerate(tensors)}
+        self._owner = np.array([o for _, o, _ in tensors])
+        self._owned = self._owner >= 0  # replaced (not changed in place) when a param group joins
+        self._optimizers = optimizers
+        n = len(optimizers)
+        self._tensors_of = [np.flatnonzero(self._owner == i) for i in range(n)]
+        self._num_groups = [len(opt.param_groups) for opt in optimizers]
 
         import gradflow
 
@@ -274,20 +354,20 @@ class Recorder:
                  "per_parameter": bool(per_parameter), "metadata": metadata or {},
                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         self._store = RunStore(url, group.strip("/") if group else None, table, attrs, every,
-                               bool(per_parameter))
+                               bool(per_parameter), mode=mode)
         self._writer = BackgroundWriter(f"gradflow-writer:{url}")
 
-        self._buckets = [_buckets(tensors, i) for i in range(len(optimizers))]
+        self._buckets = [_buckets(tensors, list(self._tensors_of[i])) for i in range(n)]
 
-        n = len(optimizers)
         self._step = self._store.next_step  # index of the open (or next) step
         self._epoch = self._store.next_epoch
         self._epoch_steps = 0
         self._row_open = False
         self._recording = False
         self._resolved: list[str | None] = [None] * n  # per optimizer: None, "step" or "skip"
-        self._awaiting = [False] * n  # a round of gradients arrived and was not stepped yet
-        self._skips: list[int] = []  # optimizers whose previous round was skipped (seen in backward)
+        self._grad_due = [False] * n  # the step's gradient figures are still to be taken
+        self._grad_scale: list = [None] * n
+        self._step_calls = [0] * n  # pre-hook calls, to see a GradScaler step that did not step
         self._parts: list = []
         self._present: np.ndarray | None = None
         self._pending_steps: list[_StepRow] = []
@@ -297,13 +377,19 @@ class Recorder:
         with torch.no_grad():
             for bucket in self._all_buckets():
                 bucket.start_epoch()
+        # Hooks run eagerly even when the step is compiled: Dynamo would trace (and graph-break on)
+        # their Python bookkeeping.
+        disable = torch.compiler.disable
+        self._take_gradient_eagerly = disable(self._take_gradient)
         self._hooks = []
         for i, opt in enumerate(optimizers):
-            self._hooks.append(opt.register_step_pre_hook(partial(self._before_step, i)))
-            self._hooks.append(opt.register_step_post_hook(partial(self._after_step, i)))
-            sentinel = next((p for p, o, _ in tensors if o == i and p.requires_grad), None)
-            if sentinel is not None:  # an optimizer of frozen parameters never gets gradients
-                self._hooks.append(sentinel.register_hook(partial(self._on_gradient, i, sentinel)))
+            self._hooks.append(opt.register_step_pre_hook(disable(partial(self._before_step, i))))
+            self._hooks.append(opt.register_step_post_hook(disable(partial(self._after_step, i))))
+        self._scaler = scaler
+        self._scaler_step = None
+        if scaler is not None:
+            self._scaler_step = disable(partial(self._scaler_step_call, scaler.step))
+            scaler.step = self._scaler_step  # the instance's step, removed again at close()
         self._closed = False
         _register_open(self)
 
@@ -318,6 +404,28 @@ class Recorder:
     def epoch(self) -> int:
         """Index of the current epoch (number of ``end_epoch`` calls, continued on resume)."""
         return self._epoch if self._active else 0
+
+    def skip_step(self, optimizer=None) -> None:
+        """Record that the training loop skips this step (e.g. ``if not finite: continue``).
+
+        The step becomes a row with ``skipped=True``, zero update and the gradient figures of what
+        ``.grad`` holds now (non-finite counts per layer: where the NaN/Inf is), so call it before
+        the gradients are cleared. ``optimizer``: the one that skips (default: every optimizer
+        passed in that has not stepped in the current row). The step counter advances.
+        """
+        if self._closed:
+            if self._active:
+                raise GradflowError("skip_step called on a closed Recorder")
+            return
+        if optimizer is None:
+            which = [i for i, r in enumerate(self._resolved) if not self._row_open or r is None]
+        else:
+            which = [self._optimizer_index(optimizer)]
+            if which == [None]:
+                raise GradflowError(f"skip_step: {type(optimizer).__name__} is not an optimizer "
+                                    f"passed to this Recorder")
+        for i in which:
+            self._skip(i)
 
     def end_epoch(self, **scalars: float) -> None:
         """Close an epoch: store mean |W_end − W_start| per layer and the given scalars.
@@ -337,8 +445,8 @@ class Recorder:
             if self._active:
                 raise GradflowError("end_epoch called on a closed Recorder")
             return
-        self._take_skips()
-        self._close_boundary_row()
+        if self._row_open:
+            self._close_row()
         with torch.no_grad():
             parts = [part for bucket in self._all_buckets() for part in bucket.end_epoch()]
         self._pending_epochs.append(
@@ -363,8 +471,9 @@ class Recorder:
         _OPEN.discard(self)
         for hook in self._hooks:
             hook.remove()
+        if self._scaler is not None and self._scaler.__dict__.get("step") is self._scaler_step:
+            del self._scaler.step
         try:
-            self._take_skips()
             if self._row_open:
                 self._close_row()
             self._handoff()
@@ -383,47 +492,79 @@ class Recorder:
 
     # -- hooks --------------------------------------------------------------------------------
 
-    def _before_step(self, i: int, optimizer, args, kwargs) -> None:
+    def _before_step(self, i: int, optimizer, args, kwargs):
         if self._closed:
-            return
-        self._take_skips()
+            return None
+        self._step_calls[i] += 1
+        if len(optimizer.param_groups) != self._num_groups[i]:
+            self._join_groups(i, optimizer)
         if self._row_open and self._resolved[i] is not None:
             self._close_row()  # this optimizer steps again: a new step starts
         if not self._row_open:
             self._open_row()
-        self._awaiting[i] = False
         if not self._recording:
-            return
-        grad_scale = getattr(optimizer, "grad_scale", None)
+            return None
+        self._grad_scale[i] = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
         with torch.no_grad():
             for bucket in self._buckets[i]:
                 self._check_device(bucket)
-                self._parts += bucket.before_step(self._present, grad_scale)
+                self._parts += bucket.snapshot()
             if isinstance(found_inf, torch.Tensor):
                 flag = found_inf.reshape(1).float().clone()  # GradScaler's tensor: keep our own
                 self._parts.append((quantities.FOUND_INF, None, flag))
+        self._grad_due[i] = True
+        closure = _closure_of(args, kwargs)
+        if closure is None:
+            self._take_gradient(i)
+            return None
+        # The closure computes the gradient the step uses: take it after the first evaluation.
+        wrapped = torch.compiler.disable(partial(self._run_closure, i, closure), recursive=False)
+        if len(args) > 1:
+            return (args[0], wrapped, *args[2:]), kwargs
+        return args, {**kwargs, "closure": wrapped}
+
+    def _run_closure(self, i: int, closure):
+        loss = closure()
+        self._take_gradient_eagerly(i)
+        return loss
+
+    def _take_gradient(self, i: int) -> None:
+        """The gradient figures of optimizer ``i``'s step (once per step: LBFGS's first evaluation)."""
+        if not self._grad_due[i] or self._closed:
+            return
+        self._grad_due[i] = False
+        with torch.no_grad():
+            for bucket in self._buckets[i]:
+                self._parts += bucket.gradient_parts(self._present, self._grad_scale[i])
 
     def _after_step(self, i: int, optimizer, args, kwargs) -> None:
         if self._closed or not self._row_open:
             return
         self._resolved[i] = "step"
         if self._recording:
+            self._take_gradient(i)  # a closure that the optimizer never called
             with torch.no_grad():
                 for bucket in self._buckets[i]:
                     self._parts += bucket.after_step()
         if all(r is not None for r in self._resolved):
             self._close_row()
 
-    def _on_gradient(self, i: int, sentinel: torch.Tensor, grad: torch.Tensor) -> None:
-        """Backward reached optimizer ``i``'s sentinel parameter; notice a skipped previous round."""
-        if self._closed or sentinel.grad is not None:
-            return  # accumulating into an existing gradient: same round
-        if self._awaiting[i]:
-            self._skips.append(i)  # handled on the training thread at the next step / epoch end
-        self._awaiting[i] = True
+    def _scaler_step_call(self, step, optimizer, *args, **kwargs):
+        """``GradScaler.step`` wrapper: a step it did not pass on to the optimizer was skipped."""
+        i = self._optimizer_index(optimizer)
+        calls = None if i is None else self._step_calls[i]
+        out = step(optimizer, *args, **kwargs)
+        if i is not None and not self._closed and self._step_calls[i] == calls \
+                and self._scaler.is_enabled():
+            self._skip(i)
+        return out
 
     # -- step bookkeeping ---------------------------------------------------------------------
+
+    def _optimizer_index(self, optimizer) -> int | None:
+        inner = unwrap_optimizer(optimizer)
+        return next((i for i, o in enumerate(self._optimizers) if o is inner), None)
 
     def _all_buckets(self):
         return [bucket for buckets in self._buckets for bucket in buckets]
@@ -433,6 +574,23 @@ class Recorder:
             raise GradflowError("parameters changed device or dtype after the Recorder was created; "
                                 "create the Recorder after model.to(...)")
 
+    def _join_groups(self, i: int, optimizer) -> None:
+        """Param groups added to optimizer ``i``: record their parameters from this step on."""
+        self._num_groups[i] = len(optimizer.param_groups)
+        new = sorted({self._index[id(p)] for group in optimizer.param_groups
+                      for p in group["params"]
+                      if id(p) in self._index and self._owner[self._index[id(p)]] < 0})
+        if not new:
+            return  # parameters of other modules, or already recorded: nothing to add
+        self._owner[new] = i
+        self._owned = self._owner >= 0
+        self._tensors_of[i] = np.flatnonzero(self._owner == i)
+        buckets = _buckets(self._tensors, new)
+        with torch.no_grad():
+            for bucket in buckets:
+                bucket.start_epoch()  # their epoch displacement counts from here
+        self._buckets[i] = self._buckets[i] + buckets
+
     def _open_row(self) -> None:
         self._row_open = True
         self._recording = self._step % self.every == 0
@@ -440,27 +598,19 @@ class Recorder:
             self._parts = []
             self._present = np.ones(self._num_tensors, dtype=bool)
 
-    def _take_skips(self) -> None:
-        """Record the rounds of gradients that never reached their optimizer's step."""
-        skips, self._skips = self._skips, []
-        for i in skips:
-            if self._row_open and self._resolved[i] is not None:
-                self._close_row()
-            if not self._row_open:
-                self._open_row()
-            self._resolved[i] = "skip"
-            if all(r is not None for r in self._resolved):
-                self._close_row()
-
-    def _close_boundary_row(self) -> None:
-        """At end_epoch/close: gradients still waiting for a step mean that step was skipped."""
-        waiting = [i for i, w in enumerate(self._awaiting) if w and self._resolved[i] is None]
-        if waiting and not self._row_open:
+    def _skip(self, i: int) -> None:
+        """Optimizer ``i`` skips this step: its gradients as they are now, no update."""
+        if self._row_open and self._resolved[i] is not None:
+            self._close_row()
+        if not self._row_open:
             self._open_row()
-        for i in waiting:
-            self._resolved[i] = "skip"
-            self._awaiting[i] = False
-        if self._row_open:
+        self._resolved[i] = "skip"
+        if self._recording:
+            self._grad_due[i] = False
+            with torch.no_grad():
+                for bucket in self._buckets[i]:
+                    self._parts += bucket.gradient_parts(self._present, None) + bucket.idle()
+        if all(r is not None for r in self._resolved):
             self._close_row()
 
     def _close_row(self) -> None:
@@ -468,15 +618,18 @@ class Recorder:
         if self._recording:
             with torch.no_grad():
                 for i, state in enumerate(self._resolved):
-                    if state != "step":
+                    if state is None:
                         for bucket in self._buckets[i]:
                             self._parts += bucket.idle()
                         self._present[self._tensors_of[i]] = False
+            self._present[~self._owned] = False
             self._pending_steps.append(_StepRow(self._step, self._epoch, time.time(), skipped,
-                                                self._present, quantities.to_host(self._parts)))
+                                                self._present, self._owned,
+                                                quantities.to_host(self._parts)))
             self._parts, self._present = [], None
         self._row_open = False
         self._resolved = [None] * len(self._resolved)
+        self._grad_due = [False] * len(self._grad_due)
         self._step += 1
         self._epoch_steps += 1
         if self._pending_steps and (len(self._pending_steps) >= FLUSH_ROWS
@@ -504,7 +657,9 @@ class Recorder:
                                                                self._num_tensors)
                 skipped[k] = row.skipped or found_inf > 0
             present = np.stack([row.present for row in steps])
-            columns = quantities.layer_step_figures(per_tensor, present, self._starts, self._numel)
+            owned = np.stack([row.owned for row in steps])
+            columns = quantities.layer_step_figures(per_tensor, present, self._starts, self._numel,
+                                                    owned)
             columns.update(step=np.array([r.step for r in steps], dtype=np.int64),
                            epoch=np.array([r.epoch for r in steps], dtype=np.int64),
                            wall_time=np.array([r.wall_time for r in steps]), skipped=skipped)

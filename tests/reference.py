@@ -7,8 +7,12 @@ never with gradflow's own code. Importable from any test (``pythonpath = ["tests
 import numpy as np
 
 
-def layer_reference(grad, before, after, names: list[str]) -> dict[str, float]:
-    """One layer's step figures from raw tensors, in float64 (gradients that are None are left out)."""
+def layer_reference(grad, before, after, names: list[str], owned: bool = True) -> dict[str, float]:
+    """One layer's step figures from raw tensors, in float64 (gradients that are None are left out).
+
+    ``owned=False``: a layer no optimizer owns at that step: NaN gradient figures, parameter norm and
+    update ratio; the update figures of its (unchanged) weights.
+    """
     present = [grad[n].ravel() for n in names if grad is not None and grad[n] is not None]
     w0 = np.concatenate([before[n].ravel() for n in names])
     w1 = np.concatenate([after[n].ravel() for n in names])
@@ -24,4 +28,7 @@ def layer_reference(grad, before, after, names: list[str]) -> dict[str, float]:
                    nonfinite=float(np.sum(~np.isfinite(g))))
     else:
         out.update(grad_norm=np.nan, grad_max_abs=np.nan, nonfinite=np.nan)
+    if not owned:
+        out.update(grad_norm=np.nan, grad_max_abs=np.nan, nonfinite=np.nan, param_norm=np.nan,
+                   update_ratio=np.nan)
     return out

@@ -73,13 +73,17 @@ def mse_steps(model: nn.Module, optimizer, data) -> list:
     return records
 
 
-def check_steps(ds: xr.Dataset, records: list, layers: dict[str, list[str]], rtol=2e-6) -> None:
-    """Compare every step variable of ``ds`` with references from ``records`` = [(grad, before, after)]."""
+def check_steps(ds: xr.Dataset, records: list, layers: dict[str, list[str]], rtol=2e-6,
+                unowned=()) -> None:
+    """Compare every step variable of ``ds`` with references from ``records`` = [(grad, before, after)].
+
+    ``unowned``: layers no optimizer owns (NaN gradient, parameter norm and ratio; zero update).
+    """
     assert list(ds.layer.values) == list(layers)
     assert ds.sizes["step"] == len(records)
     for k, (grad, before, after) in enumerate(records):
         for layer, names in layers.items():
-            expected = layer_reference(grad, before, after, names)
+            expected = layer_reference(grad, before, after, names, owned=layer not in unowned)
             for var in STEP_VARIABLES:
                 actual = float(ds[var].sel(layer=layer).values[k])
                 np.testing.assert_allclose(actual, expected[var], rtol=rtol, atol=0,
@@ -242,7 +246,7 @@ class Branchy(nn.Module):
     def __init__(self):
         super().__init__()
         self.frozen = nn.Linear(3, 3)  # owned by the optimizer but requires_grad=False
-        self.fixed = nn.Linear(3, 3)  # requires_grad=False and not in the optimizer: not recorded
+        self.fixed = nn.Linear(3, 3)  # requires_grad=False and not in the optimizer: NaN, no update
         self.main = nn.Linear(3, 2)
         self.side = nn.Linear(3, 2)
         self.act = nn.Tanh()
@@ -268,11 +272,13 @@ def test_frozen_and_missing_gradients_are_nan_with_zero_update(tmp_path):
             optimizer.step()
             records.append((g, w0, weights(model)))
     ds = gradflow.open(tmp_path / "run.zarr")
-    layers = {"frozen": ["frozen.weight", "frozen.bias"], "main": ["main.weight", "main.bias"],
-              "side": ["side.weight", "side.bias"]}
-    check_steps(ds, records, layers)
+    layers = {"frozen": ["frozen.weight", "frozen.bias"], "fixed": ["fixed.weight", "fixed.bias"],
+              "main": ["main.weight", "main.bias"], "side": ["side.weight", "side.bias"]}
+    check_steps(ds, records, layers, unowned={"fixed"})
     assert np.isnan(ds.grad_norm.sel(layer="frozen").values).all()
     assert (ds.update_norm.sel(layer="frozen").values == 0).all()
+    fixed = ds.sel(layer="fixed")  # no optimizer owns it: not measured, no update
+    assert np.isnan(fixed.param_norm.values).all() and (fixed.update_norm.values == 0).all()
     side = ds.sel(layer="side", step=1)
     assert np.isnan(float(side.grad_norm)) and np.isnan(float(side.nonfinite))
     assert float(side.update_norm) == 0 and float(side.param_norm) > 0
@@ -312,8 +318,8 @@ def test_every_k_records_and_snapshots_only_every_kth_step(tmp_path, monkeypatch
     from gradflow import quantities
 
     snapshots = []
-    original = quantities.Bucket.before_step
-    monkeypatch.setattr(quantities.Bucket, "before_step",
+    original = quantities.Bucket.snapshot
+    monkeypatch.setattr(quantities.Bucket, "snapshot",
                         lambda self, *a: snapshots.append(1) or original(self, *a))
     model = make_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -372,8 +378,8 @@ def test_gradscaler_skipped_steps(tmp_path, fused, device):
     model.eval()  # keep BatchNorm statistics finite on the inf batch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
     scaler = torch.amp.GradScaler(device, init_scale=256.0)
-    # bad step 1 is noticed when the next gradients arrive; bad step 3 at end_epoch
-    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
+    # The skip signal: found_inf handed to the fused optimizer, or (plain) scaler.step not stepping.
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", scaler=scaler) as rec:
         records = scaler_loop(model, optimizer, scaler, batches(5), {1, 3}, rec, end_epoch_after=3)
     ds = gradflow.open(tmp_path / "run.zarr")
     assert ds.skipped.values.tolist() == [r[3] for r in records] == [False, True, False, True, False]
@@ -382,12 +388,10 @@ def test_gradscaler_skipped_steps(tmp_path, fused, device):
         if skipped:
             for name in w0:
                 np.testing.assert_array_equal(w0[name], w1[name])  # GradScaler really skipped
-        row = ds.isel(step=slice(k, k + 1))
-        if skipped and not fused:
-            g = None  # the skipped gradients are gone when the skip is noticed: NaN figures
-        check_steps(row, [(g, w0, w1)], NET_LAYERS)
-    if fused:
-        assert (ds.nonfinite.values[[1, 3]] > 0).all()
+        check_steps(ds.isel(step=slice(k, k + 1)), [(g, w0, w1)], NET_LAYERS)
+    # the refused gradients' Inf/NaN, per layer (the inf input reaches every layer's gradient)
+    assert (ds.nonfinite.values[[1, 3]] > 0).all() and (ds.nonfinite.values[[0, 2, 4]] == 0).all()
+    assert "step" not in scaler.__dict__  # the Recorder's wrapper is gone after close()
 
 
 def test_resume_appends_and_continues_counters(tmp_path):
@@ -396,7 +400,8 @@ def test_resume_appends_and_continues_counters(tmp_path):
     store, data, records = tmp_path / "run.zarr", batches(5), []
 
     def run(chunk):
-        with gradflow.Recorder(model, optimizer, store, metadata={"part": len(records)}) as rec:
+        with gradflow.Recorder(model, optimizer, store, metadata={"part": len(records)},
+                               mode="a") as rec:
             records.extend(mse_steps(model, optimizer, chunk))
             rec.end_epoch(train_loss=float(len(records)))
             return rec.step, rec.epoch
@@ -413,15 +418,15 @@ def test_resume_appends_and_continues_counters(tmp_path):
 
     with pytest.raises(GradflowError, match="different model"):
         other = nn.Linear(2, 2)
-        gradflow.Recorder(other, torch.optim.SGD(other.parameters(), lr=0.1), store)
+        gradflow.Recorder(other, torch.optim.SGD(other.parameters(), lr=0.1), store, mode="a")
     # Same layer names and types, other shapes: still a different model, and nothing is appended.
     wider = make_net()
     wider.head = nn.Linear(48, 3)
     with pytest.raises(GradflowError, match="different model.*parameters"):
-        gradflow.Recorder(wider, torch.optim.SGD(wider.parameters(), lr=0.1), store)
+        gradflow.Recorder(wider, torch.optim.SGD(wider.parameters(), lr=0.1), store, mode="a")
     assert gradflow.open(store).step.values.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(GradflowError, match="every=1"):
-        gradflow.Recorder(model, optimizer, store, every=2)
+        gradflow.Recorder(model, optimizer, store, every=2, mode="a")
 
 
 def test_memory_store_and_sweep_groups():
@@ -472,15 +477,16 @@ def test_bad_inputs(tmp_path):
     frozen = nn.Linear(2, 2).requires_grad_(False)
     fails("no trainable parameters", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), store)
     other = nn.Linear(2, 2)
-    fails("'conv.weight' is trainable but no optimizer",
-          model, torch.optim.SGD(other.parameters(), lr=0.1), store)
+    fails("optimizer 0 .* owns none", model, torch.optim.SGD(other.parameters(), lr=0.1), store)
     fails("optimizer 1 .* owns none", model,
           [optimizer, torch.optim.SGD(other.parameters(), lr=0.1)], store)
     fails("every must be a positive integer", model, optimizer, store, every=0)
-    fails("optimizer must be", model, "sgd", store)
+    fails(r"optimizer \(str\) is not a torch.optim.Optimizer", model, "sgd", store)
     fails("model must be", "model", optimizer, store)
     fails("metadata must be", model, optimizer, store, metadata={"f": object()})
     fails("group must be", model, optimizer, store, group="x/epochs")
+    fails("mode must be 'w-'", model, optimizer, store, mode="r+")
+    fails("scaler must be", model, optimizer, store, scaler="amp")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     fails("not a Zarr store", model, optimizer, tmp_path / "notes")

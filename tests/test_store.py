@@ -70,7 +70,7 @@ def test_crash_loses_only_the_unflushed_buffer(tmp_path):
     assert ds.step.values.tolist() == [0, 1, 2]
     np.testing.assert_allclose(ds.grad_norm.sel(layer="0").values, expected, rtol=2e-6)
     # Resuming continues after the last committed step.
-    with gradflow.Recorder(model, optimizer, store) as rec:
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:
         assert rec.step == 3
         train(model, optimizer, 1, seed=3)
     assert gradflow.open(store).step.values.tolist() == [0, 1, 2, 3]
@@ -162,7 +162,7 @@ def test_interrupted_flush_is_invisible_and_trimmed_on_resume(tmp_path):
     assert plain.sizes["step"] == 3 and gradflow.open(store).sizes["step"] == 3
     assert xr.open_zarr(store, group="epochs").sizes["epoch"] == 1
 
-    with gradflow.Recorder(model, optimizer, store) as rec:
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:
         assert (rec.step, rec.epoch) == (3, 1)
         expected += train(model, optimizer, 2, seed=1)
     ds = gradflow.open(store)
