@@ -7,13 +7,7 @@ after each ``step()``, and compares row count, ``skipped`` and every step figure
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +21,6 @@ from gradflow import GradflowError
 
 VARIABLES = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
              "param_norm", "update_ratio", "nonfinite")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def mlp(seed: int = 0, sizes=(4, 6, 3)) -> nn.Sequential:
@@ -475,51 +468,45 @@ def test_anything_else_is_a_one_line_error_and_no_store(tmp_path):
 
 # -- case 11: torch.compile around the step ------------------------------------------------------
 
-COMPILED_STEP = """
-import json, warnings
-import numpy as np, torch
-from torch import nn
-import gradflow
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+def compiled_training(store=None):
+    """4 Adam steps whose ``optimizer.step()`` runs inside ``torch.compile``; returns what happened."""
+    from torch._dynamo.utils import counters
 
-@torch.compile(backend="eager")
-def step():
-    optimizer.step()
+    torch._dynamo.reset()
+    counters.clear()
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
 
-warnings.simplefilter("always")
-rows = []
-with gradflow.Recorder(model, optimizer, {store!r}):
-    for _ in range(4):
-        optimizer.zero_grad()
-        model(torch.randn(5, 4)).square().mean().backward()
-        g = {{n: p.grad.double().norm().item() for n, p in model.named_parameters()}}
-        w0 = [p.detach().clone() for p in model.parameters()]
-        step()
-        rows.append([g["0.weight"], (model[0].weight - w0[0]).double().norm().item()])
-print(json.dumps(rows))
-"""
+    @torch.compile(backend="eager")
+    def step():
+        optimizer.step()
+
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = gradflow.Recorder(model, optimizer, store) if store else None
+        for x, y in data(4):
+            optimizer.zero_grad()
+            mse(model, x, y).backward()
+            g, w0 = grads(model), weights(model)
+            step()
+            records.append((g, w0, weights(model)))
+        if rec:
+            rec.close()
+    breaks = {reason.split("\n")[0] for reason in counters["graph_break"]}
+    messages = [str(w.message) for w in caught if "script_method" not in str(w.message)]
+    return model, records, breaks, counters["stats"]["unique_graphs"], messages
 
 
 def test_compiled_step_keeps_hooks_out_of_the_graph_silently(tmp_path):
-    store = tmp_path / "run.zarr"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent(COMPILED_STEP.format(store=str(store)))],
-                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert child.returncode == 0, child.stderr
-    noise = [line for line in child.stderr.splitlines()
-             if "gradflow" in line or "Graph break" in line or "ecompil" in line]
-    assert noise == [], "\n".join(noise)
-    rows = json.loads(child.stdout.strip().splitlines()[-1])
-    ds = gradflow.open(store)
-    assert ds.sizes["step"] == 4
-    # grad_norm of layer 0 combines weight and bias; the weight part alone bounds it from below
-    got = ds.grad_norm.sel(layer="0").values
-    assert all(g >= w * (1 - 1e-6) for g, (w, _) in zip(got, rows))
-    upd = ds.update_norm.sel(layer="0").values
-    assert all(u >= d * (1 - 1e-6) and d > 0 for u, (_, d) in zip(upd, rows))
+    _, _, plain_breaks, plain_graphs, _ = compiled_training()
+    model, records, breaks, graphs, messages = compiled_training(tmp_path / "run.zarr")
+    assert messages == []  # e.g. no "Dynamo does not know how to trace the builtin time.time"
+    # Dynamo calls the hooks eagerly (one skipped call) and traces nothing of them: no new graph
+    # breaks (e.g. on .item()) and no recompiles beyond the plain compiled step.
+    assert breaks - plain_breaks <= {"Skip calling `torch.compiler.disable()`d function"}
+    assert graphs == plain_graphs
+    check(gradflow.open(tmp_path / "run.zarr"), records, layers_of(model))
 
 
 # -- case 12: no dependency warnings -------------------------------------------------------------
