@@ -614,6 +614,11 @@ class Recorder:
             self._close_row()
 
     def _close_row(self) -> None:
+        self._grad_due = [False] * len(self._grad_due)
+        if all(r is None for r in self._resolved):
+            # Only steps that never finished (an exception inside step()): not a step, not a row.
+            self._row_open, self._parts, self._present = False, [], None
+            return
         skipped = "skip" in self._resolved
         if self._recording:
             with torch.no_grad():
@@ -629,7 +634,6 @@ class Recorder:
             self._parts, self._present = [], None
         self._row_open = False
         self._resolved = [None] * len(self._resolved)
-        self._grad_due = [False] * len(self._grad_due)
         self._step += 1
         self._epoch_steps += 1
         if self._pending_steps and (len(self._pending_steps) >= FLUSH_ROWS

@@ -1,0 +1,133 @@
+"""The Lightning adapter: closures, accumulation, clipping, validation losses, manual optimization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from capture import capture_steps, layers_of
+from reference import layer_reference
+from torch import nn
+
+import gradflow
+
+pl = pytest.importorskip("lightning.pytorch")
+from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
+
+VARIABLES = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
+             "param_norm", "update_ratio", "nonfinite")
+
+
+def loader(n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(4, generator=gen), torch.randn(3, generator=gen)) for _ in range(n)]
+    return torch.utils.data.DataLoader(data, batch_size=5)
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, records: list):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.records = records
+
+    def training_step(self, batch, _):
+        loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        capture_steps(optimizer, self, self.records)
+        return optimizer
+
+
+class EpochMetrics(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def trainer(callbacks, **kwargs):
+    options = dict(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return pl.Trainer(callbacks=callbacks, **{**options, **kwargs})
+
+
+def check(ds, records, layers):
+    assert ds.sizes["step"] == len(records) and not ds.skipped.values.any()
+    for k, (g, w0, w1) in enumerate(records):
+        for layer, names in layers.items():
+            expected = layer_reference(g, w0, w1, names)
+            for var in VARIABLES:
+                np.testing.assert_allclose(float(ds[var].sel(layer=layer).values[k]),
+                                           expected[var], rtol=2e-6, err_msg=f"{var} {layer} {k}")
+
+
+def test_closure_accumulation_clipping_and_epoch_losses(tmp_path):
+    records, metrics = [], EpochMetrics()
+    model = Regressor(records)
+    trainer([GradflowCallback(tmp_path / "run.zarr"), metrics], accumulate_grad_batches=2,
+            gradient_clip_val=0.05).fit(model, loader(40, 1), loader(10, 2))
+    assert len(records) == 2 * 4  # 8 batches per epoch, one step per 2 batches
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check(ds, records, layers_of(model))
+    total = np.sqrt((ds.grad_norm.values.astype(np.float64) ** 2).sum(1))
+    np.testing.assert_allclose(total, 0.05, rtol=1e-5)  # the clipped gradient was recorded
+    ep = gradflow.open(tmp_path / "run.zarr", group="epochs")
+    assert ep.num_steps.values.tolist() == [4, 4]
+    np.testing.assert_allclose(ep.val_loss.values, [m["val_loss"] for m in metrics.seen])
+    np.testing.assert_allclose(ep.train_loss.values, [m["train_loss"] for m in metrics.seen])
+
+
+class TwoOptimizers(Regressor):
+    """Manual optimization: the head steps first, then the body, each on its own loss."""
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, _):
+        head, body = self.optimizers()
+        for opt in (head, body):
+            opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+            opt.step()
+
+    def configure_optimizers(self):
+        head = torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+        body = torch.optim.Adam(self.net[0].parameters(), lr=0.01)
+        self.head_records, self.body_records = [], []
+        capture_steps(head, self, self.head_records)
+        capture_steps(body, self, self.body_records)
+        return head, body
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    model = TwoOptimizers([])
+    trainer([GradflowCallback(tmp_path / "run.zarr")], max_epochs=1).fit(model, loader(15, 1))
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds.sizes["step"] == 3 == len(model.head_records) == len(model.body_records)
+    records = []
+    for (g_head, w0, _), (g_body, _, w1) in zip(model.head_records, model.body_records):
+        records.append(({n: (g_head if n.startswith("net.2") else g_body)[n] for n in g_head}, w0, w1))
+    check(ds, records, layers_of(model))
+
+
+def test_exception_closes_the_recorder(tmp_path):
+    class Crash(Regressor):
+        def training_step(self, batch, index):
+            if index == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, index)
+
+    callback = GradflowCallback(tmp_path / "run.zarr")
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer([callback]).fit(Crash([]), loader(20, 1))
+    assert callback.recorder is None
+    assert gradflow.open(tmp_path / "run.zarr").sizes["step"] == 2
