@@ -186,7 +186,7 @@ def _is_better(val_loss: float, best: float | None) -> bool:
 
 def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None, *,
           checkpoint: str | Path | None = None, progress=None, metadata: dict | None = None,
-          data=None) -> TrainResult:
+          data=None, mode: str = "w-") -> TrainResult:
     """Train ``config``'s model, recording gradient flow into ``store`` (``None``: no recording).
 
     ``group``: sub-group of the store to record into (sweeps use one group per variant).
@@ -195,11 +195,15 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
     the last train/val loss in the epoch task's description) are added and removed at the end.
     ``metadata``: extra JSON-able attrs for the store; the config itself is always recorded.
     ``data``: an ``EMData`` already loaded for this config (sweeps reuse one); default: load it.
+    ``mode``: the Recorder's store mode (``"w-"`` new, ``"w"`` replace a gradflow run, ``"a"``).
+    Every input (config, data, checkpoint path) is checked before the store is created or replaced.
     """
     from gradflow.data import augment_batch, load_data
     from gradflow.losses import get_loss
 
     device = resolve_device(config.device)
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
     if config.amp and device.type != "cuda":
         raise GradflowError(f"mixed precision (amp) needs a CUDA device, not {device.type!r}")
     loss_fn = get_loss(config.loss)
@@ -227,7 +231,8 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
 
         attrs = {**dataclasses.asdict(config), "data_source": str(data.source),
                  "data_split": data.split, **(metadata or {})}
-        rec = Recorder(model, optimizer, store, every=config.every, group=group, metadata=attrs)
+        rec = Recorder(model, optimizer, store, every=config.every, group=group, metadata=attrs,
+                       mode=mode, scaler=scaler)
 
     label = group or "train"
     if progress is not None:
@@ -307,14 +312,37 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
                        model=model)
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors checkpoint that :func:`save_checkpoint` wrote."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("writer") == "gradflow"
+    except Exception:  # noqa: BLE001 - not safetensors at all (text, another format, a folder)
+        return False
+
+
+def check_checkpoint_path(path: str | Path) -> None:
+    """Refuse a checkpoint path that holds anything but a gradflow checkpoint (it would be replaced)."""
+    path = Path(path)
+    if path.exists() and not is_checkpoint(path):
+        raise GradflowError(f"checkpoint {str(path)!r} exists and is not a gradflow checkpoint; "
+                            f"choose another path")
+
+
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, **info: Any) -> None:
-    """Write a state dict as safetensors (CPU, contiguous); ``info`` goes into its string metadata."""
+    """Write a state dict as safetensors (CPU, contiguous); ``info`` goes into its string metadata.
+
+    Replaces only a gradflow checkpoint (``writer="gradflow"`` in its metadata), never another file.
+    """
     from safetensors.torch import save_file
 
+    check_checkpoint_path(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
-              metadata={k: str(v) for k, v in info.items()})
+              metadata={**{k: str(v) for k, v in info.items()}, "writer": "gradflow"})
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -36,7 +37,7 @@ def train_command(
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only).")] = False,
     every: Annotated[int, typer.Option(help="Record every N-th optimizer step.")] = 1,
     out: Annotated[str, typer.Option(help="Zarr store to record into (path or fsspec URL).")] = "run.zarr",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (and CHECKPOINT) if they hold a gradflow run (checkpoint); nothing else is ever deleted.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(help="Safetensors file for the best-validation weights.")] = None,
 ) -> None:
     """Train one variant end to end, recording gradient flow into OUT."""
@@ -56,11 +57,21 @@ def train_command(
     if fs.exists(path):
         if not overwrite:
             raise GradflowError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        fs.rm(path, recursive=True)
+        if not fs.exists(path.rstrip("/") + "/zarr.json"):
+            raise GradflowError(f"{out} exists and is not a Zarr store; --overwrite replaces only a gradflow "
+                                f"store: choose another --out")
+    if checkpoint is not None:
+        from gradflow.train import check_checkpoint_path
+
+        check_checkpoint_path(checkpoint)  # never a file that is not a gradflow checkpoint
+        if Path(checkpoint).exists() and not overwrite:
+            raise GradflowError(f"checkpoint {checkpoint} already exists; pass --overwrite to replace it")
+    # The store is replaced (mode "w": only a gradflow run) by the Recorder, after train() has checked
+    # every other input (data, model, device): a bad input never costs the old store.
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
-        result = train(config, out, checkpoint=checkpoint, progress=progress)
+        result = train(config, out, checkpoint=checkpoint, progress=progress, mode="w" if overwrite else "w-")
     best = result.history.loc[result.best_epoch]
     saved = f", checkpoint {result.checkpoint}" if result.checkpoint else ""
     typer.echo(f"trained {config.epochs} epochs; best epoch {result.best_epoch}: val loss {result.best_val_loss:.4f} "
