@@ -68,6 +68,7 @@ import atexit
 import datetime
 import json
 import math
+import sys
 import threading
 import time
 import warnings
@@ -253,6 +254,29 @@ def _buckets(tensors: list, index: list[int]) -> list[quantities.Bucket]:
     return [quantities.Bucket.build(params, indices) for params, indices in by_key.values()]
 
 
+# torch wraps every optimizer class's step() in this function (it runs the hooks); a subclass whose
+# step() calls super().step() runs it twice, nested.
+_STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda self: None).__code__
+
+
+def _step_frame():
+    """The innermost frame of torch's step wrapper on the current stack (None if not found)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _STEP_WRAPPER:
+        frame = frame.f_back
+    return frame
+
+
+def _calls_from(frame, outer) -> bool:
+    """Whether ``frame`` runs inside ``outer`` (a proper ancestor on the current stack)."""
+    frame = None if frame is None else frame.f_back
+    while frame is not None:
+        if frame is outer:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _closure_of(args: tuple, kwargs: dict):
     """The closure passed to ``optimizer.step`` (args[0] is the optimizer itself), or None."""
     return args[1] if len(args) > 1 else kwargs.get("closure")
@@ -368,6 +392,7 @@ class Recorder:
         self._grad_due = [False] * n  # the step's gradient figures are still to be taken
         self._grad_scale: list = [None] * n
         self._step_calls = [0] * n  # pre-hook calls, to see a GradScaler step that did not step
+        self._outer: list = [None] * n  # frame of the step() call in progress (see _step_frame)
         self._parts: list = []
         self._present: np.ndarray | None = None
         self._pending_steps: list[_StepRow] = []
@@ -381,6 +406,7 @@ class Recorder:
         # their Python bookkeeping.
         disable = torch.compiler.disable
         self._take_gradient_eagerly = disable(self._take_gradient)
+        self._skip_eagerly = disable(self._skip)
         self._hooks = []
         for i, opt in enumerate(optimizers):
             self._hooks.append(opt.register_step_pre_hook(disable(partial(self._before_step, i))))
@@ -388,7 +414,8 @@ class Recorder:
         self._scaler = scaler
         self._scaler_step = None
         if scaler is not None:
-            self._scaler_step = disable(partial(self._scaler_step_call, scaler.step))
+            self._scaler_step = disable(partial(self._scaler_step_call, scaler.step),
+                                        recursive=False)  # the optimizer's step may be compiled
             scaler.step = self._scaler_step  # the instance's step, removed again at close()
         self._closed = False
         _register_open(self)
@@ -495,6 +522,10 @@ class Recorder:
     def _before_step(self, i: int, optimizer, args, kwargs):
         if self._closed:
             return None
+        frame = _step_frame()
+        if self._outer[i] is not None and _calls_from(frame, self._outer[i]):
+            return None  # a subclass's step() calling super().step(): the outer call is the step
+        self._outer[i] = frame
         self._step_calls[i] += 1
         if len(optimizer.param_groups) != self._num_groups[i]:
             self._join_groups(i, optimizer)
@@ -539,6 +570,9 @@ class Recorder:
                 self._parts += bucket.gradient_parts(self._present, self._grad_scale[i])
 
     def _after_step(self, i: int, optimizer, args, kwargs) -> None:
+        if _step_frame() is not self._outer[i]:
+            return  # the end of a nested super().step()
+        self._outer[i] = None
         if self._closed or not self._row_open:
             return
         self._resolved[i] = "step"
@@ -557,7 +591,7 @@ class Recorder:
         out = step(optimizer, *args, **kwargs)
         if i is not None and not self._closed and self._step_calls[i] == calls \
                 and self._scaler.is_enabled():
-            self._skip(i)
+            self._skip_eagerly(i)
         return out
 
     # -- step bookkeeping ---------------------------------------------------------------------

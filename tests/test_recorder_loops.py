@@ -519,3 +519,56 @@ def test_no_warnings_leak_even_under_w_error(tmp_path):
         record(tmp_path / "run.zarr", mode="w")
         record(tmp_path / "sweep.zarr", group="a")
         assert gradflow.open(tmp_path / "run.zarr").sizes["step"] == 2
+
+
+# -- optimizer subclasses: torch runs the hooks of step() and of super().step() -----------------
+
+class ProjectedSGD(torch.optim.SGD):
+    """SGD, then every weight clipped to [-0.2, 0.2]: the step is both, and it nests super().step()."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.clamp_(-0.2, 0.2)
+        return loss
+
+
+def test_subclass_calling_super_step_is_one_step_with_its_whole_update(tmp_path):
+    model = mlp()
+    optimizer = ProjectedSGD(model.parameters(), lr=0.5)
+    records = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        closure_loop(model, optimizer, data(3), records)
+        for x, y in data(2, seed=4):
+            optimizer.zero_grad()
+            mse(model, x, y).backward()
+            g, w0 = grads(model), weights(model)
+            optimizer.step()
+            records.append((g, w0, weights(model)))
+    assert any((np.abs(w1[n]) == np.float32(0.2)).any() for _, _, w1 in records for n in w1)  # clipped
+    check(gradflow.open(tmp_path / "run.zarr"), records, layers_of(model))
+
+
+def test_a_step_that_raised_is_no_row_and_recording_goes_on(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for k, (x, y) in enumerate(data(3)):
+            def closure():
+                optimizer.zero_grad()
+                loss = mse(model, x, y)
+                if k == 1:
+                    raise FloatingPointError("bad batch")
+                loss.backward()
+                return loss
+
+            w0 = weights(model)
+            try:
+                optimizer.step(closure)
+            except FloatingPointError:
+                continue
+            records.append((grads(model), w0, weights(model)))
+    check(gradflow.open(tmp_path / "run.zarr"), records, layers_of(model))
