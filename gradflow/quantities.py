@@ -48,8 +48,21 @@ FOUND_INF = -1  # pseudo-row: GradScaler's found_inf flag handed to a fused opti
 RAGGED_MAX_TENSORS = 64
 RAGGED_MAX_ELEMENTS = 4096
 
+# A bucket's scratch buffer holds at most this fraction of its parameters' bytes (and at least
+# SCRATCH_MIN_ELEMENTS elements): with the snapshot (1×) the device holds ≤ 1.125× the parameters.
+SCRATCH_FRACTION = 0.125
+SCRATCH_MIN_ELEMENTS = 1 << 18
+
+# Which bucket kind the Recorder builds (see build_bucket): "auto", "stack" or "foreach".
+STRATEGY = "auto"
+
 # Rows of the per-tensor figure matrix (2 × T) that one epoch produces.
 EPOCH_ABS_SUM, EPOCH_NORM = range(2)
+
+# How the figures of one tensor's parts (blocks, shards) combine: norms as sqrt(Σ‖·‖²), sums
+# added, maxima the max.
+STEP_KINDS = ("norm", "max", "sum", "norm", "norm", "sum", "max", "norm")
+EPOCH_KINDS = ("sum", "norm")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,7 +73,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def gradient_figures(grads: torch.Tensor) -> list[torch.Tensor]:
     """Row-wise ‖g‖ and max|g| of a ``(k, n)`` gradient matrix, which is overwritten by |g|.
 
-    Both are NaN/Inf when a row holds NaN/Inf (|g| keeps them where they are).
+    Both are NaN/Inf when a row holds NaN/Inf (|g| keeps them where they are). (On a CPU,
+    ``abs_`` + ``amax`` is several times faster than ``vector_norm(ord=inf)``.)
     """
     magnitude = grads.abs_()
     return [torch.linalg.vector_norm(magnitude, dim=1), magnitude.amax(1)]
@@ -83,60 +97,100 @@ def norms(weights: torch.Tensor) -> torch.Tensor:
 
 def update_figures(diff: torch.Tensor) -> list[torch.Tensor]:
     """Row-wise ‖d‖, Σ|d| and max|d| of a ``(k, n)`` update matrix, which is overwritten by |d|."""
-    norm = torch.linalg.vector_norm(diff, dim=1)
     magnitude = diff.abs_()
-    return [norm, magnitude.sum(1), magnitude.amax(1)]
+    return [torch.linalg.vector_norm(magnitude, dim=1), magnitude.sum(1), magnitude.amax(1)]
+
+
+class Split:
+    """The tensor index of a part computed from a block of one tensor (see :class:`BlockClass`).
+
+    Several parts carry the same tensor; the host combines them (norms as sqrt(Σ‖·‖²), sums added,
+    maxima the max) instead of assigning.
+    """
+
+    def __init__(self, index: np.ndarray) -> None:
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The tensor a rank holds: a DTensor's local shard, any other tensor itself."""
+    return getattr(p, "_local_tensor", p)
 
 
 @dataclass
 class ShapeClass:
-    """Parameter tensors of one bucket with the same shape, reduced together as one matrix."""
+    """Parameter tensors of one bucket with the same shape, reduced together as one matrix.
+
+    ``snapshot`` is in the parameters' own dtype (a copy, no rounding); ``scratch`` in the compute
+    dtype, shared by all classes of the bucket, receives one class of gradients or parameters at a
+    time (exact upcast). ``local``: the parameters are DTensors (FSDP2); their local shards are read.
+    """
 
     params: list[torch.Tensor]
-    index: np.ndarray  # their global tensor indices (layer order), for the host-side scatter
-    snapshot: torch.Tensor  # (k, *shape) view into the bucket's flat snapshot buffer
-    scratch: torch.Tensor  # (k, *shape) view into the bucket's scratch buffer (shared by classes)
-    zeros: dict = field(default_factory=dict)  # shape → zeros standing in for a missing gradient
+    index: np.ndarray | Split  # their global tensor indices (layer order), for the host-side scatter
+    snapshot: torch.Tensor  # (k, *shape) view into the bucket's flat snapshot buffer (param dtype)
+    scratch: torch.Tensor  # (k, *shape) view into the bucket's scratch buffer (compute dtype)
+    local: bool = False
+    epoch: torch.Tensor | None = None  # epoch-start copy (param dtype, host memory), like snapshot
     # The same buffers seen as (k, numel) matrices, made once: a view costs a dispatch per call.
     snapshot_rows: torch.Tensor = field(init=False)
     scratch_rows: torch.Tensor = field(init=False)
+    zero: torch.Tensor = field(init=False)  # 0-d zero, expanded to stand in for a missing gradient
 
     def __post_init__(self) -> None:
-        self.snapshot_rows = self.snapshot.view(len(self.params), -1)
-        self.scratch_rows = self.scratch.view(len(self.params), -1)
+        self.snapshot_rows = self.snapshot.view(len(self.snapshot), -1)
+        self.scratch_rows = self.scratch.view(len(self.scratch), -1)
+        self.zero = torch.zeros((), dtype=self.snapshot.dtype, device=self.snapshot.device)
 
-    def fill(self, tensors: list[torch.Tensor], into_snapshot: bool) -> None:
-        """Copy ``tensors`` (one per member) into the snapshot or scratch buffer (exact upcast)."""
-        torch.stack(tensors, out=self.snapshot if into_snapshot else self.scratch)
+    def rows(self, into: str) -> torch.Tensor:
+        """A buffer (``"snapshot"``, ``"scratch"`` or ``"epoch"``) as a (k, numel) matrix."""
+        if into == "scratch":
+            return self.scratch_rows
+        if into == "snapshot":
+            return self.snapshot_rows
+        return self.epoch.view(len(self.epoch), -1)
 
-    def stack_params(self, into_snapshot: bool = False) -> torch.Tensor:
-        """The parameters stacked into the scratch (or the snapshot) buffer, as a (k, numel) matrix."""
-        self.fill(self.params, into_snapshot)
-        return self.snapshot_rows if into_snapshot else self.scratch_rows
+    def data(self) -> list[torch.Tensor]:
+        return [_local(p) for p in self.params] if self.local else self.params
+
+    def fill(self, tensors: list[torch.Tensor], into: str) -> None:
+        """Copy ``tensors`` (one per member) into a buffer (exact: upcast or same dtype)."""
+        torch.stack(tensors, out=getattr(self, into))
+
+    def stack_params(self, into: str = "scratch") -> torch.Tensor:
+        """The parameters copied into a buffer, as a (k, numel) matrix."""
+        self.fill(self.data(), into)
+        return self.rows(into)
 
     def stack_grads(self, present: np.ndarray) -> torch.Tensor:
         """The gradients stacked into the scratch buffer, as a (k, numel) matrix.
 
-        Zeros stand in for missing gradients (``present`` is cleared for those) and sparse ones
-        (``nn.Embedding(sparse=True)``) are made dense; both are found by the stack failing, so the
-        common case looks at each ``.grad`` once.
+        Zeros (an expanded 0-d tensor, no memory) stand in for missing gradients (``present`` is
+        cleared for those) and sparse ones (``nn.Embedding(sparse=True)``) are made dense; both are
+        found by the stack failing, so the common case looks at each ``.grad`` once.
         """
         grads = [p.grad for p in self.params]
+        if self.local:
+            grads = [None if g is None else _local(g) for g in grads]
         try:
-            self.fill(grads, into_snapshot=False)
+            self.fill(grads, "scratch")
         except (TypeError, RuntimeError):  # None does not stack (TypeError), sparse does not either
+            data = self.data()
             for j, g in enumerate(grads):
                 if g is None:
-                    present[self.index[j]] = False
-                    p = self.params[j]
-                    if p.shape not in self.zeros:
-                        self.zeros[p.shape] = torch.zeros_like(
-                            p, memory_format=torch.contiguous_format)
-                    grads[j] = self.zeros[p.shape]
+                    present[self.index_array[j]] = False
+                    grads[j] = self.zero.expand(data[j].shape)
                 elif g.layout != torch.strided:
                     grads[j] = g.to_dense()
-            self.fill(grads, into_snapshot=False)
+            self.fill(grads, "scratch")
         return self.scratch_rows
+
+    @property
+    def index_array(self) -> np.ndarray:
+        return self.index.index if isinstance(self.index, Split) else self.index
 
 
 @dataclass
@@ -147,47 +201,90 @@ class RaggedClass(ShapeClass):
     A model's odd tensors (first and last layer, a lone bias of one element, a few biases) would
     each be a shape class of its own, costing a dozen kernel launches apiece per recorded step;
     here they cost a dozen together. The zero padding changes no figure (it adds 0 to every sum
-    and norm, and max|·| ≥ 0). ``snapshot`` and ``scratch`` are this class's own zero-initialised
-    ``(k, width)`` buffers, filled through per-tensor views of their rows.
+    and norm, and max|·| ≥ 0). ``snapshot``, ``scratch`` (and ``epoch``) are this class's own
+    zero-initialised ``(k, width)`` buffers, filled through per-tensor views of their rows.
     """
 
-    snapshot_views: list[torch.Tensor] = field(init=False)
-    scratch_views: list[torch.Tensor] = field(init=False)
+    views: dict = field(init=False)
 
     def __post_init__(self) -> None:
-        self.snapshot_rows, self.scratch_rows = self.snapshot, self.scratch
-        self.snapshot_views = [row[:p.numel()].view(p.shape)
-                               for row, p in zip(self.snapshot, self.params)]
-        self.scratch_views = [row[:p.numel()].view(p.shape)
-                              for row, p in zip(self.scratch, self.params)]
+        super().__post_init__()
+        self.views = {}
 
-    def fill(self, tensors: list[torch.Tensor], into_snapshot: bool) -> None:
-        torch._foreach_copy_(self.snapshot_views if into_snapshot else self.scratch_views, tensors)
+    def _views(self, into: str) -> list[torch.Tensor]:
+        buffer = getattr(self, into)
+        cached = self.views.get(into)
+        if cached is None or cached[0] is not buffer:
+            cached = (buffer, [row[:t.numel()].view(t.shape) for row, t in zip(buffer, self.data())])
+            self.views[into] = cached
+        return cached[1]
+
+    def fill(self, tensors: list[torch.Tensor], into: str) -> None:
+        torch._foreach_copy_(self._views(into), tensors)
+
+
+@dataclass
+class BlockClass(ShapeClass):
+    """One block (a flat range ``[start, stop)``) of a tensor too large for the scratch buffer.
+
+    A tensor larger than the bucket's scratch is read block by block, each a one-row matrix; the
+    host combines the blocks' figures (:class:`Split`), so no buffer larger than the scratch is
+    ever needed.
+    """
+
+    start: int = 0
+    stop: int = 0
+
+    def _block(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1)[:, self.start:self.stop]
+
+    def fill(self, tensors: list[torch.Tensor], into: str) -> None:
+        getattr(self, into).copy_(self._block(tensors[0]))
+
+
+def _epoch_buffer(like: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """A zeroed host tensor shaped like ``like`` in its dtype (pinned for fast copies from a GPU)."""
+    return torch.zeros(like.shape, dtype=like.dtype, pin_memory=pinned)
 
 
 @dataclass
 class Bucket:
     """The recorded tensors one optimizer owns on one device with one dtype.
 
-    Owns the Δw snapshot: one flat buffer in the compute dtype holding a copy of these tensors,
-    written only on recorded steps (so it costs one copy of the recorded parameters, float32 for
-    bfloat16 parameters); a scratch buffer the size of the largest shape class, into which
-    gradients and updated parameters are stacked; and the epoch-start copy kept on the host.
+    Memory, for P bytes of recorded parameters: the Δw snapshot, one copy of them in their own
+    dtype (P), written only on recorded steps; one scratch buffer in the compute dtype of at most
+    :data:`SCRATCH_FRACTION` · P (at least :data:`SCRATCH_MIN_ELEMENTS` elements), into which
+    gradients and parameters are copied class by class (a class larger than it is split into
+    blocks); on a CPU, a transient of the same size when a bfloat16/float16 difference is upcast;
+    and the epoch-start copy in host memory in the parameters' own dtype (P). With
+    ``snapshot=False`` there is no snapshot and no epoch copy (gradient figures and ‖w‖ only).
     """
 
     device: torch.device
     dtype: torch.dtype
     classes: list[ShapeClass] = field(default_factory=list)
-    epoch_start: list[torch.Tensor] = field(default_factory=list)  # host copies, one per class
+    keeps_snapshot: bool = True
 
     @classmethod
-    def build(cls, params: list[torch.Tensor], index: list[int]) -> Bucket:
-        """Group ``params`` (all on one device with one dtype) into shape classes and a ragged one."""
-        device, dtype = params[0].device, params[0].dtype
+    def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
+              scratch_elements: int | None = None) -> Bucket:
+        """Group ``params`` (all on one device with one dtype) into shape classes and a ragged one.
+
+        DTensor parameters (FSDP2) are read through their local shards. ``scratch_elements`` caps
+        the scratch buffer (default: from :data:`SCRATCH_FRACTION`).
+        """
+        data = [_local(p) for p in params]
+        local = any(d is not p for d, p in zip(data, params))
+        device, dtype = data[0].device, data[0].dtype
         work = compute_dtype(dtype)
+        numel = [d.numel() for d in data]
+        if scratch_elements is None:
+            copies = 1 if work == dtype or device.type != "cpu" else 2  # CPU upcast transient
+            budget = SCRATCH_FRACTION * sum(numel) * dtype.itemsize / (work.itemsize * copies)
+            scratch_elements = max(SCRATCH_MIN_ELEMENTS, int(budget))
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for i, d in enumerate(data):
+            by_shape.setdefault(tuple(d.shape), []).append(i)
         ragged = [i for shape, members in by_shape.items()
                   if len(members) < RAGGED_MAX_TENSORS
                   and len(members) * math.prod(shape) <= RAGGED_MAX_ELEMENTS for i in members]
@@ -195,30 +292,45 @@ class Bucket:
             ragged = []  # nothing to merge
         by_shape = {shape: members for shape, members in by_shape.items()
                     if members[0] not in ragged}
-        bucket = cls(device, dtype)
-        if by_shape:
-            sizes = {shape: len(members) * math.prod(shape) for shape, members in by_shape.items()}
-            flat = torch.empty(sum(sizes.values()), dtype=work, device=device)
-            scratch = torch.empty(max(sizes.values()), dtype=work, device=device)
+        # Each class (a run of same-shape members, or one block of a big tensor) fits the scratch.
+        plan: list[tuple[tuple, list[int], int, int]] = []  # (row shape, members, start, stop)
+        for shape, members in by_shape.items():
+            size = math.prod(shape)
+            if size > scratch_elements:
+                for i in members:
+                    plan += [((1, min(size, a + scratch_elements) - a), [i], a,
+                              min(size, a + scratch_elements))
+                             for a in range(0, size, scratch_elements)]
+            else:
+                per = max(1, scratch_elements // max(size, 1))
+                plan += [(shape, members[a:a + per], 0, 0) for a in range(0, len(members), per)]
+        bucket = cls(device, dtype, keeps_snapshot=snapshot)
+        if plan:
+            sizes = [len(m) * math.prod(s) if a == b else b - a for s, m, a, b in plan]
+            flat = torch.empty(sum(sizes) if snapshot else 0, dtype=dtype, device=device)
+            scratch = torch.empty(max(sizes), dtype=work, device=device)
             offset = 0
-            for shape, members in by_shape.items():
-                size = sizes[shape]
-                bucket.classes.append(ShapeClass(
-                    [params[i] for i in members], np.array([index[i] for i in members]),
-                    flat[offset:offset + size].view(len(members), *shape),
-                    scratch[:size].view(len(members), *shape)))
-                offset += size
+            for (shape, members, a, b), size in zip(plan, sizes):
+                rows = (len(members), *shape) if a == b else shape
+                snap = flat[offset:offset + size].view(rows) if snapshot else scratch[:size].view(rows)
+                args = ([params[i] for i in members],
+                        np.array([index[i] for i in members]) if a == b
+                        else Split(np.array([index[members[0]]])),
+                        snap, scratch[:size].view(rows), local)
+                bucket.classes.append(ShapeClass(*args) if a == b
+                                      else BlockClass(*args, start=a, stop=b))
+                offset += size if snapshot else 0
         if ragged:
-            width = max(params[i].numel() for i in ragged)
+            width = max(data[i].numel() for i in ragged)
             bucket.classes.append(RaggedClass(
                 [params[i] for i in ragged], np.array([index[i] for i in ragged]),
-                torch.zeros(len(ragged), width, dtype=work, device=device),
-                torch.zeros(len(ragged), width, dtype=work, device=device)))
+                torch.zeros(len(ragged), width, dtype=dtype, device=device),
+                torch.zeros(len(ragged), width, dtype=work, device=device), local))
         return bucket
 
     def check_device(self) -> bool:
         """False when the parameters moved to another device or dtype after the Recorder was built."""
-        p = self.classes[0].params[0]
+        p = self.classes[0].data()[0]
         return p.device == self.device and p.dtype == self.dtype
 
     def before_step(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
@@ -247,25 +359,40 @@ class Bucket:
             if inv_scale is not None:
                 norm, max_abs = norm * inv_scale, max_abs * inv_scale
             parts += [(GRAD_NORM, c.index, norm), (GRAD_MAX_ABS, c.index, max_abs)]
-        if seen and not math.isfinite(sum(max_abs.sum().item() for _, max_abs in seen)):
+        if seen and not math.isfinite(torch.cat([m for _, m in seen]).sum().item()):
             parts += [(GRAD_NONFINITE, c.index, nonfinite_counts(c.stack_grads(present)))
                       for c, _ in seen]
         return parts
 
     def snapshot(self) -> list:
-        """‖w‖ before the step, copying the parameters into the Δw snapshot."""
-        return [(PARAM_NORM_BEFORE, c.index, norms(c.stack_params(into_snapshot=True)))
-                for c in self.classes]
+        """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
+        return [(PARAM_NORM_BEFORE, c.index, self._snapshot_norms(c)) for c in self.classes]
+
+    def _snapshot_norms(self, c: ShapeClass) -> torch.Tensor:
+        """Take the Δw snapshot of ``c`` (in the parameters' dtype) and return ‖w‖ per member."""
+        if not self.keeps_snapshot:
+            return norms(c.stack_params())
+        if c.snapshot.dtype == c.scratch.dtype:
+            return norms(c.stack_params("snapshot"))  # float32/64: the snapshot is the matrix
+        weights = norms(c.stack_params())  # upcast copy in the scratch, for the norms
+        c.fill(c.data(), "snapshot")
+        return weights
 
     def after_step(self) -> list:
         """‖w‖ after the step and the update figures, from the snapshot taken by :meth:`before_step`."""
         parts = []
         for c in self.classes:
             after = c.stack_params()
-            diff = c.snapshot_rows.sub_(after)  # w_before − w_after, in place
+            parts.append((PARAM_NORM_AFTER, c.index, norms(after)))
+            if not self.keeps_snapshot:
+                continue
+            if c.snapshot.dtype == after.dtype:
+                diff = c.snapshot_rows.sub_(after)  # w_before − w_after, in place
+            else:
+                diff = after.sub_(c.snapshot_rows)  # w_after − w_before, upcast while subtracting
             norm, abs_sum, max_abs = update_figures(diff)
-            parts += [(PARAM_NORM_AFTER, c.index, norms(after)), (UPDATE_NORM, c.index, norm),
-                      (UPDATE_ABS_SUM, c.index, abs_sum), (UPDATE_MAX_ABS, c.index, max_abs)]
+            parts += [(UPDATE_NORM, c.index, norm), (UPDATE_ABS_SUM, c.index, abs_sum),
+                      (UPDATE_MAX_ABS, c.index, max_abs)]
         return parts
 
     def idle(self) -> list:
@@ -276,25 +403,214 @@ class Bucket:
             parts += [(PARAM_NORM_BEFORE, c.index, norm), (PARAM_NORM_AFTER, c.index, norm)]
         return parts
 
+    def _keep_epoch_start(self, c: ShapeClass) -> None:
+        if self.device.type == "cpu":
+            c.fill(c.data(), "epoch")  # same dtype, no scratch
+        else:
+            c.epoch.copy_(c.stack_params(), non_blocking=True)  # exact downcast to the own dtype
+
     def start_epoch(self) -> None:
-        """Keep a host copy of the current weights: the epoch start W_start (host memory, not GPU)."""
+        """Keep a host copy of the current weights (the epoch start W_start) in their own dtype."""
+        if not self.keeps_snapshot:
+            return
         pinned = self.device.type == "cuda"
-        self.epoch_start = []
         for c in self.classes:
-            now = c.stack_params()
-            host = torch.empty(now.shape, dtype=now.dtype, pin_memory=pinned)
-            self.epoch_start.append(host.copy_(now, non_blocking=pinned))
+            c.epoch = _epoch_buffer(c.snapshot, pinned)
+            if isinstance(c, RaggedClass):
+                c.views.pop("epoch", None)
+            self._keep_epoch_start(c)
 
     def end_epoch(self) -> list:
         """Σ|W_end − W_start| and ‖W_end − W_start‖ per tensor; then W_end becomes the new start."""
+        if not self.keeps_snapshot:
+            return []
         parts = []
-        for c, start in zip(self.classes, self.epoch_start):
+        for c in self.classes:
             now = c.stack_params()
-            diff = now - start.to(self.device, non_blocking=True)
+            diff = now.sub_(c.rows("epoch").to(self.device, non_blocking=True))
             parts += [(EPOCH_NORM, c.index, norms(diff)),
                       (EPOCH_ABS_SUM, c.index, diff.abs_().sum(1))]
-            start.copy_(now, non_blocking=start.is_pinned())
+            self._keep_epoch_start(c)
         return parts
+
+
+@dataclass
+class ForeachBucket:
+    """The recorded tensors of one optimizer, device and dtype, reduced with multi-tensor kernels.
+
+    Where :class:`Bucket` stacks each shape class into a matrix (few, large dispatches: fastest on
+    a CPU), this computes every figure with ``torch._foreach_norm`` / ``_foreach_copy_`` /
+    ``_foreach_sub_`` over all the bucket's tensors at once: on a GPU each is one multi-tensor
+    kernel launch per ~100 tensors, so a recorded step costs a fixed handful of launches per
+    bucket whatever the number of shapes, with no stacking copies and one ``stack`` of the results.
+    Figures are the same as :class:`Bucket`'s (float32 accumulation, float64 for float64).
+
+    Memory: the Δw snapshot in the parameters' own dtype (for float32/float64 the update is taken
+    in place in it, no scratch); for bfloat16/float16 parameters, and for the epoch figures, a
+    scratch of at most :data:`SCRATCH_FRACTION` of the parameters' bytes, used block by block;
+    the epoch-start copy in host memory in the parameters' own dtype. One host sync per recorded
+    step: whether any max|g| is non-finite (then the non-finite entries are counted).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list[torch.Tensor]
+    index: np.ndarray
+    local: bool
+    keeps_snapshot: bool
+    snaps: list[torch.Tensor]  # per tensor, in the parameters' dtype
+    pieces: list[tuple[int, int, int]]  # (tensor, start, stop) flat ranges of at most one scratch
+    chunks: list[list[int]]  # piece numbers, each chunk fitting the scratch
+    scratch_views: list[list[torch.Tensor]]  # per chunk, 1-D compute-dtype views, one per piece
+    piece_index: list[Split]  # per chunk, the pieces' tensor indices
+    epoch: list[torch.Tensor] = field(default_factory=list)  # host, per tensor, own dtype
+    classes: list = field(default_factory=list)  # (Bucket's; unused here)
+
+    @classmethod
+    def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
+              scratch_elements: int | None = None) -> ForeachBucket:
+        data = [_local(p) for p in params]
+        local = any(d is not p for d, p in zip(data, params))
+        device, dtype = data[0].device, data[0].dtype
+        work = compute_dtype(dtype)
+        numel = [d.numel() for d in data]
+        if scratch_elements is None:
+            budget = SCRATCH_FRACTION * sum(numel) * dtype.itemsize / work.itemsize
+            scratch_elements = max(SCRATCH_MIN_ELEMENTS, int(budget))
+        flat = torch.empty(sum(numel) if snapshot else 0, dtype=dtype, device=device)
+        snaps, offset = [], 0
+        for d, n in zip(data, numel):
+            snaps.append(flat[offset:offset + n].view(d.shape) if snapshot else None)
+            offset += n if snapshot else 0
+        pieces = [(j, a, min(n, a + scratch_elements)) for j, n in enumerate(numel)
+                  for a in range(0, n, scratch_elements)]
+        chunks, used = [[]], 0
+        for k, (_, a, b) in enumerate(pieces):
+            if used + b - a > scratch_elements and chunks[-1]:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(k)
+            used += b - a
+        scratch = torch.empty(max(sum(pieces[k][2] - pieces[k][1] for k in c) for c in chunks),
+                              dtype=work, device=device)
+        views, piece_index = [], []
+        for c in chunks:
+            offsets = np.cumsum([0] + [pieces[k][2] - pieces[k][1] for k in c])
+            views.append([scratch[offsets[i]:offsets[i + 1]] for i in range(len(c))])
+            piece_index.append(Split(np.array([index[pieces[k][0]] for k in c])))
+        return cls(device, dtype, list(params), np.array(index), local, snapshot, snaps, pieces,
+                   chunks, views, piece_index)
+
+    def data(self) -> list[torch.Tensor]:
+        return [_local(p) for p in self.params] if self.local else self.params
+
+    def check_device(self) -> bool:
+        p = self.data()[0]
+        return p.device == self.device and p.dtype == self.dtype
+
+    def _norms(self, tensors: list[torch.Tensor], ord: float = 2) -> list[torch.Tensor]:
+        return list(torch._foreach_norm(tensors, ord, dtype=compute_dtype(self.dtype)))
+
+    def before_step(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
+        """:meth:`gradient_parts` and :meth:`snapshot` together (a step without a closure)."""
+        return self.gradient_parts(present, grad_scale) + self.snapshot()
+
+    def gradient_parts(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
+        """As :meth:`Bucket.gradient_parts`; the one host look of a recorded step is here."""
+        data = self.data()
+        grads = [p.grad for p in self.params]
+        if self.local:
+            grads = [None if g is None else _local(g) for g in grads]
+        for j, g in enumerate(grads):
+            if g is None:
+                present[self.index[j]] = False
+                grads[j] = torch.zeros((), dtype=self.dtype, device=self.device).expand(data[j].shape)
+            elif g.layout != torch.strided:
+                grads[j] = g.to_dense()
+        norm, max_abs = torch.stack(self._norms(grads) + self._norms(grads, math.inf)).split(len(data))
+        parts = []
+        if not math.isfinite(max_abs.sum().item()):  # count non-finite entries only if any
+            counts = [(~torch.isfinite(g)).sum() for g in grads]
+            parts.append((GRAD_NONFINITE, self.index, torch.stack(counts).to(norm.dtype)))
+        if grad_scale is not None:
+            inv_scale = grad_scale.to(self.device).double().reciprocal()
+            norm, max_abs = norm * inv_scale, max_abs * inv_scale
+        return parts + [(GRAD_NORM, self.index, norm), (GRAD_MAX_ABS, self.index, max_abs)]
+
+    def snapshot(self) -> list:
+        """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
+        data = self.data()
+        if self.keeps_snapshot:
+            torch._foreach_copy_(self.snaps, data)
+        return [(PARAM_NORM_BEFORE, self.index, torch.stack(self._norms(data)))]
+
+    def _blocks(self, chunk: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The chunk's pieces of ``tensors`` (one per bucket tensor) as flat views."""
+        out = []
+        for k in self.chunks[chunk]:
+            j, a, b = self.pieces[k]
+            flat = tensors[j].reshape(-1)
+            out.append(flat if a == 0 and b == flat.numel() else flat[a:b])
+        return out
+
+    def _chunked_difference(self, start: list[torch.Tensor], rows: tuple) -> list:
+        """Figures ``rows`` (ord 2, 1[, inf]) of (current − start), upcast block by block."""
+        parts, data = [], self.data()
+        for c, views in enumerate(self.scratch_views):
+            torch._foreach_copy_(views, self._blocks(c, start))
+            torch._foreach_sub_(views, self._blocks(c, data))
+            values = torch.stack([v for ord in (2, 1, math.inf)[:len(rows)]
+                                  for v in self._norms(views, ord)]).split(len(views))
+            parts += [(row, self.piece_index[c], v) for row, v in zip(rows, values)]
+        return parts
+
+    def after_step(self) -> list:
+        """As :meth:`Bucket.after_step`."""
+        data = self.data()
+        after = self._norms(data)
+        if not self.keeps_snapshot:
+            return [(PARAM_NORM_AFTER, self.index, torch.stack(after))]
+        if compute_dtype(self.dtype) == self.dtype:  # float32/64: the update in place, exactly
+            torch._foreach_sub_(self.snaps, data)
+            values = torch.stack(after + self._norms(self.snaps) + self._norms(self.snaps, 1)
+                                 + self._norms(self.snaps, math.inf)).split(len(data))
+            rows = (PARAM_NORM_AFTER, UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS)
+            return [(row, self.index, v) for row, v in zip(rows, values)]
+        return [(PARAM_NORM_AFTER, self.index, torch.stack(after))] + self._chunked_difference(
+            self.snaps, (UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))
+
+    def idle(self) -> list:
+        norm = torch.stack(self._norms(self.data()))
+        return [(PARAM_NORM_BEFORE, self.index, norm), (PARAM_NORM_AFTER, self.index, norm)]
+
+    def start_epoch(self) -> None:
+        if not self.keeps_snapshot:
+            return
+        pinned = self.device.type == "cuda"
+        self.epoch = [_epoch_buffer(d, pinned) for d in self.data()]
+        torch._foreach_copy_(self.epoch, self.data(), non_blocking=pinned)
+
+    def end_epoch(self) -> list:
+        if not self.keeps_snapshot:
+            return []
+        parts = self._chunked_difference(self.epoch, (EPOCH_NORM, EPOCH_ABS_SUM))
+        torch._foreach_copy_(self.epoch, self.data(), non_blocking=self.device.type == "cuda")
+        return parts
+
+
+def build_bucket(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
+                 strategy: str | None = None) -> Bucket | ForeachBucket:
+    """A :class:`ForeachBucket` on GPUs (``strategy="auto"``), a stacking :class:`Bucket` on CPUs.
+
+    On a CPU ``torch._foreach_*`` ops loop over the tensors one by one, several times slower than
+    stacking shape classes; on a GPU they are multi-tensor kernels. ``strategy``: ``"auto"``,
+    ``"stack"`` or ``"foreach"``; None means :data:`STRATEGY`.
+    """
+    strategy = strategy or STRATEGY
+    if strategy == "auto":
+        strategy = "stack" if _local(params[0]).device.type == "cpu" else "foreach"
+    kind = {"stack": Bucket, "foreach": ForeachBucket}[strategy]
+    return kind.build(params, index, snapshot)
 
 
 @dataclass
@@ -308,9 +624,13 @@ class HostFigures:
     def resolve(self, rows: int, tensors: int) -> tuple[np.ndarray, float]:
         """Wait for the copies; scatter into a zero ``(rows, tensors)`` float64 matrix.
 
+        ``rows`` is :data:`NUM_FIGURES` (a step) or 2 (an epoch). Parts of one tensor's blocks
+        (:class:`Split`) are combined: norms as sqrt(Σ‖·‖²), sums added, maxima the max.
         Returns the matrix and the sum of any :data:`FOUND_INF` flags.
         """
         out = np.zeros((rows, tensors))
+        kinds = STEP_KINDS if rows == NUM_FIGURES else EPOCH_KINDS
+        blocks, in_blocks = None, {}  # per row: split parts, combined apart (never overlapping)
         found_inf = 0.0
         for vector, layout, event in zip(self.vectors, self.layouts, self.events):
             if event is not None:
@@ -321,11 +641,29 @@ class HostFigures:
             offset = 0
             for row, index in layout:
                 n = 1 if index is None else len(index)
+                part = values[offset:offset + n]
                 if row == FOUND_INF:
-                    found_inf += float(values[offset])
+                    found_inf += float(part[0])
+                elif isinstance(index, Split):
+                    if blocks is None:
+                        blocks, nans = np.zeros((rows, tensors)), np.zeros((rows, tensors), bool)
+                    in_blocks.setdefault(row, []).append(index.index)
+                    if kinds[row] == "norm":
+                        np.add.at(blocks[row], index.index, part**2)
+                    elif kinds[row] == "sum":
+                        np.add.at(blocks[row], index.index, part)
+                    else:  # max|·| ≥ 0, so 0 is the identity; NaN wins
+                        np.fmax.at(blocks[row], index.index, part)
+                        nans[row, index.index[np.isnan(part)]] = True
                 else:
-                    out[row, index] = values[offset:offset + n]
+                    out[row, index] = part
                 offset += n
+        if blocks is not None:
+            blocks[nans] = np.nan
+            for row, indices in in_blocks.items():
+                where = np.unique(np.concatenate(indices))
+                out[row, where] = (np.sqrt(blocks[row, where]) if kinds[row] == "norm"
+                                   else blocks[row, where])
         return out, found_inf
 
 

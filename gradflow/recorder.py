@@ -79,7 +79,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradflow import quantities
+from gradflow import distributed, quantities
 from gradflow.errors import GradflowError
 from gradflow.store import RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, RunStore, store_url
 
@@ -112,10 +112,12 @@ class _EpochRow:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    """The user's module inside DistributedDataParallel / DataParallel / FSDP1 / torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
+        elif distributed.inner_module(model) is not None:
+            model = distributed.inner_module(model)
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
@@ -158,15 +160,18 @@ def _optimizer_attrs(optimizer: torch.optim.Optimizer) -> dict:
     return {"class": type(optimizer).__name__, "param_groups": groups}
 
 
-def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool):
+def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool, numel=None):
     """Layers (modules owning parameters) in registration order, and their tensors.
 
     Every real floating-point parameter of the model is recorded, owned by an optimizer or not
     (yet); a parameter shared by several modules belongs to the first. Returns the layer table and,
-    in layer order, (parameter, optimizer index or -1, layer index).
+    in layer order, (parameter, optimizer index or -1, layer index). Names and module types are the
+    unwrapped model's (no FSDP wrapper parts); ``numel(p)`` gives a parameter's unsharded size.
     """
+    numel = numel or (lambda p: p.numel())
     names, types, counts, tensors, seen = [], [], [], [], set()
     for module_name, module in model.named_modules():
+        module_name = distributed.clean_name(module_name)
         own = []
         for param_name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
@@ -183,8 +188,8 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool):
         for group in groups:
             layer = len(names)
             names.append(group[0][0] if per_parameter else (module_name or "(root)"))
-            types.append(type(module).__name__)
-            counts.append(sum(p.numel() for _, p in group))
+            types.append(distributed.module_type(module))
+            counts.append(sum(numel(p) for _, p in group))
             tensors += [(p, owner.get(id(p), -1), layer) for _, p in group]
     return LayerTable(names, types, counts), tensors
 
@@ -243,15 +248,21 @@ def _owners(optimizers: list[torch.optim.Optimizer]) -> dict[int, int]:
     return owner
 
 
-def _buckets(tensors: list, index: list[int]) -> list[quantities.Bucket]:
-    """Tensors ``index`` (of ``tensors``) grouped by (device, dtype), each with its layer-order index."""
+def _buckets(tensors: list, index: list[int], snapshot: bool = True) -> list:
+    """Tensors ``index`` (of ``tensors``) grouped by (device, dtype), each with its layer-order index.
+
+    Tensors whose local shard is empty (FSDP) take no part here (their figures are the other ranks').
+    """
     by_key: dict[tuple, tuple[list, list]] = {}
     for t in index:
         p = tensors[t][0]
-        params, indices = by_key.setdefault((p.device, p.dtype), ([], []))
+        local = quantities._local(p)
+        if local.numel() == 0:
+            continue
+        params, indices = by_key.setdefault((local.device, local.dtype), ([], []))
         params.append(p)
         indices.append(t)
-    return [quantities.Bucket.build(params, indices) for params, indices in by_key.values()]
+    return [quantities.build_bucket(params, indices, snapshot) for params, indices in by_key.values()]
 
 
 # torch wraps every optimizer class's step() in this function (it runs the hooks); a subclass whose
@@ -327,24 +338,33 @@ class Recorder:
             model (step and epoch counters continue) or creates it.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the steps it skips
             (Inf/NaN gradients) are recorded as skipped rows (fused optimizers need no scaler).
+        snapshot: keep the Δw snapshot and the epoch-start copy (each one copy of the recorded
+            parameters, in their own dtype). ``False`` records gradient figures and ‖w‖ only:
+            the update figures and epoch figures are NaN, and no parameter copy is kept.
 
     Raises:
         GradflowError: on any bad argument, before the store is created or touched.
 
-    Under torch.distributed only rank 0 records; on other ranks the Recorder does nothing.
+    Under torch.distributed rank 0 writes. With DDP (whole parameters on every rank) the other
+    ranks do nothing; with FSDP1/FSDP2/HSDP every rank computes figures of its shards and they are
+    combined over the shard group (:mod:`gradflow.distributed`), so every rank must create the
+    Recorder, step, call ``end_epoch`` and ``close`` alike.
     """
 
     def __init__(self, model: nn.Module, optimizer, store, every: int = 1, group: str | None = None,
                  per_parameter: bool = False, metadata: dict | None = None, mode: str = "w-",
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, snapshot: bool = True) -> None:
         given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         _check_arguments(model, every, group, metadata, mode, scaler)
         optimizers = _check_optimizers(given)
         url = store_url(store)
-        model = unwrap(model)
+        wrapped, model = model, unwrap(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise GradflowError(f"{type(model).__name__} has no trainable parameters to record")
-        table, tensors = _find_layers(model, _owners(optimizers), per_parameter)
+        owners = _owners(optimizers)
+        sharding = distributed.sharding(wrapped, [p for p in model.parameters() if id(p) in owners])
+        table, tensors = _find_layers(model, owners, per_parameter,
+                                      sharding.global_numel if sharding else None)
         for i, opt in enumerate(optimizers):
             if not any(o == i for _, o, _ in tensors):
                 raise GradflowError(f"optimizer {i} ({type(opt).__name__}) owns none of the "
@@ -353,7 +373,9 @@ class Recorder:
         self.layers: list[str] = table.names
         self.every = every
         self._closed = True
-        self._active = _is_writer_rank()
+        self._writes = _is_writer_rank()
+        self._active = self._writes or sharding is not None  # shards: every rank computes
+        self._snapshot = bool(snapshot)
         if not self._active:
             return
 
@@ -377,14 +399,31 @@ class Recorder:
                  "optimizers": [_optimizer_attrs(o) for o in optimizers], "every": every,
                  "per_parameter": bool(per_parameter), "metadata": metadata or {},
                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        self._store = RunStore(url, group.strip("/") if group else None, table, attrs, every,
-                               bool(per_parameter), mode=mode)
-        self._writer = BackgroundWriter(f"gradflow-writer:{url}")
+        self._store = self._writer = None
+        try:
+            if self._writes:
+                self._store = RunStore(url, group.strip("/") if group else None, table, attrs,
+                                       every, bool(per_parameter), mode=mode)
+                self._writer = BackgroundWriter(f"gradflow-writer:{url}")
+        finally:  # under sharding, all ranks fail together (no rank left waiting in a collective)
+            if sharding is not None:
+                distributed.agree(self._store is not None or not self._writes,
+                                  "rank 0 could not create the Recorder's store (see its error)")
+        self._reducer = None
+        if sharding is not None:
+            empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors])
+            self._reducer = distributed.Reducer(sharding.group, len(tensors), empty)
 
-        self._buckets = [_buckets(tensors, list(self._tensors_of[i])) for i in range(n)]
+        self._buckets = [_buckets(tensors, list(self._tensors_of[i]), self._snapshot)
+                         for i in range(n)]
 
-        self._step = self._store.next_step  # index of the open (or next) step
-        self._epoch = self._store.next_epoch
+        self._step = self._store.next_step if self._writes else 0  # the open (or next) step
+        self._epoch = self._store.next_epoch if self._writes else 0
+        if sharding is not None:  # resuming: every rank continues rank 0's counters
+            counters = torch.tensor([self._step, self._epoch], dtype=torch.float64)
+            counters = counters.to(self._reducer.device)
+            torch.distributed.broadcast(counters, 0)
+            self._step, self._epoch = (int(v) for v in counters.tolist())
         self._epoch_steps = 0
         self._row_open = False
         self._recording = False
@@ -476,8 +515,11 @@ class Recorder:
             self._close_row()
         with torch.no_grad():
             parts = [part for bucket in self._all_buckets() for part in bucket.end_epoch()]
-        self._pending_epochs.append(
-            _EpochRow(self._epoch, self._epoch_steps, values, quantities.to_host(parts)))
+            if self._reducer is not None:
+                parts = self._reducer.epoch(parts)
+        if self._writes:
+            self._pending_epochs.append(
+                _EpochRow(self._epoch, self._epoch_steps, values, quantities.to_host(parts)))
         self._epoch += 1
         self._epoch_steps = 0
         if time.monotonic() - self._last_handoff > FLUSH_SECONDS:
@@ -488,7 +530,8 @@ class Recorder:
         if self._closed:
             return
         self._handoff()
-        self._writer.wait()
+        if self._writer is not None:
+            self._writer.wait()
 
     def close(self) -> None:
         """Flush, detach the hooks and stop the writer. Safe to call twice."""
@@ -505,7 +548,8 @@ class Recorder:
                 self._close_row()
             self._handoff()
         finally:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
 
     def __enter__(self) -> Recorder:
         return self
@@ -619,7 +663,7 @@ class Recorder:
         self._owner[new] = i
         self._owned = self._owner >= 0
         self._tensors_of[i] = np.flatnonzero(self._owner == i)
-        buckets = _buckets(self._tensors, new)
+        buckets = _buckets(self._tensors, new, self._snapshot)
         with torch.no_grad():
             for bucket in buckets:
                 bucket.start_epoch()  # their epoch displacement counts from here
@@ -662,9 +706,13 @@ class Recorder:
                             self._parts += bucket.idle()
                         self._present[self._tensors_of[i]] = False
             self._present[~self._owned] = False
-            self._pending_steps.append(_StepRow(self._step, self._epoch, time.time(), skipped,
-                                                self._present, self._owned,
-                                                quantities.to_host(self._parts)))
+            if self._reducer is not None:
+                with torch.no_grad():
+                    self._parts, self._present = self._reducer.step(self._parts, self._present)
+            if self._writes:
+                self._pending_steps.append(_StepRow(self._step, self._epoch, time.time(), skipped,
+                                                    self._present, self._owned,
+                                                    quantities.to_host(self._parts)))
             self._parts, self._present = [], None
         self._row_open = False
         self._resolved = [None] * len(self._resolved)
@@ -678,6 +726,8 @@ class Recorder:
 
     def _handoff(self) -> None:
         """Give the buffered rows to the writer thread (non-blocking); surface a failed write."""
+        if self._writer is None:  # a sharded run's other ranks: rank 0 writes
+            return
         if self._writer.error is not None:
             self._writer.wait()  # re-raises: the store cannot take more rows
         steps, epochs = self._pending_steps, self._pending_epochs
@@ -698,6 +748,9 @@ class Recorder:
             owned = np.stack([row.owned for row in steps])
             columns = quantities.layer_step_figures(per_tensor, present, self._starts, self._numel,
                                                     owned)
+            if not self._snapshot:  # no Δw snapshot: no update figures
+                for name in ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio"):
+                    columns[name][:] = np.nan
             columns.update(step=np.array([r.step for r in steps], dtype=np.int64),
                            epoch=np.array([r.epoch for r in steps], dtype=np.int64),
                            wall_time=np.array([r.wall_time for r in steps]), skipped=skipped)
@@ -705,6 +758,8 @@ class Recorder:
         for row in epochs:
             per_tensor, _ = row.figures.resolve(2, self._num_tensors)
             columns = quantities.layer_epoch_figures(per_tensor, self._starts, self._numel)
+            if not self._snapshot:
+                columns = {name: np.full_like(v, np.nan) for name, v in columns.items()}
             columns.update(epoch=np.array(row.epoch), num_steps=np.array(row.num_steps))
             self._store.append_epoch(columns, row.scalars)
         self._store.commit(steps_seen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from gradflow import quantities as q
@@ -28,14 +29,16 @@ def test_update_figures_and_norms():
     np.testing.assert_allclose(q.norms(diff).tolist(), [5.0, 0.0, np.sqrt(0.3125)], rtol=1e-7)
 
 
-def test_bucket_figures_for_bfloat16_with_a_missing_gradient():
+@pytest.mark.parametrize("kind", [q.Bucket, q.ForeachBucket])
+def test_bucket_figures_for_bfloat16_with_a_missing_gradient(kind):
     torch.manual_seed(0)
     # Two big tensors of one shape are stacked; three small odd ones share a zero-padded matrix.
     shapes = [(48, 48)] * 2 + [(5,), (2, 2), ()]
     params = [torch.randn(shape, dtype=torch.bfloat16) for shape in shapes]
-    bucket = q.Bucket.build(params, list(range(4, 9)))  # global indices 4..8
-    classes = [(type(c).__name__, len(c.params)) for c in bucket.classes]
-    assert classes == [("ShapeClass", 2), ("RaggedClass", 3)]
+    bucket = kind.build(params, list(range(4, 9)))  # global indices 4..8
+    if kind is q.Bucket:
+        classes = [(type(c).__name__, len(c.params)) for c in bucket.classes]
+        assert classes == [("ShapeClass", 2), ("RaggedClass", 3)]
     # Three steps reusing the buffers: a different gradient missing, then NaN/Inf in both classes.
     for missing, bad in (([1, 3], []), ([0, 2], []), ([], [1, 4])):
         for j, p in enumerate(params):
@@ -66,10 +69,11 @@ def test_bucket_figures_for_bfloat16_with_a_missing_gradient():
         assert (matrix[:, :4] == 0).all()
 
 
-def test_grad_scale_unscales_the_gradient_figures():
+@pytest.mark.parametrize("kind", [q.Bucket, q.ForeachBucket])
+def test_grad_scale_unscales_the_gradient_figures(kind):
     p = torch.zeros(2)
     p.grad = torch.tensor([6.0, -8.0])
-    bucket = q.Bucket.build([p], [0])
+    bucket = kind.build([p], [0])
     parts = bucket.before_step(np.ones(1, dtype=bool), grad_scale=torch.tensor(4.0))
     matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 1)
     assert matrix[q.GRAD_NORM, 0] == 2.5 and matrix[q.GRAD_MAX_ABS, 0] == 2.0
@@ -104,3 +108,71 @@ def test_layer_epoch_figures():
     out = q.layer_epoch_figures(per_tensor, np.array([0, 2]), np.array([8.0, 2.0]))
     np.testing.assert_allclose(out["update_mean_abs"], [0.5, 4.0])
     np.testing.assert_allclose(out["update_norm"], [3.0, 3.0])
+
+
+def _reference_figures(g, before, after):
+    d = after - before
+    return {q.GRAD_NORM: np.sqrt(np.sum(g**2)), q.GRAD_MAX_ABS: np.abs(g).max(),
+            q.GRAD_NONFINITE: np.sum(~np.isfinite(g)),
+            q.PARAM_NORM_BEFORE: np.sqrt(np.sum(before**2)),
+            q.UPDATE_NORM: np.sqrt(np.sum(d**2)), q.UPDATE_ABS_SUM: np.abs(d).sum(),
+            q.UPDATE_MAX_ABS: np.abs(d).max(), q.PARAM_NORM_AFTER: np.sqrt(np.sum(after**2))}
+
+
+@pytest.mark.parametrize("kind", [q.Bucket, q.ForeachBucket])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_small_scratch_splits_classes_and_blocks_exactly(dtype, kind):
+    """A scratch of 2000 elements: a 3×900 tensor is read in blocks, a class of 4×(40,40) in runs of 1;
+    every figure still matches float64 first principles, and NaN in one block wins over the rest."""
+    torch.manual_seed(1)
+    shapes = [(3, 900)] + [(40, 40)] * 4 + [(5000,)]
+    params = [torch.randn(shape).to(dtype) for shape in shapes]
+    bucket = kind.build(params, list(range(6)), scratch_elements=2000)
+    if kind is q.Bucket:
+        kinds = sorted({type(c).__name__ for c in bucket.classes})
+        assert kinds == ["BlockClass", "ShapeClass"]
+        assert max(c.scratch.numel() for c in bucket.classes) <= 2000
+        assert all(c.snapshot.dtype == dtype for c in bucket.classes)  # Δw snapshot: own dtype
+    else:
+        assert max(sum(v.numel() for v in views) for views in bucket.scratch_views) <= 2000
+        assert all(s.dtype == dtype for s in bucket.snaps)
+    bucket.start_epoch()
+    start = [p.double().numpy().copy() for p in params]
+    for bad in (False, True):
+        for p in params:
+            p.grad = torch.randn(p.shape).to(dtype)
+        if bad:
+            params[0].grad[2, 899] = NAN  # in the last block of the 3×40 tensor
+            params[5].grad[0] = INF
+        present = np.ones(6, dtype=bool)
+        before = [p.double().numpy().copy() for p in params]
+        parts = bucket.before_step(present, grad_scale=None)
+        for p in params:
+            p.sub_(0.01 * torch.sign(p) + 0.001 * torch.randn(p.shape).to(dtype))
+        parts += bucket.after_step()
+        matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 6)
+        for j, p in enumerate(params):
+            expected = _reference_figures(p.grad.double().numpy(), before[j], p.double().numpy())
+            for row, value in expected.items():
+                np.testing.assert_allclose(matrix[row, j], value, rtol=2e-6,
+                                           err_msg=f"{dtype} row {row} tensor {j} bad={bad}")
+    epoch, _ = q.to_host(bucket.end_epoch()).resolve(2, 6)
+    for j, p in enumerate(params):
+        d = p.double().numpy() - start[j]
+        np.testing.assert_allclose(epoch[q.EPOCH_NORM, j], np.sqrt(np.sum(d**2)), rtol=2e-6)
+        np.testing.assert_allclose(epoch[q.EPOCH_ABS_SUM, j], np.abs(d).sum(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("kind", [q.Bucket, q.ForeachBucket])
+def test_snapshot_false_keeps_gradient_figures_and_norms_only(kind):
+    p = torch.tensor([3.0, -4.0])
+    p.grad = torch.tensor([1.0, 0.0])
+    bucket = kind.build([p], [0], snapshot=False)
+    parts = bucket.before_step(np.ones(1, dtype=bool), grad_scale=None)
+    p.sub_(1.0)
+    parts += bucket.after_step()
+    assert {row for row, _, _ in parts} == {q.GRAD_NORM, q.GRAD_MAX_ABS, q.PARAM_NORM_BEFORE,
+                                            q.PARAM_NORM_AFTER}
+    matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 1)
+    assert matrix[q.PARAM_NORM_BEFORE, 0] == 5.0 and matrix[q.GRAD_NORM, 0] == 1.0
+    np.testing.assert_allclose(matrix[q.PARAM_NORM_AFTER, 0], np.sqrt(4.0 + 25.0))

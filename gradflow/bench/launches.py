@@ -1,0 +1,295 @@
+"""Dispatches (kernel launches) and CPU time the Recorder adds per recorded step, and the step-time ratio.
+
+For each model, in one child process (so a ``--compare`` checkout can be imported instead of this
+one): two *arms* built from the same initial weights, ``plain`` (no recording) and ``gradflow``
+(``Recorder(..., every=1)``), trained on one fixed batch in interleaved blocks of ``block`` steps,
+the order alternating each round, so machine-load drift hits both alike. Reported:
+
+* **ops / step**: ``torch.profiler`` events directly under the Recorder's optimizer hooks (marked
+  with ``record_function``): each is one dispatch from Python, i.e. one kernel launch or more on a
+  GPU (a multi-tensor ``_foreach_*`` op launches one kernel per ~100 tensors); on CUDA the CUDA
+  kernel launches are counted too;
+* **hooks ms / step**: training-thread CPU time inside the Recorder's hooks (median);
+* **step ratio**: median wall time per step, gradflow over plain, and the same for thread CPU time.
+
+Models: ``mlp`` 200 × Linear(32→32) + ReLU, batch 32 (400 tensors); ``conv`` 25 × Conv2d(16→16, 3×3)
++ ReLU, batch 4 × 1×32×32 (50 tensors); ``gpt2`` a GPT-2-small shape (124M parameters: tied
+50257×768 embedding, 1024×768 positions, 12 pre-norm layers of width 768 / 12 heads / 3072), batch
+1 × 32 tokens. Goal on this CPU: ``mlp`` ≤ 1.05× step time recording every step.
+
+Usage: ``python -m gradflow.bench.launches [--models mlp,conv,gpt2] [--strategies auto,foreach]
+[--compare PATH] [--out reports/bench_launches.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GOAL = {"mlp": 1.05}
+
+
+def deep_mlp(depth: int = 200, width: int = 32, in_features: int = 16) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(in_features, width)]
+    for _ in range(depth - 2):
+        layers += [nn.ReLU(), nn.Linear(width, width)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(width, 1))
+
+
+def deep_convnet(depth: int = 25, width: int = 16) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1)]
+    for _ in range(depth - 2):
+        layers += [nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(width, 1, 3, padding=1))
+
+
+class GPT2Shape(nn.Module):
+    """GPT-2 small's parameter shapes (tied embedding/head) on torch's encoder layers, causal."""
+
+    def __init__(self, vocab: int = 50257, context: int = 1024, width: int = 768, depth: int = 12,
+                 heads: int = 12):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        h = self.tokens(idx) + self.positions(torch.arange(t))
+        return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
+
+
+CASES = {
+    "mlp": ("200 × Linear(32→32) + ReLU, batch 32", deep_mlp, lambda: torch.randn(32, 16)),
+    "conv": ("25 × Conv2d(16→16, 3×3) + ReLU, batch 4 × 1×32×32", deep_convnet,
+             lambda: torch.randn(4, 1, 32, 32)),
+    "gpt2": ("GPT-2-small shape (124M), batch 1 × 32 tokens", GPT2Shape,
+             lambda: torch.randint(0, 50257, (1, 32))),
+}
+
+
+def loss_of(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if name == "gpt2":
+        return nn.functional.cross_entropy(out[0, :-1], x[0, 1:])
+    return out.square().mean()
+
+
+class Arm:
+    """A model and SGD optimizer, maybe with a Recorder whose hooks are timed and marked."""
+
+    def __init__(self, name: str, model: nn.Module, record: bool, store: str):
+        self.name, self.model = name, model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        self.marks = dict.fromkeys(("a", "b", "c", "d"), 0.0)
+        self.ranges: list = []
+        self.optimizer.register_step_pre_hook(self._enter("a"))
+        self.optimizer.register_step_post_hook(self._enter("c"))
+        self.recorder = None
+        if record:
+            import gradflow
+
+            self.recorder = gradflow.Recorder(model, self.optimizer, store, every=1)
+        self.optimizer.register_step_pre_hook(self._leave("b"))
+        self.optimizer.register_step_post_hook(self._leave("d"))
+
+    def _enter(self, key):
+        def hook(*args):
+            self.marks[key] = time.thread_time()
+            marker = torch.autograd.profiler.record_function("gradflow.hooks")
+            marker.__enter__()
+            self.ranges.append(marker)
+        return hook
+
+    def _leave(self, key):
+        def hook(*args):
+            self.ranges.pop().__exit__(None, None, None)
+            self.marks[key] = time.thread_time()
+        return hook
+
+    def step(self, x: torch.Tensor) -> tuple[float, float, float]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.optimizer.zero_grad()
+        loss_of(self.name, self.model, x).backward()
+        self.optimizer.step()
+        m = self.marks
+        return (time.perf_counter() - wall, time.thread_time() - cpu,
+                (m["b"] - m["a"]) + (m["d"] - m["c"]))
+
+
+def count_ops(arm: Arm, x: torch.Tensor, steps: int) -> dict:
+    """Dispatches directly under the Recorder's hooks per step (and CUDA launches, if any)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            arm.step(x)
+    ops, launches, names = 0, 0, {}
+
+    def descendants(event):
+        for child in event.cpu_children:
+            yield child
+            yield from descendants(child)
+
+    for event in prof.events():
+        if event.name != "gradflow.hooks":
+            continue
+        for child in event.cpu_children:
+            ops += 1
+            names[child.name] = names.get(child.name, 0) + 1
+        launches += sum(1 for e in descendants(event) if "LaunchKernel" in e.name)
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
+    return {"ops": ops / steps, "launches": launches / steps,
+            "top": [(n, c / steps) for n, c in top]}
+
+
+def child(name: str, strategy: str, steps: int, block: int, profile_steps: int) -> dict:
+    import gradflow
+    from gradflow import quantities
+
+    if strategy != "auto":
+        if not hasattr(quantities, "STRATEGY"):
+            raise SystemExit(f"this gradflow has no bucket strategy {strategy!r}")
+        quantities.STRATEGY = strategy
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    description, make, make_input = CASES[name]
+    base = make()
+    x = make_input()
+    with tempfile.TemporaryDirectory() as tmp:
+        arms = [Arm(name, copy.deepcopy(base), False, ""),
+                Arm(name, copy.deepcopy(base), True, os.path.join(tmp, "run.zarr"))]
+        tensors = sum(1 for _ in arms[1].model.parameters())
+        for arm in arms:
+            for _ in range(2):
+                arm.step(x)
+        times = {arm.recorder is not None: [] for arm in arms}
+        rounds = max(1, steps // block)
+        for r in range(rounds):
+            for arm in (arms if r % 2 == 0 else arms[::-1]):
+                for _ in range(block):
+                    times[arm.recorder is not None].append(arm.step(x))
+        ops = count_ops(arms[1], x, profile_steps)
+        arms[1].recorder.close()
+    plain, rec = times[False], times[True]
+
+    def med(values, k):
+        return statistics.median(v[k] for v in values)
+
+    return {"model": name, "description": description, "strategy": strategy, "tensors": tensors,
+            "params": sum(p.numel() for p in base.parameters()),
+            "plain_ms": med(plain, 0) * 1e3, "gradflow_ms": med(rec, 0) * 1e3,
+            "wall_ratio": med(rec, 0) / med(plain, 0), "cpu_ratio": med(rec, 1) / med(plain, 1),
+            "hooks_ms": med(rec, 2) * 1e3, "steps": len(rec), **ops,
+            "gradflow_path": str(Path(gradflow.__file__).parent)}
+
+
+def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
+    steps = args.steps if name != "gpt2" else args.gpt2_steps
+    block = args.block if name != "gpt2" else 1
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--strategy", strategy,
+               "--steps", str(steps), "--block", str(block), "--profile-steps", str(args.profile_steps)]
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": pythonpath},
+                            capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    if result.returncode != 0:
+        raise SystemExit(f"{name}/{strategy} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="mlp,conv,gpt2")
+    parser.add_argument("--strategies", default="auto,foreach")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per arm (mlp, conv)")
+    parser.add_argument("--gpt2-steps", type=int, default=6, help="timed steps per arm (gpt2)")
+    parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--compare", default="", help="another checkout's root, measured as well")
+    parser.add_argument("--note", default="", help="conditions to state in the report")
+    parser.add_argument("--out", default="", help="Markdown report to write (never overwritten)")
+    parser.add_argument("--child", default="")
+    parser.add_argument("--strategy", default="auto")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps)))
+        return
+    if args.out and Path(args.out).exists():
+        raise SystemExit(f"error: {args.out} exists; choose another --out (reports are never overwritten)")
+    root = str(Path(__file__).resolve().parents[2])
+    rows = []
+    for name in args.models.split(","):
+        runs = [(f"gradflow ({s})", s, root) for s in args.strategies.split(",")]
+        if args.compare:
+            runs.insert(0, (f"gradflow@{Path(args.compare).name}", "auto", args.compare))
+        for label, strategy, path in runs:
+            row = run_child(name, strategy, args, path)
+            row["label"] = label
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report = render(rows, args)
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+
+
+def render(rows: list[dict], args) -> str:
+    lines = [
+        "# Recorder launches benchmark", "",
+        "Per recorded step (every=1): dispatches directly under the Recorder's optimizer hooks "
+        "(`torch.profiler`; each is one kernel launch or more on a GPU), the training thread's CPU "
+        "time inside the hooks, and the step time with recording over without (medians; plain and "
+        "gradflow interleaved in one process, order alternating). `auto` is the default (on a CPU: "
+        "stacked shape classes); `foreach` forces the multi-tensor path the default uses on GPUs. "
+        "Produced by `python -m gradflow.bench.launches`.", "",
+        "| model | tensors | recorder | ops / step | top ops | hooks ms / step | plain ms / step | "
+        "wall ratio | CPU ratio | goal | met |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for r in rows:
+        goal = GOAL.get(r["model"])
+        met = "-" if goal is None or r["strategy"] != "auto" else ("yes" if r["wall_ratio"] <= goal else "no")
+        top = ", ".join(f"{n.replace('aten::', '')} {c:g}" for n, c in r["top"][:4])
+        lines.append(f"| {r['model']} | {r['tensors']} | {r['label']} | {r['ops']:g} | {top} | "
+                     f"{r['hooks_ms']:.2f} | {r['plain_ms']:.1f} | {r['wall_ratio']:.3f}× | "
+                     f"{r['cpu_ratio']:.3f}× | {'≤ %.2f×' % goal if goal else '-'} | {met} |")
+    lines += [
+        "", "## Conditions", "",
+        f"- **date**: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"{platform.system()} {platform.release()}; no GPU",
+        f"- **python / torch**: {platform.python_version()} / {torch.__version__}, 1 torch thread",
+        f"- **steps**: {args.steps} timed per arm (gpt2: {args.gpt2_steps}), blocks of {args.block} "
+        f"(gpt2: 1), after 2 warm-up steps; ops counted over {args.profile_steps} profiled steps",
+        "- **optimizer**: SGD(lr=1e-4, momentum=0.9), fixed batch",
+        f"- **load average at the end**: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- **note**: {args.note or '-'}",
+    ]
+    for r in rows:
+        lines.append(f"- {r['model']} / {r['label']}: {r['params']:,} parameters, {r['steps']} steps, "
+                     f"launches counted on CUDA: {r['launches']:g}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Memory cost of recording: resident memory above the same training without a Recorder.
+
+Each *arm* runs in a fresh child process (so allocations of one arm cannot hide in another's
+free lists): it builds the model and an SGD optimizer (no state), trains ``warmup`` steps, notes
+its resident set size (RSS), attaches the arm's Recorder (none for ``plain``), resets the peak RSS
+counter (``/proc/self/clear_refs``), then trains ``steps`` steps, recording every step and closing
+an epoch every ``epoch_every`` steps. It reports the RSS at the end (*steady*) and the peak RSS
+(*peak*), both above the RSS before the Recorder; the benchmark divides each arm's excess over the
+``plain`` arm's by the recorded parameters' bytes. On a CPU, device and host memory are one, so the
+goal is ≤ 2.25× (Δw snapshot + epoch-start copy + scratch); on a GPU (``--device cuda``) it measures
+``torch.cuda.max_memory_allocated`` instead, goal ≤ 1.25×.
+
+Arms: ``plain``; ``gradflow`` (``Recorder(..., every=1)``); ``gradflow snapshot=False`` (gradient
+figures and ‖w‖ only); and, with ``--compare PATH``, ``gradflow@PATH``: the same Recorder imported
+from another checkout (e.g. an older version, for a before/after figure).
+
+Usage: ``python -m gradflow.bench.memory [--dtype bfloat16] [--steps 6] [--out reports/bench_memory.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GOAL = {"cpu": 2.25, "cuda": 1.25}
+
+
+def transformer(vocab: int = 8192, width: int = 512, depth: int = 6, heads: int = 8) -> nn.Module:
+    """A GPT-shaped stack: token embedding, ``depth`` pre-norm encoder layers, an output head."""
+    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+    return nn.Sequential(nn.Embedding(vocab, width), nn.TransformerEncoder(layer, depth,
+                                                                           enable_nested_tensor=False),
+                         nn.LayerNorm(width), nn.Linear(width, vocab))
+
+
+def _rss() -> tuple[int, int]:
+    """(current, peak) resident set size of this process, bytes."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_every: int) -> dict:
+    """One arm in this process; returns its memory figures (bytes)."""
+    import gradflow  # imported in every arm before measuring (its import is not recording memory)
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = transformer().to(device=device, dtype=getattr(torch, dtype))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 8192, (4, 64), device=device)
+
+    def step():
+        optimizer.zero_grad()
+        logits = model(tokens)
+        nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base_device = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        base, _ = _rss()
+        recorder = None
+        if arm != "plain":
+            recorder = gradflow.Recorder(model, optimizer, os.path.join(tmp, "run.zarr"), every=1,
+                                         **({"snapshot": False} if "snapshot=False" in arm else {}))
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS counter
+        for k in range(steps):
+            step()
+            if recorder is not None and (k + 1) % epoch_every == 0:
+                recorder.end_epoch()
+        now, peak = _rss()
+        out = {"steady": now - base, "peak": peak - base, "param_bytes": param_bytes,
+               "params": sum(p.numel() for p in model.parameters())}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            out.update(device_steady=torch.cuda.memory_allocated() - base_device,
+                       device_peak=torch.cuda.max_memory_allocated() - base_device)
+        if recorder is not None:
+            recorder.close()
+    return out
+
+
+def run_arm(arm: str, args, pythonpath: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": pythonpath, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    # Run this file by path from a neutral folder, so `import gradflow` finds the arm's checkout.
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--dtype", args.dtype,
+               "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--epoch-every", str(args.epoch_every)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False,
+                            cwd=tempfile.gettempdir())
+    if result.returncode != 0:
+        raise SystemExit(f"arm {arm} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--epoch-every", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per arm (alternating); median")
+    parser.add_argument("--compare", default="", help="another checkout's root: its Recorder as an arm")
+    parser.add_argument("--note", default="", help="conditions to state in the report")
+    parser.add_argument("--out", default="", help="Markdown report to write (never overwritten)")
+    parser.add_argument("--child", default="")
+    args = parser.parse_args(argv)
+    if args.child:
+        import gradflow
+
+        out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every)
+        print(json.dumps({**out, "gradflow_path": str(Path(gradflow.__file__).parent)}))
+        return
+    if args.out and Path(args.out).exists():
+        raise SystemExit(f"error: {args.out} exists; choose another --out (reports are never overwritten)")
+    root = str(Path(__file__).resolve().parents[2])
+    arms = {"plain": root, "gradflow": root, "gradflow snapshot=False": root}
+    if args.compare:
+        arms[f"gradflow@{Path(args.compare).name}"] = args.compare
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for r in range(args.repeats):
+        order = list(arms) if r % 2 == 0 else list(reversed(arms))
+        for arm in order:
+            results[arm].append(run_arm(arm, args, arms[arm]))
+            print(f"round {r + 1}/{args.repeats} {arm}: {results[arm][-1]}", flush=True)
+    report = render(results, args)
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def render(results: dict[str, list[dict]], args) -> str:
+    key = ("device_steady", "device_peak") if args.device == "cuda" else ("steady", "peak")
+    plain = {k: _median([r[k] for r in results["plain"]]) for k in key}
+    param_bytes = results["plain"][0]["param_bytes"]
+    goal = GOAL[args.device]
+    lines = [
+        "# Recorder memory benchmark", "",
+        f"Memory above the same training without a Recorder, in units of the recorded parameters' "
+        f"bytes ({results['plain'][0]['params']:,} parameters, {args.dtype}, "
+        f"{param_bytes / 2**20:.1f} MiB). *Steady*: resident memory after {args.steps} recorded "
+        f"steps; *peak*: the highest resident memory during them (medians of {args.repeats} runs "
+        f"per arm, fresh process each). Goal on {args.device}: ≤ {goal}× "
+        f"({'device and host are one memory: Δw snapshot + epoch copy + scratch' if args.device == 'cpu' else 'device memory'}). "
+        f"Produced by `python -m gradflow.bench.memory`.", "",
+        "| arm | steady above plain (MiB) | steady × params | peak above plain (MiB) | peak × params | goal | met |",
+        "|---|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for arm, runs in results.items():
+        if arm == "plain":
+            continue
+        steady = _median([r[key[0]] for r in runs]) - plain[key[0]]
+        peak = _median([r[key[1]] for r in runs]) - plain[key[1]]
+        worst = max(steady, peak) / param_bytes
+        met = "yes" if worst <= goal else "no"
+        lines.append(f"| {arm} | {steady / 2**20:.1f} | {steady / param_bytes:.2f}× | "
+                     f"{peak / 2**20:.1f} | {peak / param_bytes:.2f}× | ≤ {goal}× | {met} |")
+    lines += [
+        "", "Per-arm raw figures (bytes above the RSS before the Recorder, per run):", "",
+        *[f"- {arm}: " + "; ".join(f"steady {r[key[0]]:,}, peak {r[key[1]]:,}" for r in runs)
+          for arm, runs in results.items()],
+        "", "## Conditions", "",
+        f"- **date**: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"{platform.system()} {platform.release()}",
+        f"- **python / torch**: {platform.python_version()} / {torch.__version__}",
+        "- **model**: embedding 8192×512, 6 pre-norm TransformerEncoderLayer(512, 8 heads, 2048), "
+        "LayerNorm, Linear(512→8192); batch 4 × 64 tokens; SGD(lr=1e-3), no optimizer state",
+        f"- **steps**: {args.warmup} warm-up, then {args.steps} recorded (every=1), end_epoch every "
+        f"{args.epoch_every}",
+        "- **allocator**: glibc with MALLOC_MMAP_THRESHOLD_=131072 (large blocks go back to the OS "
+        "when freed, so RSS follows live memory), 1 torch thread",
+        f"- **load average at the end**: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- **note**: {args.note or '-'}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

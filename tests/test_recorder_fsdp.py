@@ -1,0 +1,221 @@
+"""Recorder under FSDP1 (use_orig_params=True), FSDP2 (fully_shard) and HSDP: 2 CPU processes, gloo.
+
+The test launches this file as a script for ranks 0 and 1. Each rank trains a sharded MLP whose
+shards are uneven, and one of whose tensors has an empty shard on one rank, with a Recorder on
+every rank. Each rank also gathers, from first principles, the full gradient the optimizer used
+and the full weights before and after every step (all-gathering the local shards), and trains an
+unsharded copy of the model on the same data (both ranks' batches). The test recomputes every
+per-layer figure with numpy from the gathered tensors (exact) and from the unsharded reference
+(same training, float32 rounding apart), and compares them with what rank 0 recorded. Unsupported
+setups must fail with the same error on both ranks, without a hang. FSDP2 runs through the
+multi-tensor (foreach) buckets that GPUs use, the others through stacked ones. HSDP runs as 2
+replicas of a 1-way shard (a (2, 1) mesh): the replicas hold the same figures, which must not be
+summed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import layer_reference
+from torch import nn
+
+STEPS = 3
+KINDS = ("fsdp1", "fsdp2", "hsdp")
+WORLD_SIZE = 2
+NAMES = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"], "4": ["4.weight"]}
+SHAPES = {"0.weight": (7, 5), "0.bias": (7,), "2.weight": (3, 7), "2.bias": (3,), "4.weight": (1, 3)}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(),
+                         nn.Linear(3, 1, bias=False))
+
+
+def batch(rank: int, step: int):
+    data = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(6, 5, generator=data), torch.randn(6, 1, generator=data)
+
+
+def shard(model: nn.Module, kind: str, **options) -> nn.Module:
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+                    device_id=torch.device("cpu"), **{"use_orig_params": True, **options})
+    from torch.distributed.fsdp import fully_shard
+
+    if kind == "hsdp":  # 2 replicas of a 1-way shard: figures must not be summed over replicas
+        from torch.distributed.device_mesh import init_device_mesh
+
+        options["mesh"] = init_device_mesh("cpu", (WORLD_SIZE, 1),
+                                           mesh_dim_names=("replicate", "shard"))
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, **options)
+    return fully_shard(model, **options)
+
+
+def gather(t: torch.Tensor | None, kind: str) -> np.ndarray:
+    """All ranks' local shards of ``t`` (a DTensor, a flat FSDP1 slice or None), in rank order."""
+    import torch.distributed as dist
+
+    local = getattr(t, "_local_tensor", t)
+    local = np.zeros(0) if local is None else local.detach().reshape(-1).double().numpy().copy()
+    if kind == "hsdp":  # every rank holds the whole (1-way sharded) tensor
+        return local
+    pieces = [None] * WORLD_SIZE
+    dist.all_gather_object(pieces, local)
+    return np.concatenate(pieces)
+
+
+def refused(rank: int, out_dir: Path, kind: str) -> str:
+    """An unsupported sharding: the Recorder must raise on this rank (the other raises too)."""
+    import gradflow
+
+    if kind == "fsdp1":
+        model = shard(make_model(), kind, use_orig_params=False)
+    else:  # weights sharded on their last dim (tensor-parallel style), biases on dim 0
+        from torch.distributed.tensor import Shard
+
+        model = shard(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                                    nn.Linear(4, 4)), kind,
+                      shard_placement_fn=lambda p: Shard(p.ndim - 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        gradflow.Recorder(model, optimizer, str(out_dir / f"refused{rank}.zarr"))
+    except gradflow.GradflowError as err:
+        return str(err)
+    return ""
+
+
+def worker(rank: int, out_dir: Path) -> None:
+    """Both kinds, one after the other, in one process group (one process start per rank)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank,
+                            world_size=WORLD_SIZE)
+    for kind in KINDS:
+        (out_dir / kind).mkdir(exist_ok=True)
+        train(rank, out_dir / kind, kind)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(rank: int, out_dir: Path, kind: str) -> None:
+    import torch.distributed as dist
+
+    import gradflow
+    from gradflow import quantities
+
+    # FSDP2 through the multi-tensor (foreach) buckets GPUs use, the others through stacked ones.
+    quantities.STRATEGY = "foreach" if kind == "fsdp2" else "stack"
+    error = refused(rank, out_dir, kind) if kind != "hsdp" else ""
+    model = shard(make_model(), kind)
+    reference = make_model()  # unsharded, trained on both ranks' batches
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    store = out_dir / ("run.zarr" if rank == 0 else f"rank{rank}.zarr")
+    recorder = gradflow.Recorder(model, optimizer, str(store), every=1)
+    names = [n.replace("_fsdp_wrapped_module.", "") for n, _ in model.named_parameters()]
+    assert sorted(names) == sorted(SHAPES), names
+    saved = {"error": np.array(error)}
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for name, p in zip(names, model.parameters()):
+            saved[f"{step}:{name}:grad"] = gather(p.grad, kind).reshape(SHAPES[name])
+            saved[f"{step}:{name}:before"] = gather(p, kind).reshape(SHAPES[name])
+        optimizer.step()
+        for name, p in zip(names, model.parameters()):
+            saved[f"{step}:{name}:after"] = gather(p, kind).reshape(SHAPES[name])
+        xs, ys = zip(*(batch(r, step) for r in range(WORLD_SIZE)))
+        ref_optimizer.zero_grad()
+        nn.functional.mse_loss(reference(torch.cat(xs)), torch.cat(ys)).backward()
+        for name, p in reference.named_parameters():
+            saved[f"{step}:{name}:ref_grad"] = p.grad.double().numpy().copy()
+            saved[f"{step}:{name}:ref_before"] = p.detach().double().numpy().copy()
+        ref_optimizer.step()
+        for name, p in reference.named_parameters():
+            saved[f"{step}:{name}:ref_after"] = p.detach().double().numpy().copy()
+        if step == 1:
+            recorder.end_epoch(train_loss=1.0)
+    recorder.close()
+    np.savez(out_dir / f"rank{rank}.npz", **saved)
+    dist.barrier()
+
+
+def figures(saved, step: int, prefix: str = "") -> dict:
+    out = {}
+    for layer, names in NAMES.items():
+        tensors = {kind: {n: saved[f"{step}:{n}:{prefix}{kind}"] for n in names}
+                   for kind in ("grad", "before", "after")}
+        out[layer] = layer_reference(tensors["grad"], tensors["before"], tensors["after"], names)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Both ranks, run once for both kinds."""
+    out = tmp_path_factory.mktemp("fsdp")
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(WORLD_SIZE)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for rank, (p, output) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{output}"
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_two_ranks_global_figures(runs, kind):
+    import gradflow
+
+    tmp_path = runs / kind
+    saved = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(WORLD_SIZE)]
+
+    # Unsupported sharding: the same clear error on both ranks.
+    errors = [str(s["error"]) for s in saved]
+    if kind != "hsdp":
+        assert errors[0] and errors[0] == errors[1]
+        assert ("use_orig_params" in errors[0]) if kind == "fsdp1" else ("placements" in errors[0])
+    assert not (tmp_path / "rank1.zarr").exists(), "rank 1 must not write a store"
+
+    ds = gradflow.open(str(tmp_path / "run.zarr"))
+    assert list(ds["layer"].values) == list(NAMES)  # no _fsdp_wrapped_module
+    assert list(ds["module_type"].values) == ["Linear"] * 3  # not FSDPLinear
+    assert list(ds["num_params"].values) == [42, 24, 3]  # unsharded sizes
+    assert ds.sizes["step"] == STEPS
+    for step in range(STEPS):
+        exact = figures(saved[0], step)
+        unsharded = figures(saved[0], step, "ref_")
+        for layer in NAMES:
+            for var, value in exact[layer].items():
+                got = float(ds[var].isel(step=step).sel(layer=layer))
+                np.testing.assert_allclose(got, value, rtol=2e-6, atol=0,
+                                           err_msg=f"{var} step {step} layer {layer}")
+                np.testing.assert_allclose(got, unsharded[layer][var], rtol=1e-4, atol=1e-7,
+                                           err_msg=f"vs unsharded: {var} step {step} {layer}")
+    # Epoch 0 = steps 0 and 1: W(after step 1) − W(before step 0), combined over the shards.
+    ep = gradflow.open(str(tmp_path / "run.zarr"), group="epochs")
+    for layer, names in NAMES.items():
+        d = np.concatenate([(saved[0][f"1:{n}:after"] - saved[0][f"0:{n}:before"]).ravel()
+                            for n in names])
+        got = ep.sel(epoch=0, layer=layer)
+        np.testing.assert_allclose(float(got.update_mean_abs), np.abs(d).mean(), rtol=2e-6)
+        np.testing.assert_allclose(float(got.update_norm), np.sqrt(np.sum(d**2)), rtol=2e-6)
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), Path(sys.argv[2]))
