@@ -72,7 +72,7 @@ def test_snapshot_false_records_gradient_figures_and_nan_updates(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", snapshot=False) as rec:
         records = train(model, optimizer, batches(2), rec, epoch_after=1)
-        assert all(b.snapshot is False and not any(c.epoch is not None for c in b.classes)
+        assert all(b.keeps_snapshot is False and not any(c.epoch is not None for c in b.classes)
                    for b in rec._all_buckets())  # no Δw snapshot, no epoch copy
     ds = gradflow.open(tmp_path / "run.zarr")
     for k, (g, before, after) in enumerate(records):
