@@ -3,13 +3,20 @@
 On a recorded step the Recorder needs, for every recorded parameter tensor, eight numbers: three about
 its gradient, two parameter norms and three about its real update Δw = w_after − w_before. Asking
 torch for them tensor by tensor costs a dispatch (and on a GPU a host sync) per tensor and figure,
-which dominates a deep narrow network. Instead the tensors of one :class:`Bucket` (same optimizer,
-device and dtype) are split into *shape classes*; each class is stacked into one ``(k, numel)``
-matrix and reduced row-wise, so a recorded step costs a handful of fused kernels per shape class,
-independent of the number of tensors. Small shape classes share one zero-padded :class:`RaggedClass`
-(a 200-layer MLP has two shape classes, weights and biases, and one ragged class for the odd first
-and last layers). All figures of a step are concatenated into one vector and copied to the host once
-per device (:func:`to_host`; on the CPU the concatenation happens on the writer thread).
+which dominates a deep narrow network. Two kinds of bucket (same optimizer, device and dtype)
+avoid that (:func:`build_bucket` picks one):
+
+* :class:`Bucket` (CPUs): the tensors are split into *shape classes*; each class is stacked into one
+  ``(k, numel)`` matrix and reduced row-wise, so a recorded step costs about 13 dispatches per shape
+  class, independent of the number of tensors. Small shape classes share one zero-padded
+  :class:`RaggedClass`; a class larger than the scratch is taken in runs, a tensor larger than it
+  in blocks (:class:`BlockClass`, combined on the host through :class:`Split`).
+* :class:`ForeachBucket` (GPUs): multi-tensor ``torch._foreach_*`` kernels over all the bucket's
+  tensors, a fixed number of dispatches per bucket whatever the shapes (on a CPU those ops loop
+  over the tensors one by one, which is slower than stacking).
+
+All figures of a step are copied to the host once per device (:func:`to_host`; on the CPU the
+concatenation happens on the writer thread).
 
 Families of figures (Cockpit/BackPACK style, one function each):
 
@@ -22,10 +29,10 @@ exactly before any arithmetic. Per-layer figures (:func:`layer_step_figures`,
 :func:`layer_epoch_figures`) combine a layer's tensors on the host in float64: norms are
 sqrt(Σ‖·‖²), means Σ|·| / Σnumel, maxima the max over tensors.
 
-Memory per bucket: the Δw snapshot, one copy of the recorded parameters (float32 for bfloat16 ones),
-written only on recorded steps; a scratch buffer the size of the largest shape class, into which one
-class of gradients or parameters at a time is stacked; the ragged class's own padded snapshot and
-scratch (at most RAGGED_MAX_ELEMENTS elements per row); and the epoch-start copy in host memory.
+Memory per bucket, for P bytes of parameters: the Δw snapshot in the parameters' own dtype (P),
+written only on recorded steps; one scratch buffer in the compute dtype of at most
+:data:`SCRATCH_FRACTION` · P; the ragged class's own small padded buffers; and the epoch-start copy
+in host memory in the parameters' own dtype (P). ``snapshot=False`` keeps neither copy.
 """
 
 from __future__ import annotations
