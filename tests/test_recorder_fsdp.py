@@ -15,7 +15,6 @@ summed.
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
