@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analyses.runs import runs, segment_mean, select_layers, stages
 from gradflow.errors import GradflowError
+from gradflow.summary import read_steps
 
 PER = ("epoch", "step")
 LABELS = {
@@ -59,6 +60,16 @@ def _step_bins(ds: xr.Dataset, stat: str, bins: int) -> xr.DataArray:
     )
 
 
+def _summary_bins(data: xr.Dataset | xr.DataTree, name: str, stat: str, layers, bins: int) -> xr.DataArray | None:
+    """Bin means from the run's step summary (:mod:`gradflow.summary`); None without enough summary blocks."""
+    if not isinstance(data, xr.DataTree):
+        return None
+    binned = read_steps(data if name == "run" else data[name], bins, [stat], raw_fallback=False)
+    if binned is None:
+        return None
+    return select_layers(binned, layers)[stat].sel(stat="mean", drop=True)
+
+
 def heatmap_data(
     data: xr.Dataset | xr.DataTree,
     stat: str = "update_mean_abs",
@@ -71,7 +82,9 @@ def heatmap_data(
     ``per="epoch"`` takes ``stat`` from the epoch group when it is there (``update_mean_abs``,
     ``update_norm``), otherwise averages the step-level ``stat`` over each epoch's steps.
     ``per="step"`` averages the step-level ``stat`` over ``bins`` equal runs of steps (a 10⁵-step
-    store becomes ``bins`` rows, read block by block). Non-finite values are ignored in means.
+    store becomes ``bins`` rows, read block by block); a run with a step summary of at least ``bins``
+    blocks is read from it instead (bins of whole blocks, :func:`gradflow.summary.read_steps`).
+    Non-finite values are ignored in means.
     """
     if per not in PER:
         raise GradflowError(f"per must be one of {', '.join(PER)}, got {per!r}")
@@ -84,7 +97,8 @@ def heatmap_data(
         elif st is not None and stat in st and st.sizes["step"] > 0:
             st = select_layers(st, layers)
             if per == "step":
-                out[name] = _step_bins(st, stat, bins)
+                binned = _summary_bins(data, name, stat, layers, bins)
+                out[name] = binned if binned is not None else _step_bins(st, stat, bins)
             elif "epoch" in st.coords:
                 keys, means = segment_mean(st[stat], st["epoch"].values)
                 out[name] = xr.DataArray(

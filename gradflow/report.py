@@ -36,6 +36,9 @@ def open_tree(store: str | os.PathLike) -> xr.DataTree:
         nodes["/epochs"] = gradflow.open(store, group="epochs")
     except (GradflowError, FileNotFoundError, KeyError):
         pass  # a Recorder run that never called end_epoch has no epoch group
+    from gradflow.summary import open_levels
+
+    nodes.update({f"/summary/{level}": ds for level, ds in open_levels(store).items()})
     return xr.DataTree.from_dict(nodes)
 
 

@@ -4,7 +4,7 @@ Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
     zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
                               every, per_parameter, metadata, steps_seen
-    grad_norm … nonfinite     (step, layer) float32, chunks (1024 steps × all layers)
+    grad_norm … nonfinite     (step, layer) float32, chunks of step_chunk(layers) steps × all layers
     step, epoch               (step,) int64: optimizer step index, epoch index
     wall_time                 (step,) float64, Unix time in seconds when the step finished
     skipped                   (step,) bool, the optimizer skipped the step (e.g. GradScaler on inf)
@@ -38,11 +38,17 @@ import fsspec
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import BloscCodec
 
 from gradflow.errors import GradflowError
+from gradflow.summary import SummaryWriter
 
 SCHEMA = 1
-CHUNK_STEPS = 1024
+CHUNK_STEPS = 1024  # rows per chunk of the step coordinates; the Recorder flushes this many rows
+CHUNK_BYTES = 2**18  # a step variable's chunk holds at most this many bytes (≥ 16 rows)
+# zstd behind a byte shuffle (float32 exponent bytes side by side): ~18% smaller than zarr's default
+# zstd on recorded figures, at a similar speed (reports/bench_store_longrun.md).
+CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=4)
 CHUNK_EPOCHS = 256
 STEP_VARIABLES = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
                   "param_norm", "update_ratio", "nonfinite")
@@ -169,20 +175,22 @@ class RunStore:
             self.node = node
             self._resume(layers, every, per_parameter, attrs)
         self.epochs = self.node["epochs"]
+        self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
+        self.commit()
 
     # -- creation and resumption -------------------------------------------------------------
 
     def _create(self, layers: LayerTable, attrs: dict) -> None:
         node, n_layers = self.node, len(layers.names)
-        chunk = max(16, min(CHUNK_STEPS, 2**20 // max(n_layers, 1)))
+        chunk = step_chunk(n_layers)
         layer_coords = "depth module_type num_params"
         for name in STEP_VARIABLES:
             node.create_array(name, shape=(0, n_layers), chunks=(chunk, n_layers), dtype="float32",
-                              fill_value=np.nan, dimension_names=("step", "layer"),
+                              fill_value=np.nan, dimension_names=("step", "layer"), compressors=CODEC,
                               attributes={"description": DESCRIPTIONS[name],
                                           "coordinates": f"epoch wall_time skipped {layer_coords}"})
         for name, dtype in STEP_COORDS.items():
-            node.create_array(name, shape=(0,), chunks=(chunk,), dtype=dtype,
+            node.create_array(name, shape=(0,), chunks=(CHUNK_STEPS,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
                               attributes={"description": DESCRIPTIONS[name]})
         epochs = node.require_group("epochs")
@@ -265,6 +273,7 @@ class RunStore:
         for name, values in columns.items():
             _append(self.node[name], self.n_steps, values)
         self.n_steps += n
+        self.summary.append(columns)
 
     def append_epoch(self, columns: dict[str, np.ndarray], scalars: dict[str, float]) -> None:
         """Append one epoch: per-layer figures, ``epoch``/``num_steps`` and the user's scalars."""
@@ -313,6 +322,15 @@ def _delete_run(root, group: str | None):
         del root[group]
         return root
     return zarr.open_group(root.store, mode="w", use_consolidated=False)
+
+
+def step_chunk(n_layers: int) -> int:
+    """Rows per chunk of a (step, layer) variable: the largest power of two with at most
+    CHUNK_BYTES per chunk, between 16 and CHUNK_STEPS. A flush re-encodes only the chunk a previous
+    flush left partly filled, so a small chunk keeps a short flush cheap; a power of two divides
+    the Recorder's 1024-row flushes, which therefore write whole chunks only."""
+    rows = CHUNK_BYTES // (4 * max(n_layers, 1))
+    return max(16, min(CHUNK_STEPS, 1 << max(rows, 1).bit_length() - 1))
 
 
 def _fill(dtype: str):
