@@ -47,7 +47,7 @@ STAT_DESCRIPTIONS = {
 
 @dataclass
 class Blocks:
-    """Reductions of consecutive row segments of ``values (rows, …)``: arrays ``(segments, …)``.
+    """Reductions of figures over consecutive row segments: arrays ``(segments, variables, layers)``.
 
     ``sum`` and ``count`` are over finite values (float64, int64); ``low``/``high`` are their min/max
     (±inf where a segment has no finite value); ``nonfinite`` counts NaN and ±Inf values.
@@ -63,26 +63,17 @@ class Blocks:
     rows: np.ndarray  # (segments,) int64: rows per segment
 
     @classmethod
-    def of(cls, values: np.ndarray, steps: np.ndarray, starts: np.ndarray) -> Blocks:
-        """Reduce ``values`` over the segments beginning at ``starts`` (increasing, first 0)."""
-        values = np.asarray(values)
-        ends = np.r_[starts[1:], len(values)]
-        finite = np.isfinite(values)
-        if finite.all():
-            sums = np.add.reduceat(values, starts, axis=0, dtype=np.float64)
-            counts = np.broadcast_to(np.reshape(ends - starts, (-1,) + (1,) * (values.ndim - 1)),
-                                     sums.shape).astype(np.int64)
-            low = np.minimum.reduceat(values, starts, axis=0)
-            high = np.maximum.reduceat(values, starts, axis=0)
-        else:
-            sums = np.add.reduceat(np.where(finite, values, 0), starts, axis=0, dtype=np.float64)
-            counts = np.add.reduceat(finite, starts, axis=0, dtype=np.int64)
-            low = np.minimum.reduceat(np.where(finite, values, np.inf), starts, axis=0)
-            high = np.maximum.reduceat(np.where(finite, values, -np.inf), starts, axis=0)
+    def of(cls, columns: list[np.ndarray], steps: np.ndarray, starts: np.ndarray) -> Blocks:
+        """Reduce each ``(rows, layers)`` array of ``columns`` over the row segments beginning at
+        ``starts`` (increasing, first 0): arrays ``(segments, len(columns), layers)``."""
+        ends = np.r_[starts[1:], len(steps)]
+        parts = [[_reduce(column[a:b]) for column in columns] for a, b in zip(starts, ends)]
+        sums, counts, low, high = (np.array([[p[i] for p in segment] for segment in parts])
+                                   for i in range(4))
         rows = (ends - starts).astype(np.int64)
-        nonfinite = np.reshape(rows, (-1,) + (1,) * (values.ndim - 1)) - counts
-        return cls(sums, counts, low, high, nonfinite, np.asarray(steps)[starts].astype(np.int64),
-                   np.asarray(steps)[ends - 1].astype(np.int64), rows)
+        steps = np.asarray(steps)
+        return cls(sums, counts, low, high, rows[:, None, None] - counts,
+                   steps[starts].astype(np.int64), steps[ends - 1].astype(np.int64), rows)
 
     @classmethod
     def concat(cls, parts: list[Blocks]) -> Blocks:
@@ -106,6 +97,16 @@ class Blocks:
         none = self.count == 0
         return np.stack([mean, np.where(none, np.nan, self.low), np.where(none, np.nan, self.high),
                          self.nonfinite.astype(np.float64)], axis=1)
+
+
+def _reduce(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sum, count, min, max) over the finite values of ``x (rows, layers)`` per layer (±inf if none)."""
+    total = x.sum(0, dtype=np.float64)  # finite iff every value is (no float32 sum overflows float64)
+    if np.isfinite(total).all():
+        return total, np.full(total.shape, len(x), np.int64), x.min(0), x.max(0)
+    finite = np.isfinite(x)
+    return (np.where(finite, x, 0).sum(0, dtype=np.float64), finite.sum(0, dtype=np.int64),
+            np.where(finite, x, np.inf).min(0), np.where(finite, x, -np.inf).max(0))
 
 
 class SummaryWriter:
@@ -173,12 +174,12 @@ class SummaryWriter:
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """Summarise appended rows: ``columns`` holds ``step`` (n,) and each variable (n, layers)."""
         steps = np.asarray(columns["step"])
-        values = np.stack([np.asarray(columns[name], dtype=np.float32) for name in self.variables],
-                          axis=1)  # (n, variables, layers), as stored
+        values = [np.asarray(columns[name], dtype=np.float32) for name in self.variables]  # as stored
         base, pos = LEVELS[0], 0
         while pos < len(steps):
             take = min(base - self.rows % base, len(steps) - pos)
-            piece = Blocks.of(values[pos:pos + take], steps[pos:pos + take], np.array([0]))
+            piece = Blocks.of([v[pos:pos + take] for v in values], steps[pos:pos + take],
+                              np.array([0]))
             self.partial = piece if self.partial is None else \
                 Blocks.concat([self.partial, piece]).merge(np.array([0]))
             pos += take
@@ -318,9 +319,9 @@ def _stored_blocks(summary: xr.Dataset, variables: list[str]) -> Blocks:
                   summary["last_step"].values.astype(np.int64), rows)
 
 
-def _raw_values(raw: xr.Dataset, variables: list[str], start: int, stop: int) -> np.ndarray:
-    return np.stack([np.asarray(raw[v].isel(step=slice(start, stop)).transpose("step", "layer").values,
-                                dtype=np.float32) for v in variables], axis=1)
+def _raw_values(raw: xr.Dataset, variables: list[str], start: int, stop: int) -> list[np.ndarray]:
+    return [np.asarray(raw[v].isel(step=slice(start, stop)).transpose("step", "layer").values,
+                       dtype=np.float32) for v in variables]
 
 
 def _raw_blocks(raw: xr.Dataset, variables: list[str], start: int, stop: int,
