@@ -5,11 +5,11 @@ Next to the raw rows the store keeps, for each block of ``b`` recorded rows (``b
 and each figure and layer, four statistics (:data:`STATS`)::
 
     summary/                      attrs: gradflow_kind="summary", rows (rows summarised so far)
-        256/, 1024/, 4096/        one group per block size b (rows per block)
+        256/, 4096/               one group per block size b (rows per block)
             grad_norm … nonfinite (block, stat, layer) float32, stat = mean, min, max, nonfinite
             first_step, last_step (block,) int64: step index of the block's first and last row
-            stat                  (stat,) str
-            layer, depth, module_type, num_params   (layer,) as in the run
+            stat, layer           (stat,), (layer,) str: labels (the other layer coordinates are
+                                  the run's)
 
 ``mean``, ``min`` and ``max`` are over the block's finite values (NaN when it has none); ``nonfinite``
 counts its NaN and ±Inf values, so a NaN in a block stays visible. Only complete blocks are stored:
@@ -17,7 +17,7 @@ the summary is written when a span of :data:`SPAN` rows is complete (one chunk p
 never rewritten), so it trails the raw rows by less than ``SPAN`` rows; :func:`read_steps` summarises
 that tail from the raw rows. A group opens with plain xarray::
 
-    xr.open_zarr("run.zarr", group="summary/1024")["grad_norm"].sel(stat="max")
+    xr.open_zarr("run.zarr", group="summary/4096")["grad_norm"].sel(stat="max")
 
 The summary is derived data: a Recorder reopening a store trusts the ``rows`` attribute (updated after
 the chunks it counts are written, and capped at the committed raw rows) and recomputes the rest from
@@ -33,7 +33,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
-LEVELS = (256, 1024, 4096)  # rows per block, one group each
+# Rows per block, one group each. Two levels 16× apart: ``bins`` bins need at most 16·bins blocks.
+# Every summary array costs each commit (which re-reads all metadata) some time, so they are few.
+LEVELS = (256, 4096)
 SPAN = 8192  # rows per written chunk of every level (a multiple of every level)
 STATS = ("mean", "min", "max", "nonfinite")
 LAYER_COORDS = ("layer", "depth", "module_type", "num_params")
@@ -149,8 +151,7 @@ class SummaryWriter:
                                  dimension_names=("block", "stat", "layer"),
                                  attributes={"description": f"{description}: per block of {level} "
                                                             f"rows, {', '.join(STATS)}",
-                                             "coordinates": "first_step last_step depth "
-                                                            "module_type num_params"})
+                                             "coordinates": "first_step last_step"})
             for name, what in (("first_step", "first"), ("last_step", "last")):
                 sub.create_array(name, shape=(0,), chunks=(SPAN // level,), dtype="int64",
                                  fill_value=0, dimension_names=("block",),
@@ -159,13 +160,9 @@ class SummaryWriter:
                                     attributes={"description": "; ".join(
                                         f"{k}: {v}" for k, v in STAT_DESCRIPTIONS.items())})
             stat[:] = np.array(STATS)
-            for name in LAYER_COORDS:
-                source = self.node[name]
-                values = source[:]
-                array = sub.create_array(name, shape=values.shape,
-                                         dtype=str if source.dtype.kind in "UOT" else values.dtype,
-                                         dimension_names=("layer",), attributes=dict(source.attrs))
-                array[:] = values
+            layer = sub.create_array("layer", shape=(n_layers,), dtype=str, dimension_names=("layer",),
+                                     attributes=dict(self.node["layer"].attrs))
+            layer[:] = self.node["layer"][:]
             sub.attrs.update({"gradflow_kind": "summary_level", "block_rows": level})
         group.attrs.update({"gradflow_kind": "summary", "rows": 0, "levels": list(LEVELS),
                             "span_rows": SPAN})

@@ -135,7 +135,7 @@ def test_read_steps_bins_equal_numpy_over_the_bin_rows(tmp_path):
     append(new_store(path, 3), [1024] * 20 + [300], 3)  # 20780 rows: summary covers 16384
     raw = xr.open_zarr(path)
     steps = raw["step"].values
-    for bins, source in [(40, "summary/256"), (5, "summary/1024"), (300, "raw")]:
+    for bins, source in [(40, "summary/256"), (4, "summary/4096"), (300, "raw")]:
         binned = summary.read_steps(path, bins=bins, variables=["grad_norm", "update_ratio"])
         assert binned.attrs["source"] == source
         assert binned.sizes["step"] == bins and binned["num_rows"].sum() == raw.sizes["step"]
