@@ -45,7 +45,7 @@ from gradflow.summary import SummaryWriter
 
 SCHEMA = 1
 CHUNK_STEPS = 1024  # rows per chunk of the step coordinates; the Recorder flushes this many rows
-CHUNK_BYTES = 2**18  # a step variable's chunk holds at most this many bytes (≥ 16 rows)
+CHUNK_BYTES = 2**20  # a step variable's chunk holds at most this many bytes (≥ 16 rows)
 # zstd level 1 behind a byte shuffle (float32 exponent bytes side by side): 13% smaller than zarr's
 # default zstd on recorded figures and faster to encode; higher levels save ≤ 6% more at 3-10× the
 # writer time (reports/bench_store_longrun.md).
