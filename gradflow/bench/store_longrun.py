@@ -11,7 +11,7 @@ Recorder's writer thread calls it):
   the step summary).
 * **codec**: bytes per step·layer of the eight step figures under candidate codecs, on synthetic
   figures and (``--real STORE``) on a recorded store's figures; ``--record-real STORE`` records one
-  (a 100-layer MLP trained with Adam for 2,048 steps, every step recorded).
+  (an MLP of 101 Linear layers trained with Adam for 3,072 steps, every step recorded).
 * **long runs**: a store of ``steps`` × ``--layers`` synthetic figures (each layer a level between
   1e-4 and 1 with log-normal step noise; ``param_norm`` drifting slowly; ``nonfinite`` zero but for
   rare NaN rows), written in 1,024-row flushes with 100 epochs, streamed (one flush in memory); then
