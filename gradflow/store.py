@@ -171,10 +171,9 @@ class RunStore:
                 root = _delete_run(root, group)
                 self.node = root.require_group(group) if group else root
                 self._create(layers, attrs)
-                self.epochs = self.node["epochs"]
-                return
-            self.node = node
-            self._resume(layers, every, per_parameter, attrs)
+            else:
+                self.node = node
+                self._resume(layers, every, per_parameter, attrs)
         self.epochs = self.node["epochs"]
         self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
         self.commit()

@@ -230,3 +230,15 @@ def test_read_steps_rejects_bad_bins(tmp_path, bins):
     append(new_store(tmp_path / "run.zarr", 2), [5], 2)
     with pytest.raises(ValueError, match="bins must be positive"):
         summary.read_steps(tmp_path / "run.zarr", bins=bins)
+
+
+def test_overwritten_run_gets_a_fresh_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(summary, "LEVELS", (4, 8))
+    monkeypatch.setattr(summary, "SPAN", 16)
+    path = tmp_path / "run.zarr"
+    append(new_store(path, 2), [40], 2, seed=5)
+    table = LayerTable(["layer0", "layer1"], ["Linear"] * 2, [10] * 2)
+    fresh = RunStore(str(path), None, table, {"every": 1, "per_parameter": False}, 1, False, mode="w")
+    assert fresh.n_steps == 0 and fresh.summary.rows == 0
+    append(fresh, [20], 2, seed=6)
+    check_against_raw(path, levels=(4, 8), span=16)
