@@ -7,8 +7,8 @@ Recorder's writer thread calls it):
   (what a 10-second flush of a slow run does) and of a 1,024-row flush (the Recorder's full buffer),
   each ``append_steps`` + ``commit``; arms run back to back in one process: ``main`` (chunks of 1,024
   steps, zarr's default zstd, no summary: the layout before this benchmark), ``small chunks`` (chunks
-  of ≤ 1 MiB or ≤ 256 KiB, blosc zstd + shuffle, no summary) and ``this store`` (1 MiB chunks plus
-  the step summary).
+  of ≤ 1 MiB or ≤ 256 KiB, blosc zstd + shuffle, no summary) and ``this store`` (chunks of 1,024
+  steps up to 1,024 layers, blosc, the step summary).
 * **codec**: bytes per step·layer of the eight step figures under candidate codecs, on synthetic
   figures and (``--real STORE``) on a recorded store's figures; ``--record-real STORE`` records one
   (an MLP of 101 Linear layers trained with Adam for 3,072 steps, every step recorded).
@@ -64,8 +64,8 @@ ARMS = {  # name: (CHUNK_BYTES, CODEC, summary writer)
     "main (1,024-row chunks, zarr's default zstd, no summary)": (2**22, "auto", _NoSummary),
     "1 MiB chunks, blosc zstd 1 + shuffle, no summary": (2**20, store_module.CODEC, _NoSummary),
     "256 KiB chunks, blosc zstd 1 + shuffle, no summary": (2**18, store_module.CODEC, _NoSummary),
-    "this store (1 MiB chunks, blosc, summary)": (store_module.CHUNK_BYTES, store_module.CODEC,
-                                                  store_module.SummaryWriter),
+    "this store (1,024-row chunks, blosc, summary)": (store_module.CHUNK_BYTES, store_module.CODEC,
+                                                      store_module.SummaryWriter),
 }
 MAIN = next(iter(ARMS))
 
