@@ -51,6 +51,7 @@ class Variant:
     name: str
     config: TrainConfig
     label: str = ""
+    preset: str = ""
 
 
 def variant_name(config: TrainConfig, with_seed: bool = False) -> str:
@@ -142,7 +143,7 @@ def preset_variants(preset: str, overrides: Mapping[str, Any] | None = None,
     for label, panel in spec.panels:
         for seed in seeds:
             config = TrainConfig(**{**spec.settings, **panel, **overrides, "seed": seed})
-            variants.append(Variant(variant_name(config, len(seeds) > 1), config, label))
+            variants.append(Variant(variant_name(config, len(seeds) > 1), config, label, preset))
     return variants
 
 
@@ -235,8 +236,8 @@ def train_variant(variant: Variant, store: str, command: str, progress=None, dat
     if data is None:
         data = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
     metadata = {"variant": variant.name, "command": command, "device_name": _device_name(resolve_device(c.device))}
-    if variant.label:
-        metadata["panel"] = variant.label
+    if variant.preset:
+        metadata.update(preset=variant.preset, panel=variant.label)
     result = train(c, store, group=variant.name, progress=progress, data=data, metadata=metadata)
     summary = {"best_epoch": int(result.best_epoch), "best_val_loss": _json_float(result.best_val_loss),
                "train_loss_at_best": _json_float(result.train_loss_at_best),
@@ -387,9 +388,10 @@ def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, co
     return outcomes
 
 
-def _ray_train(config: dict[str, Any], name: str, store: str, command: str, label: str = "") -> dict[str, Any]:
+def _ray_train(config: dict[str, Any], name: str, store: str, command: str, label: str = "",
+               preset: str = "") -> dict[str, Any]:
     """Ray task body: rebuild the variant from plain data and train it (module-level so Ray can pickle it)."""
-    return train_variant(Variant(name, TrainConfig(**config), label), store, command, consolidated=False)
+    return train_variant(Variant(name, TrainConfig(**config), label, preset), store, command, consolidated=False)
 
 
 def _import_ray():
@@ -423,7 +425,7 @@ def _run_ray(todo: list[Variant], store: str, command: str, address: str | None,
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_ray_train)
-        pending = {task.remote(dataclasses.asdict(v.config), v.name, store, command, v.label): v.name for v in todo}
+        pending = {task.remote(dataclasses.asdict(v.config), v.name, store, command, v.label, v.preset): v.name for v in todo}
         with _progress(console) as progress:
             overall = progress.add_task(f"sweep on Ray ({'GPU' if gpus else 'CPU'} tasks): variants", total=len(todo))
             while pending:

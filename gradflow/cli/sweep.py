@@ -1,5 +1,10 @@
 """``gradflow sweep``: train a grid of FCN variants into one store, resumably, locally or on Ray.
 
+``--preset fig4|table3|table2 --data PATH`` trains the variants of one of the paper's experiments
+instead, with the paper's settings (:data:`gradflow.sweep.PRESETS`); every other option overrides a
+setting for all of its variants (e.g. ``--crop 128 --width 8`` for a CPU-sized run), and the store records
+the resulting config, the preset and the panel of each variant.
+
 The defaults make ``gradflow sweep --depths 3,7,9 --no-bn`` a few-minute CPU run on synthetic data;
 ``--size 512 --data PATH`` on a GPU is the paper's experiment. Two defaults deviate from the paper so
 that the no-BN grid trains at all (measured in the README's Results section):
