@@ -38,8 +38,8 @@ from gradflow.train import TrainConfig
 
 EXECUTORS = ("local", "ray")
 # Settings a variant's name does not show; a finished variant recorded with other values is stale.
-_SETTINGS_CHECKED = ("arch", "block", "levels", "width", "size", "crop", "crops_per_image", "n_train", "n_val", "epochs", "batch_size",
-                     "loss", "lr", "data", "every", "dropout", "weight_decay", "weight_decay_mode", "rmsprop_alpha",
+_SETTINGS_CHECKED = ("arch", "block", "levels", "width", "size", "crop", "crops_per_image", "n_train", "n_val",
+                     "epochs", "batch_size", "loss", "lr", "data", "every", "dropout", "weight_decay", "weight_decay_mode", "rmsprop_alpha",
                      "augment", "init", "optimizer", "score_passes")
 _TORCH_RMSPROP_ALPHA = TrainConfig.rmsprop_alpha  # names show alpha only when it is not torch's default
 

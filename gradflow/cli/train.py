@@ -59,7 +59,8 @@ def train_command(
     from gradflow.train import TrainConfig, train
 
     config = TrainConfig(arch=arch, crop=crop, crops_per_image=crops_per_image, weight_decay_mode=weight_decay_mode,
-                         rmsprop_alpha=rmsprop_alpha, score_passes=score_passes, block=block, depth=depth, levels=levels, width=width, batch_norm=bn,
+                         rmsprop_alpha=rmsprop_alpha, score_passes=score_passes, block=block, depth=depth,
+                         levels=levels, width=width, batch_norm=bn,
                          short_skip=short, long_skip=long, dropout=dropout, init=init, data=data, size=size,
                          n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, loss=loss,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
