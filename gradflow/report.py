@@ -121,6 +121,7 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     gradient-flow summary of ``analyses.flow_summary``.
     """
     from analyses.flow_summary import flow_summary
+    from analyses.paper import paper_section
     from analyses.tables import best_val_table
 
     tree = open_tree(store)
@@ -180,6 +181,7 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "",
         _markdown(summary, ".3g"),
         "",
+        *paper_section(tree, _markdown),  # presets only: the paper's numbers beside ours
     ]
     make_out_dir(out_dir)
     path = out_dir / "report.md"

@@ -38,16 +38,20 @@ from gradflow.train import TrainConfig
 
 EXECUTORS = ("local", "ray")
 # Settings a variant's name does not show; a finished variant recorded with other values is stale.
-_SETTINGS_CHECKED = ("levels", "width", "size", "n_train", "n_val", "epochs", "batch_size", "loss", "lr", "data",
-                     "every", "dropout", "weight_decay", "augment", "init", "optimizer")
+_SETTINGS_CHECKED = ("arch", "block", "levels", "width", "size", "crop", "crops_per_image", "n_train", "n_val",
+                     "epochs", "batch_size", "loss", "lr", "data", "every", "dropout", "weight_decay", "weight_decay_mode", "rmsprop_alpha",
+                     "augment", "init", "optimizer", "score_passes")
+_TORCH_RMSPROP_ALPHA = TrainConfig.rmsprop_alpha  # names show alpha only when it is not torch's default
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One grid point: its group name in the store and the full training config."""
+    """One grid point: its group name in the store, the full training config and (presets) its panel label."""
 
     name: str
     config: TrainConfig
+    label: str = ""
+    preset: str = ""
 
 
 def variant_name(config: TrainConfig, with_seed: bool = False) -> str:
@@ -55,13 +59,92 @@ def variant_name(config: TrainConfig, with_seed: bool = False) -> str:
 
     The optimizer shows only when it is not the paper's RMSprop (``-sgd``), whatever else the grid
     holds, so a variant's name never depends on its neighbours and RMSprop names stay as they always
-    were. ``-s<seed>`` comes last, with several seeds.
+    were. Likewise the optimizer settings show only when they differ from torch's defaults:
+    ``-wd_l2`` / ``-wd_decoupled`` (weight-decay mode), ``-wd0`` (no weight decay), ``-alpha0.9``
+    (RMSprop's averaging factor). A Table 1 model is ``table1-w<width>-…``. ``-s<seed>`` comes last,
+    with several seeds.
     """
-    name = (f"{config.block}-d{config.depth}-bn{int(config.batch_norm)}"
-            f"-long_{config.long_skip}-short{int(config.short_skip)}")
+    model = f"table1-w{config.width}" if config.arch == "table1" else f"{config.block}-d{config.depth}"
+    name = f"{model}-bn{int(config.batch_norm)}-long_{config.long_skip}-short{int(config.short_skip)}"
     if config.optimizer != "rmsprop":
         name = f"{name}-{config.optimizer}"
+    if config.weight_decay == 0:
+        name = f"{name}-wd0"
+    elif config.weight_decay_mode != "torch":
+        name = f"{name}-wd_{config.weight_decay_mode}"
+    if config.optimizer == "rmsprop" and config.rmsprop_alpha != _TORCH_RMSPROP_ALPHA:
+        name = f"{name}-alpha{config.rmsprop_alpha:g}"
     return f"{name}-s{config.seed}" if with_seed else name
+
+
+# The paper's training settings (Drozdzal et al. 2016, Sec. 3, and the authors' Keras 1 code,
+# veugene/fcn_maker): RMSprop lr 1e-3 with Keras 1.x's rho = 0.9 and epsilon = 1e-8 (added to the
+# square root), weight decay 1e-3 as an l2 regularizer on the conv kernels, 25 training / 5 validation
+# images at 512², batch 4, flips / rotations / shear / elastic warp, He init, best-validation weights.
+PAPER_SETTINGS: dict[str, Any] = dict(size=512, crop=0, n_train=25, n_val=5, batch_size=4, optimizer="rmsprop",
+                                      lr=1e-3, weight_decay=1e-3, weight_decay_mode="l2", rmsprop_alpha=0.9,
+                                      init="he", augment=True, loss="bce", dropout=0.0, epochs=100)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A paper experiment: settings shared by its variants and each variant's own (label, settings)."""
+
+    description: str
+    settings: dict[str, Any]
+    panels: tuple[tuple[str, dict[str, Any]], ...]
+
+
+_FIG4_NET = dict(arch="simple", block="simple", levels=5, width=32, long_skip="sum")
+_TABLE1 = dict(arch="table1", width=32, batch_norm=True)
+PRESETS: dict[str, Preset] = {
+    "fig4": Preset(
+        "Fig. 4: where the weights move, simple-block FCNs with long skips",
+        {**PAPER_SETTINGS, **_FIG4_NET},
+        (("(a) long + short skips, 9 blocks, BN", dict(depth=9, batch_norm=True, short_skip=True)),
+         ("(b) long only, 9 blocks, BN", dict(depth=9, batch_norm=True, short_skip=False)),
+         ("(c) long only, 3 blocks, BN", dict(depth=3, batch_norm=True, short_skip=False)),
+         ("(d) long only, 7 blocks, no BN", dict(depth=7, batch_norm=False, short_skip=False)))),
+    "table3": Preset(
+        "Table 3: validation loss of the Table 1 model with long + short, short only and long only skips",
+        {**PAPER_SETTINGS, **_TABLE1},
+        (("long + short", dict(long_skip="sum", short_skip=True)),
+         ("short only", dict(long_skip="none", short_skip=True)),
+         ("long only", dict(long_skip="sum", short_skip=False)))),
+    "table2": Preset(
+        "Table 2: the Table 1 model with Dice loss and dropout 0.2, scored with test-time dropout averaging",
+        {**PAPER_SETTINGS, **_TABLE1, "loss": "dice", "dropout": 0.2, "score_passes": 10},
+        (("Dice, dropout 0.2, long + short", dict(long_skip="sum", short_skip=True)),)),
+}
+
+
+def preset_variants(preset: str, overrides: Mapping[str, Any] | None = None,
+                    seeds: Iterable[int] = (0,)) -> list[Variant]:
+    """The variants of ``PRESETS[preset]``: preset settings, then each panel's, then ``overrides``
+    (any :class:`TrainConfig` field, applied to every variant), once per seed.
+
+    Raises GradflowError for an unknown preset or field, or an override that would change what tells
+    the panels apart (e.g. ``short_skip`` for ``fig4``: use a plain grid for that).
+    """
+    if preset not in PRESETS:
+        raise GradflowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise GradflowError(f"unknown setting(s) {', '.join(unknown)}")
+    spec = PRESETS[preset]
+    panel_keys = sorted({key for _, panel in spec.panels for key in panel} & set(overrides))
+    if panel_keys:
+        raise GradflowError(f"preset {preset} sets {', '.join(panel_keys)} per panel; drop the option or "
+                            f"sweep a grid without --preset")
+    seeds = list(dict.fromkeys(seeds))
+    variants = []
+    for label, panel in spec.panels:
+        for seed in seeds:
+            config = TrainConfig(**{**spec.settings, **panel, **overrides, "seed": seed})
+            variants.append(Variant(variant_name(config, len(seeds) > 1), config, label, preset))
+    return variants
 
 
 def expand_grid(base: TrainConfig, *, depths: Iterable[int], batch_norms: Iterable[bool] = (True,),
@@ -138,21 +221,60 @@ def train_variant(variant: Variant, store: str, command: str, progress=None, dat
                   consolidated: bool = True) -> dict[str, Any]:
     """Train one variant into ``STORE/<name>``, then mark it finished. Returns its outcome.
 
-    The group's ``metadata`` attr gets the full config (``train`` records it), the variant name and
-    the exact ``command`` line, so every figure can be traced back to how it was made.
+    The group's ``metadata`` attr gets the full config (``train`` records it), the variant name, its
+    panel label (presets) and the exact ``command`` line, so every figure can be traced back to how it
+    was made. With ``config.score_passes`` > 0 the best-validation model is then scored on the
+    validation images (:func:`score_segmentation`) and the scores join the outcome.
     ``consolidated=False`` (Ray tasks) leaves re-consolidating the root to the driver.
     """
-    from gradflow.train import train
+    from gradflow.data import load_data
+    from gradflow.train import resolve_device, train
 
+    c = variant.config
     started = time.perf_counter()
     _clear_group(store, variant.name)
-    result = train(variant.config, store, group=variant.name, progress=progress, data=data,
-                   metadata={"variant": variant.name, "command": command})
+    if data is None:
+        data = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+    metadata = {"variant": variant.name, "command": command, "device_name": _device_name(resolve_device(c.device))}
+    if variant.preset:
+        metadata.update(preset=variant.preset, panel=variant.label)
+    result = train(c, store, group=variant.name, progress=progress, data=data, metadata=metadata)
     summary = {"best_epoch": int(result.best_epoch), "best_val_loss": _json_float(result.best_val_loss),
                "train_loss_at_best": _json_float(result.train_loss_at_best),
                "train_seconds": round(time.perf_counter() - started, 3)}
+    if c.score_passes:
+        scored = time.perf_counter()
+        summary.update(score_segmentation(result.model, data.val_images, data.val_labels, c.score_passes,
+                                          seed=c.seed, batch_size=c.batch_size))
+        summary["score_seconds"] = round(time.perf_counter() - scored, 3)
     _mark_finished(store, variant.name, summary, consolidated)
     return summary
+
+
+def _device_name(device) -> str:
+    """``cpu`` or the CUDA device's product name, for reports."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def score_segmentation(model, images, membrane, passes: int, seed: int = 0,
+                       batch_size: int | None = None) -> dict[str, float]:
+    """ISBI 2012 scores of ``model`` on ``images`` (N, 1, H, W) against membrane labels (same shape, 1 =
+    membrane): the mean membrane probability over ``passes`` test-time dropout passes
+    (:func:`gradflow.predict.predict`, seeded with ``seed``), turned into cell probability, then
+    :func:`gradflow.metrics.isbi_scores`. Returns ``{"v_rand", "v_info", "pixel_error", "score_passes"}``.
+    """
+    import torch
+
+    from gradflow.metrics import isbi_scores
+    from gradflow.predict import predict
+
+    torch.manual_seed(seed)
+    prob = predict(model, images, passes=passes, batch_size=batch_size)
+    cells = (1.0 - prob[:, 0]).cpu().numpy()
+    labels = (membrane[:, 0] < 0.5).to(torch.uint8).cpu().numpy()
+    return {**isbi_scores(cells, labels), "score_passes": passes}
 
 
 def _json_float(value: float | None) -> float | None:
@@ -194,7 +316,7 @@ def validate(variants: list[Variant]) -> None:
     checked: set = set()
     for variant in variants:
         c = variant.config
-        arch = (c.block, c.depth, c.levels, c.width, c.batch_norm, c.short_skip, c.long_skip, c.dropout)
+        arch = (c.arch, c.block, c.depth, c.levels, c.width, c.batch_norm, c.short_skip, c.long_skip, c.dropout)
         if arch not in checked:
             build_model(c)
             checked.add(arch)
@@ -266,9 +388,10 @@ def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, co
     return outcomes
 
 
-def _ray_train(config: dict[str, Any], name: str, store: str, command: str) -> dict[str, Any]:
+def _ray_train(config: dict[str, Any], name: str, store: str, command: str, label: str = "",
+               preset: str = "") -> dict[str, Any]:
     """Ray task body: rebuild the variant from plain data and train it (module-level so Ray can pickle it)."""
-    return train_variant(Variant(name, TrainConfig(**config)), store, command, consolidated=False)
+    return train_variant(Variant(name, TrainConfig(**config), label, preset), store, command, consolidated=False)
 
 
 def _import_ray():
@@ -302,7 +425,7 @@ def _run_ray(todo: list[Variant], store: str, command: str, address: str | None,
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_ray_train)
-        pending = {task.remote(dataclasses.asdict(v.config), v.name, store, command): v.name for v in todo}
+        pending = {task.remote(dataclasses.asdict(v.config), v.name, store, command, v.label, v.preset): v.name for v in todo}
         with _progress(console) as progress:
             overall = progress.add_task(f"sweep on Ray ({'GPU' if gpus else 'CPU'} tasks): variants", total=len(todo))
             while pending:

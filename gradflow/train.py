@@ -46,12 +46,15 @@ from gradflow.errors import GradflowError
 
 OPTIMIZERS = ("rmsprop", "sgd")
 SGD_MOMENTUM = 0.9
+ARCHS = ("simple", "table1")
+WEIGHT_DECAY_MODES = ("torch", "l2", "decoupled")
 
 
 @dataclass
 class TrainConfig:
     """One training run: model variant, data, optimiser and loop settings (all JSON-able)."""
 
+    arch: str = "simple"  # "simple" (simple_fcn: block × depth per level) or "table1" (paper_fcn, widths × width/32)
     block: str = "simple"
     depth: int = 7
     levels: int = 4
@@ -63,6 +66,8 @@ class TrainConfig:
     init: str = "he"  # "he" (the paper's) or "scaled" (residual branches × L^-1/2, see models.fcn)
     data: str = "synthetic"
     size: int = 128
+    crop: int = 0  # > 0: train on random crop×crop patches of the images (validation: whole images)
+    crops_per_image: int = 0  # crops of each training image per epoch (0: (size/crop)², the whole images' pixels)
     n_train: int = 25
     n_val: int = 5
     epochs: int = 10
@@ -71,12 +76,15 @@ class TrainConfig:
     optimizer: str = "rmsprop"  # "rmsprop" (the paper's) or "sgd" (momentum 0.9)
     lr: float = 1e-3
     weight_decay: float = 1e-3
+    weight_decay_mode: str = "torch"  # "torch" (wd·w on every parameter), "l2" (Keras l2: 2·wd·W on conv kernels), "decoupled"
+    rmsprop_alpha: float = 0.99  # RMSprop's running-average factor (torch default 0.99; Keras 1.x rho = 0.9)
     seed: int = 0
     device: str = "auto"
     amp: bool = False
     every: int = 1
     augment: bool = True
     sparsity: float = 1e-4  # weight of model.sparsity_loss() (SAT channel selection)
+    score_passes: int = 0  # > 0: score the best model on the validation images (V_rand, V_info, pixel error), N dropout passes
 
     def __post_init__(self) -> None:
         """Reject values no run could use, naming the field (model and data check their own)."""
@@ -97,12 +105,32 @@ class TrainConfig:
             raise GradflowError(f"loss must be 'bce' or 'dice', got {self.loss!r}")
         if self.optimizer not in OPTIMIZERS:
             raise GradflowError(f"optimizer must be 'rmsprop' or 'sgd', got {self.optimizer!r}")
-        if isinstance(self.levels, int) and self.levels >= 0 and isinstance(self.size, int):
-            step = 2 ** self.levels
-            if self.size < step or self.size % step:
-                nearest = max(step, round(self.size / step) * step)
-                raise GradflowError(f"size {self.size} is not divisible by 2**levels = {step}; "
-                                    f"try size {nearest}")
+        if self.arch not in ARCHS:
+            raise GradflowError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise GradflowError(f"weight_decay_mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, "
+                                f"got {self.weight_decay_mode!r}")
+        if not 0.0 <= self.rmsprop_alpha < 1.0:
+            raise GradflowError(f"rmsprop_alpha must be in [0, 1), got {self.rmsprop_alpha!r}")
+        for name in ("crop", "crops_per_image", "score_passes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise GradflowError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.crops_per_image and not self.crop:
+            raise GradflowError("crops_per_image needs crop > 0")
+        if self.crop and isinstance(self.size, int) and self.crop > self.size:
+            raise GradflowError(f"crop {self.crop} is larger than the images (size {self.size})")
+        levels = 5 if self.arch == "table1" else self.levels
+        if isinstance(levels, int) and levels >= 0:
+            step = 2 ** levels
+            for name in ("size", "crop"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or (name == "crop" and value == 0):
+                    continue
+                if value < step or value % step:
+                    nearest = max(step, round(value / step) * step)
+                    raise GradflowError(f"{name} {value} is not divisible by 2**levels = {step}; "
+                                        f"try {name} {nearest}")
 
 
 @dataclass
@@ -133,21 +161,72 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """The FCN variant the config describes (initialised from the current torch RNG state)."""
-    from gradflow.models import simple_fcn
+    """The FCN variant the config describes (initialised from the current torch RNG state).
 
+    ``arch="table1"``: the paper's Table 1 model with every stage width × ``width``/32 (``width`` 32:
+    Table 1 itself; ``block``, ``depth`` and ``levels`` are not used).
+    """
+    from gradflow.models import paper_fcn, simple_fcn
+
+    if config.arch == "table1":
+        return paper_fcn(batch_norm=config.batch_norm, short_skip=config.short_skip, long_skip=config.long_skip,
+                         dropout=config.dropout, init=config.init, width=config.width)
     return simple_fcn(config.depth, config.levels, config.width, block=config.block,
                       batch_norm=config.batch_norm, short_skip=config.short_skip,
                       long_skip=config.long_skip, dropout=config.dropout, init=config.init)
 
 
-def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
-    """The config's optimizer over ``parameters``: RMSprop (torch defaults otherwise) or SGD with
-    momentum 0.9, no Nesterov; ``config.lr`` and ``config.weight_decay`` (L2, added to the gradient) for both."""
+def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
+    """The config's optimizer over ``model``'s parameters (a module; a plain parameter list only with
+    ``weight_decay_mode="torch"``, which needs no layer types): RMSprop (``alpha=config.rmsprop_alpha``, eps
+    1e-8 added to the square root as in Keras, no momentum) or SGD with momentum 0.9, no Nesterov.
+
+    Weight decay ``wd = config.weight_decay``, by ``config.weight_decay_mode``:
+
+    - ``"torch"``: torch's ``weight_decay=wd`` on every parameter (biases and BN too): the optimizer
+      uses g + wd·w, so under RMSprop the decay passes through the RMS normalisation.
+    - ``"l2"``: Keras' ``W_regularizer=l2(wd)`` as in the authors' code (``veugene/fcn_maker``): the
+      loss gets wd·Σ‖W‖² over conv kernels only, i.e. the optimizer uses g + 2·wd·W for conv weights
+      (inside RMSprop's normalisation, as Keras adds it to the loss) and g for biases and BN.
+    - ``"decoupled"``: no decay in the gradient; after each step every conv kernel is multiplied by
+      (1 − lr·wd) (AdamW-style, applied after the optimizer's update, in a step post-hook, so the
+      recorded Δw includes it).
+    """
+    wd, mode = config.weight_decay, config.weight_decay_mode
+    if mode == "torch":
+        params = list(model.parameters() if isinstance(model, nn.Module) else model)
+        groups = [{"params": params, "weight_decay": wd}]
+    else:
+        if not isinstance(model, nn.Module):
+            raise GradflowError(f"weight_decay_mode {mode!r} needs the model (it decays conv kernels only)")
+        kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+        kernel_ids = {id(p) for p in kernels}
+        others = [p for p in model.parameters() if id(p) not in kernel_ids and p.requires_grad]
+        groups = [{"params": kernels, "weight_decay": 2 * wd if mode == "l2" else 0.0},
+                  {"params": others, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=SGD_MOMENTUM, nesterov=False,
-                               weight_decay=config.weight_decay)
-    return torch.optim.RMSprop(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=SGD_MOMENTUM, nesterov=False)
+    else:
+        optimizer = torch.optim.RMSprop(groups, lr=config.lr, alpha=config.rmsprop_alpha, eps=1e-8)
+    if mode == "decoupled" and wd > 0:
+        def decay(opt, args, kwargs) -> None:
+            with torch.no_grad():
+                torch._foreach_mul_(kernels, 1.0 - opt.param_groups[0]["lr"] * wd)
+
+        optimizer.register_step_post_hook(decay)
+    return optimizer
+
+
+def random_crops(x: torch.Tensor, y: torch.Tensor, side: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniformly placed side×side crop of each image (N, C, H, W) and its label, same place in both."""
+    n, _, height, width = x.shape
+    corners = torch.rand(n, 2, generator=generator, device=generator.device).cpu()
+    tops = (corners[:, 0] * (height - side + 1)).long().tolist()
+    lefts = (corners[:, 1] * (width - side + 1)).long().tolist()
+    xs = [x[i, :, t:t + side, l:l + side] for i, (t, l) in enumerate(zip(tops, lefts))]
+    ys = [y[i, :, t:t + side, l:l + side] for i, (t, l) in enumerate(zip(tops, lefts))]
+    return torch.stack(xs), torch.stack(ys)
 
 
 def _correct_pixels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -216,9 +295,14 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
     val_images, val_labels = data.val_images.to(device), data.val_labels.to(device)
     n_train, batch_size = len(train_images), config.batch_size
-    steps_per_epoch = math.ceil(n_train / batch_size)
+    # With crops, an epoch trains on as many pixels as the whole images: (H/crop)·(W/crop) crops of each.
+    crops_per_image = 1
+    if config.crop:
+        crops_per_image = config.crops_per_image or (config.size // config.crop) ** 2
+    samples = n_train * crops_per_image
+    steps_per_epoch = math.ceil(samples / batch_size)
 
-    optimizer = build_optimizer(config, model.parameters())
+    optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(device.type) if config.amp else None
     order_generator = torch.Generator().manual_seed(config.seed)
     augment_generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -246,9 +330,11 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
             started = time.perf_counter()
             model.train()
             losses, corrects = [], []
-            batches = torch.randperm(n_train, generator=order_generator).to(device).split(batch_size)
+            batches = (torch.randperm(samples, generator=order_generator) % n_train).to(device).split(batch_size)
             for index in batches:
                 x, y = train_images[index], train_labels[index]
+                if config.crop:
+                    x, y = random_crops(x, y, config.crop, augment_generator)
                 if config.augment:
                     x, y = augment_batch(x, y, augment_generator)
                 optimizer.zero_grad(set_to_none=True)
@@ -272,8 +358,9 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
                     progress.advance(step_task)
 
             batch_sizes = torch.tensor([len(index) for index in batches], device=device)
-            train_loss = (torch.stack(losses) * batch_sizes).sum() / n_train
-            train_accuracy = torch.stack(corrects).sum() / train_labels.numel()
+            train_loss = (torch.stack(losses) * batch_sizes).sum() / samples
+            train_accuracy = torch.stack(corrects).sum() / (train_labels[0].numel() * samples if not config.crop
+                                                            else config.crop ** 2 * samples)
             val_loss, val_accuracy = evaluate(model, val_images, val_labels, loss_fn, batch_size, config.amp)
             # The one host sync of the epoch.
             train_loss, val_loss, train_accuracy, val_accuracy = torch.stack(

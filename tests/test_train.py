@@ -220,3 +220,108 @@ def test_optimizers_built_from_the_config():
     rmsprop = build_optimizer(TINY, params)
     assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and not sgd.defaults["nesterov"]
     assert type(rmsprop) is torch.optim.RMSprop and rmsprop.defaults["lr"] == TINY.lr
+
+
+# ---------------------------------------------------------------- the paper's RMSprop (Keras 1.x) and weight decay
+
+def tiny_net() -> torch.nn.Module:
+    """Conv (no bias: before BN its gradient is ~0, and RMSprop would turn float rounding into O(lr)
+    steps) → BN → ReLU → conv with bias."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(3, 1, 1))
+
+
+def batch_loss(model: torch.nn.Module, step: int, params: dict | None = None) -> torch.Tensor:
+    """The loss of batch ``step``; with ``params`` (float64 tensors) evaluated at those parameters."""
+    g = torch.Generator().manual_seed(step)
+    x, target = torch.randn(2, 1, 6, 6, generator=g), torch.randn(2, 1, 6, 6, generator=g)
+    if params is None:
+        return (model(x) - target).square().mean()
+    out = torch.func.functional_call(model.double(), params, (x.double(),))
+    return (out - target.double()).square().mean()
+
+
+def keras_rmsprop_by_hand(steps: int, lr: float, rho: float, wd: float, mode: str) -> dict:
+    """Keras 1.x RMSprop written out (a ← ρa + (1−ρ)g², p ← p − lr·g / (√a + 1e-8), a starts at 0), in
+    float64, on ``tiny_net()``, with the l2 regularizer wd·Σ‖W‖² of the conv kernels in the loss (mode
+    "l2") or the conv kernels multiplied by (1 − lr·wd) after each update (mode "decoupled")."""
+    model = tiny_net()
+    kernels = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    params = {n: p.detach().double().clone().requires_grad_() for n, p in model.named_parameters()}
+    accum = {n: torch.zeros_like(p) for n, p in params.items()}
+    for step in range(steps):
+        loss = batch_loss(model, step, params)
+        if mode == "l2":
+            loss = loss + wd * sum(params[n].square().sum() for n in kernels)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        with torch.no_grad():
+            for n in params:
+                accum[n] = rho * accum[n] + (1 - rho) * grads[n].square()
+                new = params[n] - lr * grads[n] / (accum[n].sqrt() + 1e-8)
+                if mode == "decoupled" and n in kernels:
+                    new = new * (1 - lr * wd)
+                params[n] = new.requires_grad_()
+    return {n: p.detach() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("mode", ["l2", "decoupled"])
+def test_keras_rmsprop_and_weight_decay_modes_match_the_hand_update(mode):
+    from gradflow.train import build_optimizer
+
+    config = dataclasses.replace(TINY, lr=1e-2, weight_decay=0.05, weight_decay_mode=mode, rmsprop_alpha=0.9)
+    model = tiny_net()
+    expected = keras_rmsprop_by_hand(3, lr=1e-2, rho=0.9, wd=0.05, mode=mode)
+    optimizer = build_optimizer(config, model)
+    for step in range(3):
+        optimizer.zero_grad()
+        batch_loss(model, step).backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.detach().double(), expected[name], rtol=1e-5, atol=1e-6), name
+    # The decay matters at these settings: without it the kernels end elsewhere.
+    no_decay = keras_rmsprop_by_hand(3, lr=1e-2, rho=0.9, wd=0.0, mode=mode)
+    assert not torch.allclose(no_decay["0.weight"], expected["0.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_mode_decays_every_parameter_with_torch_rmsprop_defaults():
+    from gradflow.train import build_optimizer
+
+    rmsprop = build_optimizer(TINY, tiny_net())
+    assert [g["weight_decay"] for g in rmsprop.param_groups] == [TINY.weight_decay]
+    assert (rmsprop.defaults["alpha"], rmsprop.defaults["eps"]) == (0.99, 1e-8)
+    l2 = build_optimizer(dataclasses.replace(TINY, weight_decay_mode="l2", weight_decay=0.25), tiny_net())
+    assert [(len(g["params"]), g["weight_decay"]) for g in l2.param_groups] == [(2, 0.5), (3, 0.0)]
+    with pytest.raises(GradflowError, match="needs the model"):
+        build_optimizer(dataclasses.replace(TINY, weight_decay_mode="l2"), list(tiny_net().parameters()))
+
+
+def test_random_crops_cut_image_and_label_at_one_place_and_cover_every_offset():
+    from gradflow.train import random_crops
+
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    y = x + 1000
+    corners = set()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        cx, cy = random_crops(x, y, 5, generator)
+        assert cx.shape == cy.shape == (2, 1, 5, 5) and torch.equal(cy, cx + 1000)
+        for i in range(2):
+            top, left = divmod(int(cx[i, 0, 0, 0] - i * 64), 8)
+            assert torch.equal(cx[i], x[i, :, top:top + 5, left:left + 5])
+            corners.add((top, left))
+    assert corners == {(t, l) for t in range(4) for l in range(4)}
+
+
+def test_crops_per_epoch_and_crop_settings(tmp_path):
+    config = dataclasses.replace(TINY, size=32, crop=16, crops_per_image=3, n_train=2, batch_size=2, epochs=1)
+    train(config, store=str(tmp_path / "run.zarr"))
+    assert gradflow.open(str(tmp_path / "run.zarr")).sizes["step"] == 3  # 2 images × 3 crops / batch 2
+    full = dataclasses.replace(config, crops_per_image=0)  # (32/16)² = 4 crops per image
+    train(full, store=str(tmp_path / "full.zarr"))
+    assert gradflow.open(str(tmp_path / "full.zarr")).sizes["step"] == 4
+    for bad, message in [(dict(crop=10), "crop 10 is not divisible"), (dict(crop=64), "larger"),
+                         (dict(crop=0), "crops_per_image needs crop"), (dict(rmsprop_alpha=1.0), "rmsprop_alpha"),
+                         (dict(weight_decay_mode="adamw"), "weight_decay_mode"), (dict(arch="unet"), "arch")]:
+        with pytest.raises(GradflowError, match=message):
+            dataclasses.replace(config, **bad)

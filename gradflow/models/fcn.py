@@ -219,13 +219,20 @@ def check_switches(down: Sequence[Stage], across: Stage, long_skip: str, dropout
 
 
 def paper_fcn(*, batch_norm: bool = True, short_skip: bool = True, long_skip: str = "sum",
-              dropout: float = 0.0, init: str = "he") -> FCN:
+              dropout: float = 0.0, init: str = "he", width: int = 32) -> FCN:
     """The Table 1 model of Drozdzal et al. 2016 (levels = 5: inputs divisible by 32, e.g. 512²).
 
     11,451,745 parameters with the defaults (short skips, ``sum`` long skips, batch norm); the
     authors' implementation counts about 11.5M. See ``reports/skip_cost.md`` for the other long skips.
+    ``width``: the first stage's channels (Table 1: 32); every stage's width is scaled by ``width``/32,
+    keeping the block types, repetitions and levels: a narrower net of the same depth (widths
+    w, w, 4w, 8w, 16w, across 32w).
     """
-    return FCN(TABLE_1_DOWN, TABLE_1_ACROSS, batch_norm=batch_norm, short_skip=short_skip,
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise GradflowError(f"width must be a positive integer, got {width!r}")
+    down = [Stage(s.block, s.width * width // 32, s.repeat) for s in TABLE_1_DOWN]
+    across = Stage(TABLE_1_ACROSS.block, TABLE_1_ACROSS.width * width // 32, TABLE_1_ACROSS.repeat)
+    return FCN(down, across, batch_norm=batch_norm, short_skip=short_skip,
                long_skip=long_skip, dropout=dropout, init=init)
 
 

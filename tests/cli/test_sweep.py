@@ -187,3 +187,53 @@ def test_ray_executor_trains_every_variant_on_a_local_instance(tmp_path, cli, ti
         assert tree[name].attrs["finished"] is True
         assert tree[name].sizes["step"] == 2
         np.testing.assert_array_equal(tree[f"{name}/epochs"]["epoch"].values, [0])
+
+
+PRESET_TINY = ["--size", "256", "--crop", "128", "--crops-per-image", "1", "--n-train", "1", "--n-val", "1",
+               "--width", "4", "--epochs", "1", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("preset, extra, names", [
+    ("fig4", ["--levels", "2"], ["simple-d3-bn1-long_sum-short0-wd_l2-alpha0.9", "simple-d7-bn0-long_sum-short0-wd_l2-alpha0.9",
+                                 "simple-d9-bn1-long_sum-short0-wd_l2-alpha0.9", "simple-d9-bn1-long_sum-short1-wd_l2-alpha0.9"]),
+    ("table3", [], ["table1-w4-bn1-long_none-short1-wd_l2-alpha0.9", "table1-w4-bn1-long_sum-short0-wd_l2-alpha0.9",
+                    "table1-w4-bn1-long_sum-short1-wd_l2-alpha0.9"]),
+    ("table2", ["--score-passes", "2"], ["table1-w4-bn1-long_sum-short1-wd_l2-alpha0.9"]),
+])
+def test_each_preset_runs_one_tiny_epoch_on_isbi_crops(preset, extra, names, isbi_dir, tmp_path, cli):
+    """Two 128² crops (of the 256² tiles of one ISBI image) per variant, one epoch; the paper's settings
+    recorded, the overrides too, and for table2 the validation scores."""
+    store = tmp_path / f"{preset}.zarr"
+    result = cli("sweep", "--preset", preset, "--data", isbi_dir, *PRESET_TINY, *extra, "--out", store)
+    assert result.exit_code == 0, result.output
+    assert sorted(finished_variants(str(store))) == names
+    tree = gradflow.open(store)
+    for name in names:
+        attrs = tree[name].attrs
+        config = attrs["metadata"]
+        assert (config["optimizer"], config["lr"], config["weight_decay"], config["weight_decay_mode"],
+                config["rmsprop_alpha"], config["init"]) == ("rmsprop", 1e-3, 1e-3, "l2", 0.9, "he")
+        assert (config["size"], config["crop"], config["width"], config["data"]) == (256, 128, 4, str(isbi_dir))
+        assert config["panel"] and config["device_name"] == "cpu"
+        assert tree[name].sizes["step"] == 2  # 4 tiles × 1 crop, batch 2
+        assert np.isfinite(tree[f"{name}/epochs"]["val_loss"].values).all()
+    if preset == "table2":
+        attrs = tree[names[0]].attrs
+        assert (config["loss"], config["dropout"], attrs["score_passes"]) == ("dice", 0.2, 2)
+        assert all(0.0 <= attrs[key] <= 1.0 for key in ("v_rand", "v_info", "pixel_error"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "fig5"], "--preset: unknown value 'fig5'"),
+    (["--preset", "fig4"], "give --data PATH"),
+    (["--preset", "fig4", "--data", "x", "--depths", "3"], "--depths: --preset fig4 sets these per panel"),
+    (["--preset", "table3", "--data", "x", "--optimizer", "rmsprop,sgd"], "one optimizer"),
+    (["--weight-decay-mode", "adamw"], "--weight-decay-mode: unknown value 'adamw'"),
+    (["--arch", "unet"], "--arch: unknown value 'unet'"),
+    (["--rmsprop-alpha", "1"], "rmsprop_alpha must be in [0, 1)"),
+])
+def test_bad_preset_and_optimizer_options_are_one_line_and_exit_2(args, message, tmp_path, run_main):
+    code, out, err = run_main("sweep", *args, "--out", tmp_path / "s.zarr")
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "s.zarr").exists()

@@ -78,3 +78,30 @@ def test_existing_store_is_not_silently_appended_to(tmp_path, monkeypatch, capsy
         main()
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
+
+
+def test_score_passes_prints_the_best_models_validation_scores(tmp_path):
+    """The printed scores are those of the checkpointed best model on the validation images, averaged
+    over the dropout passes (recomputed here from the checkpoint with predict and the metrics)."""
+    import torch
+
+    from gradflow.data import load_data
+    from gradflow.metrics import isbi_scores
+    from gradflow.predict import predict
+    from gradflow.train import build_model, load_checkpoint
+
+    gradflow.cli._register()
+    checkpoint = tmp_path / "best.safetensors"
+    result = CliRunner().invoke(gradflow.cli.app, ["train", *TINY, "--dropout", "0.2", "--score-passes", "3",
+                                                   "--out", str(tmp_path / "run.zarr"), "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    config = TrainConfig(depth=1, levels=2, width=4, size=32, n_train=4, n_val=2, dropout=0.2, device="cpu")
+    model = build_model(config)
+    load_checkpoint(checkpoint, model)
+    data = load_data("synthetic", size=32, seed=0, n_train=4, n_val=2)
+    torch.manual_seed(0)
+    prob = predict(model, data.val_images, passes=3, batch_size=config.batch_size)
+    expected = isbi_scores((1 - prob[:, 0]).numpy(), (data.val_labels[:, 0] < 0.5).numpy().astype(np.uint8))
+    assert result.output.strip().splitlines()[-1] == (
+        f"validation images, 3 dropout passes: V_rand {expected['v_rand']:.4f}, V_info {expected['v_info']:.4f}, "
+        f"pixel error {expected['pixel_error']:.4f}")

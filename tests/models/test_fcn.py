@@ -134,6 +134,26 @@ def test_table_1_parameter_count():
         [3, 8, 10, 3, 10, 8, 3]
 
 
+def test_narrower_table_1_keeps_its_stages_and_scales_every_width():
+    """width=8: the same block types and repetitions, each stage's width × 8/32 (counted by hand)."""
+    simple8 = 2 * 8 + conv_params(8, 8, 3)
+    expected = (
+        conv_params(1, 8, 3) + simple8
+        + bottleneck_stage(8, 32, 3) + bottleneck_stage(32, 64, 8) + bottleneck_stage(64, 128, 10)
+        + bottleneck_stage(128, 256, 3)
+        + conv_params(256, 128, 1) + bottleneck_stage(128, 128, 10)
+        + conv_params(128, 64, 1) + bottleneck_stage(64, 64, 8)
+        + conv_params(64, 32, 1) + bottleneck_stage(32, 32, 3)
+        + conv_params(32, 8, 1) + simple8
+        + 2 * 8 + conv_params(8, 8, 3) + conv_params(8, 1, 1)
+    )
+    model = paper_fcn(width=8)
+    assert n_params(model) == expected
+    assert model.layer_names() == paper_fcn().layer_names()
+    with pytest.raises(GradflowError, match="width"):
+        paper_fcn(width=0)
+
+
 # ---------------------------------------------------------------- names and order
 
 def test_layer_names_read_like_the_paper_and_run_input_to_output():
