@@ -25,18 +25,11 @@ def store_name(store: str | os.PathLike) -> str:
 
 
 def open_tree(store: str | os.PathLike) -> xr.DataTree:
-    """Open any gradflow store lazily as a DataTree (sweep: variants as children; single run: root)."""
+    """Open any gradflow store lazily as a DataTree (sweep: variants as children; single run: root),
+    every group from one commit (:func:`gradflow.open_tree`)."""
     import gradflow
 
-    opened = gradflow.open(store)
-    if isinstance(opened, xr.DataTree):
-        return opened
-    nodes = {"/": opened}
-    try:
-        nodes["/epochs"] = gradflow.open(store, group="epochs")
-    except (GradflowError, FileNotFoundError, KeyError):
-        pass  # a Recorder run that never called end_epoch has no epoch group
-    return xr.DataTree.from_dict(nodes)
+    return gradflow.open_tree(store)
 
 
 def parse_formats(text: str) -> list[str]:

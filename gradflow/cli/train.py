@@ -41,11 +41,11 @@ def train_command(
     checkpoint: Annotated[Optional[str], typer.Option(help="Safetensors file for the best-validation weights.")] = None,
 ) -> None:
     """Train one variant end to end, recording gradient flow into OUT."""
-    import fsspec
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     from gradflow.errors import GradflowError
+    from gradflow.lock import filesystem
     from gradflow.train import TrainConfig, train
 
     config = TrainConfig(block=block, depth=depth, levels=levels, width=width, batch_norm=bn,
@@ -53,7 +53,7 @@ def train_command(
                          n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, loss=loss,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
                          every=every, augment=augment, sparsity=sparsity)
-    fs, path = fsspec.core.url_to_fs(out)
+    fs, path = filesystem(out)  # an unknown protocol (foo://) is one error line
     if fs.exists(path):
         if not overwrite:
             raise GradflowError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
