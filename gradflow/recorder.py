@@ -63,7 +63,6 @@ never training.
 Threads. Hooks and public methods run under one lock. ``end_epoch`` from another thread while a
 step is under way takes effect when that step ends, so epoch boundaries fall between steps.
 
-
 Epochs. The weights at the start of each epoch are kept on the host (one copy of the recorded
 parameters in CPU memory, so GPU memory stays free); ``end_epoch`` compares them with the current
 weights (parameters that joined mid-epoch: from the step they joined). A user who never calls

@@ -55,7 +55,7 @@ def test_second_recorder_in_the_same_process_is_refused(tmp_path, where):
     train(model, optimizer, 3)
     first.close()
     assert gradflow.open(store).step.values.tolist() == list(range(8))  # nothing overwritten
-    with gradflow.Recorder(model, optimizer, store) as again:  # closed: the store is free again
+    with gradflow.Recorder(model, optimizer, store, mode="a") as again:  # closed: free again
         assert again.step == 8
 
 
@@ -98,7 +98,7 @@ def test_second_process_is_refused_until_the_owner_dies(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)  # dies holding the lock
         holder.wait()
-    with gradflow.Recorder(model, optimizer, store) as rec:  # the kernel released its flock
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:  # the kernel released its flock
         train(model, optimizer, 2)
         assert rec.step == 2
     assert gradflow.open(store).sizes["step"] == 2

@@ -107,7 +107,7 @@ os._exit(1)
 
     model, optimizer = tiny(1)
     gen = torch.Generator().manual_seed(5)
-    with gradflow.Recorder(model, optimizer, store) as rec:
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:
         assert (rec.step, rec.epoch) == (7, 2)
         start = flat(model, "0")
         for _ in range(5):
@@ -131,7 +131,7 @@ def test_close_mid_epoch_then_resume(tmp_path):
     with gradflow.Recorder(model, optimizer, store):
         for _ in range(2):
             step(model, optimizer, gen)
-    with gradflow.Recorder(model, optimizer, store) as rec:
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:
         assert (rec.step, rec.epoch) == (2, 1)
         step(model, optimizer, gen)
         rec.end_epoch()

@@ -150,7 +150,7 @@ def test_a_disk_that_stays_full_stops_recording_cleanly(tmp_path, monkeypatch):
 
     live = zarr.open_group(store, mode="r", use_consolidated=False)  # rolled back, not just hidden
     assert {a.shape[0] for _, a in live.arrays() if a.metadata.dimension_names[0] == "step"} == {4}
-    with gradflow.Recorder(model, optimizer, store) as again:
+    with gradflow.Recorder(model, optimizer, store, mode="a") as again:
         assert (again.step, again.epoch) == (4, 1)
 
 
