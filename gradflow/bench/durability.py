@@ -35,11 +35,12 @@ def _child(store: str, epoch_steps: int, flush_rows: int, user_handler: bool, st
     from gradflow import recorder
 
     recorder.FLUSH_ROWS = flush_rows
-    if user_handler:
-        def handler(signum, frame):
-            os._exit(0)  # no atexit: what the store holds now, the SIGTERM flush wrote
 
-        signal.signal(signal.SIGTERM, handler)
+    def handler(signum, frame):
+        os._exit(0)  # no atexit: what the store holds now, the SIGTERM flush wrote
+
+    # As a fresh process: no handler inherited from the parent (a test runner may have one).
+    signal.signal(signal.SIGTERM, handler if user_handler else signal.SIG_DFL)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
