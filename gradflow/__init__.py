@@ -8,11 +8,12 @@ Public API (kept deliberately tiny)::
     rec.close()
     ds = gradflow.open("run.zarr")                  # xarray.Dataset, dims (step, layer)
     ep = gradflow.open("run.zarr", group="epochs")  # xarray.Dataset, dims (epoch, layer)
+    tree = gradflow.open_tree("run.zarr")           # both from one commit (xarray.DataTree)
 """
 
 from gradflow.errors import GradflowError
 from gradflow.recorder import Recorder
-from gradflow.store import open
+from gradflow.store import open, open_tree
 
 __version__ = "0.1.0"
-__all__ = ["Recorder", "open", "GradflowError", "__version__"]
+__all__ = ["Recorder", "open", "open_tree", "GradflowError", "__version__"]

@@ -9,3 +9,7 @@ GradflowErrors and keep their tracebacks.
 
 class GradflowError(ValueError):
     """A user mistake, reported as one clear line (exit code 2 on the command line)."""
+
+
+class GradflowWarning(UserWarning):
+    """Something went wrong that training survives (e.g. a store write failed); one line."""

@@ -51,10 +51,17 @@ unwrapped; SAM-style optimizers (a ``base_optimizer`` sharing their param groups
 ``step()`` is the real update. The hooks are excluded from ``torch.compile`` (``torch.compiler.disable``).
 
 Buffering. Rows are handed to the writer thread every 1024 recorded steps or, at a step or an
-``end_epoch``, when 10 s have passed since the last hand-off; at ``flush()`` and ``close()``; and at
-interpreter exit (also after an unhandled exception). Each hand-off is one Zarr commit (~0.1 s of
-writer-thread CPU), so many short epochs are batched into one. A hard crash (``os._exit``,
-SIGKILL, power) loses only what was not yet committed; everything committed stays readable.
+``end_epoch``, when 10 s have passed since the last hand-off; at ``flush()`` and ``close()``; at
+interpreter exit (also after an unhandled exception); and on SIGTERM (chained to the handler that
+was there before). Each hand-off is one Zarr commit, one append per array, so many short epochs
+cost one commit. A hand-off waits while the previous one is still being written (back-pressure), so
+a hard crash (``os._exit``, SIGKILL, power) loses at most the buffer and the commit in flight;
+everything committed stays readable. A failed write keeps its rows for the next hand-off and warns
+once (:class:`~gradflow.errors.GradflowWarning`); ``WRITE_ATTEMPTS`` failures in a row stop recording,
+never training.
+
+Threads. Hooks and public methods run under one lock. ``end_epoch`` from another thread while a
+step is under way takes effect when that step ends, so epoch boundaries fall between steps.
 
 Epochs. The weights at the start of each epoch are kept on the host (one copy of the recorded
 parameters in CPU memory, so GPU memory stays free); ``end_epoch`` compares them with the current
@@ -66,8 +73,11 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import json
 import math
+import os
+import signal
 import sys
 import threading
 import time
@@ -80,11 +90,13 @@ import torch
 from torch import nn
 
 from gradflow import distributed, quantities
-from gradflow.errors import GradflowError
-from gradflow.store import RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, RunStore, store_url
+from gradflow.errors import GradflowError, GradflowWarning
+from gradflow.store import (RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, Rows, RunStore,
+                            store_url)
 
 FLUSH_ROWS = 1024  # hand buffered rows to the writer after this many recorded steps ...
 FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (checked at every step and epoch)
+WRITE_ATTEMPTS = 8  # consecutive failed flushes (kept rows retried each time) before recording stops
 MODES = ("w-", "w", "a")
 # Optimizer wrappers handed out by frameworks: (module, class name) → attribute holding the optimizer.
 WRAPPERS = {("accelerate.optimizer", "AcceleratedOptimizer"): "optimizer",
@@ -178,6 +190,10 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool, n
                 continue
             seen.add(id(p))
             qualified = f"{module_name}.{param_name}" if module_name else param_name
+            if p.is_meta:
+                raise GradflowError(f"parameter {qualified!r} is on the meta device (no data yet); "
+                                    f"create the Recorder after the weights are materialised "
+                                    f"(to_empty / load_state_dict)")
             if p.is_complex() or not p.is_floating_point():
                 if id(p) in owner:
                     raise GradflowError(f"parameter {qualified!r} has dtype {p.dtype}; gradflow "
@@ -293,7 +309,7 @@ def _closure_of(args: tuple, kwargs: dict):
     return args[1] if len(args) > 1 else kwargs.get("closure")
 
 
-_OPEN: set[Recorder] = set()  # recorders to flush at interpreter exit
+_OPEN: set[Recorder] = set()  # recorders to flush at interpreter exit and on SIGTERM
 
 
 def _close_open_recorders() -> None:
@@ -305,7 +321,7 @@ def _close_open_recorders() -> None:
 
 
 def _register_open(recorder: Recorder) -> None:
-    """Flush ``recorder`` at interpreter exit unless it is closed before.
+    """Flush ``recorder`` at interpreter exit (and on SIGTERM) unless it is closed before.
 
     The flush must run before ``concurrent.futures`` shuts its thread pools down (Zarr's local store
     does its file I/O through one), which happens at threading shutdown, before ``atexit``
@@ -316,6 +332,85 @@ def _register_open(recorder: Recorder) -> None:
         register(_close_open_recorders)
         _register_open.done = True
     _OPEN.add(recorder)
+    _install_sigterm()
+
+
+_previous_sigterm = None  # the handler ours replaced
+_in_sigterm = False
+
+
+def _forget_after_fork() -> None:
+    """A forked child (a DataLoader worker) does not own its parent's recorders (their writer
+    threads did not survive the fork): it must not flush them on SIGTERM or at exit."""
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _install_sigterm() -> None:
+    """Flush open recorders on SIGTERM, then hand the signal on (see :func:`_on_sigterm`).
+
+    Installed when a Recorder is created and SIGTERM's handler is not ours (it wraps the handler
+    that is there). Only the main thread may install signal handlers: a Recorder created in another
+    thread does not flush on SIGTERM.
+    """
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is _on_sigterm:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, AttributeError):  # no SIGTERM here, or not the main interpreter
+        return
+    _previous_sigterm = signal.SIG_DFL if previous is None else previous
+
+
+def _on_sigterm(signum, frame) -> None:
+    """Commit every open recorder's rows, then do what SIGTERM did before: call the handler that
+    was installed before ours, ignore the signal if it was ignored, or terminate as by default.
+
+    Recorders stay open (a handler that lets training go on keeps recording). A recorder whose
+    own code the signal interrupted on this thread commits what it had already handed off.
+    """
+    global _in_sigterm
+    if _in_sigterm:  # a handler we chained to chains back to us
+        return
+    _in_sigterm = True
+    try:
+        _flush_all_for_signal()
+    finally:
+        _in_sigterm = False
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _flush_all_for_signal() -> None:
+    for recorder in list(_OPEN):
+        try:
+            recorder._flush_for_signal()
+        except Exception as err:  # noqa: BLE001 - never stand between the user and the signal
+            warnings.warn(f"gradflow: flushing {recorder!r} on SIGTERM failed: {err!r}",
+                          GradflowWarning, stacklevel=1)
+
+
+def _synchronized(method):
+    """Run ``method`` under the recorder's lock: hooks and public methods may come from several
+    threads (a validation thread calling ``end_epoch``)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class Recorder:
@@ -326,7 +421,9 @@ class Recorder:
             parameter is a layer coordinate; those no optimizer owns (yet) are NaN / zero update.
         optimizer: one optimizer or a list of them (accelerate / Lightning wrappers are unwrapped;
             for SAM pass ``sam.base_optimizer``). A row is one ``step()`` of each.
-        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``).
+        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``). One
+            writer per run: GradflowError while another Recorder (this process or another) writes
+            it (:mod:`gradflow.lock`); a resumed run (``mode="a"``) starts a new epoch.
         every: record every ``every``-th optimizer step (steps 0, every, 2·every, …).
         group: sub-group of the store to write into (sweeps: one group per variant).
         per_parameter: one layer per parameter tensor (``conv1.weight``, ``conv1.bias``) instead
@@ -373,6 +470,7 @@ class Recorder:
         self.layers: list[str] = table.names
         self.every = every
         self._closed = True
+        self._lock = threading.RLock()  # hooks and public methods, whatever thread calls them
         self._writes = _is_writer_rank()
         self._active = self._writes or sharding is not None  # shards: every rank computes
         self._snapshot = bool(snapshot)
@@ -413,6 +511,11 @@ class Recorder:
         if sharding is not None:
             empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors])
             self._reducer = distributed.Reducer(sharding.group, len(tensors), empty)
+        self._write_failures = 0  # consecutive failed flushes (their rows are kept and retried)
+        self._error: BaseException | None = None  # the last write failure, None once written
+        self._stopped = False  # recording stopped after WRITE_ATTEMPTS failed flushes
+        self._deferred_epochs: list[dict[str, float]] = []  # end_epoch from another thread
+        self._row_thread = threading.get_ident()  # the thread running the optimizer steps
 
         self._buckets = [_buckets(tensors, list(self._tensors_of[i]), self._snapshot)
                          for i in range(n)]
@@ -437,6 +540,8 @@ class Recorder:
         self._pending_steps: list[_StepRow] = []
         self._pending_epochs: list[_EpochRow] = []
         self._last_handoff = time.monotonic()
+        self._ending_epoch = False
+        self._in_handoff = False
 
         with torch.no_grad():
             for bucket in self._all_buckets():
@@ -471,6 +576,7 @@ class Recorder:
         """Index of the current epoch (number of ``end_epoch`` calls, continued on resume)."""
         return self._epoch if self._active else 0
 
+    @_synchronized
     def skip_step(self, optimizer=None) -> None:
         """Record that the training loop skips this step (e.g. ``if not finite: continue``).
 
@@ -507,12 +613,23 @@ class Recorder:
                 values[name] = math.nan if value is None else float(value)
             except (TypeError, ValueError):
                 raise GradflowError(f"end_epoch: {name}={value!r} is not a number") from None
-        if self._closed:
-            if self._active:
-                raise GradflowError("end_epoch called on a closed Recorder")
-            return
+        with self._lock:
+            if self._closed:
+                if self._active:
+                    raise GradflowError("end_epoch called on a closed Recorder")
+                return
+            if self._row_open and threading.get_ident() != self._row_thread:
+                self._deferred_epochs.append(values)  # at the end of the step under way
+                return
+            self._end_epoch(values)
+
+    def _end_epoch(self, values: dict[str, float]) -> None:
         if self._row_open:
-            self._close_row()
+            self._ending_epoch = True
+            try:
+                self._close_row()
+            finally:
+                self._ending_epoch = False
         with torch.no_grad():
             parts = [part for bucket in self._all_buckets() for part in bucket.end_epoch()]
             if self._reducer is not None:
@@ -525,16 +642,28 @@ class Recorder:
         if time.monotonic() - self._last_handoff > FLUSH_SECONDS:
             self._handoff()  # short epochs are batched: each hand-off costs a Zarr commit
 
+    @property
+    def error(self) -> BaseException | None:
+        """The last failed store write, while its rows wait to be written again (or after recording
+        stopped); None when everything handed to the writer is committed."""
+        return self._error if self._active else None
+
+    @_synchronized
     def flush(self) -> None:
-        """Write everything recorded so far and wait until it is committed to the store."""
+        """Write everything recorded so far and wait until it is committed to the store.
+
+        A failed write does not raise (training goes on): it is reported once as a
+        :class:`~gradflow.errors.GradflowWarning` and kept in :attr:`error`.
+        """
         if self._closed:
             return
         self._handoff()
         if self._writer is not None:
             self._writer.wait()
 
+    @_synchronized
     def close(self) -> None:
-        """Flush, detach the hooks and stop the writer. Safe to call twice."""
+        """Flush, detach the hooks, stop the writer and release the store. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -546,10 +675,28 @@ class Recorder:
         try:
             if self._row_open:
                 self._close_row()
+            self._run_deferred_epochs()
             self._handoff()
         finally:
-            if self._writer is not None:
-                self._writer.close()
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                if self._store is not None:
+                    self._store.close()
+
+    def _flush_for_signal(self) -> None:
+        """SIGTERM: commit the rows recorded so far (see :func:`_on_sigterm`)."""
+        if self._closed or self._writer is None:
+            return
+        if self._in_handoff:  # the signal interrupted a hand-off on this thread: let it finish
+            self._writer.wait()
+            return
+        with self._lock:  # reentrant: rows already closed are complete whatever was interrupted
+            if not self._closed:
+                self._handoff()
+                self._writer.wait()
+
 
     def __enter__(self) -> Recorder:
         return self
@@ -563,6 +710,7 @@ class Recorder:
 
     # -- hooks --------------------------------------------------------------------------------
 
+    @_synchronized
     def _before_step(self, i: int, optimizer, args, kwargs):
         if self._closed:
             return None
@@ -604,6 +752,7 @@ class Recorder:
         self._take_gradient_eagerly(i)
         return loss
 
+    @_synchronized
     def _take_gradient(self, i: int) -> None:
         """The gradient figures of optimizer ``i``'s step (once per step: LBFGS's first evaluation)."""
         if not self._grad_due[i] or self._closed:
@@ -613,6 +762,7 @@ class Recorder:
             for bucket in self._buckets[i]:
                 self._parts += bucket.gradient_parts(self._present, self._grad_scale[i])
 
+    @_synchronized
     def _after_step(self, i: int, optimizer, args, kwargs) -> None:
         if _step_frame() is not self._outer[i]:
             return  # the end of a nested super().step()
@@ -671,11 +821,13 @@ class Recorder:
 
     def _open_row(self) -> None:
         self._row_open = True
+        self._row_thread = threading.get_ident()
         self._recording = self._step % self.every == 0
         if self._recording:
             self._parts = []
             self._present = np.ones(self._num_tensors, dtype=bool)
 
+    @_synchronized
     def _skip(self, i: int) -> None:
         """Optimizer ``i`` skips this step: its gradients as they are now, no update."""
         if self._row_open and self._resolved[i] is not None:
@@ -721,22 +873,72 @@ class Recorder:
         if self._pending_steps and (len(self._pending_steps) >= FLUSH_ROWS
                                     or time.monotonic() - self._last_handoff > FLUSH_SECONDS):
             self._handoff()
+        if self._deferred_epochs and not self._ending_epoch:
+            self._run_deferred_epochs()
+
+    def _run_deferred_epochs(self) -> None:
+        """End the epochs another thread asked for while a step was under way."""
+        deferred, self._deferred_epochs = self._deferred_epochs, []
+        for values in deferred:
+            self._end_epoch(values)
 
     # -- writing ------------------------------------------------------------------------------
 
     def _handoff(self) -> None:
-        """Give the buffered rows to the writer thread (non-blocking); surface a failed write."""
+        """Give the buffered rows to the writer thread. Waits only while the previous hand-off is
+        still being committed (back-pressure), so a crash loses at most this buffer and the
+        commit in flight."""
         if self._writer is None:  # a sharded run's other ranks: rank 0 writes
             return
-        if self._writer.error is not None:
-            self._writer.wait()  # re-raises: the store cannot take more rows
-        steps, epochs = self._pending_steps, self._pending_epochs
-        self._pending_steps, self._pending_epochs = [], []
-        self._last_handoff = time.monotonic()
-        self._writer.submit(partial(self._write, steps, epochs, self._step))
+        self._in_handoff = True
+        try:
+            steps, epochs = self._pending_steps, self._pending_epochs
+            self._pending_steps, self._pending_epochs = [], []
+            self._last_handoff = time.monotonic()
+            if self._stopped:
+                return  # recording stopped after repeated write failures (warned once)
+            seen = max(self._step, steps[-1].step + 1) if steps else self._step
+            self._writer.submit(partial(self._write, steps, epochs, seen))
+        finally:
+            self._in_handoff = False
 
     def _write(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int) -> None:
-        """Writer thread: per-tensor figures → per-layer rows → Zarr, then commit."""
+        """Writer thread: rows → one append per array → commit. A failure keeps the rows (the
+        store retries them first at the next hand-off) and is reported once; after
+        ``WRITE_ATTEMPTS`` failures in a row recording stops, the store keeps its last commit."""
+        if self._stopped:
+            return
+        try:
+            self._store.write(self._columns(steps, epochs, steps_seen))
+        except Exception as err:  # noqa: BLE001 - training must survive a failing store
+            self._error = err
+            self._write_failures += 1
+            kept = self._store.unwritten
+            rows = (f"{kept.num_steps} step and {kept.num_epochs} epoch rows are"
+                    if kept and (kept.num_steps or kept.num_epochs) else "its rows are")
+            if self._write_failures == 1:
+                warnings.warn(f"gradflow: writing {self._store.where} failed ({type(err).__name__}: "
+                              f"{err}); {rows} kept and written again at the next flush; "
+                              f"training goes on", GradflowWarning, stacklevel=1)
+            if self._write_failures >= WRITE_ATTEMPTS or isinstance(err, GradflowError):
+                self._stopped = True
+                try:
+                    self._store.rollback()
+                except Exception:  # noqa: BLE001,S110 - the store is unusable; readers see the last commit
+                    pass
+                warnings.warn(f"gradflow: recording into {self._store.where} stopped after "
+                              f"{self._write_failures} failed write(s) ({type(err).__name__}: {err})"
+                              f"; the store keeps its {self._store.n_steps} committed steps; "
+                              f"training goes on", GradflowWarning, stacklevel=1)
+            return
+        if self._write_failures:
+            warnings.warn(f"gradflow: writing {self._store.where} works again; the kept rows are "
+                          f"committed", GradflowWarning, stacklevel=1)
+        self._write_failures, self._error = 0, None
+
+    def _columns(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int) -> Rows:
+        """Per-tensor host figures → per-layer columns, all rows of the hand-off at once."""
+        step_columns: dict[str, np.ndarray] = {}
         if steps:
             per_tensor = np.empty((len(steps), quantities.NUM_FIGURES, self._num_tensors))
             skipped = np.empty(len(steps), dtype=bool)
@@ -746,20 +948,24 @@ class Recorder:
                 skipped[k] = row.skipped or found_inf > 0
             present = np.stack([row.present for row in steps])
             owned = np.stack([row.owned for row in steps])
-            columns = quantities.layer_step_figures(per_tensor, present, self._starts, self._numel,
-                                                    owned)
+            step_columns = quantities.layer_step_figures(per_tensor, present, self._starts,
+                                                         self._numel, owned)
             if not self._snapshot:  # no Δw snapshot: no update figures
                 for name in ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio"):
-                    columns[name][:] = np.nan
-            columns.update(step=np.array([r.step for r in steps], dtype=np.int64),
-                           epoch=np.array([r.epoch for r in steps], dtype=np.int64),
-                           wall_time=np.array([r.wall_time for r in steps]), skipped=skipped)
-            self._store.append_steps(columns)
-        for row in epochs:
-            per_tensor, _ = row.figures.resolve(2, self._num_tensors)
-            columns = quantities.layer_epoch_figures(per_tensor, self._starts, self._numel)
+                    step_columns[name][:] = np.nan
+            step_columns.update(step=np.array([r.step for r in steps], dtype=np.int64),
+                                epoch=np.array([r.epoch for r in steps], dtype=np.int64),
+                                wall_time=np.array([r.wall_time for r in steps]), skipped=skipped)
+        epoch_columns: dict[str, np.ndarray] = {}
+        if epochs:
+            figures = [quantities.layer_epoch_figures(row.figures.resolve(2, self._num_tensors)[0],
+                                                      self._starts, self._numel) for row in epochs]
+            epoch_columns = {name: np.stack([f[name] for f in figures]) for name in figures[0]}
             if not self._snapshot:
-                columns = {name: np.full_like(v, np.nan) for name, v in columns.items()}
-            columns.update(epoch=np.array(row.epoch), num_steps=np.array(row.num_steps))
-            self._store.append_epoch(columns, row.scalars)
-        self._store.commit(steps_seen)
+                epoch_columns = {name: np.full_like(v, np.nan) for name, v in epoch_columns.items()}
+            epoch_columns.update(epoch=np.array([r.epoch for r in epochs], dtype=np.int64),
+                                 num_steps=np.array([r.num_steps for r in epochs], dtype=np.int64))
+            for name in dict.fromkeys(n for r in epochs for n in r.scalars):
+                epoch_columns[name] = np.array([r.scalars.get(name, np.nan) for r in epochs],
+                                               dtype=np.float64)
+        return Rows(step_columns, epoch_columns, steps_seen)

@@ -25,21 +25,11 @@ def store_name(store: str | os.PathLike) -> str:
 
 
 def open_tree(store: str | os.PathLike) -> xr.DataTree:
-    """Open any gradflow store lazily as a DataTree (sweep: variants as children; single run: root)."""
+    """Open any gradflow store lazily as a DataTree (sweep: variants as children; single run: root),
+    every group from one commit (:func:`gradflow.open_tree`)."""
     import gradflow
 
-    opened = gradflow.open(store)
-    if isinstance(opened, xr.DataTree):
-        return opened
-    nodes = {"/": opened}
-    try:
-        nodes["/epochs"] = gradflow.open(store, group="epochs")
-    except (GradflowError, FileNotFoundError, KeyError):
-        pass  # a Recorder run that never called end_epoch has no epoch group
-    from gradflow.summary import open_levels
-
-    nodes.update({f"/summary/{level}": ds for level, ds in open_levels(store).items()})
-    return xr.DataTree.from_dict(nodes)
+    return gradflow.open_tree(store)
 
 
 def parse_formats(text: str) -> list[str]:
@@ -121,7 +111,6 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     gradient-flow summary of ``analyses.flow_summary``.
     """
     from analyses.flow_summary import flow_summary
-    from analyses.paper import paper_section
     from analyses.tables import best_val_table
 
     tree = open_tree(store)
@@ -181,7 +170,6 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "",
         _markdown(summary, ".3g"),
         "",
-        *paper_section(tree, _markdown),  # presets only: the paper's numbers beside ours
     ]
     make_out_dir(out_dir)
     path = out_dir / "report.md"

@@ -187,9 +187,14 @@ def _open_root(store: str, mode: str) -> zarr.Group | None:
 
 
 def consolidate(store: str) -> None:
-    """Rewrite the root's consolidated metadata from the groups' own, so readers see every change."""
+    """Rewrite the root's consolidated metadata from the groups' own, so readers see every change
+    (a group a Recorder is writing keeps its last commit: :func:`gradflow.store.consolidate`)."""
     if _open_root(store, "r") is not None:
-        zarr.consolidate_metadata(store)
+        from gradflow.lock import filesystem, store_lock
+        from gradflow.store import consolidate as publish
+
+        with store_lock(*filesystem(store)):
+            publish(store)
 
 
 def finished_variants(store: str) -> dict[str, dict[str, Any]]:

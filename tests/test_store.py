@@ -106,10 +106,10 @@ def test_rows_are_buffered_and_written_off_the_training_thread(tmp_path, monkeyp
     from gradflow import store as store_module
 
     writers = []
-    original = store_module.RunStore.append_steps
-    monkeypatch.setattr(store_module.RunStore, "append_steps",
-                        lambda self, columns: writers.append(threading.current_thread().name)
-                        or original(self, columns))
+    original = store_module.RunStore.write
+    monkeypatch.setattr(store_module.RunStore, "write",
+                        lambda self, rows=None: writers.append(threading.current_thread().name)
+                        or original(self, rows))
     monkeypatch.setattr(recorder_module, "FLUSH_ROWS", 2)
     model, optimizer = tiny()
     store = tmp_path / "run.zarr"

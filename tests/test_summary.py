@@ -16,7 +16,7 @@ from torch import nn
 
 import gradflow
 from gradflow import summary
-from gradflow.store import STEP_VARIABLES, LayerTable, RunStore, step_chunk
+from gradflow.store import STEP_VARIABLES, LayerTable, Rows, RunStore, step_chunk
 
 
 def new_store(path, n_layers: int) -> RunStore:
@@ -39,8 +39,7 @@ def rows(start: int, n: int, n_layers: int, rng) -> dict[str, np.ndarray]:
 def append(store: RunStore, sizes: list[int], n_layers: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for n in sizes:
-        store.append_steps(rows(store.n_steps, n, n_layers, rng))
-        store.commit(store.n_steps)
+        store.write(Rows(rows(store.n_steps, n, n_layers, rng), {}, store.n_steps + n))
 
 
 def reference(values: np.ndarray) -> np.ndarray:
@@ -98,8 +97,7 @@ def test_small_levels_and_a_nan_only_block(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     columns = rows(0, 37, 2, rng)
     columns["param_norm"][4:8, 1] = np.nan  # block 1 of layer 1: nothing finite
-    store.append_steps(columns)
-    store.commit(37)
+    store.write(Rows(columns, {}, 37))
     check_against_raw(path, levels=(4, 8), span=16)
     block = xr.open_zarr(path, group="summary/4")["param_norm"].isel(block=1, layer=1)
     assert np.isnan(block.sel(stat=["mean", "min", "max"]).values).all()
@@ -114,14 +112,18 @@ def test_crash_mid_flush_leaves_no_wrong_summary(tmp_path, monkeypatch):
     append(store, [20], 2, seed=2)
     # A flush that wrote raw rows and a summary span, then died before its commit:
     rng = np.random.default_rng(3)
-    store.append_steps(rows(20, 30, 2, rng))
+    monkeypatch.setattr(store, "commit", lambda *args: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        store.write(Rows(rows(20, 30, 2, rng), {}, 50))
     written = zarr.open_group(str(path), mode="r", use_consolidated=False)["summary"]
     assert written.attrs["rows"] == 48  # spans up to row 48 written, only the first committed
+    store.close()  # the process died: its writer lock is gone
     resumed = new_store(path, 2)  # trims the raw rows back to the 20 committed ones
     assert resumed.n_steps == 20 and resumed.summary.rows == 20
     assert zarr.open_group(str(path), mode="r")["summary"].attrs["rows"] == 16
     append(resumed, [13, 40], 2, seed=4)
     check_against_raw(path, levels=(4, 8), span=16)
+    resumed.close()
     # A store without a summary (older gradflow) gets one, from its raw rows, when reopened.
     group = zarr.open_group(str(path), mode="a")
     del group["summary"]
@@ -236,7 +238,9 @@ def test_overwritten_run_gets_a_fresh_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(summary, "LEVELS", (4, 8))
     monkeypatch.setattr(summary, "SPAN", 16)
     path = tmp_path / "run.zarr"
-    append(new_store(path, 2), [40], 2, seed=5)
+    old = new_store(path, 2)
+    append(old, [40], 2, seed=5)
+    old.close()
     table = LayerTable(["layer0", "layer1"], ["Linear"] * 2, [10] * 2)
     fresh = RunStore(str(path), None, table, {"every": 1, "per_parameter": False}, 1, False, mode="w")
     assert fresh.n_steps == 0 and fresh.summary.rows == 0

@@ -51,11 +51,11 @@ def train_command(
     checkpoint: Annotated[Optional[str], typer.Option(help="Safetensors file for the best-validation weights.")] = None,
 ) -> None:
     """Train one variant end to end, recording gradient flow into OUT."""
-    import fsspec
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     from gradflow.errors import GradflowError
+    from gradflow.lock import filesystem
     from gradflow.train import TrainConfig, train
 
     config = TrainConfig(arch=arch, crop=crop, crops_per_image=crops_per_image, weight_decay_mode=weight_decay_mode,
@@ -65,7 +65,7 @@ def train_command(
                          n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, loss=loss,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
                          every=every, augment=augment, sparsity=sparsity)
-    fs, path = fsspec.core.url_to_fs(out)
+    fs, path = filesystem(out)  # an unknown protocol (foo://) is one error line
     if fs.exists(path):
         if not overwrite:
             raise GradflowError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")

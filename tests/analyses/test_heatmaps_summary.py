@@ -11,7 +11,7 @@ import gradflow
 from analyses.heatmaps import heatmap_data
 from gradflow import summary
 from gradflow.report import open_tree
-from gradflow.store import STEP_VARIABLES, LayerTable, RunStore
+from gradflow.store import STEP_VARIABLES, LayerTable, Rows, RunStore
 
 
 @pytest.fixture
@@ -28,9 +28,8 @@ def record(url: str, group: str | None, n_rows: int, seed: int) -> None:
         n = min(50, n_rows - start)
         columns = {name: rng.lognormal(-2, 1, (n, 3)) for name in STEP_VARIABLES}
         columns["grad_norm"][rng.random((n, 3)) < 0.05] = np.nan
-        store.append_steps({**columns, "step": np.arange(start, start + n), "epoch": np.zeros(n, int),
-                            "wall_time": np.zeros(n), "skipped": np.zeros(n, bool)})
-        store.commit(start + n)
+        store.write(Rows({**columns, "step": np.arange(start, start + n), "epoch": np.zeros(n, int),
+                          "wall_time": np.zeros(n), "skipped": np.zeros(n, bool)}, {}, start + n))
 
 
 def nan_mean_per_bin(raw: xr.Dataset, da: xr.DataArray) -> np.ndarray:

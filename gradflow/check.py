@@ -1,0 +1,225 @@
+"""Store invariants: what ``gradflow.open`` checks, ``gradflow check`` reports and ``--repair`` fixes.
+
+A run's committed state (what the consolidated metadata at the store root publishes) must have:
+
+- every ``step`` array (figures and coordinates) of one length, every ``epoch`` array of one length;
+- strictly increasing ``step`` and ``epochs/epoch`` coordinates;
+- every chunk stored up to the committed length (gradflow writes even chunks that hold only the
+  fill value, so a missing chunk means lost data: without this check a deleted ``grad_norm`` chunk
+  reads as 1,024 NaN rows and a deleted ``step`` chunk as 1,024 rows of step 0). Stores written
+  before gradflow stored every chunk (no ``all_chunks_stored`` attr) are checked for ``step`` only.
+
+:func:`repair_run` truncates a damaged run to its longest consistent prefix (the last consistent
+commit), republishes it and deletes ``*.partial`` files that an interrupted atomic write left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from gradflow.errors import GradflowError
+
+
+@dataclass
+class RunState:
+    """One run's committed lengths and the longest consistent prefix of each dimension."""
+
+    where: str
+    problems: list[str] = field(default_factory=list)
+    num_steps: int = 0
+    num_epochs: int = 0
+    good_steps: int = 0
+    good_epochs: int = 0
+
+
+def _committed(zstore, group: str | None):
+    root = zarr.open_group(zstore, mode="r")  # the consolidated view when there is one
+    return root[group] if group else root
+
+
+def _keys(zstore, prefix: str) -> set[str]:
+    async def collect():
+        return {key async for key in zstore.list_prefix(prefix)}
+
+    return sync(collect())
+
+
+def _first_missing_row(zstore, array, length: int) -> int | None:
+    """First row of the first chunk missing below ``length`` (None: all stored)."""
+    if length == 0:
+        return None
+    chunks = array.metadata.chunk_grid.chunk_shape
+    keys = _keys(zstore, f"{array.path}/")
+    rest = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], chunks[1:])]
+    for i in range(math.ceil(length / chunks[0])):
+        for other in np.ndindex(*[len(r) for r in rest]) if rest else [()]:
+            key = f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}"
+            if key not in keys:
+                return i * chunks[0]
+    return None
+
+
+def _increasing_prefix(values: np.ndarray) -> int:
+    """Length of the longest strictly increasing prefix."""
+    if len(values) < 2:
+        return len(values)
+    bad = np.flatnonzero(np.diff(values) <= 0)
+    return int(bad[0]) + 1 if len(bad) else len(values)
+
+
+def inspect_run(zstore, group: str | None, where: str) -> RunState:
+    """Check one run's committed state against the invariants (reads ``step``/``epoch`` values)."""
+    node = _committed(zstore, group)
+    state = RunState(where)
+    all_chunks = bool(node.attrs.get("all_chunks_stored"))
+    for dim, parent in (("step", node), ("epoch", node["epochs"])):
+        arrays = {name: a for name, a in parent.arrays() if a.metadata.dimension_names[0] == dim}
+        lengths = {name: a.shape[0] for name, a in arrays.items()}
+        n = max(lengths.values(), default=0)
+        good = min(lengths.values(), default=0)
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(lengths.items(), key=lambda kv: kv[1]))
+            state.problems.append(f"{dim} arrays of unequal length ({shown})")
+        coord = arrays.get(dim)
+        checked = arrays if all_chunks else ({dim: coord} if coord is not None and n > 1 else {})
+        for name, array in checked.items():
+            missing = _first_missing_row(zstore, array, lengths[name])
+            if missing is not None:
+                end = min(missing + array.metadata.chunk_grid.chunk_shape[0], lengths[name]) - 1
+                state.problems.append(f"{parent.path or '.'}/{name}: chunk of rows {missing}-{end} "
+                                      f"is missing")
+                good = min(good, missing)
+        if coord is not None and good > 1:
+            values = coord[:good]
+            prefix = _increasing_prefix(values)
+            if prefix < good:
+                state.problems.append(f"{dim} is not strictly increasing at row {prefix} "
+                                      f"({values[prefix - 1]} then {values[prefix]})")
+                good = prefix
+        if dim == "step":
+            state.num_steps, state.good_steps = n, good
+        else:
+            state.num_epochs, state.good_epochs = n, good
+    return state
+
+
+def check_run(zstore, group: str | None, where: str = "") -> list[str]:
+    """The run's damage, one line each (empty: healthy)."""
+    return inspect_run(zstore, group, where).problems
+
+
+def runs_of(root) -> list[str | None]:
+    """The run groups of an opened store: [None] for a run at the root, else the sweep's groups."""
+    if root.attrs.get("gradflow_kind") == "run":
+        return [None]
+    return sorted(name for name, child in root.groups() if child.attrs.get("gradflow_kind") == "run")
+
+
+def repair_run(url: str, group: str | None) -> RunState:
+    """Truncate one run to its longest consistent prefix and republish it; delete ``*.partial``."""
+    from gradflow.lock import filesystem, group_is_locked, node_path, store_lock
+    from gradflow.store import ALL, _remove_partial_files, consolidate
+
+    fs, path = filesystem(url)
+    where = url if not group else f"{url} (group {group!r})"
+    if group_is_locked(fs, path, group):
+        raise GradflowError(f"{where} is being written by a live Recorder; repair it after that "
+                            f"Recorder finished")
+    zstore = zarr.open_group(url, mode="r+", use_consolidated=False).store
+    state = inspect_run(zstore, group, where)
+    node = zarr.open_group(zstore, mode="r+", path=group or "", use_consolidated=False)
+    with store_lock(fs, path):
+        for parent, dim, length in ((node, "step", state.good_steps),
+                                    (node["epochs"], "epoch", state.good_epochs)):
+            for _, array in parent.arrays():
+                if array.metadata.dimension_names[0] == dim and array.shape[0] != length:
+                    array.resize((length,) + array.shape[1:])
+        attrs = {}
+        if state.good_steps < state.num_steps:
+            attrs["steps_seen"] = int(node["step"][state.good_steps - 1]) + 1 \
+                if state.good_steps else 0
+        if group:
+            node.attrs.update(attrs)
+            consolidate(zstore, fresh={group.split("/")[0]})
+        else:
+            consolidate(zstore, fresh=ALL, root_attrs=attrs)
+    removed = _remove_partial_files(fs, node_path(path, group))
+    if removed:
+        state.problems.append(f"{len(removed)} leftover *.partial file(s) (deleted)")
+    return state
+
+
+def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
+    """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged).
+
+    Raises GradflowError for what is not a gradflow store at all, and for a damaged root
+    ``zarr.json`` of a single run (its attributes cannot be rebuilt).
+    """
+    from gradflow.lock import filesystem, group_is_locked
+    from gradflow.store import consolidate, store_url
+
+    url = store_url(url)
+    fs, path = filesystem(url)
+    lines: list[str] = []
+    try:
+        root = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        raise GradflowError(f"no gradflow store at {url}") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        runs = [p for p in fs.glob(f"{path.rstrip('/')}/*/zarr.json") if _is_run_file(fs, p)]
+        if not runs:
+            raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
+                                f"holds no sweep groups; it cannot be repaired") from None
+        lines.append(f"zarr.json: damaged ({type(err).__name__}: {err})")
+        if not repair:
+            return lines, True
+        fs.pipe_file(f"{path.rstrip('/')}/zarr.json",
+                     b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+        from gradflow.lock import store_lock
+
+        with store_lock(fs, path):
+            consolidate(url)
+        lines.append("zarr.json: rewritten as a plain group holding the sweep's runs")
+        root = zarr.open_group(url, mode="r")
+    runs = runs_of(root)
+    if not runs:
+        raise GradflowError(f"{url} is not a gradflow store")
+    damaged = bool(lines)
+    for group in runs:
+        name = group or "(run)"
+        where = url if not group else f"{url} (group {group!r})"
+        state = inspect_run(root.store, group, where)
+        partial = fs.glob(f"{path.rstrip('/')}/{group}/**/*.partial" if group
+                          else f"{path.rstrip('/')}/**/*.partial")
+        if partial and not state.problems:
+            state.problems.append(f"{len(partial)} leftover *.partial file(s)")
+        if not state.problems:
+            lines.append(f"{name}: ok, {state.num_steps} steps, {state.num_epochs} epochs")
+            continue
+        damaged = True
+        for problem in state.problems:
+            lines.append(f"{name}: {problem}")
+        if repair:
+            fixed = repair_run(url, group)
+            lines.append(f"{name}: repaired, kept {fixed.good_steps} of {fixed.num_steps} steps "
+                         f"and {fixed.good_epochs} of {fixed.num_epochs} epochs")
+    if repair and runs != [None] and not any(group_is_locked(fs, path, g) for g in runs):
+        removed = fs.glob(f"{path.rstrip('/')}/*.partial")
+        for p in removed:
+            fs.rm_file(p)
+        if removed:
+            lines.append(f"deleted {len(removed)} leftover *.partial file(s) at the store root")
+    return lines, damaged
+
+
+def _is_run_file(fs, path: str) -> bool:
+    try:
+        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind") == "run"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,0 +1,26 @@
+"""``gradflow check STORE``: is a store intact? ``--repair`` truncates damaged runs to their last consistent commit."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gradflow.cli import app
+
+
+@app.command("check")
+def check_command(
+    store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).")],
+    repair: Annotated[bool, typer.Option("--repair", help="Truncate damaged runs to their longest consistent "
+                                                          "prefix and delete leftover *.partial files.")] = False,
+) -> None:
+    """One line per run (steps, epochs, damage); exit 0 when intact (or repaired), 1 when damaged."""
+    from gradflow.check import check_store
+
+    lines, damaged = check_store(store, repair=repair)
+    for line in lines:
+        typer.echo(line)
+    if damaged and not repair:
+        typer.echo(f"damaged; `gradflow check {store} --repair` truncates to the last consistent commit", err=True)
+        raise typer.Exit(1)
