@@ -8,6 +8,8 @@ Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
     step, epoch               (step,) int64: optimizer step index, epoch index
     wall_time                 (step,) float64, Unix time in seconds when the step finished
     skipped                   (step,) bool, the optimizer skipped the step (e.g. GradScaler on inf)
+    lr                        (step, param_group) float64: each param group's learning rate at the step
+    param_group               (param_group,) str: ``group<j>`` (one optimizer) or ``opt<i>/group<j>``
     layer, module_type        (layer,) str;  depth, num_params (layer,) int64
     epochs/                   attrs: gradflow_kind="epochs"
         update_mean_abs, update_norm    (epoch, layer) float32
@@ -69,6 +71,8 @@ DESCRIPTIONS = {
     "module_type": "class name of the module owning the parameters",
     "num_params": "number of recorded parameters",
     "num_steps": "optimizer steps in the epoch",
+    "lr": "learning rate of each param group when the optimizer stepped (NaN: no lr / group added later)",
+    "param_group": "param group: group<j> of the one optimizer, or opt<i>/group<j>",
 }
 EPOCH_DESCRIPTIONS = {
     "update_mean_abs": "mean |W_end - W_start| over the epoch (Drozdzal et al. 2016, Fig. 4)",
@@ -185,6 +189,7 @@ class RunStore:
             node.create_array(name, shape=(0,), chunks=(chunk,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
                               attributes={"description": DESCRIPTIONS[name]})
+        self._create_lr(chunk, param_group_names(attrs), 0)
         epochs = node.require_group("epochs")
         for name in EPOCH_VARIABLES:
             epochs.create_array(name, shape=(0, n_layers), chunks=(CHUNK_EPOCHS, n_layers),
@@ -211,6 +216,16 @@ class RunStore:
         self.n_steps = self.n_epochs = 0
         self.commit()
 
+    def _create_lr(self, chunk: int, groups: list[str], n_steps: int) -> None:
+        """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
+        self.node.create_array("lr", shape=(n_steps, len(groups)), chunks=(chunk, max(1, len(groups))),
+                               dtype="float64", fill_value=np.nan, dimension_names=("step", "param_group"),
+                               attributes={"description": DESCRIPTIONS["lr"]})
+        labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
+                                        dimension_names=("param_group",),
+                                        attributes={"description": DESCRIPTIONS["param_group"]})
+        labels[:] = np.array(groups, dtype=str)
+
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
         node = self.node
         stored = [str(name) for name in node["layer"][:]]
@@ -232,6 +247,8 @@ class RunStore:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "
                                 f"the same settings")
+        if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
+            self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
         # What the last complete flush committed, from the consolidated metadata at the root
         # (without it, e.g. written by another tool: the shortest array of each dimension).
         try:
@@ -256,6 +273,11 @@ class RunStore:
         node.attrs.update(update)
         self.next_step, self.next_epoch = self.steps_seen, self.n_epochs
         self.commit()
+
+    @property
+    def lr_columns(self) -> int:
+        """How many param groups the ``lr`` variable has columns for."""
+        return int(self.node["lr"].shape[1])
 
     # -- appending (writer thread) -----------------------------------------------------------
 
@@ -313,6 +335,14 @@ def _delete_run(root, group: str | None):
         del root[group]
         return root
     return zarr.open_group(root.store, mode="w", use_consolidated=False)
+
+
+def param_group_names(attrs: dict) -> list[str]:
+    """``param_group`` labels from the Recorder's ``optimizers`` attrs, in optimizer then group order."""
+    optimizers = attrs.get("optimizers") or []
+    if len(optimizers) == 1:
+        return [f"group{j}" for j in range(len(optimizers[0].get("param_groups", [])))]
+    return [f"opt{i}/group{j}" for i, o in enumerate(optimizers) for j in range(len(o.get("param_groups", [])))]
 
 
 def _fill(dtype: str):
