@@ -91,7 +91,7 @@ def sweep_command(
     """Train every depth × batch-norm × long-skip × short-skip × optimizer × seed variant into one store."""
     from rich.console import Console
 
-    from gradflow.sweep import EXECUTORS, expand_grid, run_sweep
+    from gradflow.sweep import EXECUTORS, expand_grid, run_sweep, validate
     from gradflow.train import OPTIMIZERS, TrainConfig
 
     depth_values = parse_ints(depths, "--depths", minimum=1)
@@ -110,6 +110,7 @@ def sweep_command(
                            seeds=seed_values,
                            learning_rates={o: DEFAULT_LR[o] if lr is None else lr for o in optimizer_values})
     command = shlex.join(["gradflow", *sys.argv[1:]])  # as typed (argv[0] is the script's path)
+    validate(variants)  # bad options fail here, before anything is printed or trained
     console = Console(stderr=False)
     console.print(f"{len(variants)} variant(s) into {out}")
     outcomes = run_sweep(variants, out, force=force, executor=executor, ray_address=ray_address,
