@@ -287,5 +287,6 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
               *image("gradient_bars", "gradient per layer at the last step"),
               *image("lr", "learning rate per step")]
     if "curves" in figs:
-        lines += [f"Losses ({loss_name(tree)}):", "", *image("curves", "loss per epoch")]
+        named = loss_name(tree)
+        lines += [f"Losses ({named}):" if named != "loss" else "Losses:", "", *image("curves", "loss per epoch")]
     return lines

@@ -13,6 +13,17 @@ from gradflow.cli import app
 HOST = "127.0.0.1"  # loopback only: the page is never served to the network
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A browser that closed its connection mid-answer is not an error worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> ThreadingHTTPServer:
     """An HTTP server on 127.0.0.1:``port`` (0: any free port; the bound one is ``server.server_port``)
     serving ``/`` (the live page) and ``/data`` (:meth:`analyses.live.LiveView.snapshot`)."""
@@ -43,10 +54,9 @@ def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> Threading
             pass
 
     try:
-        server = ThreadingHTTPServer((HOST, port), Handler)
+        server = _Server((HOST, port), Handler)
     except OSError as err:
         raise GradflowError(f"--port {port}: cannot listen on {HOST}:{port} ({err.strerror}); choose another --port") from None
-    server.daemon_threads = True
     return server
 
 
