@@ -59,7 +59,7 @@ def main() -> None:
         from typer._click import exceptions as cli_errors
     except ImportError:
         from click import exceptions as cli_errors
-    shown_help = getattr(cli_errors, "NoArgsIsHelpError", ())  # bare `gradflow`: help already printed
+    shown_help = getattr(cli_errors, "NoArgsIsHelpError", ())  # bare `gradflow`: show the help
 
     _register()
     try:
@@ -67,7 +67,8 @@ def main() -> None:
     except GradflowError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except shown_help:
+    except shown_help as err:  # a bare command: its help, on stdout
+        typer.echo(err.format_message())
         sys.exit(0)
     except cli_errors.ClickException as err:
         typer.echo(f"error: {err.format_message()}", err=True)
