@@ -21,9 +21,11 @@ NOT_SETTINGS = ("variant", "command", "data_split", "data_source")
 
 
 # How a setting reads in a row or column header.
-SETTING_NAMES = {"short_skip": "short skips", "long_skip": "long skip", "batch_norm": "batch norm", "depth": "depth",
-                 "optimizer": "", "seed": "seed", "lr": "lr", "block": "block", "width": "width", "levels": "levels",
-                 "loss": "loss", "init": "init", "dropout": "dropout", "weight_decay": "weight decay"}
+# In this order in the headers; the key names only these shared settings (not device, amp, ...).
+SETTING_NAMES = {"depth": "depth", "optimizer": "", "lr": "lr", "short_skip": "short skips", "long_skip": "long skip",
+                 "batch_norm": "batch norm", "block": "block", "width": "width", "levels": "levels", "loss": "loss",
+                 "init": "init", "dropout": "dropout", "weight_decay": "weight decay", "seed": "seed",
+                 "epochs": "epochs", "size": "size"}
 
 
 def describe(key: str, value) -> str:
@@ -63,7 +65,9 @@ def panel_layout(data: xr.Dataset | xr.DataTree, columns: str = "short_skip") ->
     def value(config: dict, key: str) -> str:
         return json.dumps(config.get(key), sort_keys=True)
 
-    keys = sorted({k for c in configs.values() for k in c} - {columns, *NOT_SETTINGS})
+    order = list(SETTING_NAMES)
+    keys = sorted({k for c in configs.values() for k in c} - {columns, *NOT_SETTINGS},
+                  key=lambda k: (order.index(k) if k in order else len(order), k))
     varying = [k for k in keys if len({value(c, k) for c in configs.values()}) > 1]
     column_values = sorted({value(c, columns) for c in configs.values()})
     if len(column_values) < 2:
@@ -75,7 +79,8 @@ def panel_layout(data: xr.Dataset | xr.DataTree, columns: str = "short_skip") ->
     row_labels = [", ".join(describe(k, json.loads(v)) for k, v in zip(varying, key)) or "all runs" for key in rows]
     column_labels = [describe(columns, json.loads(v)) for v in column_values]
     first = next(iter(configs.values()))
-    shared = [describe(k, first.get(k)) for k in keys if k not in varying and isinstance(first.get(k), (bool, int, float, str))]
+    shared = [describe(k, first.get(k)) for k in keys
+              if k not in varying and k in SETTING_NAMES and isinstance(first.get(k), (bool, int, float, str))]
     down = " × ".join(SETTING_NAMES.get(k) or k for k in varying) or "nothing"
     key = (f"rows: {down}; columns: {SETTING_NAMES.get(columns) or columns}"
            + (f"; every run: {', '.join(shared)}" if shared else ""))

@@ -27,7 +27,6 @@ def screenshot(url: str, out: str, hover: str | None = None, width: int = 1100, 
             page.wait_for_selector(f"#{hover} .heatmaplayer image", state="attached", timeout=120_000)
             target = page.locator(f"#{hover} .nsewdrag").first
             target.scroll_into_view_if_needed()
-            page.evaluate(f"document.getElementById('{hover}').scrollIntoView()")
             box = target.bounding_box()
             page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
             page.wait_for_selector(f"#{hover} .hoverlayer .hovertext", state="attached", timeout=10_000)
