@@ -10,6 +10,8 @@ convention (the paper's Dice loss is −Dice, from −1 (perfect) to 0).
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 import numpy as np
 import xarray as xr
@@ -125,7 +127,10 @@ def _small_multiples(epoch_runs: dict[str, xr.Dataset], use_log: bool, ylabel: s
             axes[0, c].set_title(text, fontsize=9, fontweight="bold")
         for r, text in enumerate(grid.row_labels):
             axes[r, 0].set_ylabel(text, fontsize=8, fontweight="bold")
-        fig.suptitle(grid.key, fontsize=9)
+        fig.suptitle(textwrap.fill(grid.key, width=int(24 * ncols + 20)), fontsize=9)
+    for ax in axes.ravel():
+        if ax.get_label() in epoch_runs:
+            ax.label_outer()  # epoch label and ticks under the bottom row only
     fig.supylabel(ylabel, fontsize=9)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8,
                frameon=False)

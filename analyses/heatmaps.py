@@ -18,6 +18,7 @@ never folded into the colour scale, and are drawn in their own colours on top of
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -47,7 +48,7 @@ LABELS = {
 NO_DATA, NO_UPDATE, NONFINITE = 1, 2, 3
 STATE_COLOURS = {NO_DATA: "#d4d4d4", NO_UPDATE: "#ffffff", NONFINITE: "#e31a1c"}
 STATE_NAMES = {NO_DATA: "no data", NO_UPDATE: "no update (0)", NONFINITE: "non-finite (NaN/Inf)"}
-MAX_NAMED_LAYERS = 40  # above this, the layer axis is labelled by module-prefix groups
+MAX_NAMED_LAYERS = 28  # above this, the layer axis is labelled by module-prefix groups
 
 
 def _levels(data: xr.Dataset | xr.DataTree) -> tuple[dict[str, xr.Dataset], dict[str, xr.Dataset]]:
@@ -325,12 +326,15 @@ def heatmaps(
             cells[r, 0].annotate(text, xy=(0, 0.5), xycoords="axes fraction", xytext=(-34, 0),
                                  textcoords="offset points", rotation=90, ha="right", va="center",
                                  fontsize=10, fontweight="bold")
-        fig.suptitle(layout.key, fontsize=9)
+        fig.suptitle(textwrap.fill(layout.key, width=int(38 * ncols + 20)), fontsize=9)
+    for c in range(ncols):  # the layer-axis label under the lowest panel of each column
+        lowest = max((r for r, cc in placed.values() if cc == c), default=None)
+        if lowest is not None:
+            cells[lowest, c].set_xlabel("layer (input → output)", fontsize=8)
     used = [cells[r, c] for r, c in placed.values()]
     for ax in cells.ravel():
         if not any(ax is u for u in used):
             ax.remove()
-    fig.supxlabel("layer (input → output)", fontsize=9)
     label = f"{LABELS.get(stat, stat)} per {per}" + (" (log)" if isinstance(norm, LogNorm) else "")
     mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(mappable, ax=used, label=label, fraction=0.15 / max(1, nrows / 3), aspect=20 * max(1, nrows / 3))

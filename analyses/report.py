@@ -197,14 +197,13 @@ def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -
            image("heatmap-grad_norm-step", "gradient norm per step and layer"), ""] if has_steps(tree) else []),
         "## Losses (Fig. 3)",
         "",
-        (f"{loss_name(tree)[0].upper()}{loss_name(tree)[1:]}." if "curves" in figs else ""),
-        "",
+        *([f"{loss_name(tree)[0].upper()}{loss_name(tree)[1:]}.", ""] if "curves" in figs else []),
         image("curves", "training and validation loss per epoch") or "No losses were recorded.",
         "",
         "## Best validation loss (Table 3)",
         "",
-        f"Losses: {loss_name(tree)}. `lr` is the rate each optimizer was created with (the recorded per-step "
-        "rate is the store's `lr` variable).",
+        f"{loss_name(tree)[0].upper()}{loss_name(tree)[1:]}. `lr_at_best`: the learning rate the optimizer used "
+        "at the last step of the best epoch (the store's per-step `lr`).",
         "",
         _markdown(best_val_table(tree), ".4f"),
         "",

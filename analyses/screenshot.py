@@ -1,8 +1,9 @@
 """Screenshots of the HTML report and the live view for the README, in headless Chromium.
 
-``python -m analyses.screenshot URL OUT.png [--hover FIGURE_ID] [--wait-step N]``: opens URL (a
+``python -m analyses.screenshot URL OUT.png [--hover FIGURE_ID] [--fx F --fy F] [--top]``: opens URL (a
 ``file://`` report or a ``gradflow watch`` page) in the system chromium driven by Playwright, hovers
-the middle of the first heatmap of FIGURE_ID so the hover label shows, and writes a PNG of the viewport.
+a point of the first heatmap of FIGURE_ID (``--fx/--fy``: fractions of its width/height; ``--top``:
+scroll that figure to the top first) so the hover label shows, and writes a PNG of the viewport.
 Needs ``pip install playwright`` and ``apt-get install chromium`` (no browser download).
 """
 
@@ -13,7 +14,7 @@ import shutil
 
 
 def screenshot(url: str, out: str, hover: str | None = None, width: int = 1100, height: int = 760,
-               fx: float = 0.5, fy: float = 0.5) -> None:
+               fx: float = 0.5, fy: float = 0.5, top: bool = False) -> None:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,6 +27,8 @@ def screenshot(url: str, out: str, hover: str | None = None, width: int = 1100, 
         if hover:
             page.wait_for_selector(f"#{hover} .heatmaplayer image", state="attached", timeout=120_000)
             target = page.locator(f"#{hover} .nsewdrag").first
+            if top:  # the figure at the top of the viewport
+                page.evaluate(f"document.getElementById('{hover}').scrollIntoView()")
             target.scroll_into_view_if_needed()
             box = target.bounding_box()
             page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
@@ -41,8 +44,9 @@ def main() -> None:
     parser.add_argument("--hover", default=None)
     parser.add_argument("--fx", type=float, default=0.5)
     parser.add_argument("--fy", type=float, default=0.5)
+    parser.add_argument("--top", action="store_true", help="scroll the hovered figure to the top first")
     args = parser.parse_args()
-    screenshot(args.url, args.out, args.hover, fx=args.fx, fy=args.fy)
+    screenshot(args.url, args.out, args.hover, fx=args.fx, fy=args.fy, top=args.top)
 
 
 if __name__ == "__main__":
