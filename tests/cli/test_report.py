@@ -99,7 +99,7 @@ def test_sweep_report_names_the_loss_and_drops_updatable_depth(tiny_sweep, tmp_p
     assert result.exit_code == 0, result.output
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "updatable_depth" not in text
-    assert "loss: BCE (≥ 0, lower is better)" in text and "lr_at_best" in text
+    assert "Loss: BCE (≥ 0, lower is better)." in text and "lr_at_best" in text
 
 
 def test_report_html_is_written_next_to_the_markdown(tiny_sweep, tmp_path, cli):
