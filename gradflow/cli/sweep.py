@@ -111,6 +111,8 @@ def sweep_command(
                            learning_rates={o: DEFAULT_LR[o] if lr is None else lr for o in optimizer_values})
     command = shlex.join(["gradflow", *sys.argv[1:]])  # as typed (argv[0] is the script's path)
     validate(variants)  # bad options fail here, before anything is printed or trained
+    if executor == "ray" and out.startswith("memory://"):
+        raise GradflowError("a memory:// store lives in one process; give --executor ray a path or URL")
     console = Console(stderr=False)
     console.print(f"{len(variants)} variant(s) into {out}")
     outcomes = run_sweep(variants, out, force=force, executor=executor, ray_address=ray_address,
