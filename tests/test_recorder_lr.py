@@ -82,7 +82,7 @@ def test_resuming_a_store_without_lr_adds_it_with_nan_history(tmp_path):
     root = zarr.open_group(tmp_path / "run.zarr", mode="a")  # as written before lr was recorded
     del root["lr"], root["param_group"]
     zarr.consolidate_metadata(root.store)
-    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr")
+    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", mode="a")
     seen = _train(model, optimizer, scheduler, 2)
     rec.close()
     lr = gradflow.open(tmp_path / "run.zarr")["lr"].values
