@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from analyses.heatmaps import heatmaps
-    from gradflow.report import open_tree
+    from analyses.report import open_tree
 
     warnings.filterwarnings("ignore", message="The data type")  # zarr: fixed-length strings not in the v3 spec
     store = Path(args.store)

@@ -1,8 +1,8 @@
 """A few numbers per run that say whether gradients reach the whole network.
 
-- ``updatable_depth``: how many of the (plotted) layers moved at least ``fraction`` × the median
-  layer's update, the update being mean |ΔW| per epoch averaged over epochs. A deep plain net whose
-  centre is starved has fewer updatable layers than its layer count.
+(An earlier ``updatable_depth`` column, the layers whose mean |ΔW| reached 0.1 × the median layer's,
+was dropped: it equalled the layer count in all 12 runs of the default sweep, so it separated nothing;
+the two centre-to-end ratios below are what differ between runs.)
 - ``centre_to_end_ratio``: mean update of the centre layers (stage ``centre``; for other models the
   middle layer(s)) over the mean update of the two end layers (first and last). The paper's effect:
   ≪ 1 without short skips, near 1 with them.
@@ -24,13 +24,11 @@ import pandas as pd
 import xarray as xr
 
 from analyses.runs import optimizer_of, run_attrs, runs, select_layers, step_blocks
-from gradflow.errors import GradflowError
 from gradflow.models.naming import stage_of
 
 COLUMNS = [
     "optimizer",
     "layers",
-    "updatable_depth",
     "centre_to_end_ratio",
     "centre_to_end_grad_ratio",
     "nonfinite_values",
@@ -113,10 +111,8 @@ def _nonfinite(st: xr.Dataset | None) -> dict:
     return out
 
 
-def flow_summary(data: xr.Dataset | xr.DataTree, fraction: float = 0.1, layers: str | list[str] = "auto") -> pd.DataFrame:
+def flow_summary(data: xr.Dataset | xr.DataTree, layers: str | list[str] = "auto") -> pd.DataFrame:
     """One row per run (index ``run``) with the columns described in the module docstring."""
-    if not 0 < fraction:
-        raise GradflowError(f"fraction must be positive, got {fraction}")
     if isinstance(data, xr.Dataset):
         epoch_runs = runs(data, "epoch") if "epoch" in data.dims else {}
         step_runs = runs(data, "step") if "step" in data.dims else {}
@@ -126,13 +122,10 @@ def flow_summary(data: xr.Dataset | xr.DataTree, fraction: float = 0.1, layers: 
     rows = []
     for name in dict.fromkeys([*epoch_runs, *step_runs]):
         ep, st = epoch_runs.get(name), step_runs.get(name)
-        row = {"run": name, "optimizer": optimizer_of(attrs.get(name, {}))[0], "layers": 0, "updatable_depth": 0}
+        row = {"run": name, "optimizer": optimizer_of(attrs.get(name, {}))[0], "layers": 0}
         update = _mean_update(ep, st, layers)
         if update is not None and update.sizes["layer"] > 0:
-            values = update.values.astype(float)
-            median = np.nanmedian(values) if np.isfinite(values).any() else np.nan
-            row["layers"] = int(len(values))
-            row["updatable_depth"] = int(np.sum(values >= fraction * median))
+            row["layers"] = int(update.sizes["layer"])
         row["centre_to_end_ratio"] = _centre_to_end(update)
         row["centre_to_end_grad_ratio"] = _centre_to_end(_mean_over_steps(st, "grad_norm", layers, geometric=True))
         row.update(_nonfinite(st))

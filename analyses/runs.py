@@ -12,6 +12,7 @@ blocks of whole steps, never all at once.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterator
 
@@ -84,29 +85,74 @@ def optimizer_of(attrs: dict) -> tuple[str, float]:
     return names, float(rates[0]) if rates and len(set(rates)) == 1 else float("nan")
 
 
-def select_layers(ds: xr.Dataset, layers: str | list[str] = "auto") -> xr.Dataset:
+def select_layers(ds: xr.Dataset, layers: str | list[str] = "auto", module_type: str | None = None) -> xr.Dataset:
     """Keep the layers to plot, in input-to-output order (the ``depth`` coordinate).
 
-    ``"auto"``: for an FCN store (layer names follow the ``down``/``across``/``up`` scheme) only the
-    convolutions, like the paper's Fig. 4; for any other model every layer. ``"all"``: every layer.
-    A list: exactly those layer names.
+    ``layers``: ``"auto"`` (for an FCN store, whose layer names follow the ``down``/``across``/``up``
+    scheme, only the convolutions, like the paper's Fig. 4; for any other model every layer),
+    ``"all"``, a list of exact layer names, or a name pattern: comma-separated shell globs matched
+    against the whole qualified name (``"layer3.*"``, ``"blocks.*.attn.*,lm_head"``).
+    ``module_type``: comma-separated module class names (``"Linear"``, ``"Conv2d,Linear"``), exact.
+    A filter that keeps no layer is a :class:`GradflowError` naming what there is.
     """
+    names = [str(n) for n in ds["layer"].values.tolist()]
     if isinstance(layers, list):
-        missing = sorted(set(layers) - set(ds["layer"].values.tolist()))
+        missing = sorted(set(layers) - set(names))
         if missing:
             raise GradflowError(f"unknown layer(s): {', '.join(missing)}")
         ds = ds.sel(layer=layers)
+    elif not isinstance(layers, str) or not layers.strip():
+        raise GradflowError(f"layers must be 'auto', 'all', a name pattern or a list of names, got {layers!r}")
     elif layers == "auto":
-        names = ds["layer"].values.tolist()
         is_fcn = any(stage_of(name) != "other" for name in names)
-        if is_fcn and "module_type" in ds.coords:
+        if is_fcn and "module_type" in ds.coords and module_type is None:
             is_conv = np.array(["Conv" in str(t) for t in ds["module_type"].values])
             ds = ds.isel(layer=np.flatnonzero(is_conv))
     elif layers != "all":
-        raise GradflowError(f"layers must be 'auto', 'all' or a list of names, got {layers!r}")
+        patterns = [p.strip() for p in layers.split(",") if p.strip()]
+        keep = [i for i, name in enumerate(names) if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        if not keep:
+            raise GradflowError(f"--layers {layers!r} matches none of the {len(names)} layers "
+                                f"(e.g. {', '.join(names[:4])}); patterns are globs such as 'layer3.*'")
+        ds = ds.isel(layer=keep)
+    if module_type is not None:
+        if "module_type" not in ds.coords:
+            raise GradflowError("this store does not record module types; --module-type cannot filter it")
+        wanted = {t.strip() for t in module_type.split(",") if t.strip()}
+        types = [str(t) for t in ds["module_type"].values]
+        keep = [i for i, t in enumerate(types) if t in wanted]
+        if not keep:
+            raise GradflowError(f"--module-type {module_type!r} matches no layer; the selected layers are of "
+                                f"type(s) {', '.join(sorted(set(types))) or 'none'}")
+        ds = ds.isel(layer=keep)
     if "depth" in ds.coords:
         ds = ds.isel(layer=np.argsort(ds["depth"].values, kind="stable"))
     return ds
+
+
+def layer_groups(layer_names: list[str], max_groups: int = 24) -> list[tuple[str, int, int]]:
+    """Contiguous runs of layers sharing a module prefix: ``[(prefix, first index, end index), ...]``.
+
+    The prefix is the first ``k`` dotted components, with the smallest ``k`` (1 to 4) that splits the
+    axis into at least 3 groups (at most ``max_groups``): ``layer3`` in a ResNet, ``transformer.h.7``
+    in a GPT, ``down2`` in an FCN, ``blocks.7`` in a ViT. Falls back to ``k = 1`` (or one group).
+    """
+    best = None
+    for k in range(1, 5):
+        groups: list[tuple[str, int, int]] = []
+        for i, name in enumerate(layer_names):
+            prefix = ".".join(name.split(".")[:k])
+            if groups and groups[-1][0] == prefix:
+                groups[-1] = (prefix, groups[-1][1], i + 1)
+            else:
+                groups.append((prefix, i, i + 1))
+        if best is None:
+            best = groups
+        if 3 <= len(groups) <= max_groups and len(groups) < len(layer_names):
+            return groups
+        if len(groups) > max_groups:
+            break
+    return best or []
 
 
 def stages(layer_names: list[str], fold_skips: bool = False) -> list[tuple[str, int, int]]:

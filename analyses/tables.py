@@ -15,14 +15,18 @@ from analyses.runs import optimizer_of, run_attrs, runs
 
 
 def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:
-    """One row per run (index ``run``): ``optimizer`` and ``lr`` (as recorded by the Recorder; blank
-    when the store does not say), ``epochs``, ``best_epoch``, ``best_val_loss``,
-    ``train_loss_at_best``. Runs without a finite validation loss get NaN in the last three."""
+    """One row per run (index ``run``): ``optimizer`` (as recorded by the Recorder; blank when the
+    store does not say), ``epochs``, ``best_epoch``, ``best_val_loss``, ``train_loss_at_best`` and
+    ``lr_at_best``: the learning rate the optimizer used at the last recorded step of the best epoch
+    (the store's per-step ``lr``; NaN when it is not recorded or the param groups' rates differ).
+    Runs without a finite validation loss get NaN in the last four."""
     rows = []
     attrs = run_attrs(data)
+    step_runs = runs(data, "step") if isinstance(data, xr.DataTree) else {}
     for name, ds in runs(data, "epoch").items():
-        optimizer, lr = optimizer_of(attrs.get(name, {}))
-        row = {"run": name, "optimizer": optimizer, "lr": lr, "epochs": int(ds.sizes["epoch"]), "best_epoch": np.nan}
+        optimizer, _ = optimizer_of(attrs.get(name, {}))
+        row = {"run": name, "optimizer": optimizer, "epochs": int(ds.sizes["epoch"]), "best_epoch": np.nan,
+               "lr_at_best": np.nan}
         row.update(best_val_loss=np.nan, train_loss_at_best=np.nan)
         val = np.asarray(ds["val_loss"].values, dtype=float) if "val_loss" in ds else np.array([])
         if np.isfinite(val).any():
@@ -31,7 +35,19 @@ def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:
             row["best_val_loss"] = val[best]
             if "train_loss" in ds:
                 row["train_loss_at_best"] = float(ds["train_loss"].values[best])
+            row["lr_at_best"] = _lr_at_epoch(step_runs.get(name), row["best_epoch"])
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run", "optimizer", "lr", "epochs", "best_epoch", "best_val_loss",
-                                        "train_loss_at_best"])
+    table = pd.DataFrame(rows, columns=["run", "optimizer", "epochs", "best_epoch", "best_val_loss",
+                                        "train_loss_at_best", "lr_at_best"])
     return table.astype({"best_epoch": "Int64"}).set_index("run")
+
+
+def _lr_at_epoch(st: xr.Dataset | None, epoch) -> float:
+    """The recorded lr at the last recorded step of ``epoch``, if all param groups share it."""
+    if st is None or "lr" not in st or "epoch" not in st.coords:
+        return np.nan
+    where = np.flatnonzero(st["epoch"].values == epoch)
+    if not len(where):
+        return np.nan
+    rates = np.asarray(st["lr"].isel(step=int(where[-1])).values, dtype=float)
+    return float(rates[0]) if len(rates) and np.all(rates == rates[0]) else np.nan

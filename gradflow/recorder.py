@@ -113,6 +113,7 @@ class _StepRow:
     present: np.ndarray  # (tensors,) bool: which tensors had a gradient
     owned: np.ndarray  # (tensors,) bool: which tensors an optimizer owned
     figures: quantities.HostFigures
+    lr: np.ndarray | None = None  # (param groups,) float64: each group's lr at this step
 
 
 @dataclass
@@ -170,6 +171,12 @@ def _optimizer_attrs(optimizer: torch.optim.Optimizer) -> dict:
     groups = [{k: _jsonable(v) for k, v in group.items() if k != "params"}
               for group in optimizer.param_groups]
     return {"class": type(optimizer).__name__, "param_groups": groups}
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The ``lr`` of each param group as the optimizer sees it now (NaN for a group without one)."""
+    return [float(g["lr"]) if isinstance(g.get("lr"), (int, float, torch.Tensor)) else math.nan
+            for g in optimizer.param_groups]
 
 
 def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool, numel=None):
@@ -519,6 +526,7 @@ class Recorder:
 
         self._buckets = [_buckets(tensors, list(self._tensors_of[i]), self._snapshot)
                          for i in range(n)]
+        self._lrs: list[list[float] | None] = [None] * n  # per optimizer, at its step
 
         self._step = self._store.next_step if self._writes else 0  # the open (or next) step
         self._epoch = self._store.next_epoch if self._writes else 0
@@ -727,6 +735,7 @@ class Recorder:
             self._open_row()
         if not self._recording:
             return None
+        self._lrs[i] = group_lrs(optimizer)  # before the step: the rate this step uses
         self._grad_scale[i] = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
         with torch.no_grad():
@@ -864,7 +873,7 @@ class Recorder:
             if self._writes:
                 self._pending_steps.append(_StepRow(self._step, self._epoch, time.time(), skipped,
                                                     self._present, self._owned,
-                                                    quantities.to_host(self._parts)))
+                                                    quantities.to_host(self._parts), self._step_lr()))
             self._parts, self._present = [], None
         self._row_open = False
         self._resolved = [None] * len(self._resolved)
@@ -881,6 +890,16 @@ class Recorder:
         deferred, self._deferred_epochs = self._deferred_epochs, []
         for values in deferred:
             self._end_epoch(values)
+
+    def _step_lr(self) -> np.ndarray:
+        """This step's lr per param group (an optimizer that skipped: its current lr), one column per
+        group the store has (groups added after the store was made are not recorded)."""
+        lrs = [v for i, o in enumerate(self._optimizers) for v in (self._lrs[i] or group_lrs(o))]
+        self._lrs = [None] * len(self._optimizers)
+        out = np.full(self._store.lr_columns, np.nan)
+        n = min(len(lrs), len(out))
+        out[:n] = lrs[:n]
+        return out
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -955,7 +974,8 @@ class Recorder:
                     step_columns[name][:] = np.nan
             step_columns.update(step=np.array([r.step for r in steps], dtype=np.int64),
                                 epoch=np.array([r.epoch for r in steps], dtype=np.int64),
-                                wall_time=np.array([r.wall_time for r in steps]), skipped=skipped)
+                                wall_time=np.array([r.wall_time for r in steps]), skipped=skipped,
+                                lr=np.stack([r.lr for r in steps]))
         epoch_columns: dict[str, np.ndarray] = {}
         if epochs:
             figures = [quantities.layer_epoch_figures(row.figures.resolve(2, self._num_tensors)[0],

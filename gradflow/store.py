@@ -8,6 +8,8 @@ Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
     step, epoch               (step,) int64: optimizer step index, epoch index
     wall_time                 (step,) float64, Unix time in seconds when the step finished
     skipped                   (step,) bool, the optimizer skipped the step (e.g. GradScaler on inf)
+    lr                        (step, param_group) float64: each param group's learning rate at the step
+    param_group               (param_group,) str: ``group<j>`` (one optimizer) or ``opt<i>/group<j>``
     layer, module_type        (layer,) str;  depth, num_params (layer,) int64
     epochs/                   attrs: gradflow_kind="epochs"
         update_mean_abs, update_norm    (epoch, layer) float32
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -89,6 +92,8 @@ DESCRIPTIONS = {
     "module_type": "class name of the module owning the parameters",
     "num_params": "number of recorded parameters",
     "num_steps": "optimizer steps in the epoch",
+    "lr": "learning rate of each param group when the optimizer stepped (NaN: no lr / group added later)",
+    "param_group": "param group: group<j> of the one optimizer, or opt<i>/group<j>",
 }
 EPOCH_DESCRIPTIONS = {
     "update_mean_abs": "mean |W_end - W_start| over the epoch (Drozdzal et al. 2016, Fig. 4)",
@@ -270,6 +275,7 @@ class RunStore:
             node.create_array(name, shape=(0,), chunks=(CHUNK_STEPS,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
                               attributes={"description": DESCRIPTIONS[name]})
+        self._create_lr(chunk, param_group_names(attrs), 0)
         epochs = node.require_group("epochs")
         for name in EPOCH_VARIABLES:
             epochs.create_array(name, shape=(0, n_layers), chunks=(CHUNK_EPOCHS, n_layers),
@@ -294,6 +300,16 @@ class RunStore:
                            "steps_seen": 0, "all_chunks_stored": True})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
+
+    def _create_lr(self, chunk: int, groups: list[str], n_steps: int) -> None:
+        """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
+        self.node.create_array("lr", shape=(n_steps, len(groups)), chunks=(chunk, max(1, len(groups))),
+                               dtype="float64", fill_value=np.nan, dimension_names=("step", "param_group"),
+                               attributes={"description": DESCRIPTIONS["lr"]})
+        labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
+                                        dimension_names=("param_group",),
+                                        attributes={"description": DESCRIPTIONS["param_group"]})
+        labels[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
         node = self.node
@@ -322,6 +338,8 @@ class RunStore:
         if damage:
             raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
                                 f"{self.url} --repair` first")
+        if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
+            self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
         # What the last complete flush committed, from the consolidated metadata at the root
         # (without it, e.g. written by another tool: the shortest array of each dimension).
         cnode = _committed_node(self.store, self.group) or node
@@ -358,6 +376,11 @@ class RunStore:
         self._unwritten = Rows({}, {"epoch": labels, "num_steps": counts, "update_mean_abs": nan,
                                     "update_norm": nan}, self.steps_seen)
         return last_label + 1
+
+    @functools.cached_property
+    def lr_columns(self) -> int:
+        """How many param groups the ``lr`` variable has columns for (read once: asked every step)."""
+        return int(self.node["lr"].shape[1])
 
     # -- appending (writer thread) -----------------------------------------------------------
 
@@ -553,6 +576,14 @@ def step_chunk(n_layers: int) -> int:
     re-encoding 0.55× as long but full flushes 2.7× (reports/bench_store_longrun.md)."""
     rows = CHUNK_BYTES // (4 * max(n_layers, 1))
     return max(16, min(CHUNK_STEPS, 1 << max(rows, 1).bit_length() - 1))
+
+
+def param_group_names(attrs: dict) -> list[str]:
+    """``param_group`` labels from the Recorder's ``optimizers`` attrs, in optimizer then group order."""
+    optimizers = attrs.get("optimizers") or []
+    if len(optimizers) == 1:
+        return [f"group{j}" for j in range(len(optimizers[0].get("param_groups", [])))]
+    return [f"opt{i}/group{j}" for i, o in enumerate(optimizers) for j in range(len(o.get("param_groups", [])))]
 
 
 def _fill(dtype: str):

@@ -15,7 +15,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags read "--bn / --no-bn", not "--bn --no-bn <bool>"
 )
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose usage line names arguments as ``STORE`` (required) / ``[STORE]``, not ``{store}``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
 
 
 def _register() -> None:
@@ -26,6 +39,9 @@ def _register() -> None:
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    for command in app.registered_commands:
+        if command.cls in (None, typer.core.TyperCommand):
+            command.cls = _Command
 
 
 INTERRUPTED = 130  # the shell's exit code for Ctrl-C
@@ -43,7 +59,7 @@ def main() -> None:
         from typer._click import exceptions as cli_errors
     except ImportError:
         from click import exceptions as cli_errors
-    shown_help = getattr(cli_errors, "NoArgsIsHelpError", ())  # bare `gradflow`: help already printed
+    shown_help = getattr(cli_errors, "NoArgsIsHelpError", ())  # bare `gradflow`: show the help
 
     _register()
     try:
@@ -51,7 +67,8 @@ def main() -> None:
     except GradflowError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except shown_help:
+    except shown_help as err:  # a bare command: its help, on stdout
+        typer.echo(err.format_message())
         sys.exit(0)
     except cli_errors.ClickException as err:
         typer.echo(f"error: {err.format_message()}", err=True)

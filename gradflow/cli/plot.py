@@ -1,4 +1,4 @@
-"""``gradflow plot STORE``: Fig. 4-style heatmaps and Fig. 3-style loss curves as image files."""
+"""``gradflow plot STORE``: heatmaps (any model; Fig. 4 style for sweeps) and loss curves as image files."""
 
 from __future__ import annotations
 
@@ -9,20 +9,30 @@ import typer
 
 from gradflow.cli import app
 
+STORE_HELP = "A gradflow store: one run or a sweep (path or fsspec URL)."
+LAYERS_HELP = "Layers to draw: comma-separated globs on the layer name, e.g. 'layer3.*,fc' (default: all; for FCNs the convs)."
+MODULE_TYPE_HELP = "Only layers of these module classes, comma-separated, e.g. Linear or Conv2d,Linear."
+
 
 @app.command("plot")
 def plot_command(
-    store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).")],
-    stat: Annotated[str, typer.Option(help="Variable to draw: update_mean_abs, grad_norm, update_ratio, ...")] = "update_mean_abs",
+    store: Annotated[str, typer.Argument(help=STORE_HELP, metavar="STORE")],
+    stat: Annotated[str, typer.Option(help="Per-layer variable to draw: update_mean_abs, grad_norm, update_ratio, ...")] = "update_mean_abs",
     per: Annotated[str, typer.Option(help="epoch (one row per epoch) or step (binned optimizer steps).")] = "epoch",
+    layers: Annotated[str, typer.Option(help=LAYERS_HELP)] = "auto",
+    module_type: Annotated[Optional[str], typer.Option(help=MODULE_TYPE_HELP)] = None,
     format: Annotated[str, typer.Option("--format", help="Comma-separated: png, svg, pdf.")] = "png",
     out: Annotated[Optional[str], typer.Option(help="Output folder (default reports/<store name>/).")] = None,
 ) -> None:
     """Draw the heatmaps (one panel per run, shared colour scale) and the loss curves; print the paths."""
-    from gradflow.report import figures, open_tree, parse_formats, save, store_name
+    from analyses.heatmaps import PER
+    from analyses.report import figures, open_tree, parse_formats, save, store_name
+    from gradflow.errors import GradflowError
 
     formats = parse_formats(format)
+    if per not in PER:
+        raise GradflowError(f"--per must be one of {', '.join(PER)}, got {per!r}")
     out_dir = Path(out) if out else Path("reports") / store_name(store)
-    for stem, fig in figures(open_tree(store), stat=stat, per=per).items():
+    for stem, fig in figures(open_tree(store), stat=stat, per=per, layers=layers, module_type=module_type).items():
         for path in save(fig, out_dir, stem, formats):
             typer.echo(str(path))

@@ -1,4 +1,5 @@
-"""``gradflow report STORE``: a Markdown report with the figures, Table 3 and a gradient-flow summary."""
+"""``gradflow report STORE``: a Markdown report (the paper's for sweeps, a generic one for any Recorder
+store) and, with ``--html``, one self-contained interactive HTML page."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from gradflow.cli import app
 
 @app.command("report")
 def report_command(
-    store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).")],
+    store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).",
+                                         metavar="STORE")],
     out: Annotated[Optional[str], typer.Option(help="Output folder (default reports/<store name>/).")] = None,
     format: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf.")] = "png",
+    html: Annotated[bool, typer.Option("--html", help="Also write OUT/report.html: interactive, self-contained "
+                                                      "(opens offline, no server).")] = False,
 ) -> None:
-    """Write OUT/report.md and its figures; print the report's path."""
-    from gradflow.report import parse_formats, write_report
+    """Write OUT/report.md and its figures (and OUT/report.html with --html); print the paths."""
+    from analyses.report import parse_formats, write_report
 
-    typer.echo(str(write_report(store, out, parse_formats(format))))
+    for path in write_report(store, out, parse_formats(format), html=html):
+        typer.echo(str(path))

@@ -128,7 +128,7 @@ def sweep_command(
     given = {name: value for name, value in locals().items() if name in FIELDS and value is not None}
     from rich.console import Console
 
-    from gradflow.sweep import EXECUTORS, PRESETS, expand_grid, preset_variants, run_sweep
+    from gradflow.sweep import EXECUTORS, PRESETS, expand_grid, preset_variants, run_sweep, validate
     from gradflow.train import ARCHS, OPTIMIZERS, WEIGHT_DECAY_MODES, TrainConfig
 
     seed_values = parse_ints(seeds, "--seeds", minimum=0)
@@ -166,6 +166,9 @@ def sweep_command(
                                seeds=seed_values,
                                learning_rates={o: DEFAULT_LR[o] if lr is None else lr for o in optimizer_values})
     command = shlex.join(["gradflow", *sys.argv[1:]])  # as typed (argv[0] is the script's path)
+    validate(variants)  # bad options fail here, before anything is printed or trained
+    if executor == "ray" and out.startswith("memory://"):
+        raise GradflowError("a memory:// store lives in one process; give --executor ray a path or URL")
     console = Console(stderr=False)
     console.print(f"{len(variants)} variant(s) into {out}")
     outcomes = run_sweep(variants, out, force=force, executor=executor, ray_address=ray_address,

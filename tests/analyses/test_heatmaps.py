@@ -3,7 +3,7 @@ import pytest
 import xarray as xr
 from matplotlib.colors import LogNorm
 
-from analyses.heatmaps import heatmap_data, heatmaps
+from analyses.heatmaps import NO_DATA, NO_UPDATE, NONFINITE, heatmap_data, heatmaps, layer_axis
 from gradflow.errors import GradflowError
 
 CONVS_IN_ORDER = ["down1.conv", "down1.block1.conv1", "across.block1.conv1", "skip1.conv", "up1.block1.conv1",
@@ -11,7 +11,7 @@ CONVS_IN_ORDER = ["down1.conv", "down1.block1.conv1", "across.block1.conv1", "sk
 
 
 def panels(fig):
-    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    return {ax.get_label(): ax for ax in fig.axes if ax.collections and not ax.get_label().startswith("<")}
 
 
 def plotted(ax):
@@ -25,7 +25,7 @@ def test_epoch_heatmaps_hold_the_epoch_group_values_in_depth_order(sweep):
     for name, ax in axes.items():
         expected = sweep[f"{name}/epochs"].to_dataset()["update_mean_abs"].sel(layer=CONVS_IN_ORDER).values
         np.testing.assert_array_equal(plotted(ax), expected)
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["encoder", "centre", "decoder"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == CONVS_IN_ORDER  # named when they fit
 
 
 def test_panels_share_one_log_colour_scale(sweep):
@@ -49,7 +49,10 @@ def test_zero_and_nan_updates_are_masked_not_fatal(sweep):
     mesh = panels(heatmaps(sweep))["simple-d1-bn0-long_sum-short0"].collections[0]
     assert mesh.norm.vmin > 0
     assert np.ma.getmaskarray(mesh.get_array())[1, CONVS_IN_ORDER.index("across.block1.conv1")]
-    assert (np.ma.getdata(mesh.get_array())[0] == 0).all()  # zeros stay in the data, drawn grey by the log norm
+    assert (np.ma.getdata(mesh.get_array())[0] == 0).all()  # zeros stay in the data ...
+    states = panels(heatmaps(sweep))["simple-d1-bn0-long_sum-short0"].collections[1].get_array()
+    assert (states[0] == NO_UPDATE).all()  # ... drawn as "no update", apart from "no data"
+    assert states[1, CONVS_IN_ORDER.index("across.block1.conv1")] == NONFINITE  # NaN weights: non-finite
 
 
 def test_step_bins_are_nan_aware_means_of_consecutive_steps(sweep):
@@ -86,9 +89,9 @@ def test_layers_all_and_non_fcn_models_keep_every_layer(run_factory):
 
 
 def test_unknown_stat_and_bad_per_are_user_errors(sweep):
-    with pytest.raises(GradflowError, match="no epoch-level variable 'nope'"):
+    with pytest.raises(GradflowError, match="no variable 'nope'"):
         heatmaps(sweep, stat="nope")
-    with pytest.raises(GradflowError, match="per must be"):
+    with pytest.raises(GradflowError, match="--per must be"):
         heatmaps(sweep, per="week")
 
 
@@ -114,3 +117,83 @@ def test_grid_places_each_panel_in_its_row_and_column(sweep_factory):
         np.testing.assert_array_equal(plotted(ax), expected)
     with pytest.raises(GradflowError, match="leaves out run\\(s\\) b-short1"):
         heatmaps(tree, grid=[["a-short0", "a-short1"]])
+
+
+def test_one_nan_step_marks_its_bin_nonfinite_instead_of_vanishing(run_factory):
+    step, _ = run_factory(0, epochs=10, steps_per_epoch=10, shuffle=False)
+    grad = step["grad_norm"].values.copy()
+    count = step["nonfinite"].values.copy()
+    grad[37, 2], count[37, 2] = np.nan, 5  # one blown-up step of layer 2
+    grad[:, 5], count[:, 5] = np.nan, np.nan  # layer 5 never had a gradient: no data
+    step = step.assign(grad_norm=(("step", "layer"), grad), nonfinite=(("step", "layer"), count))
+    da = heatmap_data(step, stat="grad_norm", per="step", bins=10, layers="all")["run"]
+    assert np.isfinite(da.values[3, 2])  # the mean ignores the NaN step ...
+    from analyses.heatmaps import cell_states
+    states = cell_states(da)
+    assert states[3, 2] == NONFINITE and (np.delete(states[:, 2], 3) == 0).all()  # ... the mark does not
+    assert (states[:, 5] == NO_DATA).all()
+    per_epoch = cell_states(heatmap_data(step, stat="grad_norm", per="epoch", layers="all")["run"])
+    assert per_epoch[3, 2] == NONFINITE  # step 37 is in epoch 3
+    fig = heatmaps(step, stat="grad_norm", per="step", bins=10, layers="all")
+    np.testing.assert_array_equal(panels(fig)["run"].collections[1].get_array()[3, 2], NONFINITE)
+
+
+def test_layer_filters_by_pattern_and_module_type(run_factory):
+    layers = [("conv1", "Conv2d"), ("bn1", "BatchNorm2d"), ("layer1.0.conv1", "Conv2d"),
+              ("layer1.0.bn1", "BatchNorm2d"), ("layer2.0.conv1", "Conv2d"), ("fc", "Linear")]
+    step, epoch = run_factory(0, layers=layers)
+    picked = heatmap_data(epoch, layers="layer1.*,fc")["run"]
+    assert list(picked["layer"].values) == ["layer1.0.conv1", "layer1.0.bn1", "fc"]
+    convs = heatmap_data(step, stat="grad_norm", per="step", module_type="Conv2d")["run"]
+    assert list(convs["layer"].values) == ["conv1", "layer1.0.conv1", "layer2.0.conv1"]
+    np.testing.assert_allclose(convs.values, step["grad_norm"].sel(layer=list(convs["layer"].values)).values)
+    both = heatmap_data(epoch, layers="layer*", module_type="BatchNorm2d")["run"]
+    assert list(both["layer"].values) == ["layer1.0.bn1"]
+    with pytest.raises(GradflowError, match="matches none of the 6 layers"):
+        heatmap_data(epoch, layers="blocks.*")
+    with pytest.raises(GradflowError, match="type\\(s\\) BatchNorm2d, Conv2d, Linear"):
+        heatmap_data(epoch, module_type="LayerNorm")
+
+
+def test_layer_axis_names_layers_that_fit_and_groups_the_rest():
+    few = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "fc"]
+    axis = layer_axis(few)
+    assert axis.labels == few and axis.ticks == [0, 1, 2, 3]
+    resnet = ["conv1"] + [f"layer{i}.{b}.conv{c}" for i in range(1, 5) for b in range(2) for c in range(1, 3)] * 3 + ["fc"]
+    axis = layer_axis(resnet, max_named=10)
+    assert axis.labels[:3] == ["conv1", "layer1", "layer2"] and axis.labels[-1] == "fc"
+    assert len(axis.separators) == len(axis.labels) - 1
+    gpt = [f"transformer.h.{i}.{m}" for i in range(12) for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2")]
+    assert layer_axis(gpt).labels == [f"transformer.h.{i}" for i in range(12)]
+    mlp = [f"layers.{i}" for i in range(200)]
+    axis = layer_axis(mlp)
+    assert 10 <= len(axis.labels) <= 14 and all(mlp[t] == label for t, label in zip(axis.ticks, axis.labels))
+
+
+def test_layout_draws_row_and_column_headers_and_a_key(sweep_factory):
+    from analyses.panel_grid import PanelLayout
+    tree = sweep_factory(names=["a-short0", "a-short1"])
+    layout = PanelLayout([["a-short0", "a-short1"]], ["depth 3"], ["short skips off", "short skips on"],
+                         "rows: depth; columns: short skips")
+    fig = heatmaps(tree, grid=layout)
+    axes = panels(fig)
+    assert [axes[n].get_title() for n in ("a-short0", "a-short1")] == ["short skips off", "short skips on"]
+    assert [t.get_text() for t in axes["a-short0"].texts] == ["depth 3"]
+    assert fig.get_suptitle() == "rows: depth; columns: short skips"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["no data", "no update (0)", "non-finite (NaN/Inf)"]
+
+
+def test_stats_without_a_layer_dimension_get_an_error_listing_only_valid_ones(sweep):
+    for stat in ("train_loss", "val_loss", "num_steps"):
+        with pytest.raises(GradflowError, match="has no layer dimension") as info:
+            heatmaps(sweep, stat=stat)
+        assert "train_loss" not in info.value.args[0].split("draw one of:")[1]
+    with pytest.raises(GradflowError, match="has no layer dimension.*the loss curves") as info:
+        heatmaps(sweep, stat="train_loss", per="step")
+    assert "loss" not in info.value.args[0].split("draw one of:")[1]
+    with pytest.raises(GradflowError, match="recorded per epoch only; use --per epoch"):
+        tree = sweep.copy()
+        for name in ("simple-d1-bn0-long_sum-short0", "simple-d1-bn0-long_sum-short1"):
+            tree[name] = xr.DataTree(tree[name].to_dataset().drop_vars("update_mean_abs"),
+                                     children={"epochs": tree[f"{name}/epochs"]})
+        heatmaps(tree, stat="update_mean_abs", per="step")

@@ -10,7 +10,7 @@ import zarr
 import gradflow
 from analyses.heatmaps import heatmap_data
 from gradflow import summary
-from gradflow.report import open_tree
+from analyses.report import open_tree
 from gradflow.store import STEP_VARIABLES, LayerTable, Rows, RunStore
 
 

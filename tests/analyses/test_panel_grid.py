@@ -1,6 +1,6 @@
 import xarray as xr
 
-from analyses.panel_grid import panel_grid
+from analyses.panel_grid import panel_grid, panel_layout
 
 
 def configured_sweep(sweep_factory, configs: dict[str, dict]) -> xr.DataTree:
@@ -41,3 +41,17 @@ def test_nothing_to_arrange(sweep, sweep_factory, run_factory):
     assert panel_grid(configured_sweep(sweep_factory, same_short)) is None
     _, epoch = run_factory(0)
     assert panel_grid(epoch) is None  # one run
+
+
+def test_layout_headers_name_what_varies(sweep_factory):
+    configs = {}
+    for depth in (3, 7):
+        for short in (False, True):
+            for optimizer in ("rmsprop", "sgd"):
+                name = f"simple-d{depth}-bn0-long_sum-short{int(short)}" + ("-sgd" if optimizer == "sgd" else "")
+                configs[name] = {"depth": depth, "short_skip": short, "optimizer": optimizer, "batch_norm": False}
+    layout = panel_layout(configured_sweep(sweep_factory, configs))
+    assert layout.column_labels == ["short skips off", "short skips on"]
+    assert layout.row_labels == ["depth 3, rmsprop", "depth 3, sgd", "depth 7, rmsprop", "depth 7, sgd"]
+    assert layout.key.startswith("rows: depth × optimizer; columns: short skips")
+    assert "batch norm off" in layout.key and "lr 0.001" in layout.key

@@ -26,8 +26,11 @@ def test_run_without_validation_loss_gets_missing_values(run_factory):
     assert table.loc["run", "best_epoch"] is not None and np.isnan(table.loc["run", "best_val_loss"])
 
 
-def test_optimizer_and_lr_come_from_the_recorded_optimizer_attrs(run_factory):
-    step, epoch = run_factory(0)
+def test_optimizer_from_the_attrs_and_lr_at_best_from_the_recorded_schedule(run_factory):
+    step, epoch = run_factory(0)  # 3 epochs of 4 steps; best val loss at epoch 1 below
+    epoch = epoch.assign(val_loss=("epoch", [0.5, 0.2, 0.4]))
+    schedule = 0.004 * 0.5 ** np.arange(12)  # OneCycle-like: the creation rate is not the rate used
+    step = step.assign(lr=(("step", "param_group"), schedule[:, None])).assign_coords(param_group=["group0"])
     recorded = {"sgd": [{"class": "SGD", "param_groups": [{"lr": 0.01, "momentum": 0.9}]}],
                 "rms": [{"class": "RMSprop", "param_groups": [{"lr": 1e-4}]}], "bare": None}
     nodes = {}
@@ -35,6 +38,9 @@ def test_optimizer_and_lr_come_from_the_recorded_optimizer_attrs(run_factory):
         nodes[f"/{name}"] = step.assign_attrs(optimizers=optimizers) if optimizers else step
         nodes[f"/{name}/epochs"] = epoch
     table = best_val_table(xr.DataTree.from_dict(nodes))
-    assert table.loc["sgd", "optimizer"] == "SGD" and table.loc["sgd", "lr"] == 0.01
-    assert table.loc["rms", "optimizer"] == "RMSprop" and table.loc["rms", "lr"] == 1e-4
-    assert table.loc["bare", "optimizer"] == "" and np.isnan(table.loc["bare", "lr"])
+    assert table.loc["sgd", "optimizer"] == "SGD" and table.loc["rms", "optimizer"] == "RMSprop"
+    assert table.loc["bare", "optimizer"] == ""
+    assert (table["lr_at_best"] == schedule[7]).all()  # last step (7) of epoch 1
+    assert "lr" not in table.columns
+    no_lr = best_val_table(xr.DataTree.from_dict({"/r": step.drop_vars("lr"), "/r/epochs": epoch}))
+    assert np.isnan(no_lr.loc["r", "lr_at_best"])

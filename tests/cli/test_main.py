@@ -15,7 +15,7 @@ def gradflow(*args: str) -> subprocess.CompletedProcess:
     (["train", "--depth", "abc"], "'--depth'"),            # wrong type: typer would draw a box
     (["bench", "--steps", "0"], "'--steps'"),              # out of range
     (["--bogus"], "--bogus"),                              # unknown option
-    (["plot"], "'store'"),                                 # missing argument
+    (["plot"], "'STORE'"),                                 # missing argument
     (["plot", "/nonexistent/store.zarr"], "no gradflow store"),  # GradflowError
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, words):
@@ -30,3 +30,13 @@ def test_bare_command_shows_help():
     result = gradflow()
     assert result.returncode == 0
     assert "sweep" in result.stdout and "plot" in result.stdout and not result.stderr
+
+
+def test_help_shows_no_type_on_flags_and_plain_argument_names():
+    for command in ("plot", "report", "sweep", "train", "watch"):
+        result = gradflow(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "<bool>" not in result.stdout and "{" not in result.stdout.splitlines()[0]
+    usage = gradflow("plot", "--help").stdout.splitlines()[0]
+    assert usage.endswith("plot [OPTIONS] STORE")
+    assert "--bn / --no-bn" in gradflow("sweep", "--help").stdout

@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from gradflow.report import figures, open_tree
+from analyses.report import figures, open_tree
 from gradflow.train import TrainConfig, train
 
 
@@ -18,7 +18,7 @@ def stored(store, group, name):
 
 
 def panels(fig):
-    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    return {ax.get_label(): ax for ax in fig.axes if ax.collections and not ax.get_label().startswith("<")}
 
 
 def test_plot_writes_the_figures_and_prints_their_paths(tiny_sweep, tmp_path, cli, variants):
@@ -89,11 +89,36 @@ def test_store_from_a_newer_schema_is_refused(tiny_sweep, tmp_path, run_main, va
     assert code == 2 and "newer gradflow" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, message", [(["--format", "gif"], "--format"), (["--per", "hour"], "per must be"),
-                                           (["--stat", "nope"], "'nope'")])
+@pytest.mark.parametrize("args, message", [
+    (["--format", "gif"], "--format"), (["--per", "hour"], "--per must be"), (["--per", "steps"], "--per must be"),
+    (["--stat", "nope"], "'nope'"),
+    (["--stat", "train_loss"], "'train_loss' has no layer dimension"),
+    (["--stat", "val_loss", "--per", "step"], "'val_loss' has no layer dimension"),
+    (["--stat", "lr"], "'lr' has no layer dimension"),
+    (["--stat", "skipped"], "'skipped' has no layer dimension"),
+    (["--layers", "nothing.*"], "matches none of the"),
+    (["--module-type", "Linear"], "--module-type 'Linear' matches no layer"),
+])
 def test_bad_plot_options(args, message, tiny_sweep, tmp_path, run_main):
-    code, _, err = run_main("plot", tiny_sweep, "--out", tmp_path, *args)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_main("plot", tiny_sweep, "--out", tmp_path / "figs", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in out + err and not (tmp_path / "figs").exists()
+    if "--stat" in args:  # the list of valid names never offers a name that has no heatmap
+        offered = err.split("draw one of:")[1]
+        assert not any(bad in offered for bad in ("train_loss", "val_loss", "lr,", "skipped"))
+
+
+def test_layer_filters_pick_panels_columns(tiny_sweep, tmp_path, cli, variants):
+    fig = figures(open_tree(tiny_sweep), layers="down*", module_type="Conv2d")["heatmap-update_mean_abs-epoch"]
+    heat = {ax.get_label(): ax for ax in fig.axes if ax.get_label() in variants}
+    for name in variants:
+        names = [t.get_text() for t in heat[name].get_xticklabels()]
+        assert names and all(n.startswith("down") for n in names)
+        ds = xr.open_zarr(str(tiny_sweep), group=f"{name}/epochs", consolidated=False)
+        expected = ds["update_mean_abs"].sel(layer=names).values
+        np.testing.assert_array_equal(np.ma.getdata(heat[name].collections[0].get_array()), expected)
+    result = cli("plot", tiny_sweep, "--layers", "down*", "--module-type", "Conv2d", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
 
 
 def test_out_that_is_a_file_is_one_line_exit_2_and_kept(tiny_sweep, tmp_path, run_main):

@@ -37,3 +37,75 @@ def test_out_that_is_a_file_is_one_line_exit_2_and_kept(tiny_sweep, tmp_path, ru
     assert code == 2 and err.startswith("error: ") and "not a folder" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
     assert taken.read_text() == "mine"
+
+
+def _recorder_store(path, nan_step: int = 3):
+    """A plain Recorder run (not a sweep): an MLP with a scheduler, one step with a NaN gradient."""
+    import torch
+    from torch import nn
+
+    import gradflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    rec = gradflow.Recorder(model, optimizer, path)
+    g = torch.Generator().manual_seed(1)
+    for step in range(8):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(8, 4, generator=g)), torch.randn(8, 1, generator=g)).backward()
+        kept = model[2].weight.detach().clone()
+        if step == nan_step:
+            model[2].weight.grad[0, 1] = float("nan")
+            model[2].weight.grad[0, 2] = float("inf")
+        optimizer.step()
+        if step == nan_step:  # undo the poisoned update, so later steps are clean again
+            with torch.no_grad():
+                model[2].weight.copy_(kept)
+        scheduler.step()
+        if step % 4 == 3:
+            rec.end_epoch(train_loss=1.0 / (step + 1))
+    rec.close()
+
+
+def test_generic_report_for_a_recorder_store(tmp_path, cli):
+    store = tmp_path / "mlp.zarr"
+    _recorder_store(store)
+    result = cli("report", store, "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Fig. 4" not in text and "Table 3" not in text and "Fig. 3" not in text  # paper headings: sweeps only
+    assert "3 layers (2 Linear, 1 LayerNorm)" in text
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / "rep" / image).is_file()
+    for stem in ("heatmap-update_ratio-step", "heatmap-grad_norm-step", "update_ratio", "gradient_bars", "lr"):
+        assert f"({stem}.png)" in text
+    ds = xr.open_zarr(str(store), consolidated=False)
+    events = np.argwhere(np.nan_to_num(ds["nonfinite"].values) > 0)
+    assert len(events) == 1
+    step, layer = int(ds["step"].values[events[0][0]]), str(ds["layer"].values[events[0][1]])
+    assert "1 (step, layer) cell(s) had NaN/Inf gradient values" in text
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    assert [str(step), "0", layer, "Linear", "2"] in rows  # step, epoch, layer, type, NaN/Inf values
+    ratios = ds["update_ratio"].values.astype(float)
+    typical = {str(n): np.exp(np.mean(np.log(r[np.isfinite(r) & (r > 0)]))) for n, r in zip(ds["layer"].values, ratios.T)}
+    largest = max(typical, key=typical.get)
+    assert [largest, "Linear", f"{typical[largest]:.3g}", "7", "largest"] in rows  # 7 finite steps of 8
+
+
+def test_sweep_report_names_the_loss_and_drops_updatable_depth(tiny_sweep, tmp_path, cli):
+    result = cli("report", tiny_sweep, "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "updatable_depth" not in text
+    assert "Loss: BCE (≥ 0, lower is better)." in text and "lr_at_best" in text
+
+
+def test_report_html_is_written_next_to_the_markdown(tiny_sweep, tmp_path, cli):
+    result = cli("report", tiny_sweep, "--out", tmp_path / "rep", "--html")
+    assert result.exit_code == 0, result.output
+    paths = result.output.split()
+    assert paths == [str(tmp_path / "rep" / "report.md"), str(tmp_path / "rep" / "report.html")]
+    text = (tmp_path / "rep" / "report.html").read_text()
+    assert text.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in text and "<script src" not in text

@@ -121,6 +121,7 @@ def test_bad_options_are_one_line_and_exit_2(args, message, tmp_path, run_main, 
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
     assert "Traceback" not in out + err
     assert not (tmp_path / "s.zarr").exists()
+    assert "variant(s)" not in out  # nothing is announced before the error
 
 
 def test_default_grid_trains_both_optimizers_each_with_its_own_lr(tmp_path, cli, tiny):

@@ -1,0 +1,91 @@
+"""The ``lr`` step variable: each param group's learning rate at each recorded step, as the scheduler
+set it (checked against the rates the test reads off the optimizer itself right before each step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+import gradflow
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _train(model, optimizer, scheduler, steps: int, rec=None) -> list[list[float]]:
+    """Plain loop; returns each step's group rates, read by hand just before ``optimizer.step()``."""
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_lr_per_step_and_param_group_follows_the_schedule(tmp_path):
+    model = _model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()},
+                                 {"params": model[2].parameters(), "lr": 0.05}], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[0.4, 0.2], total_steps=12)
+    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr")
+    seen = _train(model, optimizer, scheduler, 12)
+    rec.close()
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds["lr"].dims == ("step", "param_group")
+    assert ds["param_group"].values.tolist() == ["group0", "group1"]
+    np.testing.assert_array_equal(ds["lr"].values, np.array(seen))
+    assert len(set(ds["lr"].values[:, 0].tolist())) > 6  # the schedule really moves
+    assert ds.attrs["optimizers"][0]["param_groups"][0]["lr"] != ds["lr"].values[-1, 0]
+
+
+def test_lr_with_every_k_and_two_optimizers(tmp_path):
+    model = _model()
+    opt_a = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    opt_b = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, step_size=2, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.ExponentialLR(opt_b, gamma=0.9)
+    rec = gradflow.Recorder(model, [opt_a, opt_b], tmp_path / "run.zarr", every=3)
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    for _ in range(9):
+        x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        seen.append([opt_a.param_groups[0]["lr"], opt_b.param_groups[0]["lr"]])
+        opt_a.step()
+        sched_a.step()  # opt_a's schedule moves before opt_b steps: opt_b's row must not see it
+        opt_b.step()
+        sched_b.step()
+    rec.close()
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds["step"].values.tolist() == [0, 3, 6]
+    assert ds["param_group"].values.tolist() == ["opt0/group0", "opt1/group0"]
+    np.testing.assert_array_equal(ds["lr"].values, np.array(seen)[[0, 3, 6]])
+
+
+def test_resuming_a_store_without_lr_adds_it_with_nan_history(tmp_path):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr")
+    _train(model, optimizer, scheduler, 3)
+    rec.close()
+    root = zarr.open_group(tmp_path / "run.zarr", mode="a")  # as written before lr was recorded
+    del root["lr"], root["param_group"]
+    zarr.consolidate_metadata(root.store)
+    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", mode="a")
+    seen = _train(model, optimizer, scheduler, 2)
+    rec.close()
+    lr = gradflow.open(tmp_path / "run.zarr")["lr"].values
+    assert lr.shape == (5, 1)
+    assert np.isnan(lr[:3]).all()
+    np.testing.assert_array_equal(lr[3:], np.array(seen))
