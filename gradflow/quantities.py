@@ -77,6 +77,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def l2_norm(rows: torch.Tensor) -> torch.Tensor:
+    """Row-wise ‖·‖₂ of a ``(k, n)`` matrix, without overflow.
+
+    In float32 the squares overflow for entries above ~1.8e19 (an exploding gradient: exactly where
+    the number matters) and torch's kernels do not rescale, so ‖(1e20, 1e20)‖ would read as inf. On a
+    CPU, where looking costs no sync, a row whose float32 norm came out infinite is recomputed with
+    float64 accumulation; on other devices the norm is always accumulated in float64.
+    """
+    if rows.dtype == torch.float64:
+        return torch.linalg.vector_norm(rows, dim=1)
+    if rows.device.type != "cpu":
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).to(rows.dtype)
+    norm = torch.linalg.vector_norm(rows, dim=1)
+    if bool(torch.isinf(norm).any()):
+        norm = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).to(rows.dtype)
+    return norm
+
+
 def gradient_figures(grads: torch.Tensor) -> list[torch.Tensor]:
     """Row-wise ‖g‖ and max|g| of a ``(k, n)`` gradient matrix, which is overwritten by |g|.
 
@@ -84,7 +102,7 @@ def gradient_figures(grads: torch.Tensor) -> list[torch.Tensor]:
     ``abs_`` + ``amax`` is several times faster than ``vector_norm(ord=inf)``.)
     """
     magnitude = grads.abs_()
-    return [torch.linalg.vector_norm(magnitude, dim=1), magnitude.amax(1)]
+    return [l2_norm(magnitude), magnitude.amax(1)]
 
 
 def nonfinite_counts(grads: torch.Tensor) -> torch.Tensor:
@@ -98,14 +116,14 @@ def nonfinite_counts(grads: torch.Tensor) -> torch.Tensor:
 
 
 def norms(weights: torch.Tensor) -> torch.Tensor:
-    """Row-wise ‖w‖ of a ``(k, n)`` matrix."""
-    return torch.linalg.vector_norm(weights, dim=1)
+    """Row-wise ‖w‖ of a ``(k, n)`` matrix (:func:`l2_norm`)."""
+    return l2_norm(weights)
 
 
 def update_figures(diff: torch.Tensor) -> list[torch.Tensor]:
     """Row-wise ‖d‖, Σ|d| and max|d| of a ``(k, n)`` update matrix, which is overwritten by |d|."""
     magnitude = diff.abs_()
-    return [torch.linalg.vector_norm(magnitude, dim=1), magnitude.sum(1), magnitude.amax(1)]
+    return [l2_norm(magnitude), magnitude.sum(1), magnitude.amax(1)]
 
 
 class Split:
@@ -516,7 +534,8 @@ class ForeachBucket:
         return p.device == self.device and p.dtype == self.dtype
 
     def _norms(self, tensors: list[torch.Tensor], ord: float = 2) -> list[torch.Tensor]:
-        return list(torch._foreach_norm(tensors, ord, dtype=compute_dtype(self.dtype)))
+        """Per-tensor norms accumulated in float64: float32 squares overflow above ~1.8e19."""
+        return list(torch._foreach_norm(tensors, ord, dtype=torch.float64))
 
     def before_step(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
         """:meth:`gradient_parts` and :meth:`snapshot` together (a step without a closure)."""

@@ -238,9 +238,12 @@ def _check_optimizers(optimizers: list) -> list[torch.optim.Optimizer]:
     return real
 
 
-def _check_arguments(model, every, group, metadata, mode, scaler) -> None:
+def _check_arguments(model, every, group, metadata, mode, scaler, flags: dict) -> None:
     if not isinstance(model, nn.Module):
         raise GradflowError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise GradflowError(f"{name} must be True or False, got {value!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise GradflowError(f"every must be a positive integer, got {every!r}")
     if group is not None and (not isinstance(group, str) or not group.strip("/")
@@ -459,7 +462,8 @@ class Recorder:
                  per_parameter: bool = False, metadata: dict | None = None, mode: str = "w-",
                  scaler: torch.amp.GradScaler | None = None, snapshot: bool = True) -> None:
         given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-        _check_arguments(model, every, group, metadata, mode, scaler)
+        _check_arguments(model, every, group, metadata, mode, scaler,
+                         {"per_parameter": per_parameter, "snapshot": snapshot})
         optimizers = _check_optimizers(given)
         url = store_url(store)
         wrapped, model = model, unwrap(model)
@@ -507,8 +511,12 @@ class Recorder:
         self._store = self._writer = None
         try:
             if self._writes:
-                self._store = RunStore(url, group.strip("/") if group else None, table, attrs,
-                                       every, bool(per_parameter), mode=mode)
+                try:
+                    self._store = RunStore(url, group.strip("/") if group else None, table, attrs,
+                                           every, bool(per_parameter), mode=mode)
+                except OSError as err:  # a folder that cannot be made, no permission, disk full
+                    raise GradflowError(f"cannot create the store {url}: "
+                                        f"{err.strerror or err}") from None
                 self._writer = BackgroundWriter(f"gradflow-writer:{url}")
         finally:  # under sharding, all ranks fail together (no rank left waiting in a collective)
             if sharding is not None:

@@ -85,3 +85,28 @@ def test_snapshot_false_records_gradient_figures_and_nan_updates(tmp_path):
                 assert np.isnan(float(ds[var].sel(layer=layer)[k])), var
     epochs = gradflow.open(tmp_path / "run.zarr", group="epochs")
     assert np.isnan(epochs.update_norm.values).all()
+
+
+@pytest.mark.parametrize("strategy", ["stack", "foreach"])
+def test_huge_float32_values_do_not_overflow_the_norms(tmp_path, monkeypatch, strategy):
+    """Entries above ~1.8e19 overflow float32 squares; the norms (2e20, 2e21 here) fit in float32 and
+    must be recorded exactly, not as inf, with nonfinite 0 (an exploding gradient, where it matters)."""
+    monkeypatch.setattr(quantities, "STRATEGY", strategy)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False))
+    with torch.no_grad():
+        model[1].weight.fill_(1e21)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e20)
+        before = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+        g = {n: p.grad.double().numpy().copy() for n, p in model.named_parameters()}
+        optimizer.step()
+        after = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+    ds = gradflow.open(tmp_path / "run.zarr")
+    for layer, name in (("0", "0.weight"), ("1", "1.weight")):
+        expected = layer_reference(g, before, after, [name])
+        for var in ("grad_norm", "grad_max_abs", "param_norm", "update_norm", "nonfinite"):
+            got = float(ds[var].sel(layer=layer)[0])
+            assert np.isfinite(got), (var, layer, got)
+            np.testing.assert_allclose(got, expected[var], rtol=2e-6, err_msg=f"{var} {layer}")
