@@ -410,6 +410,11 @@ class RunStore:
     def _write(self, pending: Rows) -> None:
         for name, values in pending.steps.items():
             _put(self._arrays[name], self.n_steps, values)
+        for name, array in self._arrays.items():  # a step variable the rows lack: its fill value
+            if pending.num_steps and name not in pending.steps \
+                    and array.metadata.dimension_names[0] == "step":
+                _put(array, self.n_steps, np.full((pending.num_steps, *array.shape[1:]),
+                                                  array.metadata.fill_value, dtype=array.dtype))
         if pending.num_epochs:
             for name in pending.epochs:
                 if name not in self._epoch_arrays:  # a new scalar: NaN for the epochs before
