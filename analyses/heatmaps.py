@@ -32,19 +32,10 @@ from matplotlib.ticker import MaxNLocator
 from analyses.panel_grid import PanelLayout
 from analyses.runs import layer_groups, runs, segment_mean, select_layers, step_blocks
 from gradflow.errors import GradflowError
+from gradflow.schema import LABELS
 from gradflow.summary import read_steps
 
 PER = ("epoch", "step")
-LABELS = {
-    "update_mean_abs": "mean |ΔW|",
-    "update_norm": "‖ΔW‖₂",
-    "update_max_abs": "max |ΔW|",
-    "update_ratio": "‖ΔW‖ / ‖W‖",
-    "grad_norm": "‖∇W‖₂",
-    "grad_max_abs": "max |∇W|",
-    "param_norm": "‖W‖₂",
-    "nonfinite": "non-finite gradient values",
-}
 # Cell states drawn over the colour scale (value → colour, legend text).
 NO_DATA, NO_UPDATE, NONFINITE = 1, 2, 3
 STATE_COLOURS = {NO_DATA: "#d4d4d4", NO_UPDATE: "#ffffff", NONFINITE: "#e31a1c"}

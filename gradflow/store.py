@@ -54,12 +54,13 @@ from zarr.codecs import BloscCodec
 from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
+from gradflow import schema
 from gradflow.errors import GradflowError
 from gradflow.summary import SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
                            store_lock)
 
-SCHEMA = 1
+SCHEMA = schema.VERSION
 CHUNK_STEPS = 1024  # rows per chunk of the step coordinates; the Recorder flushes this many rows
 CHUNK_BYTES = 2**22  # a step variable's chunk holds at most this many bytes (â‰¥ 16 rows)
 # zstd level 1 behind a byte shuffle (float32 exponent bytes side by side): 13% smaller than zarr's
@@ -67,38 +68,15 @@ CHUNK_BYTES = 2**22  # a step variable's chunk holds at most this many bytes (â‰
 # writer time (reports/bench_store_longrun.md).
 CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4)
 CHUNK_EPOCHS = 256
-STEP_VARIABLES = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
-                  "param_norm", "update_ratio", "nonfinite")
-EPOCH_VARIABLES = ("update_mean_abs", "update_norm")
-LAYER_COORDS = ("layer", "depth", "module_type", "num_params")
-STEP_COORDS = {"step": "int64", "epoch": "int64", "wall_time": "float64", "skipped": "bool"}
-RESERVED_EPOCH_NAMES = set(EPOCH_VARIABLES) | set(LAYER_COORDS) | {"epoch", "num_steps"}
+STEP_VARIABLES = schema.names(schema.STEP_VARIABLES)
+EPOCH_VARIABLES = schema.names(schema.EPOCH_VARIABLES)
+LAYER_COORDS = schema.names(schema.LAYER_COORDS)
+STEP_COORDS = {v.name: v.dtype for v in schema.STEP_COORDS}
+RESERVED_EPOCH_NAMES = set(EPOCH_VARIABLES) | set(LAYER_COORDS) | set(schema.names(schema.EPOCH_COORDS))
 
-DESCRIPTIONS = {
-    "grad_norm": "L2 norm of the gradient the optimizer used at this step",
-    "grad_max_abs": "largest |gradient| entry",
-    "update_norm": "L2 norm of the real update w_after - w_before",
-    "update_mean_abs": "mean |w_after - w_before| over the layer's parameters",
-    "update_max_abs": "largest |w_after - w_before| entry",
-    "param_norm": "L2 norm of the parameters after the step",
-    "update_ratio": "update_norm / L2 norm of the parameters before the step",
-    "nonfinite": "number of NaN or Inf entries in the gradient",
-    "step": "optimizer step index (skipped steps included)",
-    "epoch": "epoch index (number of end_epoch calls before this step)",
-    "wall_time": "Unix time in seconds when the step finished",
-    "skipped": "True when the optimizer skipped this step (e.g. GradScaler found Inf/NaN)",
-    "layer": "qualified module name (or parameter name with per_parameter=True)",
-    "depth": "layer index in module registration order",
-    "module_type": "class name of the module owning the parameters",
-    "num_params": "number of recorded parameters",
-    "num_steps": "optimizer steps in the epoch",
-    "lr": "learning rate of each param group when the optimizer stepped (NaN: no lr / group added later)",
-    "param_group": "param group: group<j> of the one optimizer, or opt<i>/group<j>",
-}
-EPOCH_DESCRIPTIONS = {
-    "update_mean_abs": "mean |W_end - W_start| over the epoch (Drozdzal et al. 2016, Fig. 4)",
-    "update_norm": "L2 norm of W_end - W_start over the epoch",
-}
+DESCRIPTIONS = {v.name: v.meaning for v in schema.STEP_VARIABLES + schema.STEP_COORDS + schema.LAYER_COORDS
+                + schema.EPOCH_COORDS + schema.OPTIMIZER_VARIABLES}
+EPOCH_DESCRIPTIONS = {v.name: v.meaning for v in schema.EPOCH_VARIABLES}
 
 
 @dataclass

@@ -17,10 +17,9 @@ from reference import layer_reference
 from torch import nn
 
 import gradflow
-from gradflow import GradflowError
+from gradflow import GradflowError, schema
 
-STEP_VARIABLES = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
-                  "param_norm", "update_ratio", "nonfinite")
+STEP_VARIABLES = schema.names(schema.STEP_VARIABLES)
 
 
 class Net(nn.Module):
@@ -134,7 +133,7 @@ def test_every_variable_matches_reference(tmp_path, make_optimizer):
     for (t0, t1), t in zip(times, ds.wall_time.values):
         assert t0 <= t <= t1 + 1e-3
     assert all(ds[v].dtype == np.float32 for v in STEP_VARIABLES)
-    assert ds.attrs["gradflow_schema"] == 1 and ds.attrs["every"] == 1
+    assert ds.attrs["gradflow_schema"] == schema.VERSION and ds.attrs["every"] == 1
     assert ds.attrs["metadata"] == {"note": "test"}
     assert ds.attrs["torch_version"] == torch.__version__
     assert ds.attrs["model_class"].endswith("Net")
