@@ -1,5 +1,19 @@
 """gradflow: see where learning happens in a PyTorch network.
 
+Architecture: data flows one way, library → analyses → CLI (``tests/test_architecture.py`` checks it)::
+
+    model, optimizer ──hooks──▶ Recorder (recorder.py) ──per-tensor figures──▶ quantities.py
+    quantities.py ──per-layer rows──▶ store.py: Zarr, every variable declared in schema.py
+    store ──gradflow.open──▶ xarray ──▶ analyses/: figures, tables, the report (functions of xarray)
+    train.py, sweep.py: the paper's experiments (options: TrainConfig) drive the Recorder; bench/ measures it
+    gradflow/cli/: the commands; the only place that wires analyses in and draws progress
+
+The library (``gradflow/`` but ``gradflow/cli/``) never imports analyses, the CLI, rich or typer; its
+long-running functions take plain progress callbacks. ``analyses/`` imports only public library
+modules. Where a change goes: a recorded figure → schema.py plus its computation in quantities.py;
+a figure or table → one file in analyses/; a command → one file in gradflow/cli/; a benchmark →
+one module in gradflow/bench/.
+
 Public API (kept deliberately tiny)::
 
     rec = gradflow.Recorder(model, optimizer, "run.zarr", every=1)
