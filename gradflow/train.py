@@ -3,7 +3,7 @@
 The loop is deliberately the plain PyTorch loop (shuffle, augment, forward, loss, backward, step)
 plus bookkeeping that stays on the device: losses and correct-pixel counts are accumulated as
 tensors and read back once per epoch, so the loop does not stall the GPU with per-step host syncs
-and keeps within a few percent of a hand-written loop (``analyses/bench_train.py`` measures this).
+and keeps within a few percent of a hand-written loop (``gradflow bench train`` measures this).
 
 Defaults follow Drozdzal et al. 2016: RMSprop, lr 1e-3, weight decay 1e-3, flips / rotations /
 shear / elastic warping on the fly. ``optimizer="sgd"`` trains with SGD instead (momentum 0.9, no

@@ -1,1 +1,74 @@
-"""Benchmarks of the library (one small module each); each writes a report only when given ``--out``."""
+"""Benchmarks of the library: one small module each, run as ``gradflow bench NAME [OPTIONS]``.
+
+Each module has ``main(argv=None, progress=None)``: argparse options (``gradflow bench NAME --help``),
+a summary on stdout, and a Markdown report with the conditions it was measured under only when
+given ``--out`` (an existing report is kept unless ``--force``). ``progress`` is the library's plain
+callback (:data:`gradflow.progress.Progress`); the CLI draws it as a bar with ETA. Most modules also
+run as ``python -m gradflow.bench.NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from gradflow.errors import GradflowError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are GradflowErrors (one line, exit code 2), not a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise GradflowError(f"{self.prog}: {message}")
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of benchmark ``name``, described by the first line of its module docstring."""
+    return _Parser(prog=f"gradflow bench {name}", description=(doc or "").strip().splitlines()[0])
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """``--out`` (no report without it), ``--force`` (replace an existing one) and ``--note``."""
+    parser.add_argument("--out", default=None, help="Markdown report to write (default: none, only the summary).")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--note", default="", help="free text about the machine's conditions, put in the report")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_out(out: str | None, force: bool) -> Path | None:
+    """The report path, refused before any work when it exists (without ``force``) or is not a file."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise GradflowError(f"--out {out} is a folder; give a file name")
+    if path.exists() and not force:
+        raise GradflowError(f"--out {out} exists; pass --force to replace it or choose another file")
+    return path
+
+
+def write_report(path: Path | None, text: str) -> None:
+    """Write ``text`` to ``path`` (creating folders) and say so; nothing when ``path`` is None."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def run(main: Callable[[list[str] | None], object]) -> None:
+    """``python -m gradflow.bench.NAME``: a usage error is one ``error:`` line and exit code 2."""
+    try:
+        main(None)
+    except GradflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

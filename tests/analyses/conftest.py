@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-STEP_VARS = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs", "param_norm",
-             "update_ratio", "nonfinite")
+from gradflow import schema
+
+STEP_VARS = schema.names(schema.STEP_VARIABLES)
 # Registration (input-to-output) order of a tiny FCN: depth = index in this list.
 FCN_LAYERS = [("down1.conv", "Conv2d"), ("down1.block1.conv1", "Conv2d"), ("down1.block1.bn1", "BatchNorm2d"),
               ("across.block1.conv1", "Conv2d"), ("skip1.conv", "Conv2d"), ("up1.block1.conv1", "Conv2d"),

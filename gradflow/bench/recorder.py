@@ -26,14 +26,15 @@ thread's CPU time per step (steadier on a shared machine) and the CPU time insid
 hooks. Torch runs on one thread (``torch.set_num_threads``) for stable timings.
 Targets: gradflow ≤ 1.10 × plain for ``mlp``, ≤ 1.03 × plain for ``conv``.
 
-Usage: ``python -m analyses.bench_recorder [--steps 200] [--block 5] [--out reports/bench_recorder.md]``
-or ``gradflow bench``.
+Usage: ``gradflow bench recorder [--steps 200] [--block 5] [--out reports/bench_recorder.md]``
+(or ``python -m gradflow.bench.recorder``).
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -48,6 +49,8 @@ import torch
 from torch import nn
 
 import gradflow
+from gradflow import bench, schema
+from gradflow.progress import Progress
 
 TARGETS = {"mlp": 1.10, "conv": 1.03}
 ARMS = ("plain", "gradflow", "naive")
@@ -133,9 +136,7 @@ class NaiveRecorder:
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
-        row: dict[str, list[float]] = {k: [] for k in (
-            "grad_norm", "grad_max_abs", "nonfinite", "update_norm", "update_mean_abs",
-            "update_max_abs", "param_norm", "update_ratio")}
+        row: dict[str, list[float]] = {k: [] for k in schema.names(schema.STEP_VARIABLES)}
         for (_, params), before, (grad_sq, grad_max, nonfinite, param_sq_before) in zip(
                 self.layers, self._before, self._grad_figures):
             update_sq = update_abs_sum = update_max = param_sq = 0.0
@@ -293,10 +294,10 @@ def bench_case(case: Case, steps: int, block: int, store_dir: str | Path, warmup
 
 
 def run_benchmark(steps: int = 200, block: int = 5, threads: int = 1, cases: list[str] | None = None,
-                  progress=None) -> list[CaseResult]:
+                  progress: Progress | None = None) -> list[CaseResult]:
     """Run every case (default: all of ``CASES``) and return its results.
 
-    ``progress``: an optional ``rich.progress.Progress``; one task per case is added and advanced.
+    ``progress``: called after every timed step, one task per case (:mod:`gradflow.progress`).
     """
     names = list(CASES) if cases is None else cases
     previous_threads = torch.get_num_threads()
@@ -307,8 +308,9 @@ def run_benchmark(steps: int = 200, block: int = 5, threads: int = 1, cases: lis
             for name in names:
                 on_step = None
                 if progress is not None:
-                    task = progress.add_task(f"{name}: plain / gradflow / naive", total=steps * len(ARMS))
-                    on_step = lambda task=task: progress.advance(task)  # noqa: E731
+                    task, total, done = f"{name}: plain / gradflow / naive", steps * len(ARMS), itertools.count(1)
+                    progress(task, 0, total, "")
+                    on_step = lambda: progress(task, next(done), total, "")  # noqa: E731
                 results.append(bench_case(CASES[name], steps, block, store_dir, on_step=on_step))
     finally:
         torch.set_num_threads(previous_threads)
@@ -349,8 +351,7 @@ def render_report(results: list[CaseResult], info: dict[str, str]) -> str:
         "with no recording (`plain`), with `gradflow.Recorder(..., every=1)` recording every step "
         "(`gradflow`), and with a naive recorder that takes one `.item()` per parameter tensor and "
         "figure (`naive`). Ratios are medians over the plain median; the bracket is the range of the "
-        "per-round ratios (a gauge of machine noise). Produced by `python -m analyses.bench_recorder` "
-        "(or `gradflow bench`).",
+        "per-round ratios (a gauge of machine noise). Produced by `gradflow bench recorder`.",
         "",
         "| model | layers | params (tensors) | plain ms/step | gradflow ms/step "
         "| gradflow ratio [round range] | target | met | naive ms/step | naive ratio |",
@@ -395,13 +396,6 @@ def render_report(results: list[CaseResult], info: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: list[CaseResult], out: str | Path, info: dict[str, str]) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(results, info))
-    return out
-
-
 def summary_lines(results: list[CaseResult]) -> list[str]:
     """One printable line per case."""
     return [
@@ -413,26 +407,23 @@ def summary_lines(results: list[CaseResult]) -> list[str]:
     ]
 
 
-def main(steps: int = 200, block: int = 5, threads: int = 1, out: str = "reports/bench_recorder.md",
-         note: str = "") -> list[CaseResult]:
-    """Run the benchmark with a progress bar, print the summary and write the Markdown report.
-
-    ``note``: free text about the conditions (e.g. "machine shared with other jobs"), put in the report.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn()) as progress:
-        results = run_benchmark(steps=steps, block=block, threads=threads, progress=progress)
-    info = conditions(steps, block, threads) | ({"note": note} if note else {})
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> list[CaseResult]:
+    """Run the benchmark, print the summary and, given ``--out``, write the Markdown report."""
+    parser = bench.parser("recorder", __doc__)
+    parser.add_argument("--steps", type=bench.positive_int, default=200, help="timed steps per arm and model")
+    parser.add_argument("--block", type=bench.positive_int, default=5, help="steps per interleaved block")
+    parser.add_argument("--threads", type=bench.positive_int, default=1,
+                        help="torch CPU threads (1 gives the steadiest timings)")
+    bench.add_report_options(parser)
+    args = parser.parse_args(argv)
+    out = bench.check_out(args.out, args.force)
+    results = run_benchmark(steps=args.steps, block=args.block, threads=args.threads, progress=progress)
+    info = conditions(args.steps, args.block, args.threads) | ({"note": args.note} if args.note else {})
     for line in summary_lines(results):
         print(line)
-    path = write_report(results, out, info)
-    print(f"wrote {path}")
+    bench.write_report(out, render_report(results, info))
     return results
 
 
 if __name__ == "__main__":
-    import typer
-
-    typer.run(main)
+    bench.run(main)

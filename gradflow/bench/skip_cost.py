@@ -11,20 +11,21 @@ This is what must stay alive across the network at inference. In training, autog
 encoder stage's output anyway (the next block needs it for its backward pass), so SAT saves the
 held copy only where nothing else holds it; the column is the skip path's own footprint.
 
-Usage: ``python -m analyses.skip_cost [--size 512] [--out reports/skip_cost.md]`` (about 1–2 s of
+Usage: ``gradflow bench skip_cost [--size 512] [--out reports/skip_cost.md]`` (about 1–2 s of
 CPU per model at 512²).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
+from gradflow import bench
 from gradflow.models import LONG_SKIPS, paper_fcn
+from gradflow.progress import Progress
 
 COLUMNS = ["params", "skip_params", "transferred_channels", "skip_activation_bytes", "skip_activation_mib"]
 
@@ -77,7 +78,7 @@ def to_markdown(table: pd.DataFrame, size: int) -> str:
         "`params`: all parameters; `skip_params`: those inside the `skip<i>` merge modules;",
         "`transferred_channels`: channels crossing the five long skips, summed;",
         "`skip_activation_*`: the tensors held on the skip path for one image (float32), measured",
-        "by a forward pass with a pre-hook on every `skip<i>` module (`python -m analyses.skip_cost`).",
+        "by a forward pass with a pre-hook on every `skip<i>` module (`gradflow bench skip_cost`).",
         "`sat` merges its one-channel attention map by concatenation + 1×1 conv; `at` = attention",
         "without selection, `st` = selection without attention, `none` = no long skips.",
         "",
@@ -102,15 +103,18 @@ def to_markdown(table: pd.DataFrame, size: int) -> str:
     return "\n".join(lines)
 
 
-def main(size: int = 512, out: str = "reports/skip_cost.md") -> pd.DataFrame:
-    table = skip_cost(size=size)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(to_markdown(table, size))
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> pd.DataFrame:
+    """Measure every long skip of the Table 1 model; print the table and, given ``--out``, write it."""
+    parser = bench.parser("skip_cost", __doc__)
+    parser.add_argument("--size", type=bench.positive_int, default=512, help="input side in pixels (divisible by 32)")
+    bench.add_report_options(parser)
+    args = parser.parse_args(argv)
+    out = bench.check_out(args.out, args.force)
+    table = skip_cost(size=args.size)
     print(table.to_string())
+    bench.write_report(out, to_markdown(table, args.size))
     return table
 
 
 if __name__ == "__main__":
-    import typer
-
-    typer.run(main)
+    bench.run(main)

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from analyses.skip_cost import skip_cost, to_markdown
+from gradflow.bench.skip_cost import skip_cost, to_markdown
 from gradflow.models import simple_fcn
 
 

@@ -15,12 +15,13 @@ pass, best-weight bookkeeping; for ``recorder on`` also opening and closing the 
 machine disturbs least). The data are loaded once, outside the timings. Targets: recorder off ≥ 0.95 × plain, recorder on
 ≥ 0.92 × plain.
 
-Usage: ``python -m analyses.bench_train [--reps 5] [--epochs 3] [--threads 1] [--device cuda] ...``; writes
-``reports/bench_train.md``.
+Usage: ``gradflow bench train [--reps 5] [--epochs 3] [--threads 1] [--device cuda] ...
+[--out reports/bench_train.md]`` (or ``python -m gradflow.bench.train``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -30,11 +31,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import typer
 
+from gradflow import bench
+from gradflow.progress import Progress
 from gradflow.train import TrainConfig, build_model, resolve_device, train
 
 VARIANTS = ("plain", "recorder off", "recorder on")
+BENCH_CONFIG = TrainConfig(epochs=3)
+"""The measured run: ``TrainConfig``'s defaults with 3 epochs; the options override them."""
 TARGETS = {"recorder off": 0.95, "recorder on": 0.92}  # minimum throughput ratio to the plain loop
 
 
@@ -42,7 +46,7 @@ def plain_loop(config: TrainConfig, data) -> torch.nn.Module:
     """The reference: a plain PyTorch training loop doing the same work as ``train``.
 
     Same seeding, batch order and augmentation as ``train``, so it ends with the same weights
-    (tests/analyses/test_bench_train.py checks it): the comparison is like for like.
+    (tests/bench/test_train.py checks it): the comparison is like for like.
     """
     from gradflow.data import augment_batch
     from gradflow.losses import get_loss
@@ -106,8 +110,11 @@ def time_variant(name: str, config: TrainConfig, data, scratch: Path) -> tuple[f
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_benchmark(config: TrainConfig, reps: int) -> pd.DataFrame:
-    """Images/s per (repetition, variant), by wall and by CPU time; variants interleaved, order rotating."""
+def run_benchmark(config: TrainConfig, reps: int, progress: Progress | None = None) -> pd.DataFrame:
+    """Images/s per (repetition, variant), by wall and by CPU time; variants interleaved, order rotating.
+
+    ``progress``: called after each timed run (:mod:`gradflow.progress`).
+    """
     from gradflow.data import load_data
 
     data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val)
@@ -123,6 +130,8 @@ def run_benchmark(config: TrainConfig, reps: int) -> pd.DataFrame:
                 rows.append({"rep": rep, "variant": name, "wall_s": wall, "cpu_s": cpu,
                              "images_per_s": images / wall, "images_per_cpu_s": images / cpu})
                 print(f"rep {rep} {name:>12}: {images / wall:8.2f} images/s, {images / cpu:8.2f} images/CPU-s")
+                if progress is not None:
+                    progress("train: timed runs", len(rows), reps * len(VARIANTS), "")
     return pd.DataFrame(rows)
 
 
@@ -151,8 +160,8 @@ def markdown_table(frame: pd.DataFrame, digits: int) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, config: TrainConfig, reps: int, results: pd.DataFrame, table: pd.DataFrame,
-                 load_before: str = "n/a", note: str = "") -> None:
+def report_text(config: TrainConfig, reps: int, results: pd.DataFrame, table: pd.DataFrame,
+                load_before: str = "n/a", note: str = "") -> str:
     """Markdown: the summary table, the conditions of the run, and every repetition."""
     device = resolve_device(config.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -161,7 +170,7 @@ def write_report(path: Path, config: TrainConfig, reps: int, results: pd.DataFra
     text = [
         "# Training throughput: gradflow loop vs plain PyTorch loop",
         "",
-        "Produced by `python -m analyses.bench_train`. Throughput = training images per second for a whole",
+        "Produced by `gradflow bench train`. Throughput = training images per second for a whole",
         "run (model construction, all epochs with validation, best-weight bookkeeping; recorder on also",
         "opens, fills and closes a local Zarr store), by wall time and by this process's CPU time (all its",
         "threads; the figure a shared CPU machine disturbs least). The three variants run interleaved in",
@@ -191,37 +200,38 @@ def write_report(path: Path, config: TrainConfig, reps: int, results: pd.DataFra
         markdown_table(per_rep, 2),
         "",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
+    return "\n".join(text)
 
 
 def _load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
-def main(
-    reps: int = typer.Option(5, help="Timed repetitions of each variant."),
-    epochs: int = typer.Option(3, help="Epochs per timed run."),
-    depth: int = typer.Option(7), levels: int = typer.Option(4), width: int = typer.Option(32),
-    size: int = typer.Option(128), n_train: int = typer.Option(25), n_val: int = typer.Option(5),
-    batch_size: int = typer.Option(4), augment: bool = typer.Option(True, "--augment/--no-augment"),
-    device: str = typer.Option("auto"), amp: bool = typer.Option(False, "--amp/--no-amp"),
-    threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)."),
-    note: str = typer.Option("", help="A line about the conditions, copied into the report."),
-    out: Path = typer.Option(Path("reports/bench_train.md"), help="Markdown report to write."),
-) -> None:
-    """Measure and report training throughput of the three variants."""
-    if threads:
-        torch.set_num_threads(threads)
-    config = TrainConfig(depth=depth, levels=levels, width=width, size=size, n_train=n_train, n_val=n_val,
-                         batch_size=batch_size, epochs=epochs, augment=augment, device=device, amp=amp)
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> pd.DataFrame:
+    """Measure the three variants' throughput, print the table and, given ``--out``, write the report."""
+    parser = bench.parser("train", __doc__)
+    parser.add_argument("--reps", type=bench.positive_int, default=5, help="timed repetitions of each variant")
+    parser.add_argument("--epochs", type=bench.positive_int, default=3, help="epochs per timed run")
+    for name in ("depth", "levels", "width", "size", "n_train", "n_val", "batch_size"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(BENCH_CONFIG, name))
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=BENCH_CONFIG.augment)
+    parser.add_argument("--device", default=BENCH_CONFIG.device)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=BENCH_CONFIG.amp)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    bench.add_report_options(parser)
+    args = parser.parse_args(argv)
+    out = bench.check_out(args.out, args.force)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = ("epochs", "depth", "levels", "width", "size", "n_train", "n_val", "batch_size", "augment", "device", "amp")
+    config = dataclasses.replace(BENCH_CONFIG, **{name: getattr(args, name) for name in fields})
     load_before = _load()
-    results = run_benchmark(config, reps)
+    results = run_benchmark(config, args.reps, progress)
     table = summarise(results)
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
-    write_report(out, config, reps, results, table, load_before, note)
-    print(f"wrote {out}")
+    bench.write_report(out, report_text(config, args.reps, results, table, load_before, args.note))
+    return results
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    bench.run(main)
