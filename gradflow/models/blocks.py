@@ -24,7 +24,7 @@ Convs get He init (kaiming normal, fan-in) and zero bias. Without batch norm, a 
 residual branch is as large as its input, so each block with a short skip roughly doubles the
 signal's variance: a no-BN ``simple_fcn(depth=9, levels=4)`` (63 blocks) starts with logits of
 order 1e9. With BN, or without short skips, the scale stays O(1). ``FCN(init="scaled")`` fixes this
-for no-BN residual nets by shrinking each branch's last conv (:attr:`Block.branch_output`), see
+for no-BN residual nets by shrinking each branch's last conv (:attr:`Block.last_residual_conv`), see
 :func:`gradflow.models.fcn.scale_residual_branches`.
 """
 
@@ -89,13 +89,7 @@ class Shortcut(nn.Module):
 
 
 class Block(nn.Module):
-    """Shared switches of all blocks; subclasses define ``residual``.
-
-    ``branch_output``: attribute name of the residual path's last conv (the one whose output is
-    added to the shortcut), used by residual-branch init scaling.
-    """
-
-    branch_output = "conv"
+    """Shared switches of all blocks; subclasses define ``residual`` and ``last_residual_conv``."""
 
     def __init__(self, in_channels: int, out_channels: int, *, downsample: bool = False,
                  upsample: bool = False, batch_norm: bool = True, short_skip: bool = True,
@@ -113,6 +107,11 @@ class Block(nn.Module):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def last_residual_conv(self) -> nn.Conv2d:
+        """The residual path's last conv: its output is added to the shortcut (residual-branch init scales it)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.residual(x)
         return out + self.shortcut(x) if self.shortcut is not None else out
@@ -128,6 +127,10 @@ class SimpleBlock(Block):
         self.dropout = dropout_layer(self.dropout_p)
         self.add_shortcut()
 
+    @property
+    def last_residual_conv(self) -> nn.Conv2d:
+        return self.conv
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(x))
         if self.downsample:
@@ -140,8 +143,6 @@ class BasicBlock(Block):
     """Two BN → ReLU → 3×3 conv units with dropout between them [+ shortcut]; the first conv has
     stride 2 when downsampling, rows and columns are repeated before the second when upsampling."""
 
-    branch_output = "conv2"
-
     def __init__(self, in_channels: int, out_channels: int, **switches):
         super().__init__(in_channels, out_channels, **switches)
         self.bn1 = norm(in_channels, self.batch_norm)
@@ -150,6 +151,10 @@ class BasicBlock(Block):
         self.bn2 = norm(out_channels, self.batch_norm)
         self.conv2 = conv(out_channels, out_channels, 3)
         self.add_shortcut()
+
+    @property
+    def last_residual_conv(self) -> nn.Conv2d:
+        return self.conv2
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.conv1(F.relu(self.bn1(x))))
@@ -164,7 +169,6 @@ class BottleneckBlock(Block):
     width is 4× the inner width, as in Table 1 (``bottleneck 128`` has 32-channel inner convs)."""
 
     expansion = 4
-    branch_output = "conv3"
 
     def __init__(self, in_channels: int, out_channels: int, **switches):
         if out_channels % self.expansion:
@@ -179,6 +183,10 @@ class BottleneckBlock(Block):
         self.conv3 = conv(inner, out_channels, 1)
         self.dropout = dropout_layer(self.dropout_p)
         self.add_shortcut()
+
+    @property
+    def last_residual_conv(self) -> nn.Conv2d:
+        return self.conv3
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(F.relu(self.bn1(x)))

@@ -72,7 +72,7 @@ def scale_residual_branches(model: nn.Module) -> int:
     blocks = [m for m in model.modules() if isinstance(m, Block) and m.shortcut is not None]
     with torch.no_grad():
         for block in blocks:
-            getattr(block, block.branch_output).weight.mul_(len(blocks) ** -0.5)
+            block.last_residual_conv.weight.mul_(len(blocks) ** -0.5)
     return len(blocks)
 
 
