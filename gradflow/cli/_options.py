@@ -1,0 +1,82 @@
+"""Command-line options generated from a config dataclass (``TrainConfig``): each option declared once.
+
+A field's type and default make the option, its ``help`` metadata the help text and its ``choices``
+metadata the accepted values; a ``bool`` field becomes a ``--name/--no-name`` switch. Commands add
+the options they take with :func:`config_options` and get them back as a dict of field values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Optional
+
+import typer
+
+from gradflow.errors import GradflowError
+
+RENAMED = {"batch_norm": "bn", "short_skip": "short", "long_skip": "long"}
+"""Fields whose option has a shorter name (``--bn/--no-bn``, ``--short/--no-short``, ``--long``)."""
+FIELD_OF = {option: name for name, option in RENAMED.items()}
+
+
+def flag(field_name: str) -> str:
+    """The option a field is set by: ``batch_norm`` → ``--bn``, ``n_train`` → ``--n-train``."""
+    return "--" + RENAMED.get(field_name, field_name).replace("_", "-")
+
+
+def help_text(field: dataclasses.Field) -> str:
+    """The field's help, with its choices when it has a fixed set of values."""
+    text = field.metadata.get("help", "")
+    choices = field.metadata.get("choices")
+    return f"{text} One of: {', '.join(choices)}." if choices else text
+
+
+def parameter(field: dataclasses.Field, default: Any = dataclasses.MISSING, help: str | None = None) -> inspect.Parameter:
+    """The typer parameter of one field (``default``/``help`` override the field's own)."""
+    kind = type(field.default)
+    default = field.default if default is dataclasses.MISSING else default
+    annotation = kind if default is not None else Optional[kind]
+    name = RENAMED.get(field.name, field.name)
+    decls = [f"{flag(field.name)}/--no-{flag(field.name)[2:]}"] if kind is bool else []
+    option = typer.Option(*decls, help=help_text(field) if help is None else help)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, option])
+
+
+def config_options(config: type, fields: Iterable[str] | None = None, *, exclude: Iterable[str] = (),
+                   defaults: dict[str, Any] | None = None, help: dict[str, str] | None = None) -> Callable:
+    """Decorator: the command also takes an option per field of ``config`` (all, or ``fields``, less
+    ``exclude``), in field order before its own parameters, and receives them as ``options``: a dict
+    ``{field name: value}``. ``defaults``/``help``: per field, instead of the field's own."""
+    chosen = [f for f in dataclasses.fields(config)
+              if (fields is None or f.name in fields) and f.name not in set(exclude)]
+    defaults, help = defaults or {}, help or {}
+    generated = [parameter(f, defaults.get(f.name, dataclasses.MISSING), help.get(f.name)) for f in chosen]
+    names = {RENAMED.get(f.name, f.name): f.name for f in chosen}
+
+    def decorate(command: Callable) -> Callable:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            options = {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}
+            return command(**kwargs, options=options)
+
+        signature = inspect.Signature([*generated, *own])
+        wrapper.__signature__ = signature
+        wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        return wrapper
+
+    return decorate
+
+
+def check_choices(config: type, options: dict[str, Any]) -> None:
+    """A value outside a field's ``choices`` is a user mistake naming the option: ``--init: unknown value``."""
+    for field in dataclasses.fields(config):
+        choices, value = field.metadata.get("choices"), options.get(field.name)
+        if choices and value is not None and value not in choices:
+            raise GradflowError(f"{flag(field.name)}: unknown value {value!r}; choose from {', '.join(choices)}")
