@@ -16,7 +16,7 @@ kind (SGD, momentum 0.9), on one fixed batch:
                  parameter norm), combined per layer in Python and kept in a list (it writes nothing,
                  which flatters it).
 
-The arms run interleaved in one process: blocks of ``block`` steps, plain → gradflow → naive, the order
+The arms take turns in one process: ``turn`` steps each, plain → gradflow → naive, the order
 rotated each round, so machine-load drift hits all arms alike. A step is ``zero_grad`` + forward +
 backward + ``optimizer.step()`` (the recorders do their work in optimizer step hooks; gradflow's store
 writes happen off the training thread and are included only through the CPU and GIL time they take).
@@ -26,7 +26,7 @@ thread's CPU time per step (steadier on a shared machine) and the CPU time insid
 hooks. Torch runs on one thread (``torch.set_num_threads``) for stable timings.
 Targets: gradflow ≤ 1.10 × plain for ``mlp``, ≤ 1.03 × plain for ``conv``.
 
-Usage: ``gradflow bench recorder [--steps 200] [--block 5] [--out reports/bench_recorder.md]``
+Usage: ``gradflow bench recorder [--steps 200] [--turn 5] [--out reports/bench_recorder.md]``
 (or ``python -m gradflow.bench.recorder``).
 """
 
@@ -238,9 +238,9 @@ class CaseResult:
         return min(ratios), max(ratios)
 
 
-def bench_case(case: Case, steps: int, block: int, store_dir: str | Path, warmup: int = 3,
+def bench_case(case: Case, steps: int, turn: int, store_dir: str | Path, warmup: int = 3,
                on_step: Callable[[], None] | None = None) -> CaseResult:
-    """Time ``steps`` steps per arm for ``case``, interleaved in blocks of ``block`` steps.
+    """Time ``steps`` steps per arm for ``case``, the arms taking turns of ``turn`` steps.
 
     ``on_step`` is called after every timed step of any arm (for progress bars).
     """
@@ -262,18 +262,18 @@ def bench_case(case: Case, steps: int, block: int, store_dir: str | Path, warmup
         for arm in arms.values():
             for _ in range(warmup):
                 arm.step(x)
-        for r in range(max(1, math.ceil(steps / block))):
+        for r in range(max(1, math.ceil(steps / turn))):
             for name in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:
-                block_wall = []
-                for _ in range(min(block, steps - len(wall[name]))):
+                turn_wall = []
+                for _ in range(min(turn, steps - len(wall[name]))):
                     seconds, cpu_seconds, hook_seconds = arms[name].step(x)
-                    block_wall.append(seconds)
+                    turn_wall.append(seconds)
                     cpu[name].append(cpu_seconds)
                     hooks[name].append(hook_seconds)
                     if on_step is not None:
                         on_step()
-                wall[name] += block_wall
-                round_medians[name].append(statistics.median(block_wall))
+                wall[name] += turn_wall
+                round_medians[name].append(statistics.median(turn_wall))
     finally:
         start = time.perf_counter()
         arms["gradflow"].recorder.close()
@@ -293,7 +293,7 @@ def bench_case(case: Case, steps: int, block: int, store_dir: str | Path, warmup
     )
 
 
-def run_benchmark(steps: int = 200, block: int = 5, threads: int = 1, cases: list[str] | None = None,
+def run_benchmark(steps: int = 200, turn: int = 5, threads: int = 1, cases: list[str] | None = None,
                   progress: Progress | None = None) -> list[CaseResult]:
     """Run every case (default: all of ``CASES``) and return its results.
 
@@ -311,7 +311,7 @@ def run_benchmark(steps: int = 200, block: int = 5, threads: int = 1, cases: lis
                     task, total, done = f"{name}: plain / gradflow / naive", steps * len(ARMS), itertools.count(1)
                     progress(task, 0, total, "")
                     on_step = lambda: progress(task, next(done), total, "")  # noqa: E731
-                results.append(bench_case(CASES[name], steps, block, store_dir, on_step=on_step))
+                results.append(bench_case(CASES[name], steps, turn, store_dir, on_step=on_step))
     finally:
         torch.set_num_threads(previous_threads)
     return results
@@ -327,7 +327,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def conditions(steps: int, block: int, threads: int) -> dict[str, str]:
+def conditions(steps: int, turn: int, threads: int) -> dict[str, str]:
     """The machine and settings a report's figures were measured under."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return {
@@ -335,7 +335,7 @@ def conditions(steps: int, block: int, threads: int) -> dict[str, str]:
         "machine": f"{_cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         "python / torch / gradflow": f"{platform.python_version()} / {torch.__version__} / {gradflow.__version__}",
         "torch threads": str(threads),
-        "steps per arm": f"{steps} timed (after 3 warm-up steps), interleaved in blocks of {block}",
+        "steps per arm": f"{steps} timed (after 3 warm-up steps), the arms taking turns of {turn} steps",
         "optimizer": "SGD(lr=1e-3, momentum=0.9), fixed batch, loss = mean(output²)",
         "gradflow store": "local Zarr directory in a temp dir, every=1",
         "load average (1, 5, 15 min) at the end": load,
@@ -411,14 +411,15 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> lis
     """Run the benchmark, print the summary and, given ``--out``, write the Markdown report."""
     parser = bench.parser("recorder", __doc__)
     parser.add_argument("--steps", type=bench.positive_int, default=200, help="timed steps per arm and model")
-    parser.add_argument("--block", type=bench.positive_int, default=5, help="steps per interleaved block")
+    parser.add_argument("--turn", type=bench.positive_int, default=5,
+                        help="steps an arm runs before the next arm's turn")
     parser.add_argument("--threads", type=bench.positive_int, default=1,
                         help="torch CPU threads (1 gives the steadiest timings)")
     bench.add_report_options(parser)
     args = parser.parse_args(argv)
     out = bench.check_out(args.out, args.force)
-    results = run_benchmark(steps=args.steps, block=args.block, threads=args.threads, progress=progress)
-    info = conditions(args.steps, args.block, args.threads) | ({"note": args.note} if args.note else {})
+    results = run_benchmark(steps=args.steps, turn=args.turn, threads=args.threads, progress=progress)
+    info = conditions(args.steps, args.turn, args.threads) | ({"note": args.note} if args.note else {})
     for line in summary_lines(results):
         print(line)
     bench.write_report(out, render_report(results, info))

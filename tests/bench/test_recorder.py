@@ -20,7 +20,7 @@ def test_benchmark_models_have_the_promised_depth():
 
 
 def test_tiny_benchmark_run_reports_finite_ratios():
-    results = run_benchmark(steps=3, block=2)
+    results = run_benchmark(steps=3, turn=2)
     assert [r.name for r in results] == ["mlp", "conv"]
     for r in results:
         assert all(len(times[arm]) == 3 for times in (r.wall, r.cpu, r.hooks) for arm in ARMS)

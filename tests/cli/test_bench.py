@@ -14,7 +14,7 @@ def bench(*args: str):
 
 def test_bench_recorder_writes_the_report_when_asked(tmp_path):
     out = tmp_path / "bench.md"
-    result = bench("recorder", "--steps", "2", "--block", "1", "--out", str(out), "--note", "smoke test")
+    result = bench("recorder", "--steps", "2", "--turn", "1", "--out", str(out), "--note", "smoke test")
     assert result.exit_code == 0, result.output
     text = out.read_text()
     for model in ("mlp", "conv"):
