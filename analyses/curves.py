@@ -18,8 +18,8 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analyses.panel_grid import PanelLayout
-from analyses.runs import run_attrs, runs
+from gradflow.analyses.panel_grid import PanelLayout
+from gradflow.analyses.runs import run_attrs, runs
 from gradflow.errors import GradflowError
 
 LOSSES = ("train_loss", "val_loss")

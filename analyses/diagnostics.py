@@ -19,8 +19,8 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analyses.heatmaps import heatmap_data, layer_axis
-from analyses.runs import runs, segment_mean, select_layers
+from gradflow.analyses.heatmaps import heatmap_data, layer_axis
+from gradflow.analyses.runs import runs, segment_mean, select_layers
 from gradflow.errors import GradflowError
 
 REFERENCE = 1e-3
@@ -39,7 +39,7 @@ def _pick_runs(data: xr.Dataset | xr.DataTree, run: str | None, level: str = "st
 def update_ratio_data(data: xr.Dataset | xr.DataTree, layers: str | list[str] = "auto", module_type: str | None = None,
                       bins: int = 400) -> dict[str, xr.DataArray]:
     """``{run: DataArray (step, layer)}``: ‖ΔW‖/‖W‖ averaged over ``bins`` equal runs of steps
-    (:func:`analyses.heatmaps.heatmap_data` with ``stat="update_ratio", per="step"``)."""
+    (:func:`gradflow.analyses.heatmaps.heatmap_data` with ``stat="update_ratio", per="step"``)."""
     return heatmap_data(data, stat="update_ratio", per="step", layers=layers, bins=bins, module_type=module_type)
 
 

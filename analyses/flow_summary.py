@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.runs import optimizer_of, run_attrs, runs, select_layers, step_blocks
+from gradflow.analyses.runs import optimizer_of, run_attrs, runs, select_layers, step_blocks
 from gradflow.models.naming import stage_of
 
 COLUMNS = [

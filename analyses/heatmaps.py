@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from analyses.panel_grid import PanelLayout
-from analyses.runs import layer_groups, runs, segment_mean, select_layers, step_blocks
+from gradflow.analyses.panel_grid import PanelLayout
+from gradflow.analyses.runs import layer_groups, runs, segment_mean, select_layers, step_blocks
 from gradflow.errors import GradflowError
 from gradflow.schema import LABELS
 from gradflow.summary import read_steps
@@ -157,7 +157,7 @@ def heatmap_data(
     blocks is read from it instead, :func:`gradflow.summary.read_steps`, and a cell is marked non-finite
     there when a step of it had ``nonfinite`` > 0). Means ignore non-finite values; the bool
     coordinate ``nonfinite_event`` (same dims) marks the cells where any step had one (see the module
-    docstring). ``layers`` / ``module_type`` select layers (:func:`analyses.runs.select_layers`).
+    docstring). ``layers`` / ``module_type`` select layers (:func:`gradflow.analyses.runs.select_layers`).
     Raises :class:`GradflowError` for a ``stat`` without a layer dimension or a bad ``per``.
     """
     check_stat(data, stat, per)
@@ -300,7 +300,7 @@ def heatmaps(
     overlay (:func:`cell_states`). ``log`` defaults to a log colour scale for every statistic except
     the ``nonfinite`` counts. Panels fill ``ncols`` columns (default 2) in run order, titled with the
     run name, or sit where ``grid`` puts them: rows of run names, or a
-    :class:`~analyses.panel_grid.PanelLayout`, whose row and column headers and key are drawn too.
+    :class:`~gradflow.analyses.panel_grid.PanelLayout`, whose row and column headers and key are drawn too.
     A named run without data leaves its cell empty.
     """
     arrays = heatmap_data(data, stat=stat, per=per, layers=layers, bins=bins, module_type=module_type)

@@ -5,7 +5,7 @@ page (about 4.7 MB), so the report opens offline from a file; its heatmap trace 
 (bins × layers) grid on one canvas with built-in hover, box zoom and pan; and the same figure JSON
 feeds the live view (``Plotly.react`` on a timer). Bokeh needs custom JS for per-cell hover text on
 image glyphs; HoloViews/hvPlot would add Bokeh, Panel and Param for the same heatmap. The arrays come
-from the same computing functions as the static figures (:func:`analyses.heatmaps.heatmap_data`, ...),
+from the same computing functions as the static figures (:func:`gradflow.analyses.heatmaps.heatmap_data`, ...),
 so the HTML shows exactly the numbers of the PNGs.
 
 Every heatmap cell's hover shows the layer name, its module type, the epoch or step range and the
@@ -26,9 +26,9 @@ import xarray as xr
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from analyses.heatmaps import LABELS, NO_DATA, NO_UPDATE, NONFINITE, STATE_COLOURS, STATE_NAMES, cell_states, heatmap_data
-from analyses.panel_grid import panel_layout
-from analyses.runs import runs
+from gradflow.analyses.heatmaps import LABELS, NO_DATA, NO_UPDATE, NONFINITE, STATE_COLOURS, STATE_NAMES, cell_states, heatmap_data
+from gradflow.analyses.panel_grid import panel_layout
+from gradflow.analyses.runs import runs
 
 CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": False}
 HOVER = ("<b>%{x}</b> (%{customdata[0]})<br>%{customdata[1]}<br>value %{customdata[2]}%{customdata[3]}"
@@ -156,8 +156,8 @@ def line_figure(arrays: dict[str, xr.DataArray], title: str, ylabel: str, log: b
 def figures(data: xr.Dataset | xr.DataTree, bins: int = 200) -> dict[str, go.Figure]:
     """The interactive figures of a store, by id: heatmaps (per-epoch |ΔW| when there are epochs, the
     update ratio and gradient norm per step), losses, update-ratio lines (one run) and learning rates."""
-    from analyses.diagnostics import REFERENCE_BAND, lr_data, update_ratio_data
-    from analyses.heatmaps import per_layer_variables
+    from gradflow.analyses.diagnostics import REFERENCE_BAND, lr_data, update_ratio_data
+    from gradflow.analyses.heatmaps import per_layer_variables
 
     out: dict[str, go.Figure] = {}
     epoch_vars = per_layer_variables(data, "epoch")

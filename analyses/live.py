@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from analyses.html import CONFIG, figures, figures_json, page
-from analyses.report import open_tree
-from analyses.runs import runs
+from gradflow.analyses.html import CONFIG, figures, figures_json, page
+from gradflow.analyses.report import open_tree
+from gradflow.analyses.runs import runs
 
 
 class LiveView:

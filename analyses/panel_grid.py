@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import xarray as xr
 
-from analyses.runs import run_attrs
+from gradflow.analyses.runs import run_attrs
 
 # Recorded per run but not a setting of the grid.
 NOT_SETTINGS = ("variant", "command", "data_split", "data_source")

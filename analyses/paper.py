@@ -2,7 +2,7 @@
 
 - Fig. 4 (``fig4``): the paper shows heatmaps, not numbers; its claim is that with short skips the
   whole network updates, while without them the deep centre barely moves. Ours, per panel: the
-  centre-to-end ratio of mean |ΔW| (``analyses.flow_summary``), and the same for the gradient norm.
+  centre-to-end ratio of mean |ΔW| (``gradflow.analyses.flow_summary``), and the same for the gradient norm.
 - Table 3 (``table3``): best validation loss, long + short 0.162 < long only 0.188 < short only 0.202.
 - Table 2 (``table2``): V_rand 0.969 and V_info 0.986 on the challenge's hidden test set; ours on the
   validation images the run held out (the hidden labels are not public).
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.flow_summary import flow_summary
-from analyses.runs import run_attrs
-from analyses.tables import best_val_table
+from gradflow.analyses.flow_summary import flow_summary
+from gradflow.analyses.runs import run_attrs
+from gradflow.analyses.tables import best_val_table
 
 TABLE3_VAL_LOSS = {"long + short": 0.162, "long only": 0.188, "short only": 0.202}
 TABLE2_SCORES = {"v_rand": 0.969, "v_info": 0.986}

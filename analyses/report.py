@@ -79,13 +79,13 @@ def figures(tree: xr.DataTree, stat: str = "update_mean_abs", per: str = "epoch"
             module_type: str | None = None) -> dict[str, Figure]:
     """``{file stem: figure}``: the heatmaps of ``stat`` per ``per``, and the loss curves when recorded.
 
-    Heatmap panels of a sweep are laid out by :func:`analyses.panel_grid.panel_layout`: without / with
+    Heatmap panels of a sweep are laid out by :func:`gradflow.analyses.panel_grid.panel_layout`: without / with
     short skips side by side, one row per other combination (depth × optimizer for the default sweep),
     with row and column headers and a key.
     """
-    from analyses.curves import has_losses, loss_curves
-    from analyses.heatmaps import check_stat, heatmaps
-    from analyses.panel_grid import panel_layout
+    from gradflow.analyses.curves import has_losses, loss_curves
+    from gradflow.analyses.heatmaps import check_stat, heatmaps
+    from gradflow.analyses.panel_grid import panel_layout
 
     check_stat(tree, stat, per)
     layout = panel_layout(tree)
@@ -125,7 +125,7 @@ def _markdown(table, floatfmt: str) -> str:
 def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  formats: list[str] | None = None, html: bool = False) -> list[Path]:
     """Write ``out_dir/report.md`` (default ``reports/<store name>/``) with its figures, and with
-    ``html`` also ``out_dir/report.html`` (:func:`analyses.html.write_html`); returns the paths written
+    ``html`` also ``out_dir/report.html`` (:func:`gradflow.analyses.html.write_html`); returns the paths written
     (report.md first). A sweep store gets the paper's sections, any other store the generic ones."""
     tree = open_tree(store)
     out_dir = Path(out_dir) if out_dir is not None else Path("reports") / store_name(store)
@@ -137,7 +137,7 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     path.write_text("\n".join(lines))
     paths = [path]
     if html:
-        from analyses.html import write_html
+        from gradflow.analyses.html import write_html
 
         paths.append(write_html(tree, out_dir / "report.html", title=f"gradflow report: {store_name(store)}"))
     return paths
@@ -153,12 +153,12 @@ def _image(figs: dict, stem: str, alt: str, formats: list[str]) -> str:
 
 
 def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> list[str]:
-    from analyses.curves import loss_name
-    from analyses.flow_summary import flow_summary
-    from analyses.heatmaps import heatmaps
-    from analyses.panel_grid import panel_layout
-    from analyses.paper import paper_section
-    from analyses.tables import best_val_table
+    from gradflow.analyses.curves import loss_name
+    from gradflow.analyses.flow_summary import flow_summary
+    from gradflow.analyses.heatmaps import heatmaps
+    from gradflow.analyses.panel_grid import panel_layout
+    from gradflow.analyses.paper import paper_section
+    from gradflow.analyses.tables import best_val_table
 
     figs = figures(tree)
     if has_steps(tree):
@@ -217,11 +217,11 @@ def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -
 
 def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> list[str]:
     """The generic report of any Recorder store (one run at the root, or several non-sweep groups)."""
-    from analyses.curves import has_losses, loss_curves, loss_name
-    from analyses.diagnostics import gradient_bars, lr_curves, lr_data, update_ratio_curves
-    from analyses.heatmaps import heatmaps
-    from analyses.run_summary import nonfinite_events, update_ratio_extremes, update_shares
-    from analyses.runs import optimizer_of, run_attrs, runs
+    from gradflow.analyses.curves import has_losses, loss_curves, loss_name
+    from gradflow.analyses.diagnostics import gradient_bars, lr_curves, lr_data, update_ratio_curves
+    from gradflow.analyses.heatmaps import heatmaps
+    from gradflow.analyses.run_summary import nonfinite_events, update_ratio_extremes, update_shares
+    from gradflow.analyses.runs import optimizer_of, run_attrs, runs
 
     step_runs = runs(tree, "step")
     figs: dict[str, Figure] = {}

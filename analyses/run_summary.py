@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.runs import layer_groups, select_layers, step_blocks
+from gradflow.analyses.runs import layer_groups, select_layers, step_blocks
 
 
 def _per_layer_sum(da: xr.DataArray, transform=None) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +27,7 @@ def _per_layer_sum(da: xr.DataArray, transform=None) -> tuple[np.ndarray, np.nda
 
 
 def update_shares(st: xr.Dataset, layers: str | list[str] = "all") -> pd.DataFrame:
-    """Where the updates go: per module-prefix group (:func:`analyses.runs.layer_groups`, input → output),
+    """Where the updates go: per module-prefix group (:func:`gradflow.analyses.runs.layer_groups`, input → output),
     its ``layers``, its ``share`` of Σ over steps and layers of ‖ΔW‖² (the squared length of the whole
     trajectory's steps, so shares add up to 1), and its share of the parameters ``param_share``."""
     st = select_layers(st, layers)

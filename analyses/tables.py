@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.runs import optimizer_of, run_attrs, runs
+from gradflow.analyses.runs import optimizer_of, run_attrs, runs
 
 
 def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:

@@ -245,7 +245,7 @@ def read_steps(run: xr.DataTree | str | os.PathLike, bins: int = 200,
                raw_fallback: bool = True) -> xr.Dataset | None:
     """Step figures in ``bins`` consecutive bins of recorded rows, from the summary where it can.
 
-    ``run``: a run's node of a DataTree (``analyses.report.open_tree``, a sweep's ``gradflow.open``)
+    ``run``: a run's node of a DataTree (``gradflow.open_tree``, a sweep's ``gradflow.open``)
     or a store path / URL (``group`` for a sweep's variant). Returns an ``xarray.Dataset`` with dims
     ``(step, stat, layer)``: one variable per figure (default all), ``stat`` = mean, min, max,
     nonfinite as in the stored summary; coordinates ``step`` (first step of the bin), ``step_end``

@@ -268,7 +268,7 @@ def plot_times(path: Path) -> dict:
     """Seconds of ``gradflow plot`` per step and per epoch; seconds and rows of the 200 step bins
     read from the summary and from the raw rows (:func:`gradflow.summary.read_steps`)."""
     import gradflow
-    from analyses.report import open_tree
+    from gradflow import open_tree
     from gradflow.summary import read_steps
 
     out = {"step": _plot(path, "--stat", "grad_norm", "--per", "step"), "epoch": _plot(path)}

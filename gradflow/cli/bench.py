@@ -28,8 +28,8 @@ def _wiring(name: str) -> dict:
     """What a benchmark needs from outside the library: the plot benchmark times analyses' heatmaps."""
     if name != "plot":
         return {}
-    from analyses.heatmaps import heatmaps
-    from analyses.report import open_tree
+    from gradflow.analyses.heatmaps import heatmaps
+    from gradflow import open_tree
 
     return {"draw": lambda store, **options: heatmaps(open_tree(store), **options)}
 

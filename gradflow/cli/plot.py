@@ -25,8 +25,8 @@ def plot_command(
     out: Annotated[Optional[str], typer.Option(help="Output folder (default reports/<store name>/).")] = None,
 ) -> None:
     """Draw the heatmaps (one panel per run, shared colour scale) and the loss curves; print the paths."""
-    from analyses.heatmaps import PER
-    from analyses.report import figures, open_tree, parse_formats, save, store_name
+    from gradflow.analyses.heatmaps import PER
+    from gradflow.analyses.report import figures, open_tree, parse_formats, save, store_name
     from gradflow.errors import GradflowError
 
     formats = parse_formats(format)

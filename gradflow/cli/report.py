@@ -20,7 +20,7 @@ def report_command(
                                                       "(opens offline, no server).")] = False,
 ) -> None:
     """Write OUT/report.md and its figures (and OUT/report.html with --html); print the paths."""
-    from analyses.report import parse_formats, write_report
+    from gradflow.analyses.report import parse_formats, write_report
 
     for path in write_report(store, out, parse_formats(format), html=html):
         typer.echo(str(path))

@@ -27,7 +27,7 @@ class _Server(ThreadingHTTPServer):
 def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> ThreadingHTTPServer:
     """An HTTP server on 127.0.0.1:``port`` (0: any free port; the bound one is ``server.server_port``)
     serving ``/`` (the live page) and ``/data`` (:meth:`analyses.live.LiveView.snapshot`)."""
-    from analyses.live import LiveView, live_page
+    from gradflow.analyses.live import LiveView, live_page
     from gradflow.errors import GradflowError
 
     view = LiveView(store)

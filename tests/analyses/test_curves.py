@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.curves import has_losses, loss_curves
+from gradflow.analyses.curves import has_losses, loss_curves
 from gradflow.errors import GradflowError
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.diagnostics import (REFERENCE_BAND, gradient_bar_data, gradient_bars, lr_curves, lr_data,
+from gradflow.analyses.diagnostics import (REFERENCE_BAND, gradient_bar_data, gradient_bars, lr_curves, lr_data,
                                   update_ratio_curves)
 from gradflow.errors import GradflowError
 

@@ -1,7 +1,7 @@
 import numpy as np
 import xarray as xr
 
-from analyses.flow_summary import flow_summary
+from gradflow.analyses.flow_summary import flow_summary
 
 LAYERS = [("down1.conv", "Conv2d"), ("down1.block1.conv1", "Conv2d"), ("across.block1.conv1", "Conv2d"),
           ("across.block1.bn1", "BatchNorm2d"), ("across.block2.conv1", "Conv2d"), ("up1.block1.conv1", "Conv2d"),

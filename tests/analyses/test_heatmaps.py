@@ -3,7 +3,7 @@ import pytest
 import xarray as xr
 from matplotlib.colors import LogNorm
 
-from analyses.heatmaps import NO_DATA, NO_UPDATE, NONFINITE, heatmap_data, heatmaps, layer_axis
+from gradflow.analyses.heatmaps import NO_DATA, NO_UPDATE, NONFINITE, heatmap_data, heatmaps, layer_axis
 from gradflow.errors import GradflowError
 
 CONVS_IN_ORDER = ["down1.conv", "down1.block1.conv1", "across.block1.conv1", "skip1.conv", "up1.block1.conv1",
@@ -128,7 +128,7 @@ def test_one_nan_step_marks_its_bin_nonfinite_instead_of_vanishing(run_factory):
     step = step.assign(grad_norm=(("step", "layer"), grad), nonfinite=(("step", "layer"), count))
     da = heatmap_data(step, stat="grad_norm", per="step", bins=10, layers="all")["run"]
     assert np.isfinite(da.values[3, 2])  # the mean ignores the NaN step ...
-    from analyses.heatmaps import cell_states
+    from gradflow.analyses.heatmaps import cell_states
     states = cell_states(da)
     assert states[3, 2] == NONFINITE and (np.delete(states[:, 2], 3) == 0).all()  # ... the mark does not
     assert (states[:, 5] == NO_DATA).all()
@@ -171,7 +171,7 @@ def test_layer_axis_names_layers_that_fit_and_groups_the_rest():
 
 
 def test_layout_draws_row_and_column_headers_and_a_key(sweep_factory):
-    from analyses.panel_grid import PanelLayout
+    from gradflow.analyses.panel_grid import PanelLayout
     tree = sweep_factory(names=["a-short0", "a-short1"])
     layout = PanelLayout([["a-short0", "a-short1"]], ["depth 3"], ["short skips off", "short skips on"],
                          "rows: depth; columns: short skips")

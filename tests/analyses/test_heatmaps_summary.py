@@ -8,9 +8,9 @@ import xarray as xr
 import zarr
 
 import gradflow
-from analyses.heatmaps import heatmap_data
+from gradflow.analyses.heatmaps import heatmap_data
 from gradflow import summary
-from analyses.report import open_tree
+from gradflow.analyses.report import open_tree
 from gradflow.store import STEP_VARIABLES, LayerTable, Rows, RunStore
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import xarray as xr
 from browser import browser_page
 
-from analyses.heatmaps import heatmap_data
-from analyses.html import figures, write_html
+from gradflow.analyses.heatmaps import heatmap_data
+from gradflow.analyses.html import figures, write_html
 
 
 def _run(run_factory):

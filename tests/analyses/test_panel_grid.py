@@ -1,6 +1,6 @@
 import xarray as xr
 
-from analyses.panel_grid import panel_grid, panel_layout
+from gradflow.analyses.panel_grid import panel_grid, panel_layout
 
 
 def configured_sweep(sweep_factory, configs: dict[str, dict]) -> xr.DataTree:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.paper import fig4_table, paper_section, preset_of, settings_table, table2_table, table3_table
+from gradflow.analyses.paper import fig4_table, paper_section, preset_of, settings_table, table2_table, table3_table
 
 # centre = the layer named across.*; ends = first (down1.conv) and last (classifier) layer
 LAYERS = [("down1.conv", "Conv2d"), ("down2.block0.conv", "Conv2d"), ("across.block0.conv", "Conv2d"),

@@ -1,7 +1,7 @@
 import pytest
 
 from gradflow.errors import GradflowError
-from analyses.report import parse_formats, store_name
+from gradflow.analyses.report import parse_formats, store_name
 
 
 def test_store_name_is_the_last_path_part_without_zarr():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.runs import natural_key, runs, segment_mean, select_layers, stages
+from gradflow.analyses.runs import natural_key, runs, segment_mean, select_layers, stages
 from gradflow.errors import GradflowError
 
 

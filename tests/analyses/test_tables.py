@@ -1,7 +1,7 @@
 import numpy as np
 import xarray as xr
 
-from analyses.tables import best_val_table
+from gradflow.analyses.tables import best_val_table
 
 
 def test_best_val_loss_and_train_loss_at_that_epoch(run_factory):

@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from analyses.report import figures, open_tree
+from gradflow.analyses.report import figures, open_tree
 from gradflow.train import TrainConfig, train
 
 

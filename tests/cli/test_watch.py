@@ -18,7 +18,7 @@ from browser import browser_page
 from torch import nn
 
 import gradflow
-from analyses.live import LiveView
+from gradflow.analyses.live import LiveView
 from gradflow.cli.watch import HOST, make_server
 
 
