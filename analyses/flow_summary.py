@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from gradflow.analyses.runs import optimizer_of, run_attrs, runs, select_layers, step_blocks
+from gradflow.analyses.runs import optimizer_of, run_attrs, runs, select_layers, step_chunks
 from gradflow.models.naming import stage_of
 
 COLUMNS = [
@@ -57,7 +57,7 @@ def _mean_over_steps(st: xr.Dataset | None, name: str, layers, geometric: bool =
     da = select_layers(st, layers)[name].transpose("step", "layer")
     total = np.zeros(da.sizes["layer"])
     count = np.zeros(da.sizes["layer"])
-    for _, block in step_blocks(da):
+    for _, block in step_chunks(da):
         if geometric:
             with np.errstate(divide="ignore", invalid="ignore"):
                 block = np.log(block)
@@ -97,7 +97,7 @@ def _nonfinite(st: xr.Dataset | None) -> dict:
     da = select_layers(st, "all")["nonfinite"].transpose("step", "layer")  # layers in depth order
     per_layer = np.zeros(da.sizes["layer"])
     steps_hit: list[np.ndarray] = []
-    for start, block in step_blocks(da):
+    for start, block in step_chunks(da):
         block = np.nan_to_num(block)
         per_layer += block.sum(axis=0)
         steps_hit.append(start + np.flatnonzero(block.sum(axis=1) > 0))

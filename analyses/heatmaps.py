@@ -30,7 +30,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from gradflow.analyses.panel_grid import PanelLayout
-from gradflow.analyses.runs import layer_groups, runs, segment_mean, select_layers, step_blocks
+from gradflow.analyses.runs import layer_groups, runs, segment_mean, select_layers, step_chunks
 from gradflow.errors import GradflowError
 from gradflow.schema import LABELS
 from gradflow.summary import read_steps
@@ -43,7 +43,7 @@ STATE_NAMES = {NO_DATA: "no data", NO_UPDATE: "no update (0)", NONFINITE: "non-f
 MAX_NAMED_LAYERS = 28  # above this, the layer axis is labelled by module-prefix groups
 
 
-def _levels(data: xr.Dataset | xr.DataTree) -> tuple[dict[str, xr.Dataset], dict[str, xr.Dataset]]:
+def _runs_per_dim(data: xr.Dataset | xr.DataTree) -> tuple[dict[str, xr.Dataset], dict[str, xr.Dataset]]:
     """(epoch-level runs, step-level runs); a bare Dataset fills only the level it has."""
     if isinstance(data, xr.Dataset):
         return (runs(data, "epoch") if "epoch" in data.dims else {}), (
@@ -55,7 +55,7 @@ def _levels(data: xr.Dataset | xr.DataTree) -> tuple[dict[str, xr.Dataset], dict
 def per_layer_variables(data: xr.Dataset | xr.DataTree, per: str = "epoch") -> list[str]:
     """The variables a heatmap can draw at ``per``: those with a ``layer`` dimension (step-level ones
     count for ``per="epoch"`` too, averaged over each epoch)."""
-    epoch_runs, step_runs = _levels(data)
+    epoch_runs, step_runs = _runs_per_dim(data)
     levels = [*step_runs.values()] + ([*epoch_runs.values()] if per == "epoch" else [])
     return sorted({name for ds in levels for name, var in ds.data_vars.items() if "layer" in var.dims})
 
@@ -67,7 +67,7 @@ def check_stat(data: xr.Dataset | xr.DataTree, stat: str, per: str) -> None:
     valid = per_layer_variables(data, per)
     if stat in valid:
         return
-    epoch_runs, step_runs = _levels(data)
+    epoch_runs, step_runs = _runs_per_dim(data)
     where = {"train_loss": "the loss curves", "val_loss": "the loss curves", "lr": "the learning-rate plot",
              "skipped": "the report's step counts"}
     known = any(stat in ds.variables for ds in [*epoch_runs.values(), *step_runs.values()])
@@ -87,8 +87,8 @@ def _segment_any(st: xr.Dataset, stat: str, labels: np.ndarray) -> np.ndarray:
     out = np.zeros((len(keys), st.sizes["layer"]), dtype=bool)
     value = st[stat].transpose("step", "layer")
     count = st["nonfinite"].transpose("step", "layer") if "nonfinite" in st and stat != "nonfinite" else None
-    counts = step_blocks(count) if count is not None else None
-    for start, v in step_blocks(value):
+    counts = step_chunks(count) if count is not None else None
+    for start, v in step_chunks(value):
         flag = np.isinf(v)
         if counts is not None:
             _, c = next(counts)
@@ -161,7 +161,7 @@ def heatmap_data(
     Raises :class:`GradflowError` for a ``stat`` without a layer dimension or a bad ``per``.
     """
     check_stat(data, stat, per)
-    epoch_runs, step_runs = _levels(data)
+    epoch_runs, step_runs = _runs_per_dim(data)
     out: dict[str, xr.DataArray] = {}
     for name in dict.fromkeys([*epoch_runs, *step_runs]):
         ep, st = epoch_runs.get(name), step_runs.get(name)
@@ -200,7 +200,7 @@ def _segment_counts(st: xr.Dataset, labels: np.ndarray) -> np.ndarray:
     """(segments, layers): total non-finite gradient values per segment (NaN counts as 0)."""
     keys, segment = np.unique(labels, return_inverse=True)
     out = np.zeros((len(keys), st.sizes["layer"]))
-    for start, block in step_blocks(st["nonfinite"].transpose("step", "layer")):
+    for start, block in step_chunks(st["nonfinite"].transpose("step", "layer")):
         seg = segment[start : start + len(block)]
         np.add.at(out, seg, np.nan_to_num(block))
     return out

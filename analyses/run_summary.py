@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from gradflow.analyses.runs import layer_groups, select_layers, step_blocks
+from gradflow.analyses.runs import layer_groups, select_layers, step_chunks
 
 
 def _per_layer_sum(da: xr.DataArray, transform=None) -> tuple[np.ndarray, np.ndarray]:
     """(sum over steps of finite values, count of finite values) per layer."""
     total = np.zeros(da.sizes["layer"])
     count = np.zeros(da.sizes["layer"])
-    for _, block in step_blocks(da.transpose("step", "layer")):
+    for _, block in step_chunks(da.transpose("step", "layer")):
         if transform is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 block = transform(block)
@@ -50,7 +50,7 @@ def nonfinite_events(st: xr.Dataset, limit: int = 20) -> tuple[pd.DataFrame, int
     types = [str(t) for t in st["module_type"].values] if "module_type" in st.coords else [""] * len(names)
     if "nonfinite" not in st:
         return pd.DataFrame(columns=["step", "epoch", "layer", "module_type", "values"]), 0
-    for start, block in step_blocks(st["nonfinite"].transpose("step", "layer")):
+    for start, block in step_chunks(st["nonfinite"].transpose("step", "layer")):
         hits = np.argwhere(np.nan_to_num(block) > 0)
         total += len(hits)
         for i, j in hits[: max(0, limit - len(rows))]:

@@ -172,7 +172,7 @@ def stages(layer_names: list[str], fold_skips: bool = False) -> list[tuple[str, 
     return out
 
 
-def step_blocks(da: xr.DataArray, max_elements: int = 1 << 22) -> Iterator[tuple[int, np.ndarray]]:
+def step_chunks(da: xr.DataArray, max_elements: int = 1 << 22) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first step position, float64 array (steps, layer))`` blocks of a (step, layer) array.
 
     Blocks are whole multiples of the store's step chunk, about ``max_elements`` values each, so a
@@ -203,7 +203,7 @@ def segment_mean(da: xr.DataArray, labels: np.ndarray, max_elements: int = 1 << 
     width = int(np.prod([da.sizes[d] for d in da.dims if d != "step"]))
     sums = np.zeros((len(keys), width))
     counts = np.zeros((len(keys), width))
-    for start, values in step_blocks(da, max_elements):
+    for start, values in step_chunks(da, max_elements):
         values = values.reshape(len(values), width)
         seg = segment[start : start + len(values)]
         starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])

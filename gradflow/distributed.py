@@ -1,4 +1,4 @@
-"""Recording sharded models under torch.distributed: FSDP1, FSDP2 and HSDP, with global figures.
+"""Recording sharded models under torch.distributed: FSDP1, FSDP2 and HSDP, with global statistics.
 
 What each parallel layout needs:
 
@@ -10,7 +10,7 @@ What each parallel layout needs:
   ``HYBRID_SHARD``): each rank holds a flat slice of every parameter (possibly empty).
 
 For the sharded layouts every rank runs the Recorder's hooks on its local shards
-(:mod:`gradflow.quantities`), and :class:`Reducer` combines the per-tensor partial figures over the
+(:mod:`gradflow.quantities`), and :class:`Reducer` combines the per-tensor partial statistics over the
 shard process group at the end of each recorded step: sums of squares (norms), absolute sums,
 non-finite counts in one ``all_reduce(SUM)``, maxima and "had a gradient" in one
 ``all_reduce(MAX)`` (two collectives per recorded step, one per epoch); rank 0 writes. Layer
@@ -37,7 +37,7 @@ from gradflow.errors import GradflowError
 
 WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
-# Per-tensor figures summed over shards (norms travel as sums of squares) and maxed over shards.
+# Per-tensor statistics summed over shards (norms travel as sums of squares) and maxed over shards.
 SUM_ROWS = (q.GRAD_NORM, q.GRAD_NONFINITE, q.PARAM_NORM_BEFORE, q.UPDATE_NORM, q.UPDATE_ABS_SUM,
             q.PARAM_NORM_AFTER)
 MAX_ROWS = (q.GRAD_MAX_ABS, q.UPDATE_MAX_ABS)
@@ -111,7 +111,7 @@ def sharding(model: nn.Module, params: list[torch.Tensor]) -> Sharding | None:
         return None
     if not all(getattr(m, "_use_orig_params", False) for m in wrappers):
         raise GradflowError("FullyShardedDataParallel with use_orig_params=False: the optimizer "
-                            "owns flattened parameters, so per-layer figures are not defined; "
+                            "owns flattened parameters, so per-layer statistics are not defined; "
                             "wrap with use_orig_params=True")
     strategies = {m.sharding_strategy.name for m in wrappers}
     if strategies == {"NO_SHARD"}:
@@ -153,7 +153,7 @@ def _fsdp2_sharding(params: list[torch.Tensor]) -> Sharding:
 
 
 class Reducer:
-    """Combines per-tensor partial figures of the local shards into global ones (see module doc).
+    """Combines per-tensor partial statistics of the local shards into global ones (see module doc).
 
     ``empty``: (T,) bool, tensors whose local shard is empty on this rank (they take no part in the
     local computation, and count as "no gradient here" so that another rank's gradient decides).
@@ -206,7 +206,7 @@ class Reducer:
         self.dist.all_reduce(maxima, op=self.dist.ReduceOp.MAX, group=self.group)
         for k in range(len(MAX_ROWS)):
             maxima[k][sums[len(SUM_ROWS) + k] > 0] = float("nan")
-        # Every row goes out: a figure no rank produced is 0, as the host would fill it anyway.
+        # Every row goes out: a statistic no rank produced is 0, as the host would fill it anyway.
         out = kept + [(row, self.all_index,
                        sums[k].sqrt() if q.STEP_KINDS[row] == "norm" else sums[k])
                       for k, row in enumerate(SUM_ROWS)]

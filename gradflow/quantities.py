@@ -1,8 +1,8 @@
-"""Per-tensor figures on the device, per-layer figures on the host.
+"""Per-tensor statistics on the device, per-layer statistics on the host.
 
 On a recorded step the Recorder needs, for every recorded parameter tensor, eight numbers: three about
 its gradient, two parameter norms and three about its real update Δw = w_after − w_before. Asking
-torch for them tensor by tensor costs a dispatch (and on a GPU a host sync) per tensor and figure,
+torch for them tensor by tensor costs a dispatch (and on a GPU a host sync) per tensor and statistic,
 which dominates a deep narrow network. Two kinds of bucket (same optimizer, device and dtype)
 avoid that (:func:`build_bucket` picks one):
 
@@ -15,18 +15,18 @@ avoid that (:func:`build_bucket` picks one):
   tensors, a fixed number of dispatches per bucket whatever the shapes (on a CPU those ops loop
   over the tensors one by one, which is slower than stacking).
 
-All figures of a step are copied to the host once per device (:func:`to_host`; on the CPU the
+All statistics of a step are copied to the host once per device (:func:`to_host`; on the CPU the
 concatenation happens on the writer thread).
 
-Families of figures (Cockpit/BackPACK style, one function each):
+Families of statistics (Cockpit/BackPACK style, one function each):
 
-* :func:`gradient_figures` – ‖g‖, max|g|, and :func:`nonfinite_counts` – count of NaN/±Inf in g;
+* :func:`gradient_stats` – ‖g‖, max|g|, and :func:`nonfinite_counts` – count of NaN/±Inf in g;
 * :func:`norms` – ‖w‖ (parameter norms, before and after the step);
-* :func:`update_figures` – ‖d‖, Σ|d|, max|d| of the update d (sign does not matter).
+* :func:`update_stats` – ‖d‖, Σ|d|, max|d| of the update d (sign does not matter).
 
-Figures are computed in float32 (float64 for float64 parameters): bfloat16/float16 tensors are upcast
-exactly before any arithmetic. Per-layer figures (:func:`layer_step_figures`,
-:func:`layer_epoch_figures`) combine a layer's tensors on the host in float64: norms are
+Statistics are computed in float32 (float64 for float64 parameters): bfloat16/float16 tensors are upcast
+exactly before any arithmetic. Per-layer statistics (:func:`layer_step_stats`,
+:func:`layer_epoch_stats`) combine a layer's tensors on the host in float64: norms are
 sqrt(Σ‖·‖²), means Σ|·| / Σnumel, maxima the max over tensors.
 
 Memory per bucket, for P bytes of parameters: the Δw snapshot in the parameters' own dtype (P),
@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# Rows of the per-tensor figure matrix (F × T) that one recorded step produces.
+# Rows of the per-tensor statistic matrix (F × T) that one recorded step produces.
 GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM_BEFORE, UPDATE_NORM, UPDATE_ABS_SUM, \
     UPDATE_MAX_ABS, PARAM_NORM_AFTER = range(8)
-NUM_FIGURES = 8
+NUM_STATS = 8
 FOUND_INF = -1  # pseudo-row: GradScaler's found_inf flag handed to a fused optimizer (see recorder)
 
 # A shape class this small (fewer than RAGGED_MAX_TENSORS tensors, at most RAGGED_MAX_ELEMENTS
@@ -63,10 +63,10 @@ SCRATCH_MIN_ELEMENTS = 1 << 18
 # Which bucket kind the Recorder builds (see build_bucket): "auto", "stack" or "foreach".
 STRATEGY = "auto"
 
-# Rows of the per-tensor figure matrix (2 × T) that one epoch produces.
+# Rows of the per-tensor statistic matrix (2 × T) that one epoch produces.
 EPOCH_ABS_SUM, EPOCH_NORM = range(2)
 
-# How the figures of one tensor's parts (blocks, shards) combine: norms as sqrt(Σ‖·‖²), sums
+# How the statistics of one tensor's parts (blocks, shards) combine: norms as sqrt(Σ‖·‖²), sums
 # added, maxima the max.
 STEP_KINDS = ("norm", "max", "sum", "norm", "norm", "sum", "max", "norm")
 EPOCH_KINDS = ("sum", "norm")
@@ -95,7 +95,7 @@ def l2_norm(rows: torch.Tensor) -> torch.Tensor:
     return norm
 
 
-def gradient_figures(grads: torch.Tensor) -> list[torch.Tensor]:
+def gradient_stats(grads: torch.Tensor) -> list[torch.Tensor]:
     """Row-wise ‖g‖ and max|g| of a ``(k, n)`` gradient matrix, which is overwritten by |g|.
 
     Both are NaN/Inf when a row holds NaN/Inf (|g| keeps them where they are). (On a CPU,
@@ -120,7 +120,7 @@ def norms(weights: torch.Tensor) -> torch.Tensor:
     return l2_norm(weights)
 
 
-def update_figures(diff: torch.Tensor) -> list[torch.Tensor]:
+def update_stats(diff: torch.Tensor) -> list[torch.Tensor]:
     """Row-wise ‖d‖, Σ|d| and max|d| of a ``(k, n)`` update matrix, which is overwritten by |d|."""
     magnitude = diff.abs_()
     return [l2_norm(magnitude), magnitude.sum(1), magnitude.amax(1)]
@@ -225,7 +225,7 @@ class RaggedClass(ShapeClass):
 
     A model's odd tensors (first and last layer, a lone bias of one element, a few biases) would
     each be a shape class of its own, costing a dozen kernel launches apiece per recorded step;
-    here they cost a dozen together. The zero padding changes no figure (it adds 0 to every sum
+    here they cost a dozen together. The zero padding changes no statistic (it adds 0 to every sum
     and norm, and max|·| ≥ 0). ``snapshot``, ``scratch`` (and ``epoch``) are this class's own
     zero-initialised ``(k, width)`` buffers, filled through per-tensor views of their rows.
     """
@@ -253,7 +253,7 @@ class BlockClass(ShapeClass):
     """One block (a flat range ``[start, stop)``) of a tensor too large for the scratch buffer.
 
     A tensor larger than the bucket's scratch is read block by block, each a one-row matrix; the
-    host combines the blocks' figures (:class:`Split`), so no buffer larger than the scratch is
+    host combines the blocks' statistics (:class:`Split`), so no buffer larger than the scratch is
     ever needed.
     """
 
@@ -282,7 +282,7 @@ class Bucket:
     gradients and parameters are copied class by class (a class larger than it is split into
     blocks); on a CPU, a transient of the same size when a bfloat16/float16 difference is upcast;
     and the epoch-start copy in host memory in the parameters' own dtype (P). With
-    ``snapshot=False`` there is no snapshot and no epoch copy (gradient figures and ‖w‖ only).
+    ``snapshot=False`` there is no snapshot and no epoch copy (gradient statistics and ‖w‖ only).
     """
 
     device: torch.device
@@ -363,9 +363,9 @@ class Bucket:
         return self.gradient_parts(present, grad_scale) + self.snapshot()
 
     def gradient_parts(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
-        """Gradient figures of the current ``.grad``; returns ``(row, index, values)`` parts.
+        """Gradient statistics of the current ``.grad``; returns ``(row, index, values)`` parts.
 
-        ``present`` (host, per global tensor) is cleared where a tensor has no gradient; its figures
+        ``present`` (host, per global tensor) is cleared where a tensor has no gradient; its statistics
         are then computed on zeros and the host turns them into NaN. ``grad_scale`` is the loss scale
         a GradScaler hands to a fused optimizer, whose gradients are still scaled at this point.
         Non-finite entries are counted on the GPU always; on the CPU, where looking at a value costs
@@ -376,7 +376,7 @@ class Bucket:
         inv_scale = None if grad_scale is None else grad_scale.to(self.device).double().reciprocal()
         for c in self.classes:
             matrix = c.stack_grads(present)
-            norm, max_abs = gradient_figures(matrix)
+            norm, max_abs = gradient_stats(matrix)
             if count_now:
                 parts.append((GRAD_NONFINITE, c.index, nonfinite_counts(matrix)))
             else:
@@ -404,7 +404,7 @@ class Bucket:
         return weights
 
     def after_step(self) -> list:
-        """‖w‖ after the step and the update figures, from the snapshot taken by :meth:`before_step`."""
+        """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`before_step`."""
         parts = []
         for c in self.classes:
             after = c.stack_params()
@@ -415,12 +415,12 @@ class Bucket:
                 diff = c.snapshot_rows.sub_(after)  # w_before − w_after, in place
             else:
                 diff = after.sub_(c.snapshot_rows)  # w_after − w_before, upcast while subtracting
-            norm, abs_sum, max_abs = update_figures(diff)
+            norm, abs_sum, max_abs = update_stats(diff)
             parts += [(UPDATE_NORM, c.index, norm), (UPDATE_ABS_SUM, c.index, abs_sum),
                       (UPDATE_MAX_ABS, c.index, max_abs)]
         return parts
 
-    def idle(self) -> list:
+    def not_stepped(self) -> list:
         """‖w‖ for a recorded step in which this bucket's optimizer did not step (no update)."""
         parts = []
         for c in self.classes:
@@ -464,14 +464,14 @@ class ForeachBucket:
     """The recorded tensors of one optimizer, device and dtype, reduced with multi-tensor kernels.
 
     Where :class:`Bucket` stacks each shape class into a matrix (few, large dispatches: fastest on
-    a CPU), this computes every figure with ``torch._foreach_norm`` / ``_foreach_copy_`` /
+    a CPU), this computes every statistic with ``torch._foreach_norm`` / ``_foreach_copy_`` /
     ``_foreach_sub_`` over all the bucket's tensors at once: on a GPU each is one multi-tensor
     kernel launch per ~100 tensors, so a recorded step costs a fixed handful of launches per
     bucket whatever the number of shapes, with no stacking copies and one ``stack`` of the results.
-    Figures are the same as :class:`Bucket`'s (float32 accumulation, float64 for float64).
+    Statistics are the same as :class:`Bucket`'s (float32 accumulation, float64 for float64).
 
     Memory: the Δw snapshot in the parameters' own dtype (for float32/float64 the update is taken
-    in place in it, no scratch); for bfloat16/float16 parameters, and for the epoch figures, a
+    in place in it, no scratch); for bfloat16/float16 parameters, and for the epoch statistics, a
     scratch of at most :data:`SCRATCH_FRACTION` of the parameters' bytes, used block by block;
     the epoch-start copy in host memory in the parameters' own dtype. One host sync per recorded
     step: whether any max|g| is non-finite (then the non-finite entries are counted).
@@ -580,7 +580,7 @@ class ForeachBucket:
         return out
 
     def _chunked_difference(self, start: list[torch.Tensor], rows: tuple) -> list:
-        """Figures ``rows`` (ord 2, 1[, inf]) of (current − start), upcast block by block."""
+        """Statistics ``rows`` (ord 2, 1[, inf]) of (current − start), upcast block by block."""
         parts, data = [], self.data()
         for c, views in enumerate(self.scratch_views):
             torch._foreach_copy_(views, self._blocks(c, start))
@@ -605,7 +605,7 @@ class ForeachBucket:
         return [(PARAM_NORM_AFTER, self.index, torch.stack(after))] + self._chunked_difference(
             self.snaps, (UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))
 
-    def idle(self) -> list:
+    def not_stepped(self) -> list:
         norm = torch.stack(self._norms(self.data()))
         return [(PARAM_NORM_BEFORE, self.index, norm), (PARAM_NORM_AFTER, self.index, norm)]
 
@@ -640,8 +640,8 @@ def build_bucket(params: list[torch.Tensor], index: list[int], snapshot: bool = 
 
 
 @dataclass
-class HostFigures:
-    """Figures of one step or epoch on their way to the host: one vector per device."""
+class HostStats:
+    """Statistics of one step or epoch on their way to the host: one vector per device."""
 
     vectors: list  # per device: a host tensor, or on the CPU the parts' tensors, joined by resolve()
     layouts: list[list[tuple[int, np.ndarray]]]
@@ -650,12 +650,12 @@ class HostFigures:
     def resolve(self, rows: int, tensors: int) -> tuple[np.ndarray, float]:
         """Wait for the copies; scatter into a zero ``(rows, tensors)`` float64 matrix.
 
-        ``rows`` is :data:`NUM_FIGURES` (a step) or 2 (an epoch). Parts of one tensor's blocks
+        ``rows`` is :data:`NUM_STATS` (a step) or 2 (an epoch). Parts of one tensor's blocks
         (:class:`Split`) are combined: norms as sqrt(Σ‖·‖²), sums added, maxima the max.
         Returns the matrix and the sum of any :data:`FOUND_INF` flags.
         """
         out = np.zeros((rows, tensors))
-        kinds = STEP_KINDS if rows == NUM_FIGURES else EPOCH_KINDS
+        kinds = STEP_KINDS if rows == NUM_STATS else EPOCH_KINDS
         blocks, in_blocks = None, {}  # per row: split parts, combined apart (never overlapping)
         found_inf = 0.0
         for vector, layout, event in zip(self.vectors, self.layouts, self.events):
@@ -693,11 +693,11 @@ class HostFigures:
         return out, found_inf
 
 
-def to_host(parts: list) -> HostFigures:
+def to_host(parts: list) -> HostStats:
     """Concatenate ``(row, index, values)`` parts per device and start one device→host copy each.
 
     CPU parts are already on the host: they are kept as they are (fresh tensors nothing writes to
-    again) and joined by :meth:`HostFigures.resolve` on the writer thread, off the training thread.
+    again) and joined by :meth:`HostStats.resolve` on the writer thread, off the training thread.
     """
     by_device: dict[torch.device, list] = {}
     for part in parts:
@@ -720,19 +720,19 @@ def to_host(parts: list) -> HostFigures:
         vectors.append(vector)
         layouts.append([(row, index) for row, index, _ in group])
         events.append(event)
-    return HostFigures(vectors, layouts, events)
+    return HostStats(vectors, layouts, events)
 
 
-def layer_step_figures(per_tensor: np.ndarray, present: np.ndarray, starts: np.ndarray,
+def layer_step_stats(per_tensor: np.ndarray, present: np.ndarray, starts: np.ndarray,
                        numel: np.ndarray, owned: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-layer step figures from per-tensor ones.
+    """Per-layer step statistics from per-tensor ones.
 
-    ``per_tensor``: (n, NUM_FIGURES, T) float64; ``present``: (n, T) bool, whether a tensor had a
+    ``per_tensor``: (n, NUM_STATS, T) float64; ``present``: (n, T) bool, whether a tensor had a
     gradient; ``starts``: (L,) index of each layer's first tensor (tensors are in layer order);
-    ``numel``: (L,) element count per layer. Gradient figures are over the tensors that had a
+    ``numel``: (L,) element count per layer. Gradient statistics are over the tensors that had a
     gradient, NaN for a layer none of whose tensors had one. ``owned``: (n, T) bool, whether an
     optimizer owned the tensor at that step (default: all); a layer none of whose tensors an
-    optimizer owned gets NaN ``param_norm`` and ``update_ratio`` (its update figures are 0: no
+    optimizer owned gets NaN ``param_norm`` and ``update_ratio`` (its update statistics are 0: no
     optimizer step changes it). Returns (n, L) float32 arrays.
     """
     def add(values):
@@ -746,7 +746,7 @@ def layer_step_figures(per_tensor: np.ndarray, present: np.ndarray, starts: np.n
 
     has_grad = np.logical_or.reduceat(present, starts, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        figures = {
+        statistics = {
             "grad_norm": norm(GRAD_NORM),
             "grad_max_abs": largest(GRAD_MAX_ABS),
             "update_norm": norm(UPDATE_NORM),
@@ -757,17 +757,17 @@ def layer_step_figures(per_tensor: np.ndarray, present: np.ndarray, starts: np.n
             "nonfinite": add(per_tensor[:, GRAD_NONFINITE]),
         }
     for name in ("grad_norm", "grad_max_abs", "nonfinite"):
-        figures[name][~has_grad] = np.nan
+        statistics[name][~has_grad] = np.nan
     if owned is not None:
         has_owner = np.logical_or.reduceat(owned, starts, axis=1)
         for name in ("param_norm", "update_ratio"):
-            figures[name][~has_owner] = np.nan
-    return {name: values.astype(np.float32) for name, values in figures.items()}
+            statistics[name][~has_owner] = np.nan
+    return {name: values.astype(np.float32) for name, values in statistics.items()}
 
 
-def layer_epoch_figures(per_tensor: np.ndarray, starts: np.ndarray,
+def layer_epoch_stats(per_tensor: np.ndarray, starts: np.ndarray,
                         numel: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-layer epoch figures from a (2, T) matrix: mean |W_end − W_start| and ‖W_end − W_start‖."""
+    """Per-layer epoch statistics from a (2, T) matrix: mean |W_end − W_start| and ‖W_end − W_start‖."""
     abs_sum = np.add.reduceat(per_tensor[EPOCH_ABS_SUM], starts)
     norm = np.sqrt(np.add.reduceat(per_tensor[EPOCH_NORM] ** 2, starts))
     return {"update_mean_abs": (abs_sum / numel).astype(np.float32),

@@ -12,16 +12,16 @@ passed in. Rows are made by the optimizers' step hooks only, never inferred from
 arrive, so probe backward passes, GAN losses that backpropagate through the other network, LBFGS's
 inner evaluations and gradient accumulation add no rows. With several optimizers a row closes when
 each has stepped once, or when one steps a second time (a GAN generator stepping once per k
-discriminator steps): an optimizer that did not step in a row shows NaN gradient figures and zero
+discriminator steps): an optimizer that did not step in a row shows NaN gradient statistics and zero
 update for its layers there.
 
 Which gradient. On a recorded step (``step % every == 0``) the step pre-hook copies the parameters
-into the Δw snapshot and computes the gradient figures from what ``.grad`` holds when the optimizer
+into the Δw snapshot and computes the gradient statistics from what ``.grad`` holds when the optimizer
 takes it: at the pre-hook for ``step()``; for ``step(closure)`` right after the closure's first
 evaluation (the closure computes the gradient: Lightning's default, LBFGS, SAM). LBFGS evaluates
 its closure several times in one ``step()``: the recorded gradient is the first evaluation's, the
 gradient at w_before from which the step starts; Δw is the change over the whole ``step()``. The
-post-hook compares the parameters with the snapshot. All figures of the step go to the host in one
+post-hook compares the parameters with the snapshot. All statistics of the step go to the host in one
 copy per device (:mod:`gradflow.quantities`); the background writer turns them into per-layer rows
 and appends them to Zarr (:mod:`gradflow.store`). Steps that are not recorded cost two Python calls.
 
@@ -40,7 +40,7 @@ A step the optimizer never takes and nobody reports (GradScaler without ``scaler
 ``skip_step()``) is no row: the store holds the steps that were taken.
 
 Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
-a module that directly owns parameters). One that no optimizer owns (yet) has NaN gradient figures,
+a module that directly owns parameters). One that no optimizer owns (yet) has NaN gradient statistics,
 ``param_norm`` and ``update_ratio`` and zero update. A param group added later
 (``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
 ``len(param_groups)`` check per step) and recorded from that step on.
@@ -112,7 +112,7 @@ class _StepRow:
     skipped: bool
     present: np.ndarray  # (tensors,) bool: which tensors had a gradient
     owned: np.ndarray  # (tensors,) bool: which tensors an optimizer owned
-    figures: quantities.HostFigures
+    stats: quantities.HostStats
     lr: np.ndarray | None = None  # (param groups,) float64: each group's lr at this step
 
 
@@ -121,7 +121,7 @@ class _EpochRow:
     epoch: int
     num_steps: int
     scalars: dict[str, float]
-    figures: quantities.HostFigures
+    stats: quantities.HostStats
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -277,7 +277,7 @@ def _owners(optimizers: list[torch.optim.Optimizer]) -> dict[int, int]:
 def _buckets(tensors: list, index: list[int], snapshot: bool = True) -> list:
     """Tensors ``index`` (of ``tensors``) grouped by (device, dtype), each with its layer-order index.
 
-    Tensors whose local shard is empty (FSDP) take no part here (their figures are the other ranks').
+    Tensors whose local shard is empty (FSDP) take no part here (their statistics are the other ranks').
     """
     by_key: dict[tuple, tuple[list, list]] = {}
     for t in index:
@@ -424,7 +424,7 @@ def _synchronized(method):
 
 
 class Recorder:
-    """Record per-layer, per-step gradient and update figures of ``model`` into a Zarr store.
+    """Record per-layer, per-step gradient and update statistics of ``model`` into a Zarr store.
 
     Args:
         model: the module being trained (DDP / torch.compile wrappers are looked through). Every
@@ -446,14 +446,14 @@ class Recorder:
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the steps it skips
             (Inf/NaN gradients) are recorded as skipped rows (fused optimizers need no scaler).
         snapshot: keep the Δw snapshot and the epoch-start copy (each one copy of the recorded
-            parameters, in their own dtype). ``False`` records gradient figures and ‖w‖ only:
-            the update figures and epoch figures are NaN, and no parameter copy is kept.
+            parameters, in their own dtype). ``False`` records gradient statistics and ‖w‖ only:
+            the update statistics and epoch statistics are NaN, and no parameter copy is kept.
 
     Raises:
         GradflowError: on any bad argument, before the store is created or touched.
 
     Under torch.distributed rank 0 writes. With DDP (whole parameters on every rank) the other
-    ranks do nothing; with FSDP1/FSDP2/HSDP every rank computes figures of its shards and they are
+    ranks do nothing; with FSDP1/FSDP2/HSDP every rank computes statistics of its shards and they are
     combined over the shard group (:mod:`gradflow.distributed`), so every rank must create the
     Recorder, step, call ``end_epoch`` and ``close`` alike.
     """
@@ -547,7 +547,7 @@ class Recorder:
         self._row_open = False
         self._recording = False
         self._resolved: list[str | None] = [None] * n  # per optimizer: None, "step" or "skip"
-        self._grad_due = [False] * n  # the step's gradient figures are still to be taken
+        self._grad_due = [False] * n  # the step's gradient statistics are still to be taken
         self._grad_scale: list = [None] * n
         self._step_calls = [0] * n  # pre-hook calls, to see a GradScaler step that did not step
         self._outer: list = [None] * n  # frame of the step() call in progress (see _step_frame)
@@ -596,7 +596,7 @@ class Recorder:
     def skip_step(self, optimizer=None) -> None:
         """Record that the training loop skips this step (e.g. ``if not finite: continue``).
 
-        The step becomes a row with ``skipped=True``, zero update and the gradient figures of what
+        The step becomes a row with ``skipped=True``, zero update and the gradient statistics of what
         ``.grad`` holds now (non-finite counts per layer: where the NaN/Inf is), so call it before
         the gradients are cleared. ``optimizer``: the one that skips (default: every optimizer
         passed in that has not stepped in the current row). The step counter advances.
@@ -771,7 +771,7 @@ class Recorder:
 
     @_synchronized
     def _take_gradient(self, i: int) -> None:
-        """The gradient figures of optimizer ``i``'s step (once per step: LBFGS's first evaluation)."""
+        """The gradient statistics of optimizer ``i``'s step (once per step: LBFGS's first evaluation)."""
         if not self._grad_due[i] or self._closed:
             return
         self._grad_due[i] = False
@@ -856,7 +856,7 @@ class Recorder:
             self._grad_due[i] = False
             with torch.no_grad():
                 for bucket in self._buckets[i]:
-                    self._parts += bucket.gradient_parts(self._present, None) + bucket.idle()
+                    self._parts += bucket.gradient_parts(self._present, None) + bucket.not_stepped()
         if all(r is not None for r in self._resolved):
             self._close_row()
 
@@ -872,7 +872,7 @@ class Recorder:
                 for i, state in enumerate(self._resolved):
                     if state is None:
                         for bucket in self._buckets[i]:
-                            self._parts += bucket.idle()
+                            self._parts += bucket.not_stepped()
                         self._present[self._tensors_of[i]] = False
             self._present[~self._owned] = False
             if self._reducer is not None:
@@ -964,20 +964,20 @@ class Recorder:
         self._write_failures, self._error = 0, None
 
     def _columns(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int) -> Rows:
-        """Per-tensor host figures → per-layer columns, all rows of the hand-off at once."""
+        """Per-tensor host statistics → per-layer columns, all rows of the hand-off at once."""
         step_columns: dict[str, np.ndarray] = {}
         if steps:
-            per_tensor = np.empty((len(steps), quantities.NUM_FIGURES, self._num_tensors))
+            per_tensor = np.empty((len(steps), quantities.NUM_STATS, self._num_tensors))
             skipped = np.empty(len(steps), dtype=bool)
             for k, row in enumerate(steps):
-                per_tensor[k], found_inf = row.figures.resolve(quantities.NUM_FIGURES,
+                per_tensor[k], found_inf = row.stats.resolve(quantities.NUM_STATS,
                                                                self._num_tensors)
                 skipped[k] = row.skipped or found_inf > 0
             present = np.stack([row.present for row in steps])
             owned = np.stack([row.owned for row in steps])
-            step_columns = quantities.layer_step_figures(per_tensor, present, self._starts,
+            step_columns = quantities.layer_step_stats(per_tensor, present, self._starts,
                                                          self._numel, owned)
-            if not self._snapshot:  # no Δw snapshot: no update figures
+            if not self._snapshot:  # no Δw snapshot: no update statistics
                 for name in ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio"):
                     step_columns[name][:] = np.nan
             step_columns.update(step=np.array([r.step for r in steps], dtype=np.int64),
@@ -986,9 +986,9 @@ class Recorder:
                                 lr=np.stack([r.lr for r in steps]))
         epoch_columns: dict[str, np.ndarray] = {}
         if epochs:
-            figures = [quantities.layer_epoch_figures(row.figures.resolve(2, self._num_tensors)[0],
+            statistics = [quantities.layer_epoch_stats(row.stats.resolve(2, self._num_tensors)[0],
                                                       self._starts, self._numel) for row in epochs]
-            epoch_columns = {name: np.stack([f[name] for f in figures]) for name in figures[0]}
+            epoch_columns = {name: np.stack([f[name] for f in statistics]) for name in statistics[0]}
             if not self._snapshot:
                 epoch_columns = {name: np.full_like(v, np.nan) for name, v in epoch_columns.items()}
             epoch_columns.update(epoch=np.array([r.epoch for r in epochs], dtype=np.int64),

@@ -1,8 +1,8 @@
-"""A multi-resolution summary of a run's step figures, kept while recording, so that long runs plot fast.
+"""A multi-resolution summary of a run's step statistics, kept while recording, so that long runs plot fast.
 
-A 10⁶-step × 1,000-layer run holds 8·10⁹ step figures; a per-step heatmap needs a few hundred rows.
+A 10⁶-step × 1,000-layer run holds 8·10⁹ step statistics; a per-step heatmap needs a few hundred rows.
 Next to the raw rows the store keeps, for each block of ``b`` recorded rows (``b`` in :data:`LEVELS`)
-and each figure and layer, four statistics (:data:`STATS`)::
+and each statistic and layer, four statistics (:data:`STATS`)::
 
     summary/                      attrs: gradflow_kind="summary", rows (rows summarised so far)
         256/, 4096/               one group per block size b (rows per block)
@@ -13,7 +13,7 @@ and each figure and layer, four statistics (:data:`STATS`)::
 
 ``mean``, ``min`` and ``max`` are over the block's finite values (NaN when it has none); ``nonfinite``
 counts its NaN and ±Inf values, so a NaN in a block stays visible. Only complete blocks are stored:
-the summary is written when a span of :data:`SPAN` rows is complete (one chunk per level and figure,
+the summary is written when a span of :data:`SPAN` rows is complete (one chunk per level and statistic,
 never rewritten), so it trails the raw rows by less than ``SPAN`` rows; :func:`read_steps` summarises
 that tail from the raw rows. A group opens with plain xarray::
 
@@ -49,7 +49,7 @@ STAT_DESCRIPTIONS = {
 
 @dataclass
 class Blocks:
-    """Reductions of figures over consecutive row segments: arrays ``(segments, variables, layers)``.
+    """Reductions of statistics over consecutive row segments: arrays ``(segments, variables, layers)``.
 
     ``sum`` and ``count`` are over finite values (float64, int64); ``low``/``high`` are their min/max
     (±inf where a segment has no finite value); ``nonfinite`` counts NaN and ±Inf values.
@@ -189,7 +189,7 @@ class SummaryWriter:
                     self.done = []
 
     def _write_span(self, blocks: Blocks) -> None:
-        """Write one chunk per level and figure for the span just completed, then count it."""
+        """Write one chunk per level and statistic for the span just completed, then count it."""
         for level in LEVELS:
             group = self.group[str(level)]
             merged = blocks.merge(np.arange(0, len(blocks.rows), level // LEVELS[0]))
@@ -243,11 +243,11 @@ def _levels_of(run: xr.DataTree) -> dict[int, xr.Dataset]:
 def read_steps(run: xr.DataTree | str | os.PathLike, bins: int = 200,
                variables: list[str] | None = None, group: str | None = None,
                raw_fallback: bool = True) -> xr.Dataset | None:
-    """Step figures in ``bins`` consecutive bins of recorded rows, from the summary where it can.
+    """Step statistics in ``bins`` consecutive bins of recorded rows, from the summary where it can.
 
     ``run``: a run's node of a DataTree (``gradflow.open_tree``, a sweep's ``gradflow.open``)
     or a store path / URL (``group`` for a sweep's variant). Returns an ``xarray.Dataset`` with dims
-    ``(step, stat, layer)``: one variable per figure (default all), ``stat`` = mean, min, max,
+    ``(step, stat, layer)``: one variable per statistic (default all), ``stat`` = mean, min, max,
     nonfinite as in the stored summary; coordinates ``step`` (first step of the bin), ``step_end``
     (last step + 1), ``num_rows`` and the layer coordinates; ``attrs["source"]`` says what was read
     (``"summary/<rows per block>"`` or ``"raw"``).

@@ -13,7 +13,7 @@ INF, NAN = float("inf"), float("nan")
 
 def test_gradient_figures_on_hand_made_rows():
     grads = torch.tensor([[3.0, -4.0, 0.0, 0.0], [1.0, NAN, INF, -INF], [0.0, 0.0, 0.0, -2.0]])
-    norm, max_abs = (x.tolist() for x in q.gradient_figures(grads.clone()))
+    norm, max_abs = (x.tolist() for x in q.gradient_stats(grads.clone()))
     assert norm[0] == 5 and np.isnan(norm[1]) and norm[2] == 2
     assert max_abs[0] == 4 and np.isnan(max_abs[1]) and max_abs[2] == 2
     assert q.nonfinite_counts(grads.clone()).tolist() == [0, 3, 0]
@@ -22,7 +22,7 @@ def test_gradient_figures_on_hand_made_rows():
 
 def test_update_figures_and_norms():
     diff = torch.tensor([[3.0, -4.0, 0.0], [0.0, 0.0, 0.0], [-0.5, 0.25, 0.0]])
-    norm, abs_sum, max_abs = q.update_figures(diff.clone())
+    norm, abs_sum, max_abs = q.update_stats(diff.clone())
     np.testing.assert_allclose(norm.tolist(), [5.0, 0.0, np.sqrt(0.3125)], rtol=1e-7)
     assert abs_sum.tolist() == [7.0, 0.0, 0.75]
     assert max_abs.tolist() == [4.0, 0.0, 0.5]
@@ -51,7 +51,7 @@ def test_bucket_figures_for_bfloat16_with_a_missing_gradient(kind):
         for p in params:
             p.sub_(0.125 * torch.sign(p))  # a bf16 update
         parts += bucket.after_step()
-        matrix, found_inf = q.to_host(parts).resolve(q.NUM_FIGURES, 9)
+        matrix, found_inf = q.to_host(parts).resolve(q.NUM_STATS, 9)
         assert found_inf == 0 and matrix[q.GRAD_NONFINITE].sum() == len(bad)
         assert present.tolist() == [True] * 4 + [j not in missing for j in range(5)]
         for j, p in enumerate(params):
@@ -75,13 +75,13 @@ def test_grad_scale_unscales_the_gradient_figures(kind):
     p.grad = torch.tensor([6.0, -8.0])
     bucket = kind.build([p], [0])
     parts = bucket.before_step(np.ones(1, dtype=bool), grad_scale=torch.tensor(4.0))
-    matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 1)
+    matrix, _ = q.to_host(parts).resolve(q.NUM_STATS, 1)
     assert matrix[q.GRAD_NORM, 0] == 2.5 and matrix[q.GRAD_MAX_ABS, 0] == 2.0
 
 
 def test_layer_step_figures_combine_tensors():
     # Layer 0 = tensors 0, 1 (10 and 5 elements); layer 1 = tensor 2 (4 elements, no gradient).
-    per_tensor = np.zeros((1, q.NUM_FIGURES, 3))
+    per_tensor = np.zeros((1, q.NUM_STATS, 3))
     per_tensor[0, q.GRAD_NORM] = [3.0, 4.0, 0.0]
     per_tensor[0, q.GRAD_MAX_ABS] = [2.0, 3.0, 0.0]
     per_tensor[0, q.GRAD_NONFINITE] = [1.0, 2.0, 0.0]
@@ -91,7 +91,7 @@ def test_layer_step_figures_combine_tensors():
     per_tensor[0, q.UPDATE_MAX_ABS] = [0.5, 1.5, 0.0]
     per_tensor[0, q.PARAM_NORM_AFTER] = [1.0, np.sqrt(8.0), 4.0]
     present = np.array([[True, True, False]])
-    out = q.layer_step_figures(per_tensor, present, np.array([0, 2]), np.array([15.0, 4.0]))
+    out = q.layer_step_stats(per_tensor, present, np.array([0, 2]), np.array([15.0, 4.0]))
     assert out["grad_norm"][0, 0] == 5.0 and np.isnan(out["grad_norm"][0, 1])
     assert out["grad_max_abs"][0, 0] == 3.0 and np.isnan(out["grad_max_abs"][0, 1])
     assert out["nonfinite"][0, 0] == 3.0 and np.isnan(out["nonfinite"][0, 1])
@@ -105,7 +105,7 @@ def test_layer_step_figures_combine_tensors():
 
 def test_layer_epoch_figures():
     per_tensor = np.array([[3.0, 1.0, 8.0], [2.0, np.sqrt(5.0), 3.0]])  # abs sums, norms
-    out = q.layer_epoch_figures(per_tensor, np.array([0, 2]), np.array([8.0, 2.0]))
+    out = q.layer_epoch_stats(per_tensor, np.array([0, 2]), np.array([8.0, 2.0]))
     np.testing.assert_allclose(out["update_mean_abs"], [0.5, 4.0])
     np.testing.assert_allclose(out["update_norm"], [3.0, 3.0])
 
@@ -150,7 +150,7 @@ def test_small_scratch_splits_classes_and_blocks_exactly(dtype, kind):
         for p in params:
             p.sub_(0.01 * torch.sign(p) + 0.001 * torch.randn(p.shape).to(dtype))
         parts += bucket.after_step()
-        matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 6)
+        matrix, _ = q.to_host(parts).resolve(q.NUM_STATS, 6)
         for j, p in enumerate(params):
             expected = _reference_figures(p.grad.double().numpy(), before[j], p.double().numpy())
             for row, value in expected.items():
@@ -173,6 +173,6 @@ def test_snapshot_false_keeps_gradient_figures_and_norms_only(kind):
     parts += bucket.after_step()
     assert {row for row, _, _ in parts} == {q.GRAD_NORM, q.GRAD_MAX_ABS, q.PARAM_NORM_BEFORE,
                                             q.PARAM_NORM_AFTER}
-    matrix, _ = q.to_host(parts).resolve(q.NUM_FIGURES, 1)
+    matrix, _ = q.to_host(parts).resolve(q.NUM_STATS, 1)
     assert matrix[q.PARAM_NORM_BEFORE, 0] == 5.0 and matrix[q.GRAD_NORM, 0] == 1.0
     np.testing.assert_allclose(matrix[q.PARAM_NORM_AFTER, 0], np.sqrt(4.0 + 25.0))

@@ -47,11 +47,11 @@ def test_a_recorded_store_holds_the_declared_variables(tmp_path):
 
 def test_the_computation_produces_exactly_the_declared_figures():
     tensors, layers = 3, 2
-    per_tensor = np.ones((1, quantities.NUM_FIGURES, tensors))
+    per_tensor = np.ones((1, quantities.NUM_STATS, tensors))
     present = np.ones((1, tensors), bool)
     starts, numel = np.array([0, 2]), np.array([5, 7])
-    step = quantities.layer_step_figures(per_tensor, present, starts, numel)
-    epoch = quantities.layer_epoch_figures(np.ones((2, tensors)), starts, numel)
+    step = quantities.layer_step_stats(per_tensor, present, starts, numel)
+    epoch = quantities.layer_epoch_stats(np.ones((2, tensors)), starts, numel)
     assert set(step) == set(schema.names(schema.STEP_VARIABLES))
     assert set(epoch) == set(schema.names(schema.EPOCH_VARIABLES))
     assert all(values.shape[-1] == layers for values in step.values())
