@@ -56,6 +56,7 @@ from zarr.core.sync import sync
 
 from gradflow import schema
 from gradflow.errors import GradflowError
+from gradflow.paths import path_exists, store_url
 from gradflow.summary import SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
                            store_lock)
@@ -91,24 +92,6 @@ class LayerTable:
         return {"layer": np.array(self.names, dtype=str), "depth": np.arange(len(self.names)),
                 "module_type": np.array(self.module_types, dtype=str),
                 "num_params": np.array(self.num_params, dtype=np.int64)}
-
-
-def store_url(store: str | os.PathLike) -> str:
-    """A local path or fsspec URL as a string; anything else (``foo://``) is a user mistake."""
-    if isinstance(store, os.PathLike):
-        store = os.fspath(store)
-    if not isinstance(store, str) or not store:
-        raise GradflowError(f"store must be a path or URL string, got {store!r}")
-    filesystem(store)  # an unknown protocol or a missing fsspec backend: one line
-    return store
-
-
-def _path_exists(url: str) -> tuple[bool, bool]:
-    """(exists, is a Zarr v3 node) for a local path or fsspec URL."""
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        return False, False
-    return True, fs.exists(path.rstrip("/") + "/zarr.json")
 
 
 def _check_schema(attrs, where: str) -> None:
@@ -180,7 +163,7 @@ class RunStore:
         self._creating = creating_marker(self.fs, self.path, group)
         try:
             with store_lock(self.fs, self.path), _quiet_zarr():  # one creator at a time
-                exists, is_zarr = _path_exists(url)
+                exists, is_zarr = path_exists(url)
                 if exists and not is_zarr:
                     raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
                 self._open(layers, attrs, every, per_parameter, mode)

@@ -33,6 +33,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from gradflow.paths import store_url
+
 # Rows per block, one group each. Two levels 16× apart: ``bins`` bins need at most 16·bins blocks.
 # Every summary array costs each commit (which re-reads all metadata) some time, so they are few.
 LEVELS = (256, 4096)
@@ -215,8 +217,6 @@ def open_levels(store: str | os.PathLike, group: str | None = None) -> dict[str,
 
     Empty when the run has no summary (a store written before gradflow kept one).
     """
-    from gradflow.store import store_url
-
     url = store_url(store)
     prefix = f"{group.strip('/')}/summary" if group else "summary"
     try:

@@ -33,7 +33,7 @@ from typing import Any
 import zarr
 
 from gradflow.errors import GradflowError
-from gradflow.store import _path_exists
+from gradflow.paths import path_exists
 from gradflow.train import TrainConfig
 
 EXECUTORS = ("local", "ray")
@@ -338,7 +338,7 @@ def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool 
         raise GradflowError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     store = absolute_store(store)
     validate(variants)
-    exists, is_zarr = _path_exists(store)
+    exists, is_zarr = path_exists(store)
     if exists and not is_zarr:  # a file or a folder of something else: never write into it
         raise GradflowError(f"{store} exists and is not a Zarr store; choose another --out")
     consolidate(store)  # repair the readers' view if an earlier (Ray) driver was killed
