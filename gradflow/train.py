@@ -5,8 +5,9 @@ plus bookkeeping that stays on the device: losses and correct-pixel counts are a
 tensors and read back once per epoch, so the loop does not stall the GPU with per-step host syncs
 and keeps within a few percent of a hand-written loop (``gradflow bench train`` measures this).
 
-Defaults follow Drozdzal et al. 2016: RMSprop, lr 1e-3, weight decay 1e-3, flips / rotations /
-shear / elastic warping on the fly. ``optimizer="sgd"`` trains with SGD instead (momentum 0.9, no
+Defaults follow Drozdzal et al. 2016 (RMSprop, weight decay 1e-3, flips / rotations / shear /
+elastic warping on the fly) but for two settings without which nets without batch norm do not train:
+``init="scaled"`` and RMSprop's lr 1e-4 (the paper: He init, 1e-3; see :class:`TrainConfig`). ``optimizer="sgd"`` trains with SGD instead (momentum 0.9, no
 Nesterov, the same weight decay): its update is proportional to the gradient, so a starved layer
 shows as a small |ΔW|, while RMSprop divides each gradient by its running RMS and turns a tiny
 gradient into an ordinary-sized update (see the README's Results). The weights with the lowest validation loss are kept, saved
@@ -34,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,51 +45,85 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError
+from gradflow.losses import LOSSES
+from gradflow.models.blocks import BLOCKS
+from gradflow.models.fcn import INITS, check_dropout, nearest_side
+from gradflow.models.skips import LONG_SKIPS
 
 OPTIMIZERS = ("rmsprop", "sgd")
+DEFAULT_LR = {"rmsprop": 1e-4, "sgd": 1e-2}  # per optimizer, when no lr is given
 SGD_MOMENTUM = 0.9
 ARCHS = ("simple", "table1")
 WEIGHT_DECAY_MODES = ("torch", "l2", "decoupled")
 
 
+def _option(default: Any, help: str, choices: Iterable[str] | None = None) -> Any:
+    """A :class:`TrainConfig` field with its help text and allowed values, from which the command line's
+    options are made (``gradflow train``, ``gradflow sweep``): each setting is declared here, once."""
+    return field(default=default, metadata={"help": help, **({"choices": tuple(choices)} if choices else {})})
+
+
 @dataclass
 class TrainConfig:
-    """One training run: model variant, data, optimiser and loop settings (all JSON-able)."""
+    """One training run: model variant, data, optimiser and loop settings (all JSON-able).
 
-    arch: str = "simple"  # "simple" (simple_fcn: block × depth per level) or "table1" (paper_fcn, widths × width/32)
-    block: str = "simple"
-    depth: int = 7
-    levels: int = 4
-    width: int = 32
-    batch_norm: bool = True
-    short_skip: bool = True
-    long_skip: str = "sum"
-    dropout: float = 0.0
-    init: str = "he"  # "he" (the paper's) or "scaled" (residual branches × L^-1/2, see models.fcn)
-    data: str = "synthetic"
-    size: int = 128
-    crop: int = 0  # > 0: train on random crop×crop patches of the images (validation: whole images)
-    crops_per_image: int = 0  # crops of each training image per epoch (0: (size/crop)², the whole images' pixels)
-    n_train: int = 25
-    n_val: int = 5
-    epochs: int = 10
-    batch_size: int = 4
-    loss: str = "bce"
-    optimizer: str = "rmsprop"  # "rmsprop" (the paper's) or "sgd" (momentum 0.9)
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    weight_decay_mode: str = "torch"  # "torch" (wd·w on every parameter), "l2" (Keras l2: 2·wd·W on conv kernels), "decoupled"
-    rmsprop_alpha: float = 0.99  # RMSprop's running-average factor (torch default 0.99; Keras 1.x rho = 0.9)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    every: int = 1
-    augment: bool = True
-    sparsity: float = 1e-4  # weight of model.sparsity_loss() (SAT channel selection)
-    score_passes: int = 0  # > 0: score the best model on the validation images (V_rand, V_info, pixel error), N dropout passes
+    The defaults are those of ``gradflow train`` and ``gradflow sweep``: a small net on synthetic data
+    that trains in minutes on a CPU, with two deviations from the paper so that nets without batch
+    norm train too (``init="scaled"``, RMSprop lr 1e-4; see the README's Results).
+    """
+
+    arch: str = _option("simple", "simple (block × depth per level) or table1 (the paper's Table 1 net, "
+                                  "stage widths × width/32).", ARCHS)
+    block: str = _option("simple", "Residual block type.", BLOCKS)
+    depth: int = _option(7, "Residual blocks per level.")
+    levels: int = _option(3, "Down/up-sampling levels (size must divide by 2**levels).")
+    width: int = _option(16, "Channels of every conv, constant across levels (table1: of the first stage; "
+                             "32 = Table 1).")
+    batch_norm: bool = _option(True, "Batch normalisation.")
+    short_skip: bool = _option(True, "Short (residual) skips.")
+    long_skip: str = _option("sum", "Long skips.", LONG_SKIPS)
+    dropout: float = _option(0.0, "Dropout probability in every residual block.")
+    init: str = _option("scaled", "Weight init: scaled (He init with each residual branch's last conv × L^-1/2, "
+                                  "so that nets without BN train; a deviation from the paper) or he (the "
+                                  "paper's).", INITS)
+    data: str = _option("synthetic", "'synthetic' or a folder with ISBI 2012 images and labels (PNG/TIFF "
+                                     "folders or train-volume.tif / train-labels.tif).")
+    size: int = _option(64, "Image / tile side in pixels.")
+    crop: int = _option(0, "Train on random crop×crop patches of the images (an epoch: (size/crop)² crops "
+                           "per image); 0 = whole images.")
+    crops_per_image: int = _option(0, "With crop: crops of each training image per epoch (0: (size/crop)²).")
+    n_train: int = _option(24, "Training images (tiles for ISBI at size < 512).")
+    n_val: int = _option(4, "Validation images.")
+    epochs: int = _option(15, "Training epochs.")
+    batch_size: int = _option(4, "Images (or crops) per optimizer step.")
+    loss: str = _option("bce", "Training loss.", LOSSES)
+    optimizer: str = _option("rmsprop", "rmsprop (the paper's) or sgd (momentum 0.9, no Nesterov).", OPTIMIZERS)
+    lr: float | None = _option(None, "Learning rate (default per optimizer: rmsprop 1e-4, sgd 1e-2; the paper's "
+                                     "RMSprop lr 1e-3 blows up nets without BN).")
+    weight_decay: float = _option(1e-3, "Weight decay (the paper's: 1e-3).")
+    weight_decay_mode: str = _option("torch", "torch (wd·w added to every gradient), l2 (Keras l2 regularizer: "
+                                              "2·wd·W on conv kernels, the paper's) or decoupled (conv kernels × "
+                                              "(1 − lr·wd) after each step).", WEIGHT_DECAY_MODES)
+    rmsprop_alpha: float = _option(0.99, "RMSprop's running-average factor (torch: 0.99; Keras 1.x rho, the "
+                                         "paper's: 0.9).")
+    seed: int = _option(0, "Seed for weights, data, batch order, augmentation, dropout.")
+    device: str = _option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    amp: bool = _option(False, "Mixed precision (CUDA only).")
+    every: int = _option(1, "Record every N-th optimizer step.")
+    augment: bool = _option(True, "Flips, rotations, shear, elastic warp.")
+    sparsity: float = _option(1e-4, "Weight of the SAT channel-selection L1 penalty.")
+    score_passes: int = _option(0, "Score the best model on the validation images (V_rand, V_info, pixel "
+                                   "error) averaging N dropout passes; 0 = off.")
 
     def __post_init__(self) -> None:
-        """Reject values no run could use, naming the field (model and data check their own)."""
+        """Reject values no run could use, naming the field (the model checks its own); resolve lr."""
+        for spec in fields(self):
+            choices = spec.metadata.get("choices")
+            if choices and getattr(self, spec.name) not in choices:
+                raise GradflowError(f"{spec.name} must be one of {', '.join(choices)}, "
+                                    f"got {getattr(self, spec.name)!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "every": self.every,
                     "n_train": self.n_train, "n_val": self.n_val}
         for name, value in positive.items():
@@ -99,17 +135,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
                 raise GradflowError(f"{name} must be a non-negative number, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GradflowError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.loss not in ("bce", "dice"):
-            raise GradflowError(f"loss must be 'bce' or 'dice', got {self.loss!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise GradflowError(f"optimizer must be 'rmsprop' or 'sgd', got {self.optimizer!r}")
-        if self.arch not in ARCHS:
-            raise GradflowError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
-            raise GradflowError(f"weight_decay_mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, "
-                                f"got {self.weight_decay_mode!r}")
+        check_dropout(self.dropout)
         if not 0.0 <= self.rmsprop_alpha < 1.0:
             raise GradflowError(f"rmsprop_alpha must be in [0, 1), got {self.rmsprop_alpha!r}")
         for name in ("crop", "crops_per_image", "score_passes"):
@@ -122,14 +148,13 @@ class TrainConfig:
             raise GradflowError(f"crop {self.crop} is larger than the images (size {self.size})")
         levels = 5 if self.arch == "table1" else self.levels
         if isinstance(levels, int) and levels >= 0:
-            step = 2 ** levels
             for name in ("size", "crop"):
                 value = getattr(self, name)
                 if not isinstance(value, int) or (name == "crop" and value == 0):
                     continue
-                if value < step or value % step:
-                    nearest = max(step, round(value / step) * step)
-                    raise GradflowError(f"{name} {value} is not divisible by 2**levels = {step}; "
+                nearest = nearest_side(value, levels)
+                if nearest != value:
+                    raise GradflowError(f"{name} {value} is not divisible by 2**levels = {2 ** levels}; "
                                         f"try {name} {nearest}")
 
 

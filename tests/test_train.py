@@ -31,7 +31,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def fresh_model(config: TrainConfig) -> torch.nn.Module:
     return simple_fcn(config.depth, config.levels, config.width, block=config.block, batch_norm=config.batch_norm,
-                      short_skip=config.short_skip, long_skip=config.long_skip, dropout=config.dropout)
+                      short_skip=config.short_skip, long_skip=config.long_skip, dropout=config.dropout,
+                      init=config.init)
 
 
 def hand_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,8 +84,8 @@ def test_recorded_losses_match_recomputation_from_checkpoints(tmp_path, loss):
     attrs = gradflow.open(store).attrs
     assert attrs["metadata"]["loss"] == loss and attrs["metadata"]["data_split"]["val"] == data.split["val"]
     optimizer = attrs["optimizers"][0]
-    assert optimizer["class"] == "RMSprop"  # the paper's optimiser and defaults
-    assert optimizer["param_groups"][0]["lr"] == 1e-3 and optimizer["param_groups"][0]["weight_decay"] == 1e-3
+    assert optimizer["class"] == "RMSprop"  # the paper's optimiser; lr: RMSprop's default without BN
+    assert optimizer["param_groups"][0]["lr"] == 1e-4 and optimizer["param_groups"][0]["weight_decay"] == 1e-3
     with torch.no_grad():
         best = fresh_model(config).eval()
         load_checkpoint(tmp_path / "best.safetensors", best)

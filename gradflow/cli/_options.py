@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import typing
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Optional
 
@@ -34,9 +35,9 @@ def help_text(field: dataclasses.Field) -> str:
     return f"{text} One of: {', '.join(choices)}." if choices else text
 
 
-def parameter(field: dataclasses.Field, default: Any = dataclasses.MISSING, help: str | None = None) -> inspect.Parameter:
-    """The typer parameter of one field (``default``/``help`` override the field's own)."""
-    kind = type(field.default)
+def parameter(field: dataclasses.Field, kind: type, default: Any = dataclasses.MISSING,
+              help: str | None = None) -> inspect.Parameter:
+    """The typer parameter of a field of type ``kind`` (``default``/``help`` override the field's own)."""
     default = field.default if default is dataclasses.MISSING else default
     annotation = kind if default is not None else Optional[kind]
     name = RENAMED.get(field.name, field.name)
@@ -47,14 +48,20 @@ def parameter(field: dataclasses.Field, default: Any = dataclasses.MISSING, help
 
 
 def config_options(config: type, fields: Iterable[str] | None = None, *, exclude: Iterable[str] = (),
-                   defaults: dict[str, Any] | None = None, help: dict[str, str] | None = None) -> Callable:
+                   unset: bool = False, help: dict[str, str] | None = None) -> Callable:
     """Decorator: the command also takes an option per field of ``config`` (all, or ``fields``, less
-    ``exclude``), in field order before its own parameters, and receives them as ``options``: a dict
-    ``{field name: value}``. ``defaults``/``help``: per field, instead of the field's own."""
+    ``exclude``), in field order after its own parameters, and receives them as ``options``: a dict
+    ``{field name: value}``. ``unset``: options default to None (not given; the help still shows the
+    field's default), so the command can tell what was given. ``help``: per field, instead of its own."""
     chosen = [f for f in dataclasses.fields(config)
               if (fields is None or f.name in fields) and f.name not in set(exclude)]
-    defaults, help = defaults or {}, help or {}
-    generated = [parameter(f, defaults.get(f.name, dataclasses.MISSING), help.get(f.name)) for f in chosen]
+    help = {f.name: (help or {}).get(f.name, help_text(f)) for f in chosen}
+    if unset:
+        help = {name: text if getattr(config, name) is None else f"{text} (default: {getattr(config, name)})"
+                for name, text in help.items()}
+    kinds = {name: _plain(hint) for name, hint in typing.get_type_hints(config).items()}
+    generated = [parameter(f, kinds[f.name], None if unset else dataclasses.MISSING, help[f.name])
+                 for f in chosen]
     names = {RENAMED.get(f.name, f.name): f.name for f in chosen}
 
     def decorate(command: Callable) -> Callable:
@@ -66,12 +73,18 @@ def config_options(config: type, fields: Iterable[str] | None = None, *, exclude
             options = {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}
             return command(**kwargs, options=options)
 
-        signature = inspect.Signature([*generated, *own])
+        signature = inspect.Signature([*own, *generated])
         wrapper.__signature__ = signature
         wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
         return wrapper
 
     return decorate
+
+
+def _plain(hint: Any) -> type:
+    """``float | None`` → ``float``; a plain type as it is."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def check_choices(config: type, options: dict[str, Any]) -> None:

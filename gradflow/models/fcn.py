@@ -183,12 +183,11 @@ class FCN(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise GradflowError(f"expected input of shape (N, {self.in_channels}, H, W), "
                                 f"got {tuple(x.shape)}")
-        step = 2 ** self.levels
         height, width = x.shape[-2:]
-        if height % step or width % step:
-            nearest = [max(step, math.floor(side / step + 0.5) * step) for side in (height, width)]
+        nearest = [nearest_side(side, self.levels) for side in (height, width)]
+        if nearest != [height, width]:
             raise GradflowError(
-                f"input size {height}×{width} is not divisible by 2**levels = {step} "
+                f"input size {height}×{width} is not divisible by 2**levels = {2 ** self.levels} "
                 f"(levels={self.levels}); nearest valid size: {nearest[0]}×{nearest[1]}")
 
     def sparsity_loss(self) -> torch.Tensor:
@@ -204,11 +203,23 @@ class FCN(nn.Module):
         return [name for name, module in self.named_modules() if isinstance(module, nn.Conv2d)]
 
 
+def nearest_side(side: int, levels: int) -> int:
+    """The input side nearest to ``side`` that an FCN with ``levels`` levels takes (a multiple of
+    2**levels, at least one); ``side`` itself when it is valid."""
+    step = 2 ** levels
+    return max(step, math.floor(side / step + 0.5) * step)
+
+
+def check_dropout(dropout: float) -> None:
+    """Dropout is a probability in [0, 1)."""
+    if not 0.0 <= dropout < 1.0:
+        raise GradflowError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
 def check_switches(down: Sequence[Stage], across: Stage, long_skip: str, dropout: float) -> None:
     if long_skip not in LONG_SKIPS:
         raise GradflowError(f"unknown long_skip {long_skip!r}; choose one of {', '.join(LONG_SKIPS)}")
-    if not 0.0 <= dropout < 1.0:
-        raise GradflowError(f"dropout must be in [0, 1), got {dropout}")
+    check_dropout(dropout)
     if not down or down[0].block != "conv":
         raise GradflowError("the first encoder stage must be the 3×3 'conv' stage")
     for stage in (*down[1:], across):

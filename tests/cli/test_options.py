@@ -42,12 +42,14 @@ def test_every_field_is_an_option_with_its_default_help_and_switch():
     assert "--bn" in text and "--no-bn" in text and "Blocks per level." in text and "One of: bce, dice." in text
 
 
-def test_fields_excluded_or_given_other_defaults():
-    app, seen = app_with(exclude=("lr",), defaults={"depth": 9}, help={"loss": "bce or dice."})
-    assert CliRunner().invoke(app, []).exit_code == 0
-    assert seen == [("x", {"depth": 9, "batch_norm": True, "loss": "bce"})]
-    assert list(inspect.signature(app.registered_commands[0].callback).parameters) == ["depth", "bn", "loss", "out"]
+def test_fields_excluded_or_left_unset():
+    app, seen = app_with(exclude=("lr",), unset=True, help={"loss": "bce or dice."})
+    assert CliRunner().invoke(app, ["--depth", "9"]).exit_code == 0
+    assert seen == [("x", {"depth": 9, "batch_norm": None, "loss": None})]
+    assert list(inspect.signature(app.registered_commands[0].callback).parameters) == ["out", "depth", "bn", "loss"]
     assert CliRunner().invoke(app, ["--lr", "1"]).exit_code == 2
+    text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "bce or dice. (default: bce)" in text and "Blocks per level. (default: 7)" in text
 
 
 def test_a_value_outside_the_choices_names_the_option():
