@@ -5,7 +5,7 @@ epoch-level arrays, exactly what a single ``Recorder`` store has at its root, so
 on both. A variant is *finished* when its group carries the ``finished`` attribute, written only after
 its training returned; a rerun skips finished variants and retrains the rest from scratch (deleting
 the partial group first), so Ctrl-C or a kill costs at most the variant in flight. Variants run one
-after another in this process (``executor="local"``, with a rich progress display) or as Ray tasks,
+after another in this process (``executor="local"``, reporting progress through a callback) or as Ray tasks,
 one per GPU or CPU slot, each writing its own group (``executor="ray"``).
 
 Readers see a store through the consolidated metadata at its root (``gradflow.store``), which every
@@ -25,7 +25,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import zarr
 
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists
+from gradflow.progress import Progress
 from gradflow.train import TrainConfig
 
 EXECUTORS = ("local", "ray")
@@ -42,6 +43,10 @@ _SETTINGS_CHECKED = ("arch", "block", "levels", "width", "size", "crop", "crops_
                      "epochs", "batch_size", "loss", "lr", "data", "every", "dropout", "weight_decay", "weight_decay_mode", "rmsprop_alpha",
                      "augment", "init", "optimizer", "score_passes")
 _TORCH_RMSPROP_ALPHA = TrainConfig.rmsprop_alpha  # names show alpha only when it is not torch's default
+
+
+class StaleVariantError(GradflowError):
+    """A finished variant in the store was trained with other settings than those asked for now."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ def preset_variants(preset: str, overrides: Mapping[str, Any] | None = None,
     panel_keys = sorted({key for _, panel in spec.panels for key in panel} & set(overrides))
     if panel_keys:
         raise GradflowError(f"preset {preset} sets {', '.join(panel_keys)} per panel; drop the option or "
-                            f"sweep a grid without --preset")
+                            f"sweep a grid without a preset")
     seeds = list(dict.fromkeys(seeds))
     variants = []
     for label, panel in spec.panels:
@@ -222,7 +227,7 @@ def _mark_finished(store: str, name: str, summary: dict[str, Any], consolidated:
         consolidate(store)
 
 
-def train_variant(variant: Variant, store: str, command: str, progress=None, data=None,
+def train_variant(variant: Variant, store: str, command: str, progress: Progress | None = None, data=None,
                   consolidated: bool = True) -> dict[str, Any]:
     """Train one variant into ``STORE/<name>``, then mark it finished. Returns its outcome.
 
@@ -307,8 +312,8 @@ def plan(variants: list[Variant], store: str, force: bool = False) -> tuple[list
             continue
         stale = _stale_settings(variant, done[variant.name])
         if stale:
-            raise GradflowError(f"{store} already holds {variant.name} trained with other settings "
-                                f"({'; '.join(stale)}); use --force to retrain or --out for a new store")
+            raise StaleVariantError(f"{store} already holds {variant.name} trained with other settings "
+                                    f"({'; '.join(stale)})")
         skipped.append(variant)
     return todo, skipped
 
@@ -332,64 +337,63 @@ def validate(variants: list[Variant]) -> None:
 
 
 def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool = False, executor: str = "local",
-              ray_address: str | None = None, command: str = "", console=None) -> dict[str, dict[str, Any]]:
-    """Train every unfinished variant of the grid into ``store``. Returns ``{trained name: outcome}``."""
+              ray_address: str | None = None, command: str = "", progress: Progress | None = None,
+              say: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Train every unfinished variant of the grid into ``store``. Returns ``{trained name: outcome}``.
+
+    ``progress``: a :data:`gradflow.progress.Progress` callback (the variants, and each one's training);
+    ``say``: called with a line for each variant skipped (finished before) or trained (its outcome).
+    """
+    say = say or (lambda line: None)
     if executor not in EXECUTORS:
         raise GradflowError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     store = absolute_store(store)
     validate(variants)
     exists, is_zarr = path_exists(store)
     if exists and not is_zarr:  # a file or a folder of something else: never write into it
-        raise GradflowError(f"{store} exists and is not a Zarr store; choose another --out")
+        raise GradflowError(f"{store} exists and is not a Zarr store; choose another store")
     consolidate(store)  # repair the readers' view if an earlier (Ray) driver was killed
     todo, skipped = plan(variants, store, force)
-    if console is not None:
-        for variant in skipped:
-            console.print(f"[dim]skip {variant.name} (finished)[/dim]")
+    for variant in skipped:
+        say(f"skip {variant.name} (finished)")
     if not todo:
         return {}
     zarr.open_group(store, mode="a", use_consolidated=False)  # one root before any variant writes
     if executor == "ray":
         if store.startswith("memory://"):
-            raise GradflowError("a memory:// store lives in one process; give --executor ray a path or URL")
-        return _run_ray(todo, store, command, ray_address, console)
-    return _run_local(todo, store, command, len(skipped), console)
+            raise GradflowError("a memory:// store lives in one process; sweep on Ray into a path or URL")
+        return _run_ray(todo, store, command, ray_address, progress or _no_progress, say)
+    return _run_local(todo, store, command, len(skipped), progress or _no_progress, say)
 
 
-def _progress(console):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console)
+def _no_progress(task: str, done: int, total: int, status: str = "") -> None:
+    pass
 
 
-def _report(console, name: str, summary: dict[str, Any]) -> None:
+def _outcome(name: str, summary: dict[str, Any]) -> str:
     """One line per finished variant: best validation loss, the training loss then, time taken."""
-    if console is not None:
-        val, train = (float("nan") if v is None else v for v in (summary["best_val_loss"], summary["train_loss_at_best"]))
-        console.print(f"{name}: best val {val:.4f} (train {train:.4f}) at epoch {summary['best_epoch']}, "
-                      f"{summary['train_seconds']:.0f} s", soft_wrap=True)
+    val, train = (float("nan") if v is None else v for v in (summary["best_val_loss"], summary["train_loss_at_best"]))
+    return (f"{name}: best val {val:.4f} (train {train:.4f}) at epoch {summary['best_epoch']}, "
+            f"{summary['train_seconds']:.0f} s")
 
 
-def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, console) -> dict[str, dict[str, Any]]:
+def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, progress: Progress,
+               say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """One variant after another in this process; data loaded once per distinct data setting."""
     from gradflow.data import load_data
 
     outcomes: dict[str, dict[str, Any]] = {}
     cache: dict[tuple, Any] = {}
-    with _progress(console) as progress:
-        overall = progress.add_task("sweep: variants", total=len(todo) + n_skipped, completed=n_skipped)
-        for variant in todo:
-            c = variant.config
-            key = (c.data, c.size, c.seed, c.n_train, c.n_val)
-            if key not in cache:
-                cache[key] = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
-            progress.update(overall, description=f"sweep: {variant.name}")
-            outcomes[variant.name] = train_variant(variant, store, command, progress=progress, data=cache[key])
-            _report(progress.console, variant.name, outcomes[variant.name])
-            progress.advance(overall)
-        progress.update(overall, description="sweep: variants")
+    total = len(todo) + n_skipped
+    for done, variant in enumerate(todo, n_skipped):
+        c = variant.config
+        key = (c.data, c.size, c.seed, c.n_train, c.n_val)
+        if key not in cache:
+            cache[key] = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+        progress("sweep: variants", done, total, variant.name)
+        outcomes[variant.name] = train_variant(variant, store, command, progress=progress, data=cache[key])
+        say(_outcome(variant.name, outcomes[variant.name]))
+    progress("sweep: variants", total, total, "")
     return outcomes
 
 
@@ -403,11 +407,12 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise GradflowError("--executor ray needs Ray: pip install 'gradflow[ray]'") from None
+        raise GradflowError("the ray executor needs Ray: pip install 'gradflow[ray]'") from None
     return ray
 
 
-def _run_ray(todo: list[Variant], store: str, command: str, address: str | None, console) -> dict[str, dict[str, Any]]:
+def _run_ray(todo: list[Variant], store: str, command: str, address: str | None, progress: Progress,
+             say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Variants as Ray tasks (1 GPU each when the cluster has GPUs, else 1 CPU), results as they finish.
 
     On a local instance the workers import gradflow from this checkout; on an existing cluster
@@ -431,21 +436,21 @@ def _run_ray(todo: list[Variant], store: str, command: str, address: str | None,
         gpus = ray.cluster_resources().get("GPU", 0)
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_ray_train)
         pending = {task.remote(dataclasses.asdict(v.config), v.name, store, command, v.label, v.preset): v.name for v in todo}
-        with _progress(console) as progress:
-            overall = progress.add_task(f"sweep on Ray ({'GPU' if gpus else 'CPU'} tasks): variants", total=len(todo))
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                name = pending.pop(done[0])
-                try:
-                    outcomes[name] = ray.get(done[0])
-                except ray.exceptions.RayTaskError as err:
-                    cause = getattr(err, "cause", None)
-                    if isinstance(cause, GradflowError):
-                        raise GradflowError(f"{name}: {cause}") from None
-                    raise
-                _report(progress.console, name, outcomes[name])
-                progress.advance(overall)
-                consolidate(store)  # readers see the finished variant now, not only at the end
+        overall = f"sweep on Ray ({'GPU' if gpus else 'CPU'} tasks): variants"
+        progress(overall, 0, len(todo), "")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            try:
+                outcomes[name] = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, GradflowError):
+                    raise GradflowError(f"{name}: {cause}") from None
+                raise
+            say(_outcome(name, outcomes[name]))
+            progress(overall, len(outcomes), len(todo), "")
+            consolidate(store)  # readers see the finished variant now, not only at the end
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from gradflow.losses import LOSSES
 from gradflow.models.blocks import BLOCKS
 from gradflow.models.fcn import INITS, check_dropout, nearest_side
 from gradflow.models.skips import LONG_SKIPS
+from gradflow.progress import Progress
 
 OPTIMIZERS = ("rmsprop", "sgd")
 DEFAULT_LR = {"rmsprop": 1e-4, "sgd": 1e-2}  # per optimizer, when no lr is given
@@ -288,21 +289,144 @@ def _is_better(val_loss: float, best: float | None) -> bool:
     return math.isnan(best) or val_loss < best
 
 
+@dataclass
+class Epochs:
+    """What each epoch of :func:`train` works with, set up once: model, optimizer, data on the device, RNGs."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) without mixed precision
+    loss_fn: Any
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    order_generator: torch.Generator  # batch order (CPU)
+    augment_generator: torch.Generator  # crops and augmentation (training device)
+
+    @property
+    def samples(self) -> int:
+        """Training samples per epoch: the images, or with crops (size/crop)² crops of each (by default),
+        so that an epoch trains on as many pixels as the whole images."""
+        c = self.config
+        return len(self.train_images) * ((c.crops_per_image or (c.size // c.crop) ** 2) if c.crop else 1)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch."""
+        return math.ceil(self.samples / self.config.batch_size)
+
+
+def train_epoch(run: Epochs, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One epoch: shuffled batches (cropped, augmented), forward, loss, backward, step; then validation.
+
+    One code path with and without mixed precision (autocast and the GradScaler are switched off
+    without it). ``on_step(i)`` is called after the i-th step (1-based). Returns ``train_loss``,
+    ``val_loss``, ``train_accuracy`` and ``val_accuracy``, read back to the host once.
+    """
+    from gradflow.data import augment_batch
+
+    c, model, optimizer, scaler = run.config, run.model, run.optimizer, run.scaler
+    # The SAT channel-selection penalty is a constant 0 for every other model: skip it per step.
+    use_sparsity = c.sparsity > 0 and model.sparsity_loss().requires_grad
+    n_train, device = len(run.train_images), run.train_images.device
+    model.train()
+    losses, corrects = [], []
+    batches = (torch.randperm(run.samples, generator=run.order_generator) % n_train).to(device).split(c.batch_size)
+    for i, index in enumerate(batches, 1):
+        x, y = run.train_images[index], run.train_labels[index]
+        if c.crop:
+            x, y = random_crops(x, y, c.crop, run.augment_generator)
+        if c.augment:
+            x, y = augment_batch(x, y, run.augment_generator)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=c.amp):
+            logits = model(x)
+            loss = run.loss_fn(logits, y).float()
+            objective = loss + c.sparsity * model.sparsity_loss() if use_sparsity else loss
+        scaler.scale(objective).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach())
+        corrects.append(_correct_pixels(logits.detach(), y))
+        if on_step is not None:
+            on_step(i)
+
+    batch_sizes = torch.tensor([len(index) for index in batches], device=device)
+    train_loss = (torch.stack(losses) * batch_sizes).sum() / run.samples
+    pixels = c.crop ** 2 if c.crop else run.train_labels[0].numel()
+    train_accuracy = torch.stack(corrects).sum() / (pixels * run.samples)
+    val_loss, val_accuracy = evaluate(model, run.val_images, run.val_labels, run.loss_fn, c.batch_size, c.amp)
+    values = torch.stack([train_loss, val_loss, train_accuracy.float(), val_accuracy.float()]).tolist()
+    return dict(zip(("train_loss", "val_loss", "train_accuracy", "val_accuracy"), values))
+
+
 def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None, *,
-          checkpoint: str | Path | None = None, progress=None, metadata: dict | None = None,
+          checkpoint: str | Path | None = None, progress: Progress | None = None, metadata: dict | None = None,
           data=None, mode: str = "w-") -> TrainResult:
     """Train ``config``'s model, recording gradient flow into ``store`` (``None``: no recording).
 
     ``group``: sub-group of the store to record into (sweeps use one group per variant).
     ``checkpoint``: safetensors file for the best-validation weights (``None``: kept in memory only).
-    ``progress``: a ``rich.progress.Progress``; two tasks (epochs, steps of the current epoch, with
-    the last train/val loss in the epoch task's description) are added and removed at the end.
+    ``progress``: a :data:`gradflow.progress.Progress` callback; two tasks, ``"<group or train>:
+    epochs"`` (status: the last train/val loss) and ``"…: steps"`` of the current epoch.
     ``metadata``: extra JSON-able attrs for the store; the config itself is always recorded.
     ``data``: an ``EMData`` already loaded for this config (sweeps reuse one); default: load it.
     ``mode``: the Recorder's store mode (``"w-"`` new, ``"w"`` replace a gradflow run, ``"a"``).
     Every input (config, data, checkpoint path) is checked before the store is created or replaced.
     """
-    from gradflow.data import augment_batch, load_data
+    run, data = _set_up(config, checkpoint, data)
+    rec = None
+    if store is not None:
+        from gradflow import Recorder
+
+        attrs = {**dataclasses.asdict(config), "data_source": str(data.source),
+                 "data_split": data.split, **(metadata or {})}
+        rec = Recorder(run.model, run.optimizer, store, every=config.every, group=group, metadata=attrs,
+                       mode=mode, scaler=run.scaler if config.amp else None)
+
+    label = group or "train"
+    epochs_task, steps_task = f"{label}: epochs", f"{label}: steps"
+    rows, best_state, best_epoch, best_val = [], None, -1, None
+    flushing = run.train_images.device.type == "cpu" and torch.set_flush_denormal(True)  # False where unsupported
+    try:
+        for epoch in range(config.epochs):
+            started = time.perf_counter()
+            on_step = None
+            if progress is not None:
+                progress(epochs_task, epoch, config.epochs, "")
+                on_step = lambda i, epoch=epoch: progress(steps_task, i, run.steps, f"epoch {epoch}")  # noqa: E731
+                on_step(0)
+            row = train_epoch(run, on_step)
+            if _is_better(row["val_loss"], best_val):
+                best_epoch, best_val = epoch, row["val_loss"]
+                best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            if rec is not None:
+                rec.end_epoch(**row)
+            rows.append({"epoch": epoch, **row, "seconds": time.perf_counter() - started})
+            if progress is not None:
+                progress(epochs_task, epoch + 1, config.epochs,
+                         f"train {row['train_loss']:.4f}, val {row['val_loss']:.4f}")
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+        if rec is not None:
+            rec.close()
+
+    run.model.load_state_dict(best_state)
+    if checkpoint is not None:
+        save_checkpoint(best_state, checkpoint, best_epoch=best_epoch)
+    history = pd.DataFrame(rows).set_index("epoch")
+    return TrainResult(best_epoch=best_epoch, best_val_loss=best_val,
+                       train_loss_at_best=float(history.loc[best_epoch, "train_loss"]),
+                       history=history, checkpoint=None if checkpoint is None else str(checkpoint),
+                       model=run.model)
+
+
+def _set_up(config: TrainConfig, checkpoint: str | Path | None, data) -> tuple[Epochs, Any]:
+    """Check the inputs, then build the model (seeded), the optimizer and the data on the device."""
+    from gradflow.data import load_data
     from gradflow.losses import get_loss
 
     device = resolve_device(config.device)
@@ -311,117 +435,16 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
     if config.amp and device.type != "cuda":
         raise GradflowError(f"mixed precision (amp) needs a CUDA device, not {device.type!r}")
     loss_fn = get_loss(config.loss)
-
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     if data is None:
-        data = load_data(config.data, size=config.size, seed=config.seed,
-                         n_train=config.n_train, n_val=config.n_val)
-    train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
-    val_images, val_labels = data.val_images.to(device), data.val_labels.to(device)
-    n_train, batch_size = len(train_images), config.batch_size
-    # With crops, an epoch trains on as many pixels as the whole images: (H/crop)·(W/crop) crops of each.
-    crops_per_image = 1
-    if config.crop:
-        crops_per_image = config.crops_per_image or (config.size // config.crop) ** 2
-    samples = n_train * crops_per_image
-    steps_per_epoch = math.ceil(samples / batch_size)
-
-    optimizer = build_optimizer(config, model)
-    scaler = torch.amp.GradScaler(device.type) if config.amp else None
-    order_generator = torch.Generator().manual_seed(config.seed)
-    augment_generator = torch.Generator(device=device).manual_seed(config.seed)
-    # The SAT channel-selection penalty is a constant 0 for every other model: skip it per step.
-    use_sparsity = config.sparsity > 0 and model.sparsity_loss().requires_grad
-
-    rec = None
-    if store is not None:
-        from gradflow import Recorder
-
-        attrs = {**dataclasses.asdict(config), "data_source": str(data.source),
-                 "data_split": data.split, **(metadata or {})}
-        rec = Recorder(model, optimizer, store, every=config.every, group=group, metadata=attrs,
-                       mode=mode, scaler=scaler)
-
-    label = group or "train"
-    if progress is not None:
-        epoch_task = progress.add_task(f"{label}: epochs", total=config.epochs)
-        step_task = progress.add_task(f"{label}: steps of epoch 0", total=steps_per_epoch)
-
-    rows, best_state, best_epoch, best_val = [], None, -1, None
-    flushing = device.type == "cpu" and torch.set_flush_denormal(True)  # False where unsupported
-    try:
-        for epoch in range(config.epochs):
-            started = time.perf_counter()
-            model.train()
-            losses, corrects = [], []
-            batches = (torch.randperm(samples, generator=order_generator) % n_train).to(device).split(batch_size)
-            for index in batches:
-                x, y = train_images[index], train_labels[index]
-                if config.crop:
-                    x, y = random_crops(x, y, config.crop, augment_generator)
-                if config.augment:
-                    x, y = augment_batch(x, y, augment_generator)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    logits = model(x)
-                    loss = loss_fn(logits, y)
-                    objective = loss + config.sparsity * model.sparsity_loss() if use_sparsity else loss
-                    objective.backward()
-                    optimizer.step()
-                else:
-                    with torch.autocast(device.type, dtype=torch.float16):
-                        logits = model(x)
-                        loss = loss_fn(logits, y).float()
-                        objective = loss + config.sparsity * model.sparsity_loss() if use_sparsity else loss
-                    scaler.scale(objective).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                losses.append(loss.detach())
-                corrects.append(_correct_pixels(logits.detach(), y))
-                if progress is not None:
-                    progress.advance(step_task)
-
-            batch_sizes = torch.tensor([len(index) for index in batches], device=device)
-            train_loss = (torch.stack(losses) * batch_sizes).sum() / samples
-            train_accuracy = torch.stack(corrects).sum() / (train_labels[0].numel() * samples if not config.crop
-                                                            else config.crop ** 2 * samples)
-            val_loss, val_accuracy = evaluate(model, val_images, val_labels, loss_fn, batch_size, config.amp)
-            # The one host sync of the epoch.
-            train_loss, val_loss, train_accuracy, val_accuracy = torch.stack(
-                [train_loss, val_loss, train_accuracy.float(), val_accuracy.float()]).tolist()
-
-            if _is_better(val_loss, best_val):
-                best_epoch, best_val = epoch, val_loss
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if rec is not None:
-                rec.end_epoch(train_loss=train_loss, val_loss=val_loss,
-                              train_accuracy=train_accuracy, val_accuracy=val_accuracy)
-            rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                         "train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
-                         "seconds": time.perf_counter() - started})
-            if progress is not None:
-                progress.update(epoch_task, advance=1,
-                                description=f"{label}: epochs (train {train_loss:.4f}, val {val_loss:.4f})")
-                if epoch + 1 < config.epochs:
-                    progress.reset(step_task, description=f"{label}: steps of epoch {epoch + 1}")
-    finally:
-        if flushing:
-            torch.set_flush_denormal(False)
-        if rec is not None:
-            rec.close()
-        if progress is not None:
-            progress.remove_task(epoch_task)
-            progress.remove_task(step_task)
-
-    model.load_state_dict(best_state)
-    if checkpoint is not None:
-        save_checkpoint(best_state, checkpoint, best_epoch=best_epoch)
-    history = pd.DataFrame(rows).set_index("epoch")
-    return TrainResult(best_epoch=best_epoch, best_val_loss=best_val,
-                       train_loss_at_best=float(history.loc[best_epoch, "train_loss"]),
-                       history=history, checkpoint=None if checkpoint is None else str(checkpoint),
-                       model=model)
+        data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train,
+                         n_val=config.n_val)
+    run = Epochs(config, model, build_optimizer(config, model), torch.amp.GradScaler(device.type, enabled=config.amp),
+                 loss_fn, data.train_images.to(device), data.train_labels.to(device), data.val_images.to(device),
+                 data.val_labels.to(device), torch.Generator().manual_seed(config.seed),
+                 torch.Generator(device=device).manual_seed(config.seed))
+    return run, data
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -1,14 +1,11 @@
 """The training loop: determinism, recorder neutrality, recorded losses vs. independent recomputation."""
 
 import dataclasses
-import io
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import Progress
 
 import gradflow
 from gradflow.data import load_data
@@ -105,15 +102,16 @@ def test_recorded_losses_match_recomputation_from_checkpoints(tmp_path, loss):
     assert_same_weights(weights(result), load_checkpoint(tmp_path / "best.safetensors"))
 
 
-def test_progress_tasks_are_added_and_removed():
-    progress = Progress(console=Console(file=io.StringIO()))
-    added = []
-    add_task = progress.add_task
-    progress.add_task = lambda *a, **k: added.append(add_task(*a, **k)) or added[-1]
-    with progress:
-        train(TINY, store=None, progress=progress)
-    assert len(added) == 2
-    assert progress.tasks == []
+def test_progress_reports_each_epoch_and_its_steps_through_the_callback():
+    calls = []
+    train(TINY, store=None, progress=lambda *call: calls.append(call))
+    epochs = [call for call in calls if call[0] == "train: epochs"]
+    steps = [call for call in calls if call[0] == "train: steps"]
+    assert [(done, total) for _, done, total, _ in epochs] == [(0, 2), (1, 2), (1, 2), (2, 2)]
+    assert epochs[1][3].startswith("train ") and ", val " in epochs[1][3]
+    # 4 images in batches of 4: one step per epoch, each epoch's task starts at 0 and ends at its total
+    assert steps == [("train: steps", 0, 1, "epoch 0"), ("train: steps", 1, 1, "epoch 0"),
+                     ("train: steps", 0, 1, "epoch 1"), ("train: steps", 1, 1, "epoch 1")]
 
 
 def test_sparsity_penalty_only_where_there_is_one():

@@ -98,9 +98,8 @@ def sweep_command(
     """Train every depth × batch-norm × long-skip × short-skip × optimizer × seed variant into one store,
     or with --preset the variants of one of the paper's experiments."""
     given = {name: value for name, value in options.items() if value is not None}
-    from rich.console import Console
-
-    from gradflow.sweep import EXECUTORS, PRESETS, expand_grid, preset_variants, run_sweep, validate
+    from gradflow.cli._progress import ProgressBars
+    from gradflow.sweep import EXECUTORS, PRESETS, StaleVariantError, expand_grid, preset_variants, run_sweep, validate
     from gradflow.train import DEFAULT_LR, OPTIMIZERS
 
     seed_values = parse_ints(seeds, "--seeds", minimum=0)
@@ -138,8 +137,12 @@ def sweep_command(
     validate(variants)  # bad options fail here, before anything is printed or trained
     if executor == "ray" and out.startswith("memory://"):
         raise GradflowError("a memory:// store lives in one process; give --executor ray a path or URL")
-    console = Console(stderr=False)
-    console.print(f"{len(variants)} variant(s) into {out}")
-    outcomes = run_sweep(variants, out, force=force, executor=executor, ray_address=ray_address,
-                         command=command, console=console)
-    console.print(f"trained {len(outcomes)}, skipped {len(variants) - len(outcomes)} finished; store {out}")
+    typer.echo(f"{len(variants)} variant(s) into {out}")
+    with ProgressBars() as progress:
+        try:
+            outcomes = run_sweep(variants, out, force=force, executor=executor, ray_address=ray_address,
+                                 command=command, progress=progress,
+                                 say=lambda line: progress.console.print(line, soft_wrap=True, markup=False))
+        except StaleVariantError as err:
+            raise GradflowError(f"{err}; use --force to retrain or --out for a new store") from None
+    typer.echo(f"trained {len(outcomes)}, skipped {len(variants) - len(outcomes)} finished; store {out}")

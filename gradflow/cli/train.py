@@ -22,9 +22,8 @@ def train_command(
     options: dict,
 ) -> None:
     """Train one variant end to end, recording gradient flow into OUT."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
 
+    from gradflow.cli._progress import ProgressBars
     from gradflow.errors import GradflowError
     from gradflow.lock import filesystem
     from gradflow.train import train
@@ -46,9 +45,7 @@ def train_command(
             raise GradflowError(f"checkpoint {checkpoint} already exists; pass --overwrite to replace it")
     # The store is replaced (mode "w": only a gradflow run) by the Recorder, after train() has checked
     # every other input (data, model, device): a bad input never costs the old store.
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
+    with ProgressBars(transient=True) as progress:
         result = train(config, out, checkpoint=checkpoint, progress=progress, mode="w" if overwrite else "w-")
     best = result.history.loc[result.best_epoch]
     saved = f", checkpoint {result.checkpoint}" if result.checkpoint else ""
