@@ -10,7 +10,7 @@ import zarr
 
 import gradflow
 from gradflow import GradflowError
-from gradflow.check import check_store
+from gradflow.repair import check_store
 from gradflow.store import LayerTable, Rows, RunStore
 
 LAYERS = LayerTable(["a", "b"], ["Linear", "Linear"], [3, 5])

@@ -16,7 +16,7 @@ def check_command(
                                                           "prefix and delete leftover *.partial files.")] = False,
 ) -> None:
     """One line per run (steps, epochs, damage); exit 0 when intact (or repaired), 1 when damaged."""
-    from gradflow.check import check_store
+    from gradflow.repair import check_store
 
     lines, damaged = check_store(store, repair=repair)
     for line in lines:

@@ -1,0 +1,118 @@
+"""Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit.
+
+The invariants themselves are in :mod:`gradflow.check`, which the store also uses when it opens a run;
+this module writes (it needs the store), so it sits above both and neither imports it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import zarr
+
+from gradflow.check import RunState, inspect_run, runs_of
+from gradflow.errors import GradflowError
+
+
+def repair_run(url: str, group: str | None) -> RunState:
+    """Truncate one run to its longest consistent prefix and republish it; delete ``*.partial``."""
+    from gradflow.lock import filesystem, group_is_locked, node_path, store_lock
+    from gradflow.store import ALL, _remove_partial_files, consolidate
+
+    fs, path = filesystem(url)
+    where = url if not group else f"{url} (group {group!r})"
+    if group_is_locked(fs, path, group):
+        raise GradflowError(f"{where} is being written by a live Recorder; repair it after that "
+                            f"Recorder finished")
+    zstore = zarr.open_group(url, mode="r+", use_consolidated=False).store
+    state = inspect_run(zstore, group, where)
+    node = zarr.open_group(zstore, mode="r+", path=group or "", use_consolidated=False)
+    with store_lock(fs, path):
+        for parent, dim, length in ((node, "step", state.good_steps),
+                                    (node["epochs"], "epoch", state.good_epochs)):
+            for _, array in parent.arrays():
+                if array.metadata.dimension_names[0] == dim and array.shape[0] != length:
+                    array.resize((length,) + array.shape[1:])
+        attrs = {}
+        if state.good_steps < state.num_steps:
+            attrs["steps_seen"] = int(node["step"][state.good_steps - 1]) + 1 \
+                if state.good_steps else 0
+        if group:
+            node.attrs.update(attrs)
+            consolidate(zstore, fresh={group.split("/")[0]})
+        else:
+            consolidate(zstore, fresh=ALL, root_attrs=attrs)
+    removed = _remove_partial_files(fs, node_path(path, group))
+    if removed:
+        state.problems.append(f"{len(removed)} leftover *.partial file(s) (deleted)")
+    return state
+
+
+def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
+    """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged).
+
+    Raises GradflowError for what is not a gradflow store at all, and for a damaged root
+    ``zarr.json`` of a single run (its attributes cannot be rebuilt).
+    """
+    from gradflow.lock import filesystem, group_is_locked
+    from gradflow.store import consolidate, store_url
+
+    url = store_url(url)
+    fs, path = filesystem(url)
+    lines: list[str] = []
+    try:
+        root = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        raise GradflowError(f"no gradflow store at {url}") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        runs = [p for p in fs.glob(f"{path.rstrip('/')}/*/zarr.json") if _is_run_file(fs, p)]
+        if not runs:
+            raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
+                                f"holds no sweep groups; it cannot be repaired") from None
+        lines.append(f"zarr.json: damaged ({type(err).__name__}: {err})")
+        if not repair:
+            return lines, True
+        fs.pipe_file(f"{path.rstrip('/')}/zarr.json",
+                     b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+        from gradflow.lock import store_lock
+
+        with store_lock(fs, path):
+            consolidate(url)
+        lines.append("zarr.json: rewritten as a plain group holding the sweep's runs")
+        root = zarr.open_group(url, mode="r")
+    runs = runs_of(root)
+    if not runs:
+        raise GradflowError(f"{url} is not a gradflow store")
+    damaged = bool(lines)
+    for group in runs:
+        name = group or "(run)"
+        where = url if not group else f"{url} (group {group!r})"
+        state = inspect_run(root.store, group, where)
+        partial = fs.glob(f"{path.rstrip('/')}/{group}/**/*.partial" if group
+                          else f"{path.rstrip('/')}/**/*.partial")
+        if partial and not state.problems:
+            state.problems.append(f"{len(partial)} leftover *.partial file(s)")
+        if not state.problems:
+            lines.append(f"{name}: ok, {state.num_steps} steps, {state.num_epochs} epochs")
+            continue
+        damaged = True
+        for problem in state.problems:
+            lines.append(f"{name}: {problem}")
+        if repair:
+            fixed = repair_run(url, group)
+            lines.append(f"{name}: repaired, kept {fixed.good_steps} of {fixed.num_steps} steps "
+                         f"and {fixed.good_epochs} of {fixed.num_epochs} epochs")
+    if repair and runs != [None] and not any(group_is_locked(fs, path, g) for g in runs):
+        removed = fs.glob(f"{path.rstrip('/')}/*.partial")
+        for p in removed:
+            fs.rm_file(p)
+        if removed:
+            lines.append(f"deleted {len(removed)} leftover *.partial file(s) at the store root")
+    return lines, damaged
+
+
+def _is_run_file(fs, path: str) -> bool:
+    try:
+        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind") == "run"
+    except (OSError, ValueError, AttributeError):
+        return False
