@@ -12,15 +12,17 @@ from gradflow import quantities, schema
 
 
 def _record(path) -> None:
+    """Two recorded SGD steps of a small MLP, then one epoch."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradflow.Recorder(model, optimizer, path) as rec:
-        for _ in range(2):
-            optimizer.zero_grad()
-            model(torch.randn(5, 3)).square().mean().backward()
-            optimizer.step()
-        rec.end_epoch(train_loss=1.0)
+    rec = gradflow.Recorder(model, optimizer, path)
+    for x in torch.randn(2, 5, 3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    rec.end_epoch(train_loss=1.0)
+    rec.close()
 
 
 def _check(ds: xr.Dataset, declared: tuple[schema.Variable, ...]) -> None:
