@@ -22,33 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import gradflow
 from gradflow import recorder as recorder_module
 from gradflow import store as store_module
 from gradflow.bench.durability import run_trial
 from gradflow.errors import GradflowWarning
+from test_store import tiny, train  # the same tiny model and reference loop
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    return model, torch.optim.SGD(model.parameters(), lr=0.1)
-
-
-def train(model, optimizer, steps: int, seed: int = 0) -> list[float]:
-    """``steps`` plain steps; the first layer's gradient norm at each step (reference, numpy)."""
-    gen, norms = torch.Generator().manual_seed(seed), []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(torch.randn(5, 3, generator=gen)).square().mean().backward()
-        g = np.concatenate([p.grad.double().numpy().ravel() for p in model[0].parameters()])
-        norms.append(float(np.sqrt(np.sum(g**2))))
-        optimizer.step()
-    return norms
 
 
 def gradflow_warnings(caught) -> list[str]:
