@@ -145,6 +145,8 @@ class TrainConfig:
                 raise GradflowError(f"{name} must be a non-negative integer, got {value!r}")
         if self.crops_per_image and not self.crop:
             raise GradflowError("crops_per_image needs crop > 0")
+        if isinstance(self.size, int) and self.size < 1:
+            raise GradflowError(f"size must be a positive integer, got {self.size}")
         if self.crop and isinstance(self.size, int) and self.crop > self.size:
             raise GradflowError(f"crop {self.crop} is larger than the images (size {self.size})")
         levels = 5 if self.arch == "table1" else self.levels
