@@ -15,10 +15,14 @@ the order alternating each round, so machine-load drift hits both alike. Reporte
 Models: ``mlp`` 200 × Linear(32→32) + ReLU, batch 32 (400 tensors); ``conv`` 25 × Conv2d(16→16, 3×3)
 + ReLU, batch 4 × 1×32×32 (50 tensors); ``gpt2`` a GPT-2-small shape (124M parameters: tied
 50257×768 embedding, 1024×768 positions, 12 pre-norm layers of width 768 / 12 heads / 3072), batch
-1 × 32 tokens. Goal on this CPU: ``mlp`` ≤ 1.05× step time recording every step.
+1 × 32 tokens; ``table1`` the Table 1 model of Drozdzal et al. 2016 (11.5M parameters, batch norm,
+short and long skips), batch 4 × 1×512×512 (GPU only: a CPU step takes minutes). Goals: on a CPU,
+``mlp`` ≤ 1.05× step time recording every step; on a GPU (``--device cuda``), ``table1`` and
+``gpt2`` ≤ 1.02×. On a GPU the step time is timed per block of steps between two
+``torch.cuda.synchronize()`` calls (the queue runs ahead of Python inside a block, as in training).
 
 Usage: ``python -m gradflow.bench.launches [--models mlp,conv,gpt2] [--strategies auto,foreach]
-[--compare PATH] [--out reports/bench_launches.md]``
+[--device cpu|cuda] [--compare PATH] [--out reports/bench_launches.md]``
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-GOAL = {"mlp": 1.05}
+GOAL = {"cpu": {"mlp": 1.05}, "cuda": {"table1": 1.02, "gpt2": 1.02}}
 
 
 def deep_mlp(depth: int = 200, width: int = 32, in_features: int = 16) -> nn.Module:
@@ -73,8 +77,8 @@ class GPT2Shape(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(t)
-        h = self.tokens(idx) + self.positions(torch.arange(t))
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=idx.device)
+        h = self.tokens(idx) + self.positions(torch.arange(t, device=idx.device))
         return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
 
 
@@ -84,13 +88,23 @@ CASES = {
              lambda: torch.randn(4, 1, 32, 32)),
     "gpt2": ("GPT-2-small shape (124M), batch 1 × 32 tokens", GPT2Shape,
              lambda: torch.randint(0, 50257, (1, 32))),
+    "table1": ("Table 1 model (11.5M), batch 4 × 1×512×512", lambda: table1(),
+               lambda: torch.randn(4, 1, 512, 512)),
 }
+
+
+def table1() -> nn.Module:
+    from gradflow.models.fcn import paper_fcn
+
+    return paper_fcn()
 
 
 def loss_of(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     if name == "gpt2":
         return nn.functional.cross_entropy(out[0, :-1], x[0, 1:])
+    if name == "table1":
+        return nn.functional.binary_cross_entropy_with_logits(out, (x > 0).float())
     return out.square().mean()
 
 
@@ -135,6 +149,17 @@ class Arm:
         return (time.perf_counter() - wall, time.thread_time() - cpu,
                 (m["b"] - m["a"]) + (m["d"] - m["c"]))
 
+    def block(self, x: torch.Tensor, steps: int) -> list[tuple[float, float, float]]:
+        """``steps`` steps; on a GPU each gets the block's mean wall and CPU time (one sync per block)."""
+        if x.device.type != "cuda":
+            return [self.step(x) for _ in range(steps)]
+        torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.thread_time()
+        hooks = [self.step(x)[2] for _ in range(steps)]
+        torch.cuda.synchronize()
+        wall, cpu = (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
+        return [(wall, cpu, h) for h in hooks]
+
 
 def count_ops(arm: Arm, x: torch.Tensor, steps: int) -> dict:
     """Dispatches directly under the Recorder's hooks per step (and CUDA launches, if any)."""
@@ -163,7 +188,8 @@ def count_ops(arm: Arm, x: torch.Tensor, steps: int) -> dict:
             "top": [(n, c / steps) for n, c in top]}
 
 
-def child(name: str, strategy: str, steps: int, block: int, profile_steps: int) -> dict:
+def child(name: str, strategy: str, steps: int, block: int, profile_steps: int,
+          device: str = "cpu") -> dict:
     import gradflow
     from gradflow import quantities
 
@@ -174,21 +200,20 @@ def child(name: str, strategy: str, steps: int, block: int, profile_steps: int) 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     description, make, make_input = CASES[name]
-    base = make()
-    x = make_input()
+    base = make().to(device)
+    x = make_input().to(device)
     with tempfile.TemporaryDirectory() as tmp:
         arms = [Arm(name, copy.deepcopy(base), False, ""),
                 Arm(name, copy.deepcopy(base), True, os.path.join(tmp, "run.zarr"))]
         tensors = sum(1 for _ in arms[1].model.parameters())
         for arm in arms:
-            for _ in range(2):
+            for _ in range(3):
                 arm.step(x)
         times = {arm.recorder is not None: [] for arm in arms}
         rounds = max(1, steps // block)
         for r in range(rounds):
             for arm in (arms if r % 2 == 0 else arms[::-1]):
-                for _ in range(block):
-                    times[arm.recorder is not None].append(arm.step(x))
+                times[arm.recorder is not None] += arm.block(x, block)
         ops = count_ops(arms[1], x, profile_steps)
         arms[1].recorder.close()
     plain, rec = times[False], times[True]
@@ -201,14 +226,17 @@ def child(name: str, strategy: str, steps: int, block: int, profile_steps: int) 
             "plain_ms": med(plain, 0) * 1e3, "gradflow_ms": med(rec, 0) * 1e3,
             "wall_ratio": med(rec, 0) / med(plain, 0), "cpu_ratio": med(rec, 1) / med(plain, 1),
             "hooks_ms": med(rec, 2) * 1e3, "steps": len(rec), **ops,
-            "gradflow_path": str(Path(gradflow.__file__).parent)}
+            "gradflow_path": str(Path(gradflow.__file__).parent), "device": device,
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else ""}
 
 
 def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
-    steps = args.steps if name != "gpt2" else args.gpt2_steps
-    block = args.block if name != "gpt2" else 1
+    slow = name in ("gpt2", "table1") and args.device == "cpu"
+    steps = args.gpt2_steps if slow or name == "table1" else args.steps
+    block = 1 if slow else args.block
     command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--strategy", strategy,
-               "--steps", str(steps), "--block", str(block), "--profile-steps", str(args.profile_steps)]
+               "--steps", str(steps), "--block", str(block), "--profile-steps", str(args.profile_steps),
+               "--device", args.device]
     result = subprocess.run(command, env={**os.environ, "PYTHONPATH": pythonpath},
                             capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
     if result.returncode != 0:
@@ -221,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mlp,conv,gpt2")
     parser.add_argument("--strategies", default="auto,foreach")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm (mlp, conv)")
-    parser.add_argument("--gpt2-steps", type=int, default=6, help="timed steps per arm (gpt2)")
+    parser.add_argument("--gpt2-steps", type=int, default=6,
+                        help="timed steps per arm: gpt2 on a CPU, table1 everywhere")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--block", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--compare", default="", help="another checkout's root, measured as well")
@@ -231,8 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", default="auto")
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps)))
+        print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps,
+                               args.device)))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
     if args.out and Path(args.out).exists():
         raise SystemExit(f"error: {args.out} exists; choose another --out (reports are never overwritten)")
     root = str(Path(__file__).resolve().parents[2])
@@ -267,7 +300,7 @@ def render(rows: list[dict], args) -> str:
         "|---|---:|---|---:|---|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
-        goal = GOAL.get(r["model"])
+        goal = GOAL[args.device].get(r["model"])
         met = "-" if goal is None or r["strategy"] != "auto" else ("yes" if r["wall_ratio"] <= goal else "no")
         top = ", ".join(f"{n.replace('aten::', '')} {c:g}" for n, c in r["top"][:4])
         lines.append(f"| {r['model']} | {r['tensors']} | {r['label']} | {r['ops']:g} | {top} | "
@@ -277,10 +310,13 @@ def render(rows: list[dict], args) -> str:
         "", "## Conditions", "",
         f"- **date**: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-        f"{platform.system()} {platform.release()}; no GPU",
+        f"{platform.system()} {platform.release()}; "
+        f"{rows[0]['device_name'] if rows and rows[0]['device_name'] else 'no GPU'} ({args.device})",
         f"- **python / torch**: {platform.python_version()} / {torch.__version__}, 1 torch thread",
-        f"- **steps**: {args.steps} timed per arm (gpt2: {args.gpt2_steps}), blocks of {args.block} "
-        f"(gpt2: 1), after 2 warm-up steps; ops counted over {args.profile_steps} profiled steps",
+        f"- **steps**: {args.steps} timed per arm (table1, and gpt2 on a CPU: {args.gpt2_steps}), blocks "
+        f"of {args.block} (table1 and gpt2 on a CPU: 1), after 3 warm-up steps; ops counted over "
+        f"{args.profile_steps} profiled steps" + ("; GPU wall time per block between syncs"
+                                                 if args.device == "cuda" else ""),
         "- **optimizer**: SGD(lr=1e-4, momentum=0.9), fixed batch",
         f"- **load average at the end**: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- **note**: {args.note or '-'}",

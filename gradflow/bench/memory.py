@@ -182,14 +182,21 @@ def render(results: dict[str, list[dict]], args) -> str:
         met = "yes" if worst <= goal else "no"
         lines.append(f"| {arm} | {steady / 2**20:.1f} | {steady / param_bytes:.2f}× | "
                      f"{peak / 2**20:.1f} | {peak / param_bytes:.2f}× | ≤ {goal}× | {met} |")
+    if args.device == "cuda":  # the epoch-start copy lives in (pinned) host memory
+        host = {arm: (_median([r["steady"] for r in runs]) - _median([r["steady"] for r in results["plain"]]))
+                / param_bytes for arm, runs in results.items() if arm != "plain"}
+        lines += ["", "Host memory (RSS) above plain, steady, × params (the pinned epoch-start copy "
+                  "lives there): " + ", ".join(f"{arm} {v:.2f}×" for arm, v in host.items())]
     lines += [
-        "", "Per-arm raw figures (bytes above the RSS before the Recorder, per run):", "",
+        "", "Per-arm raw figures (bytes above the "
+        + ("device memory" if args.device == "cuda" else "RSS") + " before the Recorder, per run):", "",
         *[f"- {arm}: " + "; ".join(f"steady {r[key[0]]:,}, peak {r[key[1]]:,}" for r in runs)
           for arm, runs in results.items()],
         "", "## Conditions", "",
         f"- **date**: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-        f"{platform.system()} {platform.release()}",
+        f"{platform.system()} {platform.release()}"
+        + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         f"- **python / torch**: {platform.python_version()} / {torch.__version__}",
         "- **model**: embedding 8192×512, 6 pre-norm TransformerEncoderLayer(512, 8 heads, 2048), "
         "LayerNorm, Linear(512→8192); batch 4 × 64 tokens; SGD(lr=1e-3), no optimizer state",
