@@ -474,7 +474,8 @@ class ForeachBucket:
     in place in it, no scratch); for bfloat16/float16 parameters, and for the epoch statistics, a
     scratch of at most :data:`SCRATCH_FRACTION` of the parameters' bytes, used block by block;
     the epoch-start copy in host memory in the parameters' own dtype. One host sync per recorded
-    step: whether any max|g| is non-finite (then the non-finite entries are counted).
+    step on a CPU (whether any max|g| is non-finite; only then are non-finite entries counted); none
+    on a GPU, where the non-finite entries are counted every recorded step (:meth:`_nonfinite_counts`).
     """
 
     device: torch.device
@@ -490,6 +491,8 @@ class ForeachBucket:
     piece_index: list[Split]  # per chunk, the pieces' tensor indices
     epoch: list[torch.Tensor] = field(default_factory=list)  # host, per tensor, own dtype
     classes: list = field(default_factory=list)  # (Bucket's; unused here)
+    # Count non-finite entries every recorded step instead of after a host look (GPUs: no sync).
+    count_always: bool = False
 
     @classmethod
     def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
@@ -524,7 +527,7 @@ class ForeachBucket:
             views.append([scratch[offsets[i]:offsets[i + 1]] for i in range(len(c))])
             piece_index.append(Split(np.array([index[pieces[k][0]] for k in c])))
         return cls(device, dtype, list(params), np.array(index), local, snapshot, snaps, pieces,
-                   chunks, views, piece_index)
+                   chunks, views, piece_index, count_always=device.type != "cpu")
 
     def data(self) -> list[torch.Tensor]:
         return [_local(p) for p in self.params] if self.local else self.params
@@ -555,13 +558,30 @@ class ForeachBucket:
                 grads[j] = g.to_dense()
         norm, max_abs = torch.stack(self._norms(grads) + self._norms(grads, math.inf)).split(len(data))
         parts = []
-        if not math.isfinite(max_abs.sum().item()):  # count non-finite entries only if any
+        if self.count_always:  # on a GPU a host look would cost a sync per step
+            parts += self._nonfinite_counts(grads)
+        elif not math.isfinite(max_abs.sum().item()):  # count non-finite entries only if any
             counts = [(~torch.isfinite(g)).sum() for g in grads]
             parts.append((GRAD_NONFINITE, self.index, torch.stack(counts).to(norm.dtype)))
         if grad_scale is not None:
             inv_scale = grad_scale.to(self.device).double().reciprocal()
             norm, max_abs = norm * inv_scale, max_abs * inv_scale
         return parts + [(GRAD_NORM, self.index, norm), (GRAD_MAX_ABS, self.index, max_abs)]
+
+    def _nonfinite_counts(self, grads: list[torch.Tensor]) -> list:
+        """Per tensor, the number of NaN and ±Inf entries, without looking at any value on the host.
+
+        Block by block through the scratch (no gradient-sized temporary): 0·g is 0 where g is
+        finite and NaN where it is not, and the ord-0 norm counts the entries that are not 0
+        (exact up to 2**24 per piece, the float32 integers). Three multi-tensor kernels per chunk.
+        """
+        parts = []
+        for c, views in enumerate(self.scratch_views):
+            torch._foreach_copy_(views, self._blocks(c, grads))
+            torch._foreach_mul_(views, 0.0)
+            counts = torch.stack(torch._foreach_norm(views, 0, dtype=torch.float64))
+            parts.append((GRAD_NONFINITE, self.piece_index[c], counts))
+        return parts
 
     def snapshot(self) -> list:
         """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
@@ -583,7 +603,8 @@ class ForeachBucket:
         """Statistics ``rows`` (ord 2, 1[, inf]) of (current − start), upcast block by block."""
         parts, data = [], self.data()
         for c, views in enumerate(self.scratch_views):
-            torch._foreach_copy_(views, self._blocks(c, start))
+            # start may be the pinned host epoch copy: stream-ordered before the copy that refills it
+            torch._foreach_copy_(views, self._blocks(c, start), non_blocking=True)
             torch._foreach_sub_(views, self._blocks(c, data))
             values = torch.stack([v for ord in (2, 1, math.inf)[:len(rows)]
                                   for v in self._norms(views, ord)]).split(len(views))

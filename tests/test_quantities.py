@@ -29,13 +29,26 @@ def test_update_figures_and_norms():
     np.testing.assert_allclose(q.norms(diff).tolist(), [5.0, 0.0, np.sqrt(0.3125)], rtol=1e-7)
 
 
-@pytest.mark.parametrize("kind", [q.Bucket, q.ForeachBucket])
+# The foreach bucket as on a GPU: non-finite entries counted every step, with no host look.
+KINDS = [q.Bucket, q.ForeachBucket, "foreach, count always"]
+
+
+def build(kind, *args, **kwargs):
+    if kind == "foreach, count always":
+        bucket = q.ForeachBucket.build(*args, **kwargs)
+        assert not bucket.count_always  # on a CPU it looks first
+        bucket.count_always = True
+        return bucket
+    return kind.build(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_bucket_figures_for_bfloat16_with_a_missing_gradient(kind):
     torch.manual_seed(0)
     # Two big tensors of one shape are stacked; three small odd ones share a zero-padded matrix.
     shapes = [(48, 48)] * 2 + [(5,), (2, 2), ()]
     params = [torch.randn(shape, dtype=torch.bfloat16) for shape in shapes]
-    bucket = kind.build(params, list(range(4, 9)))  # global indices 4..8
+    bucket = build(kind, params, list(range(4, 9)))  # global indices 4..8
     if kind is q.Bucket:
         classes = [(type(c).__name__, len(c.params)) for c in bucket.classes]
         assert classes == [("ShapeClass", 2), ("RaggedClass", 3)]
@@ -119,7 +132,7 @@ def _reference_figures(g, before, after):
             q.UPDATE_MAX_ABS: np.abs(d).max(), q.PARAM_NORM_AFTER: np.sqrt(np.sum(after**2))}
 
 
-@pytest.mark.parametrize("kind", [q.Bucket, q.ForeachBucket])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_small_scratch_splits_classes_and_blocks_exactly(dtype, kind):
     """A scratch of 2000 elements: a 3×900 tensor is read in blocks, a class of 4×(40,40) in runs of 1;
@@ -127,7 +140,7 @@ def test_small_scratch_splits_classes_and_blocks_exactly(dtype, kind):
     torch.manual_seed(1)
     shapes = [(3, 900)] + [(40, 40)] * 4 + [(5000,)]
     params = [torch.randn(shape).to(dtype) for shape in shapes]
-    bucket = kind.build(params, list(range(6)), scratch_elements=2000)
+    bucket = build(kind, params, list(range(6)), scratch_elements=2000)
     if kind is q.Bucket:
         kinds = sorted({type(c).__name__ for c in bucket.classes})
         assert kinds == ["BlockClass", "ShapeClass"]

@@ -231,7 +231,7 @@ def nccl_worker(rank: int, world: int, out_dir: Path) -> None:
     saved = {}
 
     def full(t, name):  # DTensor.full_tensor() all-gathers the shards: every rank calls it
-        return t.full_tensor().double().cpu().numpy().reshape(SHAPES[name])
+        return t.full_tensor().detach().double().cpu().numpy().reshape(SHAPES[name])
 
     for step in range(STEPS):
         x, y = batch(rank, step)

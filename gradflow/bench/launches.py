@@ -237,7 +237,7 @@ def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--strategy", strategy,
                "--steps", str(steps), "--block", str(block), "--profile-steps", str(args.profile_steps),
                "--device", args.device]
-    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": pythonpath},
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))},
                             capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
     if result.returncode != 0:
         raise SystemExit(f"{name}/{strategy} failed:\n{result.stderr[-3000:]}")

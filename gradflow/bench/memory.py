@@ -100,7 +100,7 @@ def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_ever
 
 
 def run_arm(arm: str, args, pythonpath: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": pythonpath, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")])), "MALLOC_MMAP_THRESHOLD_": "131072"}
     # Run this file by path from a neutral folder, so `import gradflow` finds the arm's checkout.
     command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--dtype", args.dtype,
                "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),

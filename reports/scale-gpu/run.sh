@@ -34,6 +34,7 @@ part launches 200 python3 -m gradflow.bench.launches --device cuda --models mlp,
   --note "lent H200 machine, one process at a time" --out "$OUT/bench_launches_cuda.md"
 part memory 110 python3 -m gradflow.bench.memory --device cuda --repeats 2 \
   --note "lent H200 machine" --out "$OUT/bench_memory_cuda.md"
-part train 70 python3 -m gradflow.bench.train --device cuda --reps 2 --epochs 2 \
+part profile 60 python3 reports/scale-gpu/profile_step.py --device cuda --steps 60
+part train 100 python3 -m gradflow.bench.train --device cuda --reps 2 --epochs 3 --n-train 200 \
   --note "lent H200 machine" --out "$OUT/bench_train_cuda.md"
 ls -la "$OUT"
