@@ -432,7 +432,7 @@ class Bucket:
         if self.device.type == "cpu":
             c.fill(c.data(), "epoch")  # same dtype, no scratch
         else:
-            c.epoch.copy_(c.stack_params(), non_blocking=True)  # exact downcast to the own dtype
+            c.rows("epoch").copy_(c.stack_params(), non_blocking=True)  # exact: back to the own dtype
 
     def start_epoch(self) -> None:
         """Keep a host copy of the current weights (the epoch start W_start) in their own dtype."""
@@ -491,6 +491,7 @@ class ForeachBucket:
     piece_index: list[Split]  # per chunk, the pieces' tensor indices
     epoch: list[torch.Tensor] = field(default_factory=list)  # host, per tensor, own dtype
     classes: list = field(default_factory=list)  # (Bucket's; unused here)
+    scratch_flat: list[torch.Tensor] = field(default_factory=list)  # per chunk, its span of the scratch
     # Count non-finite entries every recorded step instead of after a host look (GPUs: no sync).
     count_always: bool = False
 
@@ -521,13 +522,17 @@ class ForeachBucket:
             used += b - a
         scratch = torch.empty(max(sum(pieces[k][2] - pieces[k][1] for k in c) for c in chunks),
                               dtype=work, device=device)
-        views, piece_index = [], []
+        views, flats, piece_index = [], [], []
         for c in chunks:
             offsets = np.cumsum([0] + [pieces[k][2] - pieces[k][1] for k in c])
-            views.append([scratch[offsets[i]:offsets[i + 1]] for i in range(len(c))])
+            # A whole tensor's piece is viewed in its own shape, so its source needs no reshape.
+            views.append([scratch[offsets[i]:offsets[i + 1]].view(
+                data[pieces[k][0]].shape if pieces[k][2] - pieces[k][1] == numel[pieces[k][0]] else -1)
+                for i, k in enumerate(c)])
+            flats.append(scratch[:offsets[-1]])
             piece_index.append(Split(np.array([index[pieces[k][0]] for k in c])))
         return cls(device, dtype, list(params), np.array(index), local, snapshot, snaps, pieces,
-                   chunks, views, piece_index, count_always=device.type != "cpu")
+                   chunks, views, piece_index, scratch_flat=flats, count_always=device.type != "cpu")
 
     def data(self) -> list[torch.Tensor]:
         return [_local(p) for p in self.params] if self.local else self.params
@@ -571,15 +576,17 @@ class ForeachBucket:
     def _nonfinite_counts(self, grads: list[torch.Tensor]) -> list:
         """Per tensor, the number of NaN and ±Inf entries, without looking at any value on the host.
 
-        Block by block through the scratch (no gradient-sized temporary): 0·g is 0 where g is
-        finite and NaN where it is not, and the ord-0 norm counts the entries that are not 0
-        (exact up to 2**24 per piece, the float32 integers). Three multi-tensor kernels per chunk.
+        Chunk by chunk through the scratch (no gradient-sized temporary): 0·g is 0 where g is
+        finite and NaN where it is not; NaN becomes 1, and the ord-1 norm of each piece is its
+        count (exact up to 2**24 per piece). Four kernels per chunk (multi-tensor and flat ones:
+        ``_foreach_norm`` has no multi-tensor kernel for ord 0).
         """
         parts = []
         for c, views in enumerate(self.scratch_views):
             torch._foreach_copy_(views, self._blocks(c, grads))
-            torch._foreach_mul_(views, 0.0)
-            counts = torch.stack(torch._foreach_norm(views, 0, dtype=torch.float64))
+            flat = self.scratch_flat[c]
+            torch.nan_to_num_(flat.mul_(0.0), nan=1.0)
+            counts = torch.stack(torch._foreach_norm(views, 1))
             parts.append((GRAD_NONFINITE, self.piece_index[c], counts))
         return parts
 
@@ -591,12 +598,14 @@ class ForeachBucket:
         return [(PARAM_NORM_BEFORE, self.index, torch.stack(self._norms(data)))]
 
     def _blocks(self, chunk: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The chunk's pieces of ``tensors`` (one per bucket tensor) as flat views."""
+        """The chunk's pieces of ``tensors`` (one per bucket tensor), shaped as the scratch views:
+        a whole tensor as itself, a block of a larger one as a flat slice."""
         out = []
-        for k in self.chunks[chunk]:
+        for k, view in zip(self.chunks[chunk], self.scratch_views[chunk]):
             j, a, b = self.pieces[k]
-            flat = tensors[j].reshape(-1)
-            out.append(flat if a == 0 and b == flat.numel() else flat[a:b])
+            t = tensors[j]
+            out.append(t if view.dim() != 1 or b - a == t.numel() and t.dim() == 1
+                       else t.reshape(-1)[a:b])
         return out
 
     def _chunked_difference(self, start: list[torch.Tensor], rows: tuple) -> list:

@@ -7,6 +7,7 @@ bfloat16: ‖·‖ and Δw have to be computed in at least float32.
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import numpy as np
@@ -24,7 +25,7 @@ LAYERS = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}  # nn.Sequen
 
 
 def host(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy().copy()
+    return t.detach().double().cpu().numpy().copy()  # float64: the reference must not overflow
 
 
 def make_model(dtypes: tuple[torch.dtype, torch.dtype], device: str) -> nn.Module:
@@ -41,7 +42,9 @@ def make_model(dtypes: tuple[torch.dtype, torch.dtype], device: str) -> nn.Modul
     return nn.Sequential(first, Cast(), last)
 
 
-def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: str = "cuda") -> None:
+def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: str = "cuda",
+                    huge: bool = False) -> None:
+    """``huge``: one gradient entry of 1e20 in the last step, whose square overflows float32."""
     model = make_model(dtypes, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     store = str(tmp_path / "run.zarr")
@@ -53,6 +56,8 @@ def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: s
             y = torch.randn(8, 8, generator=data, device=device, dtype=dtypes[1])
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            if huge and len(steps) == STEPS - 1:
+                model[0].weight.grad[0, 0] = 1e20
             grads = {n: host(p.grad) for n, p in model.named_parameters()}
             before = {n: host(p) for n, p in model.named_parameters()}
             optimizer.step()
@@ -75,8 +80,18 @@ def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: s
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),  # two (device, dtype) groups in one model
 ], ids=["float32", "bfloat16", "mixed"])
-def test_cuda_figures_match_reference(tmp_path, dtypes):
+@pytest.mark.parametrize("strategy", ["auto", "stack"])
+def test_cuda_figures_match_reference(tmp_path, dtypes, strategy, monkeypatch):
+    """The default multi-tensor buckets and the stacking ones (the CPU's), both exact on a GPU."""
+    monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
     train_and_check(tmp_path, dtypes)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["float32", "bfloat16"])
+def test_cuda_norm_of_a_huge_gradient_does_not_overflow(tmp_path, dtypes):
+    """‖g‖ with an entry of 1e20 is about 1e20, not inf (float32 squares overflow above ~1.8e19)."""
+    train_and_check(tmp_path, dtypes, huge=True)
 
 
 def test_cuda_recording_does_not_sync(tmp_path):
@@ -95,8 +110,15 @@ def test_cuda_recording_does_not_sync(tmp_path):
             optimizer.step()
         recorder.end_epoch()  # the first end_epoch may allocate
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
+        syncs = []
+
+        def note(message, *args, **kwargs):  # where each sync came from (the warning names torch)
+            if "synchroniz" in str(message):
+                syncs.append("".join(traceback.format_stack(limit=8)[:-1]))
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = note
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for _ in range(steps):
@@ -106,5 +128,4 @@ def test_cuda_recording_does_not_sync(tmp_path):
                 recorder.end_epoch()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-    assert not syncs, f"{len(syncs)} host syncs in {steps} recorded steps: {syncs}"
+    assert not syncs, f"{len(syncs)} host syncs in {steps} recorded steps:\n" + "\n".join(syncs)

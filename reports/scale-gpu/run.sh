@@ -7,7 +7,7 @@
 #
 # With the device tool, from the repository root (zarr, numcodecs, donfig, google-crc32c and xarray
 # travel as wheels, downloaded here as in /work/.library/device/README.md into the ignored .whl/):
-#   run(command="bash reports/scale-gpu/run.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash reports/scale-gpu/run.sh", carry=[".whl"], timeout_s=330)
 # Then copy $OUT's reports into reports/ (bench_launches_cuda.md, bench_memory_cuda.md, ...).
 set -uo pipefail
 OUT=${OUT:-/tmp/scale-gpu-out}
@@ -26,15 +26,15 @@ part() {  # part NAME LIMIT COMMAND...: run under a timeout, log to $OUT/run.log
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT/run.log"
   echo "=== $name rc=${PIPESTATUS[0]} wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/run.log"
 }
-part tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
+part tests 100 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
   tests/test_recorder_cuda.py tests/test_recorder.py tests/test_train.py tests/models/test_fcn.py \
   tests/data/test_augment.py tests/test_recorder_fsdp.py -k "cuda or nccl"
-part launches 200 python3 -m gradflow.bench.launches --device cuda --models mlp,conv,gpt2,table1 \
-  --strategies auto,stack --steps 200 --gpt2-steps 40 --block 10 --profile-steps 2 \
+part launches 130 python3 -m gradflow.bench.launches --device cuda --models mlp,conv,gpt2,table1 \
+  --strategies auto --steps 200 --gpt2-steps 40 --block 10 --profile-steps 2 \
   --note "lent H200 machine, one process at a time" --out "$OUT/bench_launches_cuda.md"
-part memory 110 python3 -m gradflow.bench.memory --device cuda --repeats 2 \
+part memory 90 python3 -m gradflow.bench.memory --device cuda --repeats 2 \
   --note "lent H200 machine" --out "$OUT/bench_memory_cuda.md"
-part profile 60 python3 reports/scale-gpu/profile_step.py --device cuda --steps 60
-part train 100 python3 -m gradflow.bench.train --device cuda --reps 2 --epochs 3 --n-train 200 \
+part profile 40 python3 reports/scale-gpu/profile_step.py --device cuda --steps 60
+part train 70 python3 -m gradflow.bench.train --device cuda --reps 2 --epochs 3 --n-train 200 \
   --note "lent H200 machine" --out "$OUT/bench_train_cuda.md"
 ls -la "$OUT"
