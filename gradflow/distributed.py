@@ -26,6 +26,7 @@ than FSDP/HSDP's (tensor parallelism), and models mixing DTensor and plain param
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,14 +181,17 @@ class Reducer:
             self._index[id(array)] = cached
         return cached[1]
 
-    def step(self, parts: list, present: np.ndarray) -> tuple[list, np.ndarray]:
-        """Global per-tensor parts of one recorded step and the global "had a gradient" flags."""
+    def step(self, parts: list, present: np.ndarray) -> tuple[list, None]:
+        """Global per-tensor parts of one recorded step; the global "had a gradient" flags travel
+        among them as a :data:`~gradflow.quantities.PRESENT` part (hence None for ``present``)."""
         sums = torch.zeros(len(SUM_ROWS) + len(MAX_ROWS), self.num_tensors, dtype=torch.float64,
                            device=self.device)  # the last rows count NaN maxima
         maxima = torch.zeros(len(MAX_ROWS) + 1, self.num_tensors, dtype=torch.float64,
                              device=self.device)
-        local = present & ~self.empty
-        maxima[-1] = torch.as_tensor(local, dtype=torch.float64).to(self.device)
+        local = torch.from_numpy((present & ~self.empty).astype(np.float64))
+        if self.device.type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU
+            local = local.pin_memory()
+        maxima[-1].copy_(local, non_blocking=True)
         kept = []
         for row, index, values in parts:
             if row == q.FOUND_INF:
@@ -204,14 +208,14 @@ class Reducer:
                 maxima[k].scatter_reduce_(0, where, v.nan_to_num(nan=0.0), "amax")
         self.dist.all_reduce(sums, op=self.dist.ReduceOp.SUM, group=self.group)
         self.dist.all_reduce(maxima, op=self.dist.ReduceOp.MAX, group=self.group)
-        for k in range(len(MAX_ROWS)):
-            maxima[k][sums[len(SUM_ROWS) + k] > 0] = float("nan")
         # Every row goes out: a statistic no rank produced is 0, as the host would fill it anyway.
         out = kept + [(row, self.all_index,
                        sums[k].sqrt() if q.STEP_KINDS[row] == "norm" else sums[k])
                       for k, row in enumerate(SUM_ROWS)]
-        out += [(row, self.all_index, maxima[k]) for k, row in enumerate(MAX_ROWS)]
-        return out, (maxima[-1] > 0).cpu().numpy()
+        out += [(row, self.all_index, maxima[k].masked_fill(sums[len(SUM_ROWS) + k] > 0, math.nan))
+                for k, row in enumerate(MAX_ROWS)]
+        # The global flags reach the host with the statistics (no sync on the training thread).
+        return out + [(q.PRESENT, self.all_index, maxima[-1])], None
 
     def epoch(self, parts: list) -> list:
         """Global per-tensor epoch parts (Σ|ΔW| and ‖ΔW‖)."""

@@ -48,6 +48,7 @@ GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM_BEFORE, UPDATE_NORM, UPDATE_
     UPDATE_MAX_ABS, PARAM_NORM_AFTER = range(8)
 NUM_STATS = 8
 FOUND_INF = -1  # pseudo-row: GradScaler's found_inf flag handed to a fused optimizer (see recorder)
+PRESENT = -2  # pseudo-row: a sharded step's global "had a gradient" flags (distributed.Reducer)
 
 # A shape class this small (fewer than RAGGED_MAX_TENSORS tensors, at most RAGGED_MAX_ELEMENTS
 # elements in all) joins the bucket's one RaggedClass: a dozen kernel launches per recorded step
@@ -676,13 +677,15 @@ class HostStats:
     vectors: list  # per device: a host tensor, or on the CPU the parts' tensors, joined by resolve()
     layouts: list[list[tuple[int, np.ndarray]]]
     events: list  # CUDA events marking the end of each device→host copy (None on CPU)
+    present: np.ndarray | None = None  # a PRESENT part's flags (bool, per tensor), set by resolve()
 
     def resolve(self, rows: int, tensors: int) -> tuple[np.ndarray, float]:
         """Wait for the copies; scatter into a zero ``(rows, tensors)`` float64 matrix.
 
         ``rows`` is :data:`NUM_STATS` (a step) or 2 (an epoch). Parts of one tensor's blocks
         (:class:`Split`) are combined: norms as sqrt(Σ‖·‖²), sums added, maxima the max.
-        Returns the matrix and the sum of any :data:`FOUND_INF` flags.
+        Returns the matrix and the sum of any :data:`FOUND_INF` flags; a :data:`PRESENT` part's
+        flags are left in :attr:`present`.
         """
         out = np.zeros((rows, tensors))
         kinds = STEP_KINDS if rows == NUM_STATS else EPOCH_KINDS
@@ -700,6 +703,8 @@ class HostStats:
                 part = values[offset:offset + n]
                 if row == FOUND_INF:
                     found_inf += float(part[0])
+                elif row == PRESENT:
+                    self.present = part > 0
                 elif isinstance(index, Split):
                     if blocks is None:
                         blocks, nans = np.zeros((rows, tensors)), np.zeros((rows, tensors), bool)

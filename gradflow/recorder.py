@@ -94,7 +94,7 @@ from gradflow.errors import GradflowError, GradflowWarning
 from gradflow.store import (RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, Rows, RunStore,
                             store_url)
 
-FLUSH_ROWS = 1024  # hand buffered rows to the writer after this many recorded steps ...
+FLUSH_ROWS = 1024  # hand buffered rows to the writer when the store's rows reach a multiple of this ...
 FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (checked at every step and epoch)
 WRITE_ATTEMPTS = 8  # consecutive failed flushes (kept rows retried each time) before recording stops
 MODES = ("w-", "w", "a")
@@ -110,7 +110,7 @@ class _StepRow:
     epoch: int
     wall_time: float
     skipped: bool
-    present: np.ndarray  # (tensors,) bool: which tensors had a gradient
+    present: np.ndarray | None  # (tensors,) bool: which tensors had a gradient (None: in stats)
     owned: np.ndarray  # (tensors,) bool: which tensors an optimizer owned
     stats: quantities.HostStats
     lr: np.ndarray | None = None  # (param groups,) float64: each group's lr at this step
@@ -555,6 +555,10 @@ class Recorder:
         self._present: np.ndarray | None = None
         self._pending_steps: list[_StepRow] = []
         self._pending_epochs: list[_EpochRow] = []
+        # Step rows handed to the writer (or already in the store): count-driven hand-offs end
+        # where this reaches a multiple of FLUSH_ROWS, which every step chunk divides, so they
+        # write whole chunks only, also after a short (timed, explicit, resumed) one.
+        self._rows_handed = self._store.n_steps if self._writes else 0
         self._last_handoff = time.monotonic()
         self._ending_epoch = False
         self._in_handoff = False
@@ -887,7 +891,7 @@ class Recorder:
         self._resolved = [None] * len(self._resolved)
         self._step += 1
         self._epoch_steps += 1
-        if self._pending_steps and (len(self._pending_steps) >= FLUSH_ROWS
+        if self._pending_steps and ((self._rows_handed + len(self._pending_steps)) % FLUSH_ROWS == 0
                                     or time.monotonic() - self._last_handoff > FLUSH_SECONDS):
             self._handoff()
         if self._deferred_epochs and not self._ending_epoch:
@@ -921,6 +925,7 @@ class Recorder:
         try:
             steps, epochs = self._pending_steps, self._pending_epochs
             self._pending_steps, self._pending_epochs = [], []
+            self._rows_handed += len(steps)
             self._last_handoff = time.monotonic()
             if self._stopped:
                 return  # recording stopped after repeated write failures (warned once)
@@ -973,7 +978,8 @@ class Recorder:
                 per_tensor[k], found_inf = row.stats.resolve(quantities.NUM_STATS,
                                                                self._num_tensors)
                 skipped[k] = row.skipped or found_inf > 0
-            present = np.stack([row.present for row in steps])
+            present = np.stack([row.stats.present if row.present is None else row.present
+                                for row in steps])
             owned = np.stack([row.owned for row in steps])
             step_columns = quantities.layer_step_stats(per_tensor, present, self._starts,
                                                          self._numel, owned)

@@ -537,9 +537,12 @@ def _writable(array):
 def step_chunk(n_layers: int) -> int:
     """Rows per chunk of a (step, layer) variable: the largest power of two with at most
     CHUNK_BYTES per chunk, between 16 and CHUNK_STEPS (1,024 up to 1,024 layers). A power of two
-    divides the Recorder's 1,024-row flushes, which therefore write whole chunks only; a shorter
-    flush leaves one chunk partly filled, which the next flush re-encodes. Smaller chunks made that
-    re-encoding 0.55× as long but full flushes 2.7× (reports/bench_store_longrun.md)."""
+    divides the Recorder's FLUSH_ROWS (1,024), and its count-driven hand-offs end where the store
+    reaches a multiple of that, so they write whole chunks only. A short hand-off (a slow run's
+    timed one every FLUSH_SECONDS, an explicit ``flush()``, ``close()``) leaves one chunk per figure
+    partly filled, which the next hand-off completes (re-encoding it once) up to the boundary.
+    Smaller chunks made that re-encoding 0.55× as long but full flushes 2.7×
+    (reports/bench_store_longrun.md)."""
     rows = CHUNK_BYTES // (4 * max(n_layers, 1))
     return max(16, min(CHUNK_STEPS, 1 << max(rows, 1).bit_length() - 1))
 

@@ -130,6 +130,38 @@ def test_rows_are_buffered_and_written_off_the_training_thread(tmp_path, monkeyp
     assert threading.current_thread().name not in writers
 
 
+def test_hand_offs_end_on_chunk_boundaries_after_a_short_one(tmp_path, monkeypatch):
+    """Count-driven hand-offs end where the store's rows reach a multiple of FLUSH_ROWS (which the
+    step chunk divides): after an explicit flush of 5 rows, or resuming at 13, the next one takes
+    only the rows up to the boundary, so no later hand-off rewrites a partly filled chunk."""
+    from gradflow import recorder as recorder_module
+    from gradflow import store as store_module
+
+    appended = []  # (first row, number of rows) of each step append
+    original = store_module.RunStore.write
+
+    def spy(self, rows=None):
+        n = 0 if rows is None else rows.num_steps
+        if n:
+            appended.append((self.n_steps, n))
+        return original(self, rows)
+
+    monkeypatch.setattr(store_module.RunStore, "write", spy)
+    monkeypatch.setattr(recorder_module, "FLUSH_ROWS", 8)
+    model, optimizer = tiny()
+    store = tmp_path / "run.zarr"
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        train(model, optimizer, 5)
+        rec.flush()  # a short hand-off, as the timed one in a slow run
+        train(model, optimizer, 8, seed=1)
+    assert appended == [(0, 5), (5, 3), (8, 5)]  # the last one: close
+    appended.clear()
+    with gradflow.Recorder(model, optimizer, store, mode="a"):
+        train(model, optimizer, 12, seed=2)
+    assert appended == [(13, 3), (16, 8), (24, 1)]
+    assert gradflow.open(store).sizes["step"] == 25
+
+
 def test_layout_is_plain_chunked_zarr(tmp_path):
     model, optimizer = tiny()
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
