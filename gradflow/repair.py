@@ -12,6 +12,7 @@ import zarr
 
 from gradflow.check import RunState, inspect_run, runs_of
 from gradflow.errors import GradflowError
+from gradflow.summary import trim
 
 
 def repair_run(url: str, group: str | None) -> RunState:
@@ -33,6 +34,9 @@ def repair_run(url: str, group: str | None) -> RunState:
             for _, array in parent.arrays():
                 if array.metadata.dimension_names[0] == dim and array.shape[0] != length:
                     array.resize((length,) + array.shape[1:])
+        summary = node.get("summary")
+        if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
+            trim(summary, state.good_steps)  # no block may describe rows the repair removed
         attrs = {}
         if state.good_steps < state.num_steps:
             attrs["steps_seen"] = int(node["step"][state.good_steps - 1]) + 1 \

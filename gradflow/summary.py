@@ -127,12 +127,7 @@ class SummaryWriter:
         if not isinstance(group, zarr.Group) or group.attrs.get("gradflow_kind") != "summary":
             group = self._create()
         self.group = group
-        covered = min(int(group.attrs.get("rows", 0)), rows) // SPAN * SPAN
-        for level in LEVELS:
-            for _, array in group[str(level)].arrays():
-                if array.metadata.dimension_names[0] == "block":
-                    array.resize((covered // level,) + array.shape[1:])
-        group.attrs["rows"] = covered
+        covered = trim(group, rows)
         self.rows = covered  # rows summarised (written or pending in the base blocks below)
         self.done: list[Blocks] = []  # complete blocks of LEVELS[0] rows in the current span
         self.partial: Blocks | None = None  # the block in progress (one segment)
@@ -201,6 +196,19 @@ class SummaryWriter:
             _append(group["first_step"], merged.first_step)
             _append(group["last_step"], merged.last_step)
         self.group.attrs["rows"] = self.rows  # after the chunks: a crash before this re-does the span
+
+
+def trim(group: zarr.Group, rows: int) -> int:
+    """Cut a run's ``summary`` group to the whole spans within its first ``rows`` raw rows (what a
+    crash, or a repair that truncated the raw rows, may have left beyond them); returns the rows
+    it still covers. Every level's block arrays are resized and the ``rows`` attribute lowered."""
+    covered = min(int(group.attrs.get("rows", 0)), rows) // SPAN * SPAN
+    for level in group.attrs.get("levels", LEVELS):
+        for _, array in group[str(level)].arrays():
+            if array.metadata.dimension_names[0] == "block":
+                array.resize((covered // level,) + array.shape[1:])
+    group.attrs["rows"] = covered
+    return covered
 
 
 def _append(array, values: np.ndarray) -> None:

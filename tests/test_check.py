@@ -65,6 +65,34 @@ def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
     assert zarr.open_group(store, mode="r").attrs["steps_seen"] == rows_kept
 
 
+def test_repair_trims_the_summary_to_the_rows_it_keeps(tmp_path, monkeypatch):
+    """Summary blocks past the repaired end are dropped (plain xarray readers of summary/<b> see
+    them too); the blocks kept still match the raw rows they summarise."""
+    from gradflow import summary
+
+    monkeypatch.setattr(summary, "LEVELS", (4, 8))
+    monkeypatch.setattr(summary, "SPAN", 16)
+    store = tmp_path / "run.zarr"
+    make_store(store)
+    levels = zarr.open_group(store, mode="r")["summary"]
+    assert levels.attrs["rows"] == 2496 and levels["8"]["grad_norm"].shape[0] == 312
+    (store / "grad_norm" / "c/1/0").unlink()
+    lines, _ = check_store(str(store), repair=True)
+    assert lines[-1] == "(run): repaired, kept 1024 of 2500 steps and 3 of 3 epochs"
+    levels = zarr.open_group(store, mode="r")["summary"]
+    assert levels.attrs["rows"] == 1024
+    for level in (4, 8):
+        group = levels[str(level)]
+        assert group["grad_norm"].shape[0] == group["last_step"].shape[0] == 1024 // level
+        np.testing.assert_array_equal(group["last_step"][:], np.arange(level - 1, 1024, level))
+        # figure = step number: a block's mean is its middle step, min its first, max its last
+        stats = group["grad_norm"][:, :3, 0]
+        first = np.arange(0, 1024, level)
+        np.testing.assert_array_equal(stats, np.stack([first + (level - 1) / 2, first,
+                                                       first + level - 1], axis=1))
+    assert check_store(str(store)) == (["(run): ok, 1024 steps, 3 epochs"], False)
+
+
 def test_unequal_lengths_and_steps_not_increasing(tmp_path):
     store = tmp_path / "run.zarr"
     make_store(store, steps=40)
