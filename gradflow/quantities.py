@@ -78,32 +78,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def l2_norm(rows: torch.Tensor) -> torch.Tensor:
+def l2_norm(rows: torch.Tensor, checked: bool = True) -> torch.Tensor:
     """Row-wise ‖·‖₂ of a ``(k, n)`` matrix, without overflow.
 
     In float32 the squares overflow for entries above ~1.8e19 (an exploding gradient: exactly where
     the number matters) and torch's kernels do not rescale, so ‖(1e20, 1e20)‖ would read as inf. On a
     CPU, where looking costs no sync, a row whose float32 norm came out infinite is recomputed with
     float64 accumulation; on other devices the norm is always accumulated in float64.
+    ``checked=False`` (CPU): the float32 norm as it is; the caller looks for inf itself, once for
+    many norms (:meth:`Bucket._recheck`).
     """
     if rows.dtype == torch.float64:
         return torch.linalg.vector_norm(rows, dim=1)
     if rows.device.type != "cpu":
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).to(rows.dtype)
     norm = torch.linalg.vector_norm(rows, dim=1)
-    if bool(torch.isinf(norm).any()):
+    if checked and bool(torch.isinf(norm).any()):
         norm = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).to(rows.dtype)
     return norm
 
 
-def gradient_stats(grads: torch.Tensor) -> list[torch.Tensor]:
+def gradient_stats(grads: torch.Tensor, checked: bool = True) -> list[torch.Tensor]:
     """Row-wise ‖g‖ and max|g| of a ``(k, n)`` gradient matrix, which is overwritten by |g|.
 
     Both are NaN/Inf when a row holds NaN/Inf (|g| keeps them where they are). (On a CPU,
     ``abs_`` + ``amax`` is several times faster than ``vector_norm(ord=inf)``.)
     """
     magnitude = grads.abs_()
-    return [l2_norm(magnitude), magnitude.amax(1)]
+    return [l2_norm(magnitude, checked), magnitude.amax(1)]
 
 
 def nonfinite_counts(grads: torch.Tensor) -> torch.Tensor:
@@ -116,15 +118,15 @@ def nonfinite_counts(grads: torch.Tensor) -> torch.Tensor:
     return flags.sum(1, dtype=torch.float64 if grads.shape[1] > 2**24 else grads.dtype)
 
 
-def norms(weights: torch.Tensor) -> torch.Tensor:
+def norms(weights: torch.Tensor, checked: bool = True) -> torch.Tensor:
     """Row-wise ‖w‖ of a ``(k, n)`` matrix (:func:`l2_norm`)."""
-    return l2_norm(weights)
+    return l2_norm(weights, checked)
 
 
-def update_stats(diff: torch.Tensor) -> list[torch.Tensor]:
+def update_stats(diff: torch.Tensor, checked: bool = True) -> list[torch.Tensor]:
     """Row-wise ‖d‖, Σ|d| and max|d| of a ``(k, n)`` update matrix, which is overwritten by |d|."""
     magnitude = diff.abs_()
-    return [l2_norm(magnitude), magnitude.sum(1), magnitude.amax(1)]
+    return [l2_norm(magnitude, checked), magnitude.sum(1), magnitude.amax(1)]
 
 
 class Split:
@@ -372,54 +374,82 @@ class Bucket:
         Non-finite entries are counted on the GPU always; on the CPU, where looking at a value costs
         no sync, only when the sum of the max|g| is not finite (otherwise every count is exactly 0).
         """
-        parts, seen = [], []
+        parts, seen, again = [], [], []
         count_now = self.device.type != "cpu"
         inv_scale = None if grad_scale is None else grad_scale.to(self.device).double().reciprocal()
+
+        def unscaled(norm):
+            return norm if inv_scale is None else norm * inv_scale
+
         for c in self.classes:
             matrix = c.stack_grads(present)
-            norm, max_abs = gradient_stats(matrix)
+            norm, max_abs = gradient_stats(matrix, checked=count_now)
             if count_now:
                 parts.append((GRAD_NONFINITE, c.index, nonfinite_counts(matrix)))
             else:
-                seen.append((c, max_abs))
-            if inv_scale is not None:
-                norm, max_abs = norm * inv_scale, max_abs * inv_scale
-            parts += [(GRAD_NORM, c.index, norm), (GRAD_MAX_ABS, c.index, max_abs)]
-        if seen and not math.isfinite(torch.cat([m for _, m in seen]).sum().item()):
+                seen += [norm, max_abs]
+                again.append((len(parts), lambda c=c: unscaled(l2_norm(c.stack_grads(present).abs_()))))
+            parts += [(GRAD_NORM, c.index, unscaled(norm)),
+                      (GRAD_MAX_ABS, c.index, unscaled(max_abs))]
+        # One host look (CPU) at every norm and max|g|: all finite, or count and recheck.
+        if seen and not math.isfinite(torch.cat(seen).sum().item()):
+            parts = self._recheck(parts, again, looked=True)
             parts += [(GRAD_NONFINITE, c.index, nonfinite_counts(c.stack_grads(present)))
-                      for c, _ in seen]
+                      for c in self.classes]
+        return parts
+
+    def _recheck(self, parts: list, again: list, looked: bool = False) -> list:
+        """CPU: the float32 norms at ``again``'s part positions were taken unchecked; one look at all
+        of them (unless the caller ``looked`` already) finds an overflow (inf), and only those parts
+        are recomputed by ``again``'s functions, with float64 accumulation (:func:`l2_norm`)."""
+        if not again or not looked and not bool(
+                torch.isinf(torch.cat([parts[i][2] for i, _ in again])).any()):
+            return parts
+        for i, recompute in again:
+            if bool(torch.isinf(parts[i][2]).any()):
+                parts[i] = (*parts[i][:2], recompute())
         return parts
 
     def snapshot(self) -> list:
         """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
-        return [(PARAM_NORM_BEFORE, c.index, self._snapshot_norms(c)) for c in self.classes]
+        checked = self.device.type != "cpu"
+        parts = [(PARAM_NORM_BEFORE, c.index, self._snapshot_norms(c, checked)) for c in self.classes]
+        return self._recheck(parts, [] if checked else [
+            (i, lambda c=c: norms(c.stack_params())) for i, c in enumerate(self.classes)])
 
-    def _snapshot_norms(self, c: ShapeClass) -> torch.Tensor:
+    def _snapshot_norms(self, c: ShapeClass, checked: bool = True) -> torch.Tensor:
         """Take the Δw snapshot of ``c`` (in the parameters' dtype) and return ‖w‖ per member."""
         if not self.keeps_snapshot:
-            return norms(c.stack_params())
+            return norms(c.stack_params(), checked)
         if c.snapshot.dtype == c.scratch.dtype:
-            return norms(c.stack_params("snapshot"))  # float32/64: the snapshot is the matrix
-        weights = norms(c.stack_params())  # upcast copy in the scratch, for the norms
+            return norms(c.stack_params("snapshot"), checked)  # float32/64: the snapshot is the matrix
+        weights = norms(c.stack_params(), checked)  # upcast copy in the scratch, for the norms
         c.fill(c.data(), "snapshot")
         return weights
 
     def after_step(self) -> list:
         """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`before_step`."""
-        parts = []
+        parts, again = [], []
+        checked = self.device.type != "cpu"
         for c in self.classes:
             after = c.stack_params()
-            parts.append((PARAM_NORM_AFTER, c.index, norms(after)))
+            if not checked:
+                again.append((len(parts), lambda c=c: norms(c.stack_params())))
+            parts.append((PARAM_NORM_AFTER, c.index, norms(after, checked)))
             if not self.keeps_snapshot:
                 continue
-            if c.snapshot.dtype == after.dtype:
+            in_place = c.snapshot.dtype == after.dtype
+            if in_place:
                 diff = c.snapshot_rows.sub_(after)  # w_before − w_after, in place
             else:
                 diff = after.sub_(c.snapshot_rows)  # w_after − w_before, upcast while subtracting
-            norm, abs_sum, max_abs = update_stats(diff)
+            if not checked:  # |Δw| stays in the snapshot; else the snapshot still holds w_before
+                again.append((len(parts), lambda c=c, in_place=in_place: norms(
+                    c.snapshot_rows if in_place else c.stack_params().sub_(c.snapshot_rows))))
+            norm, abs_sum, max_abs = update_stats(diff, checked)
             parts += [(UPDATE_NORM, c.index, norm), (UPDATE_ABS_SUM, c.index, abs_sum),
                       (UPDATE_MAX_ABS, c.index, max_abs)]
-        return parts
+        return self._recheck(parts, again)
 
     def not_stepped(self) -> list:
         """‖w‖ for a recorded step in which this bucket's optimizer did not step (no update)."""

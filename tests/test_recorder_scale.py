@@ -88,14 +88,17 @@ def test_snapshot_false_records_gradient_figures_and_nan_updates(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["stack", "foreach"])
-def test_huge_float32_values_do_not_overflow_the_norms(tmp_path, monkeypatch, strategy):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lr", [1e-3, 1.0])  # Δw of 1e17 (fine) or 1e20 (its squares overflow too)
+def test_huge_float32_values_do_not_overflow_the_norms(tmp_path, monkeypatch, strategy, dtype, lr):
     """Entries above ~1.8e19 overflow float32 squares; the norms (2e20, 2e21 here) fit in float32 and
-    must be recorded exactly, not as inf, with nonfinite 0 (an exploding gradient, where it matters)."""
+    must be recorded exactly, not as inf, with nonfinite 0 (an exploding gradient, where it matters).
+    Only some tensors overflow: the CPU looks once per phase and recomputes only those."""
     monkeypatch.setattr(quantities, "STRATEGY", strategy)
-    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False))
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)).to(dtype)
     with torch.no_grad():
         model[1].weight.fill_(1e21)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e20)
