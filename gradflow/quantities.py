@@ -60,6 +60,9 @@ RAGGED_MAX_ELEMENTS = 4096
 # SCRATCH_MIN_ELEMENTS elements): with the snapshot (1×) the device holds ≤ 1.125× the parameters.
 SCRATCH_FRACTION = 0.125
 SCRATCH_MIN_ELEMENTS = 1 << 18
+# The multi-tensor bucket's pieces are at most this long: its non-finite counts are float32 sums of
+# 0/1 entries per piece, exact up to 2**24.
+PIECE_MAX_ELEMENTS = 1 << 24
 
 # Which bucket kind the Recorder builds (see build_bucket): "auto", "stack" or "foreach".
 STRATEGY = "auto"
@@ -537,6 +540,7 @@ class ForeachBucket:
         if scratch_elements is None:
             budget = SCRATCH_FRACTION * sum(numel) * dtype.itemsize / work.itemsize
             scratch_elements = max(SCRATCH_MIN_ELEMENTS, int(budget))
+        scratch_elements = min(scratch_elements, PIECE_MAX_ELEMENTS)
         flat = torch.empty(sum(numel) if snapshot else 0, dtype=dtype, device=device)
         snaps, offset = [], 0
         for d, n in zip(data, numel):
@@ -609,12 +613,12 @@ class ForeachBucket:
 
         Chunk by chunk through the scratch (no gradient-sized temporary): 0·g is 0 where g is
         finite and NaN where it is not; NaN becomes 1, and the ord-1 norm of each piece is its
-        count (exact up to 2**24 per piece). Four kernels per chunk (multi-tensor and flat ones:
+        count (pieces are at most :data:`PIECE_MAX_ELEMENTS` long, so it is exact). Four kernels per chunk (multi-tensor and flat ones:
         ``_foreach_norm`` has no multi-tensor kernel for ord 0).
         """
-        parts = []
+        parts, flattened = [], {}
         for c, views in enumerate(self.scratch_views):
-            torch._foreach_copy_(views, self._blocks(c, grads))
+            torch._foreach_copy_(views, self._blocks(c, grads, flattened))
             flat = self.scratch_flat[c]
             torch.nan_to_num_(flat.mul_(0.0), nan=1.0)
             counts = torch.stack(torch._foreach_norm(views, 1))
@@ -628,24 +632,35 @@ class ForeachBucket:
             torch._foreach_copy_(self.snaps, data)
         return [(PARAM_NORM_BEFORE, self.index, torch.stack(self._norms(data)))]
 
-    def _blocks(self, chunk: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _blocks(self, chunk: int, tensors: list[torch.Tensor],
+                flattened: dict | None = None) -> list[torch.Tensor]:
         """The chunk's pieces of ``tensors`` (one per bucket tensor), shaped as the scratch views:
-        a whole tensor as itself, a block of a larger one as a flat slice."""
+        a whole tensor as itself, a block of a larger one as a flat slice. ``flattened`` (one dict
+        per pass over the chunks) keeps the last split tensor's flat form: a non-contiguous one
+        (transposed, channels_last) is copied once for all its pieces, not once per piece."""
         out = []
         for k, view in zip(self.chunks[chunk], self.scratch_views[chunk]):
             j, a, b = self.pieces[k]
             t = tensors[j]
-            out.append(t if view.dim() != 1 or b - a == t.numel() and t.dim() == 1
-                       else t.reshape(-1)[a:b])
+            if view.dim() != 1 or b - a == t.numel() and t.dim() == 1:
+                out.append(t)
+                continue
+            flat = None if flattened is None else flattened.get(j)
+            if flat is None:
+                flat = t.reshape(-1)
+                if flattened is not None:
+                    flattened.clear()  # pieces of one tensor are consecutive: keep one at a time
+                    flattened[j] = flat
+            out.append(flat[a:b])
         return out
 
     def _chunked_difference(self, start: list[torch.Tensor], rows: tuple) -> list:
         """Statistics ``rows`` (ord 2, 1[, inf]) of (current − start), upcast block by block."""
-        parts, data = [], self.data()
+        parts, data, start_flat, data_flat = [], self.data(), {}, {}
         for c, views in enumerate(self.scratch_views):
             # start may be the pinned host epoch copy: stream-ordered before the copy that refills it
-            torch._foreach_copy_(views, self._blocks(c, start), non_blocking=True)
-            torch._foreach_sub_(views, self._blocks(c, data))
+            torch._foreach_copy_(views, self._blocks(c, start, start_flat), non_blocking=True)
+            torch._foreach_sub_(views, self._blocks(c, data, data_flat))
             values = torch.stack([v for ord in (2, 1, math.inf)[:len(rows)]
                                   for v in self._norms(views, ord)]).split(len(views))
             parts += [(row, self.piece_index[c], v) for row, v in zip(rows, values)]

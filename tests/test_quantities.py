@@ -189,3 +189,36 @@ def test_snapshot_false_keeps_gradient_figures_and_norms_only(kind):
     matrix, _ = q.to_host(parts).resolve(q.NUM_STATS, 1)
     assert matrix[q.PARAM_NORM_BEFORE, 0] == 5.0 and matrix[q.GRAD_NORM, 0] == 1.0
     np.testing.assert_allclose(matrix[q.PARAM_NORM_AFTER, 0], np.sqrt(4.0 + 25.0))
+
+
+def test_foreach_count_of_more_than_2_24_nonfinite_entries_is_exact():
+    """The multi-tensor bucket counts non-finite entries as float32 sums of 0/1 per piece: pieces
+    are capped at 2**24 elements, so 2**24 + 3 NaN in one tensor count exactly."""
+    n = (1 << 24) + 3
+    p = torch.zeros(n)
+    p.grad = torch.full((n,), NAN)
+    bucket = build("foreach, count always", [p], [0], snapshot=False, scratch_elements=1 << 25)
+    assert max(b - a for _, a, b in bucket.pieces) <= 1 << 24
+    matrix, _ = q.to_host(bucket.gradient_parts(np.ones(1, dtype=bool), None)).resolve(q.NUM_STATS, 1)
+    assert matrix[q.GRAD_NONFINITE, 0] == n
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_split_non_contiguous_tensor_is_flattened_once_per_pass(layout):
+    """A gradient bigger than the scratch and not contiguous is copied flat once for all its pieces
+    (one gradient-sized temporary), not once per piece."""
+    if layout == "transposed":
+        p, g = torch.zeros(512, 512), torch.randn(512, 512).t()
+    else:
+        p = torch.zeros(64, 32, 8, 8)
+        g = torch.randn(64, 32, 8, 8).to(memory_format=torch.channels_last)
+    bucket = q.ForeachBucket.build([p], [0], snapshot=False, scratch_elements=1 << 14)
+    assert len(bucket.chunks) >= 8
+    flattened, storages = {}, set()
+    for c in range(len(bucket.chunks)):
+        for block in bucket._blocks(c, [g], flattened):
+            storages.add(block.untyped_storage().data_ptr())
+    assert g.untyped_storage().data_ptr() not in storages and len(storages) == 1
+    # and the pieces are the gradient's elements in order
+    pieces = [block for c in range(len(bucket.chunks)) for block in bucket._blocks(c, [g], {})]
+    np.testing.assert_array_equal(torch.cat(pieces).numpy(), g.reshape(-1).numpy())

@@ -94,10 +94,12 @@ def test_cuda_norm_of_a_huge_gradient_does_not_overflow(tmp_path, dtypes):
     train_and_check(tmp_path, dtypes, huge=True)
 
 
-def test_cuda_recording_does_not_sync(tmp_path):
+@pytest.mark.parametrize("strategy", ["auto", "stack"])
+def test_cuda_recording_does_not_sync(tmp_path, strategy, monkeypatch):
     """Recording a step never makes the training thread wait for the GPU: the figures go to the host
     by an asynchronous copy that the writer thread waits for (a sync per step would stall a
-    launch-bound loop)."""
+    launch-bound loop). Both bucket kinds: the multi-tensor default and the stacking one."""
+    monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(20)]).cuda()  # 40 parameter tensors
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

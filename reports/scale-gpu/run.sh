@@ -7,7 +7,7 @@
 #
 # With the device tool, from the repository root (zarr, numcodecs, donfig, google-crc32c and xarray
 # travel as wheels, downloaded here as in /work/.library/device/README.md into the ignored .whl/):
-#   run(command="bash reports/scale-gpu/run.sh", carry=[".whl"], timeout_s=330)
+#   run(command="bash reports/scale-gpu/run.sh", carry=[".whl"], timeout_s=420)
 # Then copy $OUT's reports into reports/ (bench_launches_cuda.md, bench_memory_cuda.md, ...).
 set -uo pipefail
 OUT=${OUT:-/tmp/scale-gpu-out}
@@ -30,7 +30,7 @@ part tests 100 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --import
   tests/test_recorder_cuda.py tests/test_recorder.py tests/test_train.py tests/models/test_fcn.py \
   tests/data/test_augment.py tests/test_recorder_fsdp.py -k "cuda or nccl"
 part launches 130 python3 -m gradflow.bench.launches --device cuda --models mlp,conv,gpt2,table1 \
-  --strategies auto --steps 200 --gpt2-steps 40 --block 10 --profile-steps 2 \
+  --strategies auto,stack --steps 200 --gpt2-steps 40 --block 10 --profile-steps 2 \
   --note "lent H200 machine, one process at a time" --out "$OUT/bench_launches_cuda.md"
 part memory 90 python3 -m gradflow.bench.memory --device cuda --repeats 2 \
   --note "lent H200 machine" --out "$OUT/bench_memory_cuda.md"
