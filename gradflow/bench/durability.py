@@ -10,7 +10,6 @@ step under way; the store always opens intact; epoch rows agree with the steps' 
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
@@ -229,17 +228,14 @@ def markdown(rows: list[dict], trials: int, seconds: float, note: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gradflow.bench.durability", description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20, help="trials per kind")
+    from gradflow import bench
+
+    parser = bench.parser("durability", __doc__)
+    parser.add_argument("--trials", type=bench.positive_int, default=20, help="trials per kind")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the Markdown report here (never overwrites without --force)")
-    parser.add_argument("--force", action="store_true", help="overwrite --out")
-    parser.add_argument("--note", default="", help="conditions of the machine, put in the report")
+    bench.add_report_options(parser)
     args = parser.parse_args(argv)
-    if args.trials < 1:
-        parser.error("--trials must be at least 1")
-    if args.out and Path(args.out).exists() and not args.force:
-        parser.error(f"{args.out} exists; pass --force to overwrite it")
+    out = bench.check_out(args.out, args.force)
     started = time.monotonic()
 
     def progress(i: int, total: int, what: str) -> None:
@@ -251,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     print(file=sys.stderr)
     text = markdown(rows, args.trials, time.monotonic() - started, args.note)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    bench.write_report(out, text)
 
 
 if __name__ == "__main__":
-    main()
+    from gradflow import bench
+
+    bench.run(main)

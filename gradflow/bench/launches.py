@@ -22,7 +22,7 @@ short and long skips), batch 4 × 1×512×512 (GPU only: a CPU step takes minute
 ``torch.cuda.synchronize()`` calls (the queue runs ahead of Python inside a block, as in training).
 
 Usage: ``python -m gradflow.bench.launches [--models mlp,conv,gpt2] [--strategies auto,foreach]
-[--device cpu|cuda] [--compare PATH] [--out reports/bench_launches.md]``
+[--device cpu|cuda] [--compare PATH] [--out reports/bench_launches.md [--force]]``
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from gradflow.errors import GradflowError
 
 GOAL = {"cpu": {"mlp": 1.05}, "cuda": {"table1": 1.02, "gpt2": 1.02}}
 
@@ -195,7 +197,7 @@ def child(name: str, strategy: str, steps: int, block: int, profile_steps: int,
 
     if strategy != "auto":
         if not hasattr(quantities, "STRATEGY"):
-            raise SystemExit(f"this gradflow has no bucket strategy {strategy!r}")
+            raise GradflowError(f"this gradflow has no bucket strategy {strategy!r}")
         quantities.STRATEGY = strategy
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -240,12 +242,14 @@ def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
     result = subprocess.run(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))},
                             capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
     if result.returncode != 0:
-        raise SystemExit(f"{name}/{strategy} failed:\n{result.stderr[-3000:]}")
+        raise GradflowError(f"{name}/{strategy} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from gradflow import bench
+
+    parser = bench.parser("launches", __doc__)
     parser.add_argument("--models", default="mlp,conv,gpt2")
     parser.add_argument("--strategies", default="auto,foreach")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm (mlp, conv)")
@@ -255,19 +259,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--compare", default="", help="another checkout's root, measured as well")
-    parser.add_argument("--note", default="", help="conditions to state in the report")
-    parser.add_argument("--out", default="", help="Markdown report to write (never overwritten)")
-    parser.add_argument("--child", default="")
-    parser.add_argument("--strategy", default="auto")
+    bench.add_report_options(parser)
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps,
                                args.device)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    if args.out and Path(args.out).exists():
-        raise SystemExit(f"error: {args.out} exists; choose another --out (reports are never overwritten)")
+        raise GradflowError("--device cuda but torch sees no CUDA device")
+    out = bench.check_out(args.out, args.force)
     root = str(Path(__file__).resolve().parents[2])
     rows = []
     for name in args.models.split(","):
@@ -281,9 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     report = render(rows, args)
     print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    bench.write_report(out, report)
 
 
 def render(rows: list[dict], args) -> str:
@@ -328,4 +328,6 @@ def render(rows: list[dict], args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from gradflow import bench
+
+    bench.run(main)

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradflow.errors import GradflowError
+
 GOAL = {"cpu": 2.25, "cuda": 1.25}
 
 
@@ -108,12 +110,14 @@ def run_arm(arm: str, args, pythonpath: str) -> dict:
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False,
                             cwd=tempfile.gettempdir())
     if result.returncode != 0:
-        raise SystemExit(f"arm {arm} failed:\n{result.stderr[-3000:]}")
+        raise GradflowError(f"arm {arm} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from gradflow import bench
+
+    parser = bench.parser("memory", __doc__)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=6)
@@ -121,9 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-every", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="runs per arm (alternating); median")
     parser.add_argument("--compare", default="", help="another checkout's root: its Recorder as an arm")
-    parser.add_argument("--note", default="", help="conditions to state in the report")
-    parser.add_argument("--out", default="", help="Markdown report to write (never overwritten)")
-    parser.add_argument("--child", default="")
+    bench.add_report_options(parser)
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         import gradflow
@@ -131,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every)
         print(json.dumps({**out, "gradflow_path": str(Path(gradflow.__file__).parent)}))
         return
-    if args.out and Path(args.out).exists():
-        raise SystemExit(f"error: {args.out} exists; choose another --out (reports are never overwritten)")
+    out = bench.check_out(args.out, args.force)
     root = str(Path(__file__).resolve().parents[2])
     arms = {"plain": root, "gradflow": root, "gradflow snapshot=False": root}
     if args.compare:
@@ -145,9 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {r + 1}/{args.repeats} {arm}: {results[arm][-1]}", flush=True)
     report = render(results, args)
     print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    bench.write_report(out, report)
 
 
 def _median(values: list[float]) -> float:
@@ -211,4 +211,6 @@ def render(results: dict[str, list[dict]], args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from gradflow import bench
+
+    bench.run(main)

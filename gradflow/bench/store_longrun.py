@@ -26,7 +26,6 @@ written only with ``--out`` (never over an existing file without ``--force``).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -367,19 +366,18 @@ def report(args, flushes, codecs, runs) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from gradflow import bench
+
+    parser = bench.parser("store_longrun", __doc__)
     parser.add_argument("--steps", default="100000,1000000", help="comma-separated store lengths")
     parser.add_argument("--layers", type=int, default=1000)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the stores are written")
     parser.add_argument("--real", help="a recorded store whose figures the codec table also uses")
     parser.add_argument("--record-real", help="record a real store at this path first (then used as --real)")
     parser.add_argument("--keep", action="store_true", help="keep the long-run stores")
-    parser.add_argument("--out", help="write the Markdown report here")
-    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    parser.add_argument("--note", default="", help="conditions to state in the report")
+    bench.add_report_options(parser)
     args = parser.parse_args(argv)
-    if args.out and Path(args.out).exists() and not args.force:
-        parser.error(f"--out {args.out} exists; pass --force to overwrite it")
+    out = bench.check_out(args.out, args.force)
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError:
@@ -404,11 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report(args, flushes, codecs, runs))
-        print(f"wrote {args.out}")
+    bench.write_report(out, report(args, flushes, codecs, runs))
 
 
 if __name__ == "__main__":
-    main()
+    from gradflow import bench
+
+    bench.run(main)

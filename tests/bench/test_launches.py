@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gradflow import GradflowError
 from gradflow.bench import launches
 
 
@@ -24,6 +25,6 @@ def test_foreach_ops_per_step_do_not_depend_on_the_shapes(monkeypatch):
 def test_existing_report_is_never_overwritten(tmp_path):
     out = tmp_path / "report.md"
     out.write_text("kept")
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(GradflowError, match="exists"):
         launches.main(["--out", str(out)])
     assert out.read_text() == "kept"

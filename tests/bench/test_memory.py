@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from gradflow import GradflowError
 from gradflow.bench import memory
 
 
@@ -23,6 +24,6 @@ def test_report_divides_the_excess_over_plain_by_the_parameter_bytes():
 def test_existing_report_is_never_overwritten(tmp_path):
     out = tmp_path / "report.md"
     out.write_text("kept")
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(GradflowError, match="exists"):
         memory.main(["--out", str(out)])
     assert out.read_text() == "kept"
