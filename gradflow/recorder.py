@@ -904,13 +904,15 @@ class Recorder:
             self._end_epoch(values)
 
     def _step_lr(self) -> np.ndarray:
-        """This step's lr per param group (an optimizer that skipped: its current lr), one column per
-        group the store has (groups added after the store was made are not recorded)."""
-        lrs = [v for i, o in enumerate(self._optimizers) for v in (self._lrs[i] or group_lrs(o))]
+        """This step's lr per param group (an optimizer that skipped: its current lr), in the store's
+        column of that (optimizer, group); groups added after the store was made have no column."""
+        lrs = [self._lrs[i] or group_lrs(o) for i, o in enumerate(self._optimizers)]
         self._lrs = [None] * len(self._optimizers)
-        out = np.full(self._store.lr_columns, np.nan)
-        n = min(len(lrs), len(out))
-        out[:n] = lrs[:n]
+        columns = self._store.lr_columns
+        out = np.full(len(columns), np.nan)
+        for k, (i, j) in enumerate(columns):
+            if i < len(lrs) and j < len(lrs[i]):
+                out[k] = lrs[i][j]
         return out
 
     # -- writing ------------------------------------------------------------------------------

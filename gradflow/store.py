@@ -339,9 +339,14 @@ class RunStore:
         return last_label + 1
 
     @functools.cached_property
-    def lr_columns(self) -> int:
-        """How many param groups the ``lr`` variable has columns for (read once: asked every step)."""
-        return int(self.node["lr"].shape[1])
+    def lr_columns(self) -> list[tuple[int, int]]:
+        """(optimizer, param group) of each column of the ``lr`` variable, from its ``param_group``
+        labels (``group<j>``: optimizer 0; ``opt<i>/group<j>``); read once, asked every step."""
+        columns = []
+        for label in self.node["param_group"][:].tolist():
+            optimizer, _, group = str(label).rpartition("/")
+            columns.append((int(optimizer[3:]) if optimizer else 0, int(group[5:])))
+        return columns
 
     # -- appending (writer thread) -----------------------------------------------------------
 

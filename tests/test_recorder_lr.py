@@ -72,6 +72,31 @@ def test_lr_with_every_k_and_two_optimizers(tmp_path):
     np.testing.assert_array_equal(ds["lr"].values, np.array(seen)[[0, 3, 6]])
 
 
+def test_a_group_added_later_does_not_shift_another_optimizers_column(tmp_path):
+    """Columns are (optimizer, group) pairs fixed when the store is made: a group added to the first
+    optimizer later has no column, and the second optimizer's column keeps the second's rate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    opt_a = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model[2].parameters(), lr=0.2)
+    rec = gradflow.Recorder(model, [opt_a, opt_b], tmp_path / "run.zarr")
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    for step in range(4):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        model(torch.randn(5, 4, generator=g)).pow(2).mean().backward()
+        seen.append([opt_a.param_groups[0]["lr"], opt_b.param_groups[0]["lr"]])
+        opt_a.step()
+        opt_b.step()
+        if step == 1:
+            opt_a.add_param_group({"params": model[1].parameters(), "lr": 0.05})
+    rec.close()
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds["param_group"].values.tolist() == ["opt0/group0", "opt1/group0"]
+    np.testing.assert_array_equal(ds["lr"].values, np.array(seen))
+
+
 def test_resuming_a_store_without_lr_adds_it_with_nan_history(tmp_path):
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
