@@ -36,6 +36,23 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", default="", help="free text about the machine's conditions, put in the report")
 
 
+def names_from(choices) -> Callable[[str], str]:
+    """An argparse type: a comma-separated list of names, each one of ``choices``."""
+    def parse(text: str) -> str:
+        bad = [n for n in text.split(",") if n not in choices]
+        if bad or not text:
+            raise argparse.ArgumentTypeError(f"{','.join(bad) or repr(text)}: choose from {', '.join(choices)}")
+        return text
+    return parse
+
+
+def checkout(text: str) -> str:
+    """An argparse type: the root of a gradflow checkout (holding ``gradflow/__init__.py``)."""
+    if not (Path(text) / "gradflow" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a gradflow checkout (no gradflow/__init__.py)")
+    return text
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer ≥ 1."""
     value = int(text)

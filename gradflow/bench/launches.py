@@ -250,15 +250,19 @@ def main(argv: list[str] | None = None) -> None:
     from gradflow import bench
 
     parser = bench.parser("launches", __doc__)
-    parser.add_argument("--models", default="mlp,conv,gpt2")
-    parser.add_argument("--strategies", default="auto,foreach")
-    parser.add_argument("--steps", type=int, default=300, help="timed steps per arm (mlp, conv)")
-    parser.add_argument("--gpt2-steps", type=int, default=6,
+    parser.add_argument("--models", default="mlp,conv,gpt2", type=bench.names_from(list(CASES)),
+                        help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--strategies", default="auto,foreach",
+                        type=bench.names_from(["auto", "stack", "foreach"]),
+                        help="comma-separated bucket kinds, of auto, stack, foreach")
+    parser.add_argument("--steps", type=bench.positive_int, default=300, help="timed steps per arm (mlp, conv)")
+    parser.add_argument("--gpt2-steps", type=bench.positive_int, default=6,
                         help="timed steps per arm: gpt2 on a CPU, table1 everywhere")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--block", type=int, default=5)
-    parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--compare", default="", help="another checkout's root, measured as well")
+    parser.add_argument("--block", type=bench.positive_int, default=5, help="steps per timed block")
+    parser.add_argument("--profile-steps", type=bench.positive_int, default=3)
+    parser.add_argument("--compare", default="", type=bench.checkout,
+                        help="another checkout's root, measured as well")
     bench.add_report_options(parser)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)

@@ -118,13 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     from gradflow import bench
 
     parser = bench.parser("memory", __doc__)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--epoch-every", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per arm (alternating); median")
-    parser.add_argument("--compare", default="", help="another checkout's root: its Recorder as an arm")
+    parser.add_argument("--steps", type=bench.positive_int, default=6)
+    parser.add_argument("--warmup", type=bench.positive_int, default=2)
+    parser.add_argument("--epoch-every", type=bench.positive_int, default=3)
+    parser.add_argument("--repeats", type=bench.positive_int, default=2,
+                        help="runs per arm (alternating); median")
+    parser.add_argument("--compare", default="", type=bench.checkout,
+                        help="another checkout's root: its Recorder as an arm")
     bench.add_report_options(parser)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every)
         print(json.dumps({**out, "gradflow_path": str(Path(gradflow.__file__).parent)}))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GradflowError("--device cuda but torch sees no CUDA device")
     out = bench.check_out(args.out, args.force)
     root = str(Path(__file__).resolve().parents[2])
     arms = {"plain": root, "gradflow": root, "gradflow snapshot=False": root}
