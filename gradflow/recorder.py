@@ -950,6 +950,11 @@ class Recorder:
             kept = self._store.unwritten
             rows = (f"{kept.num_steps} step and {kept.num_epochs} epoch rows are"
                     if kept and (kept.num_steps or kept.num_epochs) else "its rows are")
+            if self._closed:  # the last hand-off: there is no next flush to retry it
+                warnings.warn(f"gradflow: writing {self._store.where} failed at close "
+                              f"({type(err).__name__}: {err}); {rows} lost, the store keeps its "
+                              f"{self._store.n_steps} committed steps", GradflowWarning, stacklevel=1)
+                return
             if self._write_failures == 1:
                 warnings.warn(f"gradflow: writing {self._store.where} failed ({type(err).__name__}: "
                               f"{err}); {rows} kept and written again at the next flush; "

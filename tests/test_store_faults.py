@@ -248,3 +248,26 @@ def test_readers_see_steps_and_epochs_from_one_commit(tmp_path, monkeypatch):
     rec.close()
     assert reads > 5
 
+
+
+def test_a_write_failing_at_close_says_its_rows_are_lost(tmp_path, monkeypatch):
+    """At close there is no next flush to retry: the warning says so instead of promising one."""
+    from gradflow import store as store_module
+
+    model, optimizer = tiny()
+    store = tmp_path / "run.zarr"
+    rec = gradflow.Recorder(model, optimizer, store)
+    train(model, optimizer, 3)
+
+    def full(array, start, values):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_put", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec.close()
+    messages = gradflow_warnings(caught)
+    assert len(messages) == 1, messages
+    assert "failed at close" in messages[0] and "3 step and 0 epoch rows are lost" in messages[0]
+    assert "written again" not in messages[0]
+    assert gradflow.open(store).sizes["step"] == 0
