@@ -8,18 +8,29 @@ A run's committed state (what the consolidated metadata at the store root publis
   fill value, so a missing chunk means lost data: without this check a deleted ``grad_norm`` chunk
   reads as 1,024 NaN rows and a deleted ``step`` chunk as 1,024 rows of step 0). Stores written
   before gradflow stored every chunk (no ``all_chunks_stored`` attr) are checked for ``step`` only.
+  The derived summary (``summary/<b>``, :mod:`gradflow.summary`) is held to the same rule up to
+  its committed number of blocks; a hole there loses nothing (the raw rows recompute it).
+
+Apart from these, :func:`damaged_metadata` finds node metadata files (``<node>/zarr.json``) that are
+missing or unreadable. Readers of the consolidated metadata (``gradflow.open``, xarray by default)
+do not see that damage, so ``gradflow.open`` does not check it; a resumed Recorder, ``zarr.open_array``
+and xarray with ``consolidated=False`` read those files, and ``gradflow check`` reports them.
 
 :func:`gradflow.repair.repair_run` truncates a damaged run to its longest consistent prefix (the last consistent
-commit), republishes it and deletes ``*.partial`` files that an interrupted atomic write left.
+commit), republishes it and deletes ``*.partial`` files that an interrupted atomic write left;
+it rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from gradflow.errors import GradflowError
@@ -35,6 +46,7 @@ class RunState:
     num_epochs: int = 0
     good_steps: int = 0
     good_epochs: int = 0
+    good_summary: int = 0  # raw rows the summary covers before its first missing chunk
 
 
 def _committed(zstore, group: str | None):
@@ -105,7 +117,60 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             state.num_steps, state.good_steps = n, good
         else:
             state.num_epochs, state.good_epochs = n, good
+    state.good_summary = state.good_steps
+    summary = node.get("summary") if all_chunks else None
+    if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
+        for level in summary.attrs.get("levels", []):
+            for name, array in summary[str(level)].arrays():
+                if array.metadata.dimension_names[0] != "block":
+                    continue
+                missing = _first_missing_row(zstore, array, array.shape[0])
+                if missing is not None:
+                    end = min(missing + array.metadata.chunk_grid.chunk_shape[0], array.shape[0]) - 1
+                    state.problems.append(f"{array.path}: chunk of blocks {missing}-{end} is missing")
+                    state.good_summary = min(state.good_summary, missing * int(level))
     return state
+
+
+def damaged_metadata(zstore, group: str | None) -> dict[str, tuple[str, object]]:
+    """A run's node metadata files (``<node>/zarr.json``) that are missing or unreadable, each with
+    its problem and the committed copy (from the consolidated metadata) that can replace it."""
+    try:
+        node = _committed(zstore, group)
+    except KeyError:
+        return {}
+    consolidated = node.metadata.consolidated_metadata
+    if consolidated is None:
+        return {}
+    nodes = {f"{node.path}/{key}".lstrip("/"): meta
+             for key, meta in consolidated.flattened_metadata.items()}
+    if group:
+        nodes[node.path] = node.metadata
+    keys = [f"{path}/zarr.json" for path in nodes]
+
+    async def read():
+        return await asyncio.gather(*(zstore.get(key, prototype=default_buffer_prototype())
+                                      for key in keys))
+
+    damaged = {}
+    for key, meta, buffer in zip(keys, nodes.values(), sync(read())):
+        problem = _metadata_problem(buffer, meta)
+        if problem:
+            damaged[key] = (problem, meta)
+    return damaged
+
+
+def _metadata_problem(buffer, meta) -> str | None:
+    if buffer is None:
+        return "missing"
+    try:
+        document = json.loads(buffer.to_bytes())
+        if document.get("node_type") != meta.node_type:
+            return f"damaged (not {meta.node_type} metadata)"
+        type(meta).from_dict(document)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSONDecodeError, Unicode…
+        return f"damaged ({type(err).__name__})"
+    return None
 
 
 def check_run(zstore, group: str | None, where: str = "") -> list[str]:

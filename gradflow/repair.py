@@ -1,4 +1,5 @@
-"""Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit.
+"""Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
+its damaged metadata files rewritten from their committed copy.
 
 The invariants themselves are in :mod:`gradflow.check`, which the store also uses when it opens a run;
 this module writes (it needs the store), so it sits above both and neither imports it.
@@ -6,26 +7,43 @@ this module writes (it needs the store), so it sits above both and neither impor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.sync import sync
 
-from gradflow.check import RunState, inspect_run, runs_of
+from gradflow.check import RunState, damaged_metadata, inspect_run, runs_of
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
 
 def repair_run(url: str, group: str | None) -> RunState:
-    """Truncate one run to its longest consistent prefix and republish it; delete ``*.partial``."""
-    from gradflow.lock import filesystem, group_is_locked, node_path, store_lock
-    from gradflow.store import ALL, _remove_partial_files, consolidate
+    """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
+    consistent prefix (and its summary to before a missing chunk), republish it; delete ``*.partial``."""
+    from gradflow.lock import filesystem, group_is_locked
+    from gradflow.store import _quiet_zarr
 
     fs, path = filesystem(url)
     where = url if not group else f"{url} (group {group!r})"
     if group_is_locked(fs, path, group):
         raise GradflowError(f"{where} is being written by a live Recorder; repair it after that "
                             f"Recorder finished")
+    with _quiet_zarr():  # listing a folder that holds a *.partial file warns
+        return _repair(url, group, where, fs, path)
+
+
+def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
+    from gradflow.lock import node_path, store_lock
+    from gradflow.store import ALL, _remove_partial_files, consolidate
+
     zstore = zarr.open_group(url, mode="r+", use_consolidated=False).store
+    for key, (_, meta) in damaged_metadata(zstore, group).items():
+        if isinstance(meta, GroupMetadata):  # only the root holds consolidated metadata
+            meta = dataclasses.replace(meta, consolidated_metadata=None)
+        sync(zstore.set(key, meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]))
     state = inspect_run(zstore, group, where)
     node = zarr.open_group(zstore, mode="r+", path=group or "", use_consolidated=False)
     with store_lock(fs, path):
@@ -36,7 +54,8 @@ def repair_run(url: str, group: str | None) -> RunState:
                     array.resize((length,) + array.shape[1:])
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
-            trim(summary, state.good_steps)  # no block may describe rows the repair removed
+            trim(summary, state.good_summary)  # no block may describe rows the repair removed,
+            # nor follow a missing chunk (the next Recorder recomputes them from the raw rows)
         attrs = {}
         if state.good_steps < state.num_steps:
             attrs["steps_seen"] = int(node["step"][state.good_steps - 1]) + 1 \
@@ -92,6 +111,8 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         name = group or "(run)"
         where = url if not group else f"{url} (group {group!r})"
         state = inspect_run(root.store, group, where)
+        state.problems[:0] = [f"{key}: {problem}" for key, (problem, _)
+                              in damaged_metadata(root.store, group).items()]
         partial = fs.glob(f"{path.rstrip('/')}/{group}/**/*.partial" if group
                           else f"{path.rstrip('/')}/**/*.partial")
         if partial and not state.problems:

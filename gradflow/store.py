@@ -185,6 +185,11 @@ class RunStore:
             self.fs.touch(self._creating)  # readers wait instead of "not a gradflow store"
         root = zarr.open_group(url, mode="a", use_consolidated=False)
         self.store = root.store
+        from gradflow.check import damaged_metadata
+
+        for key, (problem, _) in damaged_metadata(self.store, group).items():  # zarr reads them
+            raise GradflowError(f"{self.where} is damaged ({key}: {problem}); run `gradflow check "
+                                f"{url} --repair` first")
         if group and _is_run(root):
             raise GradflowError(f"{url} holds a single run at its root; record group {group!r} "
                                 f"into another store")

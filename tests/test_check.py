@@ -167,3 +167,104 @@ def test_repair_refuses_while_a_writer_holds_the_run(tmp_path):
     finally:
         writer.close()
     shutil.rmtree(store)
+
+
+def resume(path, group: str | None = None) -> RunStore:
+    return RunStore(str(path), group, LAYERS, {"every": 1, "per_parameter": False}, 1, False)
+
+
+@pytest.mark.parametrize("group, file", [(None, "grad_norm/zarr.json"), (None, "summary/256/zarr.json"),
+                                         (None, "epochs/zarr.json"), ("v1", "v1/zarr.json"),
+                                         ("v1", "v1/summary/4096/grad_norm/zarr.json")])
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_damaged_metadata_file_is_reported_and_rewritten(tmp_path, group, file, damage):
+    """Readers of the consolidated metadata do not see it; zarr.open_array, xarray with
+    consolidated=False and a resumed Recorder do. Repair rewrites it from the committed copy."""
+    import json
+
+    import xarray as xr
+
+    store = tmp_path / "run.zarr"
+    make_store(store, group=group)
+    original = json.loads((store / file).read_bytes())
+    if damage == "truncated":
+        with open(store / file, "r+b") as f:  # truncate -s 20
+            f.truncate(20)
+    else:
+        (store / file).unlink()
+    problem = "damaged (JSONDecodeError)" if damage == "truncated" else "missing"
+    lines, damaged = check_store(str(store))
+    assert damaged and lines == [f"{group or '(run)'}: {file}: {problem}"]
+    with pytest.raises(GradflowError) as err:
+        resume(store, group)
+    assert str(err.value) == (f"{store if not group else f'{store} (group {group!r})'} is damaged "
+                              f"({file}: {problem}); run `gradflow check {store} --repair` first")
+    lines, _ = check_store(str(store), repair=True)
+    assert lines[-1] == f"{group or '(run)'}: repaired, kept 2500 of 2500 steps and 3 of 3 epochs"
+    assert json.loads((store / file).read_bytes()) == original
+    assert check_store(str(store)) == ([f"{group or '(run)'}: ok, 2500 steps, 3 epochs"], False)
+    run = store / group if group else store
+    assert zarr.open_array(run / "grad_norm", mode="r").shape == (2500, 2)
+    ds = xr.open_zarr(store, group=group, consolidated=False)
+    np.testing.assert_array_equal(ds.grad_norm.values[:, 1], np.arange(2500))
+    assert xr.open_zarr(store, group=f"{group}/epochs" if group else "epochs",
+                        consolidated=False).sizes["epoch"] == 3
+    assert xr.open_zarr(store, group=f"{group}/summary/4096" if group else "summary/4096",
+                        consolidated=False).sizes["block"] == 0
+    resume(store, group).close()
+
+
+def test_missing_summary_chunk_is_reported_and_recomputed(tmp_path, monkeypatch):
+    """The summary is held to the raw arrays' rule; repair trims it to before the hole and the next
+    writer recomputes the blocks from the raw rows."""
+    from gradflow import summary
+
+    monkeypatch.setattr(summary, "LEVELS", (4, 8))
+    monkeypatch.setattr(summary, "SPAN", 16)
+    store = tmp_path / "run.zarr"
+    make_store(store)
+    chunk = store / "summary/4/grad_norm/c/1/0/0"  # blocks 4-7: rows 16-31
+    chunk.unlink()
+    lines, damaged = check_store(str(store))
+    assert damaged and lines == ["(run): summary/4/grad_norm: chunk of blocks 4-7 is missing"]
+    with pytest.raises(GradflowError, match=r"damaged: summary/4/grad_norm: chunk of blocks 4-7"):
+        gradflow.open(store)
+    with pytest.raises(GradflowError, match=r"is damaged \(summary/4/grad_norm: chunk of blocks 4-7 "
+                                            r"is missing\); run `gradflow check .* --repair` first"):
+        resume(store)
+    lines, _ = check_store(str(store), repair=True)
+    assert lines[-1] == "(run): repaired, kept 2500 of 2500 steps and 3 of 3 epochs"  # raw rows all kept
+    levels = zarr.open_group(store, mode="r")["summary"]
+    assert levels.attrs["rows"] == 16
+    assert [levels[str(b)][name].shape[0] for b in (4, 8) for name in ("grad_norm", "first_step")] \
+        == [4, 4, 2, 2]
+    assert check_store(str(store)) == (["(run): ok, 2500 steps, 3 epochs"], False)
+    writer = resume(store)  # recomputes the summary from the raw rows, and goes on
+    writer.write(rows(2500, 100))
+    writer.close()
+    assert chunk.exists()
+    levels = zarr.open_group(store, mode="r")["summary"]
+    assert levels.attrs["rows"] == 2592
+    for level in (4, 8):
+        group = levels[str(level)]
+        first = np.arange(0, 2592, level)
+        np.testing.assert_array_equal(group["first_step"][:], first)
+        np.testing.assert_array_equal(group["last_step"][:], first + level - 1)
+        for column in (0, 1):  # figure = step number: mean is the middle step, min first, max last
+            np.testing.assert_array_equal(group["grad_norm"][:, :, column], np.stack(
+                [first + (level - 1) / 2, first, first + level - 1, np.zeros(len(first))], axis=1))
+    assert check_store(str(store)) == (["(run): ok, 2600 steps, 3 epochs"], False)
+
+
+def test_repair_with_a_partial_file_at_the_root_warns_nothing(tmp_path):
+    import warnings
+
+    store = tmp_path / "run.zarr"
+    make_store(store, steps=10)
+    (store / "zarr.json.partial").write_bytes(b"{")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lines, _ = check_store(str(store), repair=True)
+    assert lines == ["(run): 1 leftover *.partial file(s)",
+                     "(run): repaired, kept 10 of 10 steps and 3 of 3 epochs"]
+    assert not (store / "zarr.json.partial").exists()

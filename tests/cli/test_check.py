@@ -62,3 +62,22 @@ def test_unknown_url_protocol_in_train_and_sweep(command, run_main):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0] == "error: foo://x.zarr: not a path or a known fsspec URL (Protocol not known: foo)"
+
+
+def test_damaged_metadata_file_in_check_and_resume(tmp_path, run_main):
+    store = tmp_path / "run.zarr"
+    record(store)
+    with open(store / "grad_norm/zarr.json", "r+b") as f:  # truncate -s 20
+        f.truncate(20)
+    (store / "zarr.json.partial").write_bytes(b"{")
+    code, out, err = run_main("check", store)
+    assert code == 1 and out == "(run): grad_norm/zarr.json: damaged (JSONDecodeError)\n"
+    model = nn.Linear(3, 2)
+    with pytest.raises(gradflow.GradflowError) as error:
+        gradflow.Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), store, mode="a")
+    assert str(error.value) == (f"{store} is damaged (grad_norm/zarr.json: damaged (JSONDecodeError)); "
+                                f"run `gradflow check {store} --repair` first")
+    code, out, err = run_main("check", store, "--repair")
+    assert (code, err) == (0, "") and out.splitlines()[-1] == \
+        "(run): repaired, kept 3 of 3 steps and 1 of 1 epochs"
+    assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
