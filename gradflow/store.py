@@ -187,9 +187,13 @@ class RunStore:
         self.store = root.store
         from gradflow.check import damaged_metadata
 
-        for key, (problem, _) in damaged_metadata(self.store, group).items():  # zarr reads them
-            raise GradflowError(f"{self.where} is damaged ({key}: {problem}); run `gradflow check "
-                                f"{url} --repair` first")
+        # A run that is resumed must be whole (zarr reads these files); one that is made again
+        # (mode "w", its creator died half-way, or its folder was deleted, as a sweep does with an
+        # unfinished variant) may lack files its old commit listed.
+        if mode != "w" and not stale and self.fs.exists(node_path(self.path, group)):
+            for key, (problem, _) in damaged_metadata(self.store, group).items():
+                raise GradflowError(f"{self.where} is damaged ({key}: {problem}); run `gradflow "
+                                    f"check {url} --repair` first")
         if group and _is_run(root):
             raise GradflowError(f"{url} holds a single run at its root; record group {group!r} "
                                 f"into another store")
