@@ -273,6 +273,26 @@ class BlockClass(ShapeClass):
         getattr(self, into).copy_(self._block(tensors[0]))
 
 
+def _measure(params: list[torch.Tensor], scratch_elements: int | None,
+             cpu_upcast_transient: bool = False) -> tuple[list[torch.Tensor], bool, torch.device,
+                                                          torch.dtype, torch.dtype, list[int], int]:
+    """What a bucket is built from: the tensors a rank holds (DTensors' local shards), whether they
+    are shards, their device, dtype and compute dtype, their sizes, and the scratch length in
+    elements (``scratch_elements``, or :data:`SCRATCH_FRACTION` of the parameters' bytes, at least
+    :data:`SCRATCH_MIN_ELEMENTS`; shared with a transient of the same size where
+    ``cpu_upcast_transient`` and bfloat16/float16 parameters live on a CPU)."""
+    data = [_local(p) for p in params]
+    local = any(d is not p for d, p in zip(data, params))
+    device, dtype = data[0].device, data[0].dtype
+    work = compute_dtype(dtype)
+    numel = [d.numel() for d in data]
+    if scratch_elements is None:
+        copies = 2 if cpu_upcast_transient and device.type == "cpu" and work != dtype else 1
+        budget = SCRATCH_FRACTION * sum(numel) * dtype.itemsize / (work.itemsize * copies)
+        scratch_elements = max(SCRATCH_MIN_ELEMENTS, int(budget))
+    return data, local, device, dtype, work, numel, scratch_elements
+
+
 def _epoch_buffer(like: torch.Tensor, pinned: bool) -> torch.Tensor:
     """A zeroed host tensor shaped like ``like`` in its dtype (pinned for fast copies from a GPU)."""
     return torch.zeros(like.shape, dtype=like.dtype, pin_memory=pinned)
@@ -304,15 +324,8 @@ class Bucket:
         DTensor parameters (FSDP2) are read through their local shards. ``scratch_elements`` caps
         the scratch buffer (default: from :data:`SCRATCH_FRACTION`).
         """
-        data = [_local(p) for p in params]
-        local = any(d is not p for d, p in zip(data, params))
-        device, dtype = data[0].device, data[0].dtype
-        work = compute_dtype(dtype)
-        numel = [d.numel() for d in data]
-        if scratch_elements is None:
-            copies = 1 if work == dtype or device.type != "cpu" else 2  # CPU upcast transient
-            budget = SCRATCH_FRACTION * sum(numel) * dtype.itemsize / (work.itemsize * copies)
-            scratch_elements = max(SCRATCH_MIN_ELEMENTS, int(budget))
+        data, local, device, dtype, work, numel, scratch_elements = _measure(
+            params, scratch_elements, cpu_upcast_transient=True)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, d in enumerate(data):
             by_shape.setdefault(tuple(d.shape), []).append(i)
@@ -359,6 +372,13 @@ class Bucket:
                 torch.zeros(len(ragged), width, dtype=work, device=device), local))
         return bucket
 
+    @property
+    def looks_on_host(self) -> bool:
+        """On a CPU, looking at a value costs no sync: float32 norms are taken unchecked and one look
+        per phase finds an overflow (:meth:`_recheck`), non-finite entries are counted only when a
+        look finds any. On other devices norms accumulate in float64 and counts are always taken."""
+        return self.device.type == "cpu"
+
     def check_device(self) -> bool:
         """False when the parameters moved to another device or dtype after the Recorder was built."""
         p = self.classes[0].data()[0]
@@ -378,7 +398,7 @@ class Bucket:
         no sync, only when the sum of the max|g| is not finite (otherwise every count is exactly 0).
         """
         parts, seen, again = [], [], []
-        count_now = self.device.type != "cpu"
+        count_now = not self.looks_on_host
         inv_scale = None if grad_scale is None else grad_scale.to(self.device).double().reciprocal()
 
         def unscaled(norm):
@@ -415,7 +435,7 @@ class Bucket:
 
     def snapshot(self) -> list:
         """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
-        checked = self.device.type != "cpu"
+        checked = not self.looks_on_host
         parts = [(PARAM_NORM_BEFORE, c.index, self._snapshot_norms(c, checked)) for c in self.classes]
         return self._recheck(parts, [] if checked else [
             (i, lambda c=c: norms(c.stack_params())) for i, c in enumerate(self.classes)])
@@ -433,7 +453,7 @@ class Bucket:
     def after_step(self) -> list:
         """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`before_step`."""
         parts, again = [], []
-        checked = self.device.type != "cpu"
+        checked = not self.looks_on_host
         for c in self.classes:
             after = c.stack_params()
             if not checked:
@@ -532,14 +552,7 @@ class ForeachBucket:
     @classmethod
     def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
               scratch_elements: int | None = None) -> ForeachBucket:
-        data = [_local(p) for p in params]
-        local = any(d is not p for d, p in zip(data, params))
-        device, dtype = data[0].device, data[0].dtype
-        work = compute_dtype(dtype)
-        numel = [d.numel() for d in data]
-        if scratch_elements is None:
-            budget = SCRATCH_FRACTION * sum(numel) * dtype.itemsize / work.itemsize
-            scratch_elements = max(SCRATCH_MIN_ELEMENTS, int(budget))
+        data, local, device, dtype, work, numel, scratch_elements = _measure(params, scratch_elements)
         scratch_elements = min(scratch_elements, PIECE_MAX_ELEMENTS)
         flat = torch.empty(sum(numel) if snapshot else 0, dtype=dtype, device=device)
         snaps, offset = [], 0
@@ -613,8 +626,9 @@ class ForeachBucket:
 
         Chunk by chunk through the scratch (no gradient-sized temporary): 0·g is 0 where g is
         finite and NaN where it is not; NaN becomes 1, and the ord-1 norm of each piece is its
-        count (pieces are at most :data:`PIECE_MAX_ELEMENTS` long, so it is exact). Four kernels per chunk (multi-tensor and flat ones:
-        ``_foreach_norm`` has no multi-tensor kernel for ord 0).
+        count (pieces are at most :data:`PIECE_MAX_ELEMENTS` long, so it is exact). Four kernels
+        per chunk, multi-tensor and flat ones (``_foreach_norm`` has no multi-tensor kernel for
+        ord 0).
         """
         parts, flattened = [], {}
         for c, views in enumerate(self.scratch_views):

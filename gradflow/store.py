@@ -190,10 +190,12 @@ class RunStore:
         # A run that is resumed must be whole (zarr reads these files); one that is made again
         # (mode "w", its creator died half-way, or its folder was deleted, as a sweep does with an
         # unfinished variant) may lack files its old commit listed.
-        if mode != "w" and not stale and self.fs.exists(node_path(self.path, group)):
-            for key, (problem, _) in damaged_metadata(self.store, group).items():
-                raise GradflowError(f"{self.where} is damaged ({key}: {problem}); run `gradflow "
-                                    f"check {url} --repair` first")
+        damaged = (damaged_metadata(self.store, group)
+                   if mode != "w" and not stale and self.fs.exists(node_path(self.path, group)) else {})
+        if damaged:
+            key, (problem, _) = next(iter(damaged.items()))
+            raise GradflowError(f"{self.where} is damaged ({key}: {problem}); run `gradflow check "
+                                f"{url} --repair` first")
         if group and _is_run(root):
             raise GradflowError(f"{url} holds a single run at its root; record group {group!r} "
                                 f"into another store")

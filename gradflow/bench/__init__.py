@@ -10,6 +10,7 @@ run as ``python -m gradflow.bench.NAME``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,12 @@ def checkout(text: str) -> str:
     if not (Path(text) / "gradflow" / "__init__.py").is_file():
         raise argparse.ArgumentTypeError(f"{text} is not a gradflow checkout (no gradflow/__init__.py)")
     return text
+
+
+def child_env(checkout: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's child process that imports gradflow from ``checkout`` first."""
+    path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def positive_int(text: str) -> int:

@@ -239,15 +239,33 @@ def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--strategy", strategy,
                "--steps", str(steps), "--block", str(block), "--profile-steps", str(args.profile_steps),
                "--device", args.device]
-    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))},
-                            capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    from gradflow import bench
+
+    result = subprocess.run(command, env=bench.child_env(pythonpath), capture_output=True, text=True,
+                            check=False, cwd=tempfile.gettempdir())
     if result.returncode != 0:
         raise GradflowError(f"{name}/{strategy} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def child_main(argv: list[str]) -> None:
+    """A child process: one model and bucket kind, its figures as one JSON line. Plain argparse: under
+    ``--compare`` this file runs against another checkout's gradflow, which may lack gradflow.bench."""
+    parser = argparse.ArgumentParser()
+    for name, default in (("--child", ""), ("--strategy", "auto"), ("--device", "cpu")):
+        parser.add_argument(name, default=default)
+    for name in ("--steps", "--block", "--profile-steps"):
+        parser.add_argument(name, type=int)
+    args = parser.parse_args(argv)
+    print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps,
+                           args.device)))
+
+
 def main(argv: list[str] | None = None) -> None:
-    from gradflow import bench
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        return child_main(argv)
+    from gradflow import bench  # not at the top: a child may import another checkout's gradflow
 
     parser = bench.parser("launches", __doc__)
     parser.add_argument("--models", default="mlp,conv,gpt2", type=bench.names_from(list(CASES)),
@@ -264,13 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", default="", type=bench.checkout,
                         help="another checkout's root, measured as well")
     bench.add_report_options(parser)
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps,
-                               args.device)))
-        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GradflowError("--device cuda but torch sees no CUDA device")
     out = bench.check_out(args.out, args.force)

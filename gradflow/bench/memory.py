@@ -102,7 +102,9 @@ def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_ever
 
 
 def run_arm(arm: str, args, pythonpath: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")])), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    from gradflow import bench
+
+    env = bench.child_env(pythonpath, MALLOC_MMAP_THRESHOLD_="131072")
     # Run this file by path from a neutral folder, so `import gradflow` finds the arm's checkout.
     command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--dtype", args.dtype,
                "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -114,8 +116,26 @@ def run_arm(arm: str, args, pythonpath: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def child_main(argv: list[str]) -> None:
+    """A child process: one arm, its memory figures as one JSON line. Plain argparse: under
+    ``--compare`` this file runs against another checkout's gradflow, which may lack gradflow.bench."""
+    import gradflow
+
+    parser = argparse.ArgumentParser()
+    for name, default in (("--child", ""), ("--dtype", "bfloat16"), ("--device", "cpu")):
+        parser.add_argument(name, default=default)
+    for name in ("--steps", "--warmup", "--epoch-every"):
+        parser.add_argument(name, type=int)
+    args = parser.parse_args(argv)
+    out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every)
+    print(json.dumps({**out, "gradflow_path": str(Path(gradflow.__file__).parent)}))
+
+
 def main(argv: list[str] | None = None) -> None:
-    from gradflow import bench
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        return child_main(argv)
+    from gradflow import bench  # not at the top: a child may import another checkout's gradflow
 
     parser = bench.parser("memory", __doc__)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -128,14 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", default="", type=bench.checkout,
                         help="another checkout's root: its Recorder as an arm")
     bench.add_report_options(parser)
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        import gradflow
-
-        out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every)
-        print(json.dumps({**out, "gradflow_path": str(Path(gradflow.__file__).parent)}))
-        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GradflowError("--device cuda but torch sees no CUDA device")
     out = bench.check_out(args.out, args.force)

@@ -253,9 +253,10 @@ def fill(path: Path, steps: int, n_layers: int) -> float:
 def _plot(path: Path, *options: str) -> float:
     """Wall seconds of ``gradflow plot STORE OPTIONS`` in a fresh interpreter (this checkout's gradflow)."""
     import gradflow
+    from gradflow import bench
 
     root = str(Path(gradflow.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = bench.child_env(root)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from gradflow.cli import main; main()", "plot", str(path),
                     "--out", str(path.parent / "plots"), *options], check=True, env=env,
