@@ -22,3 +22,14 @@ def isbi_dir() -> Path:
     if path is None:
         pytest.skip("ISBI 2012 data not present (set GRADFLOW_ISBI or put it in ../shared/data)")
     return path
+
+
+@pytest.fixture
+def small_summary(monkeypatch) -> tuple[tuple[int, int], int]:
+    """Summary levels of 4 and 8 rows written in spans of 16 (instead of 256/4096 and 8,192), so a
+    test store of a few dozen rows has complete summary blocks. Returns (levels, span)."""
+    from gradflow import summary
+
+    monkeypatch.setattr(summary, "LEVELS", (4, 8))
+    monkeypatch.setattr(summary, "SPAN", 16)
+    return summary.LEVELS, summary.SPAN

@@ -65,13 +65,9 @@ def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
     assert zarr.open_group(store, mode="r").attrs["steps_seen"] == rows_kept
 
 
-def test_repair_trims_the_summary_to_the_rows_it_keeps(tmp_path, monkeypatch):
+def test_repair_trims_the_summary_to_the_rows_it_keeps(tmp_path, small_summary):
     """Summary blocks past the repaired end are dropped (plain xarray readers of summary/<b> see
     them too); the blocks kept still match the raw rows they summarise."""
-    from gradflow import summary
-
-    monkeypatch.setattr(summary, "LEVELS", (4, 8))
-    monkeypatch.setattr(summary, "SPAN", 16)
     store = tmp_path / "run.zarr"
     make_store(store)
     levels = zarr.open_group(store, mode="r")["summary"]
@@ -214,13 +210,9 @@ def test_damaged_metadata_file_is_reported_and_rewritten(tmp_path, group, file, 
     resume(store, group).close()
 
 
-def test_missing_summary_chunk_is_reported_and_recomputed(tmp_path, monkeypatch):
+def test_missing_summary_chunk_is_reported_and_recomputed(tmp_path, small_summary):
     """The summary is held to the raw arrays' rule; repair trims it to before the hole and the next
     writer recomputes the blocks from the raw rows."""
-    from gradflow import summary
-
-    monkeypatch.setattr(summary, "LEVELS", (4, 8))
-    monkeypatch.setattr(summary, "SPAN", 16)
     store = tmp_path / "run.zarr"
     make_store(store)
     chunk = store / "summary/4/grad_norm/c/1/0/0"  # blocks 4-7: rows 16-31

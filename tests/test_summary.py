@@ -89,9 +89,7 @@ def test_summary_matches_numpy_over_the_raw_rows(tmp_path):
     assert (ds["grad_norm"].sel(stat="nonfinite").values > 0).all()
 
 
-def test_small_levels_and_a_nan_only_block(tmp_path, monkeypatch):
-    monkeypatch.setattr(summary, "LEVELS", (4, 8))
-    monkeypatch.setattr(summary, "SPAN", 16)
+def test_small_levels_and_a_nan_only_block(tmp_path, small_summary):
     path = tmp_path / "run.zarr"
     store = new_store(path, 2)
     rng = np.random.default_rng(1)
@@ -104,9 +102,7 @@ def test_small_levels_and_a_nan_only_block(tmp_path, monkeypatch):
     assert block.sel(stat="nonfinite").item() == 4
 
 
-def test_crash_mid_flush_leaves_no_wrong_summary(tmp_path, monkeypatch):
-    monkeypatch.setattr(summary, "LEVELS", (4, 8))
-    monkeypatch.setattr(summary, "SPAN", 16)
+def test_crash_mid_flush_leaves_no_wrong_summary(tmp_path, monkeypatch, small_summary):
     path = tmp_path / "run.zarr"
     store = new_store(path, 2)
     append(store, [20], 2, seed=2)
@@ -234,9 +230,7 @@ def test_read_steps_rejects_bad_bins(tmp_path, bins):
         summary.read_steps(tmp_path / "run.zarr", bins=bins)
 
 
-def test_overwritten_run_gets_a_fresh_summary(tmp_path, monkeypatch):
-    monkeypatch.setattr(summary, "LEVELS", (4, 8))
-    monkeypatch.setattr(summary, "SPAN", 16)
+def test_overwritten_run_gets_a_fresh_summary(tmp_path, small_summary):
     path = tmp_path / "run.zarr"
     old = new_store(path, 2)
     append(old, [40], 2, seed=5)

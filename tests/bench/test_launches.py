@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-from gradflow import GradflowError
 from gradflow.bench import launches
 
 
@@ -20,11 +17,3 @@ def test_foreach_ops_per_step_do_not_depend_on_the_shapes(monkeypatch):
     assert runs["mlp", "stack"]["ops"] > runs["mlp", "foreach"]["ops"]
     assert runs["mlp", "stack"]["tensors"] == 400 and runs["conv", "stack"]["tensors"] == 50
     assert all(r["hooks_ms"] > 0 and r["wall_ratio"] > 0 for r in runs.values())
-
-
-def test_existing_report_is_never_overwritten(tmp_path):
-    out = tmp_path / "report.md"
-    out.write_text("kept")
-    with pytest.raises(GradflowError, match="exists"):
-        launches.main(["--out", str(out)])
-    assert out.read_text() == "kept"

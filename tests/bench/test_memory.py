@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import pytest
-
-from gradflow import GradflowError
 from gradflow.bench import memory
 
 
@@ -19,11 +16,3 @@ def test_report_divides_the_excess_over_plain_by_the_parameter_bytes():
                               epoch_every=3, note="")
     report = memory.render(results, args)
     assert "| gradflow | 200.0 | 2.00× | 230.0 | 2.30× | ≤ 2.25× | no |" in report
-
-
-def test_existing_report_is_never_overwritten(tmp_path):
-    out = tmp_path / "report.md"
-    out.write_text("kept")
-    with pytest.raises(GradflowError, match="exists"):
-        memory.main(["--out", str(out)])
-    assert out.read_text() == "kept"
