@@ -183,7 +183,11 @@ class RunStore:
         stale = self.fs.exists(self._creating)  # its creator died half-way (we hold the lock)
         if not self.fs.exists(node_path(self.path, group) + "/zarr.json"):
             self.fs.touch(self._creating)  # readers wait instead of "not a gradflow store"
-        root = zarr.open_group(url, mode="a", use_consolidated=False)
+        try:
+            root = zarr.open_group(url, mode="a", use_consolidated=False)
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}); run "
+                                f"`gradflow check {url} --repair` first") from None
         self.store = root.store
         from gradflow.check import damaged_metadata
 

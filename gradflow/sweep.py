@@ -211,6 +211,26 @@ def finished_variants(store: str) -> dict[str, dict[str, Any]]:
     return dict(sorted(found.items()))
 
 
+def refuse_damaged_runs(store: str) -> None:
+    """Raise a one-line GradflowError if a finished variant (as the committed metadata has it) is
+    damaged: a node metadata file missing or unreadable, or a chunk missing (gradflow.check)."""
+    from gradflow.check import check_run, damaged_metadata
+
+    try:
+        root = zarr.open_group(store, mode="r")  # the committed (consolidated) view
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise GradflowError(f"{store}: its zarr.json is damaged ({type(err).__name__}); run "
+                            f"`gradflow check {store} --repair` first") from None
+    for name, group in root.groups():
+        if not group.attrs.get("finished"):
+            continue  # an unfinished variant is recorded again from step 0
+        damage = [f"{key}: {problem}" for key, (problem, _) in
+                  damaged_metadata(root.store, name).items()] or check_run(root.store, name)
+        if damage:
+            raise GradflowError(f"{store} (group {name!r}) is damaged ({damage[0]}); run "
+                                f"`gradflow check {store} --repair` first")
+
+
 def _clear_group(store: str, name: str) -> None:
     """Delete a variant's (partial) group so it can be recorded again from step 0."""
     root = _open_root(store, "a")
@@ -352,6 +372,8 @@ def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool 
     exists, is_zarr = path_exists(store)
     if exists and not is_zarr:  # a file or a folder of something else: never write into it
         raise GradflowError(f"{store} exists and is not a Zarr store; choose another store")
+    if exists:
+        refuse_damaged_runs(store)  # consolidating would drop what --repair restores from
     consolidate(store)  # repair the readers' view if an earlier (Ray) driver was killed
     todo, skipped = plan(variants, store, force)
     for variant in skipped:

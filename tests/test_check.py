@@ -260,3 +260,12 @@ def test_repair_with_a_partial_file_at_the_root_warns_nothing(tmp_path):
     assert lines == ["(run): 1 leftover *.partial file(s)",
                      "(run): repaired, kept 10 of 10 steps and 3 of 3 epochs"]
     assert not (store / "zarr.json.partial").exists()
+
+
+def test_recorder_on_a_store_whose_root_metadata_is_damaged_is_one_line(tmp_path):
+    store = tmp_path / "run.zarr"
+    make_store(store)
+    (store / "zarr.json").write_bytes((store / "zarr.json").read_bytes()[:20])
+    for mode in ("a", "w", "w-"):
+        with pytest.raises(GradflowError, match=r"zarr.json is damaged \(JSONDecodeError\).*--repair"):
+            RunStore(str(store), None, LAYERS, {"every": 1, "per_parameter": False}, 1, False, mode=mode)

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--block", type=bench.positive_int, default=5, help="steps per timed block")
     parser.add_argument("--profile-steps", type=bench.positive_int, default=3)
-    parser.add_argument("--compare", default="", type=bench.checkout,
+    parser.add_argument("--compare", default=None, type=bench.checkout,
                         help="another checkout's root, measured as well")
     bench.add_report_options(parser)
     args = parser.parse_args(argv)

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-every", type=bench.positive_int, default=3)
     parser.add_argument("--repeats", type=bench.positive_int, default=2,
                         help="runs per arm (alternating); median")
-    parser.add_argument("--compare", default="", type=bench.checkout,
+    parser.add_argument("--compare", default=None, type=bench.checkout,
                         help="another checkout's root: its Recorder as an arm")
     bench.add_report_options(parser)
     args = parser.parse_args(argv)

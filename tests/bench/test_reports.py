@@ -14,7 +14,9 @@ NAMES = [m.name for m in pkgutil.iter_modules(gradflow.bench.__path__) if not m.
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_existing_report_is_never_overwritten(tmp_path, name):
+def test_existing_report_is_never_overwritten(tmp_path, monkeypatch, name):
+    """From any folder, not only the checkout (a default once resolved against the working folder)."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "report.md"
     out.write_text("kept")
     main = importlib.import_module(f"gradflow.bench.{name}").main

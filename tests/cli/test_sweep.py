@@ -238,3 +238,27 @@ def test_bad_preset_and_optimizer_options_are_one_line_and_exit_2(args, message,
     assert code == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "chunk"])
+def test_rerun_refuses_a_damaged_finished_variant_and_keeps_what_repair_needs(tmp_path, damage, run_main,
+                                                                               tiny_sweep, tiny, variants):
+    """Rerunning a sweep republishes the store's metadata: over a finished variant whose grad_norm
+    metadata file is gone or truncated that would drop grad_norm for good, so the rerun refuses in
+    one line (exit 2) and `gradflow check --repair` can still restore it. A missing chunk likewise."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_sweep, store)
+    array = store / variants[0] / "grad_norm"
+    if damage == "missing":
+        (array / "zarr.json").unlink()
+    elif damage == "truncated":
+        (array / "zarr.json").write_bytes((array / "zarr.json").read_bytes()[:20])
+    else:
+        shutil.rmtree(array / "c")
+    code, out, err = run_main("sweep", "--depths", "1", "--no-bn", *tiny, "--out", store)
+    assert code == 2 and f"group '{variants[0]}'" in err and "--repair" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    if damage != "chunk":
+        assert run_main("check", store, "--repair")[0] == 0
+        ds = gradflow.open(store, group=variants[0])
+        assert "grad_norm" in ds and np.isfinite(ds.grad_norm.values).all()
