@@ -11,9 +11,11 @@ avoid that (:func:`build_bucket` picks one):
   class, independent of the number of tensors. Small shape classes share one zero-padded
   :class:`RaggedClass`; a class larger than the scratch is taken in runs, a tensor larger than it
   in blocks (:class:`BlockClass`, combined on the host through :class:`Split`).
-* :class:`ForeachBucket` (GPUs): multi-tensor ``torch._foreach_*`` kernels over all the bucket's
-  tensors, a fixed number of dispatches per bucket whatever the shapes (on a CPU those ops loop
-  over the tensors one by one, which is slower than stacking).
+* :class:`ForeachBucket` (GPUs without Triton): multi-tensor ``torch._foreach_*`` kernels over all
+  the bucket's tensors, a fixed number of dispatches per bucket whatever the shapes (on a CPU those
+  ops loop over the tensors one by one, which is slower than stacking);
+* :class:`gradflow.fused.FusedBucket` (GPUs with Triton): two fused kernels per phase over a table
+  of the tensors' addresses, no per-tensor host work beyond reading the addresses.
 
 All statistics of a step are copied to the host once per device (:func:`to_host`; on the CPU the
 concatenation happens on the writer thread).
@@ -37,11 +39,15 @@ in host memory in the parameters' own dtype (P). ``snapshot=False`` keeps neithe
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from gradflow.errors import GradflowWarning
 
 # Rows of the per-tensor statistic matrix (F × T) that one recorded step produces.
 GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM_BEFORE, UPDATE_NORM, UPDATE_ABS_SUM, \
@@ -546,6 +552,7 @@ class ForeachBucket:
     epoch: list[torch.Tensor] = field(default_factory=list)  # host, per tensor, own dtype
     classes: list = field(default_factory=list)  # (Bucket's; unused here)
     scratch_flat: list[torch.Tensor] = field(default_factory=list)  # per chunk, its span of the scratch
+    snapshot_flat: torch.Tensor | None = None  # the buffer ``snaps`` are views of
     # Count non-finite entries every recorded step instead of after a host look (GPUs: no sync).
     count_always: bool = False
 
@@ -580,7 +587,8 @@ class ForeachBucket:
             flats.append(scratch[:offsets[-1]])
             piece_index.append(Split(np.array([index[pieces[k][0]] for k in c])))
         return cls(device, dtype, list(params), np.array(index), local, snapshot, snaps, pieces,
-                   chunks, views, piece_index, scratch_flat=flats, count_always=device.type != "cpu")
+                   chunks, views, piece_index, scratch_flat=flats, snapshot_flat=flat,
+                   count_always=device.type != "cpu")
 
     def data(self) -> list[torch.Tensor]:
         return [_local(p) for p in self.params] if self.local else self.params
@@ -716,15 +724,30 @@ class ForeachBucket:
 
 def build_bucket(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
                  strategy: str | None = None) -> Bucket | ForeachBucket:
-    """A :class:`ForeachBucket` on GPUs (``strategy="auto"``), a stacking :class:`Bucket` on CPUs.
+    """The bucket kind for ``params`` (one optimizer, device and dtype).
 
-    On a CPU ``torch._foreach_*`` ops loop over the tensors one by one, several times slower than
-    stacking shape classes; on a GPU they are multi-tensor kernels. ``strategy``: ``"auto"``,
-    ``"stack"`` or ``"foreach"``; None means :data:`STRATEGY`.
+    ``strategy`` (None means :data:`STRATEGY`): ``"stack"`` (:class:`Bucket`), ``"foreach"``
+    (:class:`ForeachBucket`), ``"fused"`` (:class:`gradflow.fused.FusedBucket`: Triton kernels,
+    two launches per phase; where it cannot be built, a warning and ``"foreach"``) or ``"auto"``:
+    on a CPU ``"stack"`` (``torch._foreach_*`` ops loop over the tensors one by one there, several
+    times slower than stacking shape classes), elsewhere ``"fused"`` where Triton is installed,
+    else ``"foreach"``.
     """
     strategy = strategy or STRATEGY
     if strategy == "auto":
-        strategy = "stack" if _local(params[0]).device.type == "cpu" else "foreach"
+        if _local(params[0]).device.type == "cpu":
+            strategy = "stack"
+        else:
+            strategy = "fused" if importlib.util.find_spec("triton") is not None else "foreach"
+    if strategy == "fused":
+        from gradflow import fused
+
+        try:
+            return fused.FusedBucket.build(params, index, snapshot)
+        except fused.Unavailable as reason:
+            warnings.warn(f"gradflow: no fused kernels for a bucket ({reason}); using foreach",
+                          GradflowWarning, stacklevel=2)
+            strategy = "foreach"
     kind = {"stack": Bucket, "foreach": ForeachBucket}[strategy]
     return kind.build(params, index, snapshot)
 

@@ -4,8 +4,25 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Without a GPU, Triton's interpreter runs the fused kernels (gradflow/fused.py) with NumPy, so that
+# they are tested here; with one they are compiled for it (set before gradflow.fused is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def fused_kernels_on(device: str) -> bool:
+    """Whether the fused Triton kernels can run on ``device`` here: Triton is installed, and a CPU
+    is interpreted (no GPU) while a GPU is compiled for."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreted if device == "cpu" else not interpreted and torch.cuda.is_available()
 
 
 def find_isbi() -> Path | None:

@@ -13,12 +13,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import fused_kernels_on
 from reference import layer_reference
 from torch import nn
 
 import gradflow
+from gradflow.errors import GradflowWarning
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The default (the fused Triton kernels where Triton is installed), the multi-tensor buckets and
+# the stacking ones (the CPU's).
+STRATEGIES = ["auto", "foreach", "stack"]
 
 STEPS = 3
 LAYERS = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}  # nn.Sequential(Linear, Tanh, Linear)
@@ -80,21 +85,31 @@ def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: s
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),  # two (device, dtype) groups in one model
 ], ids=["float32", "bfloat16", "mixed"])
-@pytest.mark.parametrize("strategy", ["auto", "stack"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cuda_figures_match_reference(tmp_path, dtypes, strategy, monkeypatch):
-    """The default multi-tensor buckets and the stacking ones (the CPU's), both exact on a GPU."""
+    """Every bucket kind is exact on a GPU; the default is the fused one where Triton is installed
+    (not its fallback to foreach, which warns)."""
     monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
-    train_and_check(tmp_path, dtypes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradflowWarning)
+        train_and_check(tmp_path, dtypes)
+    if strategy == "auto" and fused_kernels_on("cuda"):
+        model = make_model(dtypes, "cuda")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradflow.Recorder(model, optimizer, str(tmp_path / "kind.zarr")) as rec:
+            assert {type(b).__name__ for b in rec._all_buckets()} == {"FusedBucket"}
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
                          ids=["float32", "bfloat16"])
-def test_cuda_norm_of_a_huge_gradient_does_not_overflow(tmp_path, dtypes):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_norm_of_a_huge_gradient_does_not_overflow(tmp_path, dtypes, strategy, monkeypatch):
     """‖g‖ with an entry of 1e20 is about 1e20, not inf (float32 squares overflow above ~1.8e19)."""
+    monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
     train_and_check(tmp_path, dtypes, huge=True)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "stack"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cuda_recording_does_not_sync(tmp_path, strategy, monkeypatch):
     """Recording a step never makes the training thread wait for the GPU: the figures go to the host
     by an asynchronous copy that the writer thread waits for (a sync per step would stall a

@@ -8,7 +8,8 @@ unsharded copy of the model on the same data (both ranks' batches). The test rec
 per-layer figure with numpy from the gathered tensors (exact) and from the unsharded reference
 (same training, float32 rounding apart), and compares them with what rank 0 recorded. Unsupported
 setups must fail with the same error on both ranks, without a hang. FSDP2 runs through the
-multi-tensor (foreach) buckets that GPUs use, the others through stacked ones. HSDP runs as 2
+multi-tensor (foreach) buckets that GPUs use and, where Triton is installed, through the fused
+kernels (``fsdp2_fused``, interpreted on a CPU); the others through stacked ones. HSDP runs as 2
 replicas of a 1-way shard (a (2, 1) mesh): the replicas hold the same figures, which must not be
 summed. FSDP1 HYBRID_SHARD runs likewise (1-rank shard groups, one replicate group); on CPU over
 gloo torch does not average its replicas' gradients, so it is checked against rank 0's own tensors
@@ -25,11 +26,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fused_kernels_on
 from reference import layer_reference
 from torch import nn
 
 STEPS = 3
-KINDS = ("fsdp1", "fsdp2", "hsdp", "fsdp1_hybrid")
+FUSED = fused_kernels_on("cpu")
+KINDS = ("fsdp1", "fsdp2", "hsdp", "fsdp1_hybrid") + (("fsdp2_fused",) if FUSED else ())
+# FSDP2 through each bucket kind; the others through stacked buckets.
+STRATEGY = {"fsdp2": "foreach", "fsdp2_fused": "fused"}
 REPLICATED = ("hsdp", "fsdp1_hybrid")  # 2 replicas of a 1-way shard: every rank holds whole tensors
 WORLD_SIZE = 2
 NAMES = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"], "4": ["4.weight"]}
@@ -48,6 +53,7 @@ def batch(rank: int, step: int):
 
 
 def shard(model: nn.Module, kind: str, **options) -> nn.Module:
+    kind = "fsdp2" if kind == "fsdp2_fused" else kind
     if kind == "fsdp1_hybrid":  # HYBRID_SHARD: shard within (1-rank) groups, replicate across them
         import torch.distributed as dist
         from torch.distributed.fsdp import ShardingStrategy
@@ -127,8 +133,7 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
     import gradflow
     from gradflow import quantities
 
-    # FSDP2 through the multi-tensor (foreach) buckets GPUs use, the others through stacked ones.
-    quantities.STRATEGY = "foreach" if kind == "fsdp2" else "stack"
+    quantities.STRATEGY = STRATEGY.get(kind, "stack")
     error = refused(rank, out_dir, kind) if kind not in REPLICATED else ""
     model = shard(make_model(), kind)
     reference = make_model()  # unsharded, trained on both ranks' batches
@@ -190,7 +195,8 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS[:4] + (pytest.param("fsdp2_fused", marks=pytest.mark.skipif(
+    not FUSED, reason="needs Triton (interpreted on a CPU)")),))
 def test_sharded_two_ranks_global_figures(runs, kind):
     import gradflow
 

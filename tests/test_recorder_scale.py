@@ -9,12 +9,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fused_kernels_on
 from reference import layer_reference
 from test_recorder import NET_LAYERS, batches, check_steps, grads, make_net, weights
 from torch import nn
 
 import gradflow
 from gradflow import quantities
+
+STRATEGIES = ["stack", "foreach", pytest.param("fused", marks=pytest.mark.skipif(
+    not fused_kernels_on("cpu"), reason="needs Triton (interpreted on a CPU)"))]
 
 GRADIENT_VARIABLES = ("grad_norm", "grad_max_abs", "nonfinite", "param_norm")
 UPDATE_VARIABLES = ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio")
@@ -36,7 +40,7 @@ def train(model, optimizer, data, rec=None, epoch_after=None):
     return records
 
 
-@pytest.mark.parametrize("strategy", ["stack", "foreach"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strategies_and_a_tiny_scratch_record_exactly(tmp_path, monkeypatch, strategy, dtype):
     """Both bucket kinds, with a scratch far smaller than the model (classes in runs, tensors in
@@ -48,7 +52,8 @@ def test_strategies_and_a_tiny_scratch_record_exactly(tmp_path, monkeypatch, str
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
         buckets = rec._all_buckets()
-        assert type(buckets[0]).__name__ == {"stack": "Bucket", "foreach": "ForeachBucket"}[strategy]
+        assert type(buckets[0]).__name__ == {"stack": "Bucket", "foreach": "ForeachBucket",
+                                             "fused": "FusedBucket"}[strategy]
         start = weights(model)
         records = train(model, optimizer, batches(3), rec, epoch_after=2)
     check_steps(gradflow.open(tmp_path / "run.zarr"), records, NET_LAYERS)
@@ -87,7 +92,7 @@ def test_snapshot_false_records_gradient_figures_and_nan_updates(tmp_path):
     assert np.isnan(epochs.update_norm.values).all()
 
 
-@pytest.mark.parametrize("strategy", ["stack", "foreach"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lr", [1e-3, 1.0])  # Δw of 1e17 (fine) or 1e20 (its squares overflow too)
 def test_huge_float32_values_do_not_overflow_the_norms(tmp_path, monkeypatch, strategy, dtype, lr):

@@ -21,7 +21,7 @@ short and long skips), batch 4 × 1×512×512 (GPU only: a CPU step takes minute
 ``gpt2`` ≤ 1.02×. On a GPU the step time is timed per block of steps between two
 ``torch.cuda.synchronize()`` calls (the queue runs ahead of Python inside a block, as in training).
 
-Usage: ``python -m gradflow.bench.launches [--models mlp,conv,gpt2] [--strategies auto,foreach]
+Usage: ``python -m gradflow.bench.launches [--models mlp,conv,gpt2] [--strategies auto,foreach,fused]
 [--device cpu|cuda] [--compare PATH] [--out reports/bench_launches.md [--force]]``
 """
 
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mlp,conv,gpt2", type=bench.names_from(list(CASES)),
                         help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--strategies", default="auto,foreach",
-                        type=bench.names_from(["auto", "stack", "foreach"]),
-                        help="comma-separated bucket kinds, of auto, stack, foreach")
+                        type=bench.names_from(["auto", "stack", "foreach", "fused"]),
+                        help="comma-separated bucket kinds, of auto, stack, foreach, fused (GPU only)")
     parser.add_argument("--steps", type=bench.positive_int, default=300, help="timed steps per arm (mlp, conv)")
     parser.add_argument("--gpt2-steps", type=bench.positive_int, default=6,
                         help="timed steps per arm: gpt2 on a CPU, table1 everywhere")
@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GradflowError("--device cuda but torch sees no CUDA device")
+    if args.device == "cpu" and "fused" in args.strategies.split(","):
+        raise GradflowError("--strategies fused needs --device cuda (on a CPU only Triton's "
+                            "interpreter runs the fused kernels, for tests)")
     out = bench.check_out(args.out, args.force)
     root = str(Path(__file__).resolve().parents[2])
     rows = []
@@ -309,7 +312,8 @@ def render(rows: list[dict], args) -> str:
         "(`torch.profiler`; each is one kernel launch or more on a GPU), the training thread's CPU "
         "time inside the hooks, and the step time with recording over without (medians; plain and "
         "gradflow interleaved in one process, order alternating). `auto` is the default (on a CPU: "
-        "stacked shape classes); `foreach` forces the multi-tensor path the default uses on GPUs. "
+        "stacked shape classes); `foreach` forces the multi-tensor path the default uses on GPUs; "
+        "`fused` the Triton kernels of `gradflow/fused.py` (GPU only). "
         "Produced by `python -m gradflow.bench.launches`.", "",
         "| model | tensors | recorder | ops / step | top ops | hooks ms / step | plain ms / step | "
         "wall ratio | CPU ratio | goal | met |",

@@ -1,0 +1,371 @@
+"""Fused per-tensor statistics with Triton: two kernel launches per phase, whatever the tensors.
+
+:class:`~gradflow.quantities.ForeachBucket` needs no per-shape work, but each ``_foreach_norm``
+returns one 0-d tensor per parameter tensor, which ``stack`` then joins: about 4 µs of host time
+per tensor and statistic on a GPU (``reports/bench_launches_cuda.md``), more than a launch-bound
+step can hide. :class:`FusedBucket` reads every tensor through a table of raw addresses instead:
+
+1. :func:`_partials`, one program per *chunk* (at most :data:`CHUNK` elements of one tensor):
+   Σx², Σd², Σ|d|, max|·| (NaN left out) and the counts of NaN and ±Inf of its chunk, accumulated
+   in float64 (a 1e20 entry squares to 1e40: finite), into a ``(chunks, 6)`` float64 matrix;
+2. :func:`_combine`, one program per tensor: adds its chunks in a fixed order (deterministic, no
+   atomics) and writes the per-tensor figures, NaN where a NaN was counted.
+
+Phases (``MODE``): ``GRAD`` (‖g‖, max|g|, count of NaN/±Inf in g), ``SNAPSHOT`` (‖w‖, copying w
+into the Δw snapshot, raw elements in the parameters' own dtype and memory order), ``AFTER``
+(‖w‖ and, with d = w − w_snapshot computed in float32, float64 for float64 parameters: ‖d‖, Σ|d|,
+max|d|) and ``NORM`` (‖w‖ only). The host work per phase is one Python pass over the tensors
+(their addresses, re-sent only when they change) and two launches; the figures reach the host
+with the step's other parts in one copy (:func:`gradflow.quantities.to_host`).
+
+Availability: Triton (shipped with CUDA builds of PyTorch on Linux). ``TRITON_INTERPRET=1`` runs
+the same kernels on a CPU with NumPy, which is how the tests check them on machines without a GPU.
+A bucket whose tensors are not dense, whose dtype has no kernel, or whose kernels fail to compile
+or fail :func:`self_test` (once per device and dtype: every figure of every phase against float64
+references on tensors with NaN, ±Inf, a missing gradient and several chunks) is not built
+(:class:`Unavailable`): :func:`gradflow.quantities.build_bucket` then warns and falls back to the
+``foreach`` kind, so a Triton that compiles the kernels differently can cost speed, never exactness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gradflow.errors import GradflowError
+from gradflow.quantities import (GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM, PARAM_NORM_AFTER,
+                                 PARAM_NORM_BEFORE, UPDATE_ABS_SUM, UPDATE_MAX_ABS, UPDATE_NORM,
+                                 ForeachBucket, _local)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs, macOS, Windows
+    triton = None
+
+GRAD, SNAPSHOT, AFTER, NORM = range(4)
+ROWS = {GRAD: 3, SNAPSHOT: 1, AFTER: 4, NORM: 1}  # per-tensor figures each phase writes
+COLUMNS = 6  # per chunk: Σx², Σd², Σ|d|, max|·| without NaN, NaN count, ±Inf count
+CHUNK = 1 << 16  # elements of one tensor per program of _partials
+BLOCK = 1024  # elements per loop iteration of a _partials program
+COMBINE_BLOCK = 256  # chunks per loop iteration of a _combine program
+
+
+class Unavailable(Exception):
+    """This bucket cannot use the fused kernels (the reason is the message)."""
+
+
+if triton is not None:
+    @triton.jit
+    def _partials(pointers, snapshot, offsets, numel, chunk_tensor, chunk_start, partials,
+                  MODE: tl.constexpr, ELEMENT: tl.constexpr, WORK: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        k = tl.program_id(0)
+        j = tl.load(chunk_tensor + k)
+        start = tl.load(chunk_start + k)
+        address = tl.load(pointers + j)
+        source = address.to(tl.pointer_type(ELEMENT))
+        # A missing gradient (address 0) reads nothing: its figures are zeros.
+        stop = tl.where(address != 0, tl.minimum(start + CHUNK, tl.load(numel + j)), start)
+        saved = snapshot + tl.load(offsets + j)
+        squares = tl.zeros([BLOCK], tl.float64)
+        diff_squares = tl.zeros([BLOCK], tl.float64)
+        diff_abs = tl.zeros([BLOCK], tl.float64)
+        largest = tl.zeros([BLOCK], WORK)
+        nans = tl.zeros([BLOCK], tl.int32)
+        infs = tl.zeros([BLOCK], tl.int32)
+        for s in range(start, stop, BLOCK):
+            at = s + tl.arange(0, BLOCK)
+            mask = at < stop
+            raw = tl.load(source + at, mask=mask, other=0.0)
+            x = raw.to(WORK)
+            wide = x.to(tl.float64)
+            squares += wide * wide
+            if MODE == SNAPSHOT:
+                tl.store(saved + at, raw, mask=mask)
+            if MODE == GRAD:
+                magnitude = tl.abs(x)
+                is_nan = x != x
+                nans += is_nan.to(tl.int32)
+                infs += (magnitude == float("inf")).to(tl.int32)
+                largest = tl.maximum(largest, tl.where(is_nan, 0.0, magnitude))
+            if MODE == AFTER:
+                d = x - tl.load(saved + at, mask=mask, other=0.0).to(WORK)
+                wide_d = d.to(tl.float64)
+                diff_squares += wide_d * wide_d
+                diff_abs += tl.abs(wide_d)
+                is_nan = d != d
+                nans += is_nan.to(tl.int32)
+                largest = tl.maximum(largest, tl.where(is_nan, 0.0, tl.abs(d)))
+        row = partials + k * 6
+        tl.store(row, tl.sum(squares, 0))
+        tl.store(row + 1, tl.sum(diff_squares, 0))
+        tl.store(row + 2, tl.sum(diff_abs, 0))
+        tl.store(row + 3, tl.max(largest, 0).to(tl.float64))
+        tl.store(row + 4, tl.sum(nans, 0).to(tl.float64))
+        tl.store(row + 5, tl.sum(infs, 0).to(tl.float64))
+
+    @triton.jit
+    def _combine(partials, first_chunk, chunk_count, out, tensors,
+                 MODE: tl.constexpr, BLOCK: tl.constexpr):
+        j = tl.program_id(0)
+        first = tl.load(first_chunk + j)
+        stop = first + tl.load(chunk_count + j)
+        squares = tl.zeros([BLOCK], tl.float64)
+        diff_squares = tl.zeros([BLOCK], tl.float64)
+        diff_abs = tl.zeros([BLOCK], tl.float64)
+        largest = tl.zeros([BLOCK], tl.float64)
+        nans = tl.zeros([BLOCK], tl.float64)
+        infs = tl.zeros([BLOCK], tl.float64)
+        for c in range(first, stop, BLOCK):
+            at = c + tl.arange(0, BLOCK)
+            mask = at < stop
+            row = partials + at * 6
+            squares += tl.load(row, mask=mask, other=0.0)
+            diff_squares += tl.load(row + 1, mask=mask, other=0.0)
+            diff_abs += tl.load(row + 2, mask=mask, other=0.0)
+            largest = tl.maximum(largest, tl.load(row + 3, mask=mask, other=0.0))
+            nans += tl.load(row + 4, mask=mask, other=0.0)
+            infs += tl.load(row + 5, mask=mask, other=0.0)
+        sum_squares = tl.sum(squares, 0)
+        nan_count = tl.sum(nans, 0)
+        tl.store(out + j, tl.sqrt(sum_squares))
+        if MODE == GRAD:  # a NaN entry made Σx² NaN: max|g| is NaN too
+            tl.store(out + tensors + j, tl.where(nan_count > 0, sum_squares, tl.max(largest, 0)))
+            tl.store(out + 2 * tensors + j, nan_count + tl.sum(infs, 0))
+        if MODE == AFTER:
+            sum_diff_squares = tl.sum(diff_squares, 0)
+            tl.store(out + tensors + j, tl.sqrt(sum_diff_squares))
+            tl.store(out + 2 * tensors + j, tl.sum(diff_abs, 0))
+            tl.store(out + 3 * tensors + j,
+                     tl.where(nan_count > 0, sum_diff_squares, tl.max(largest, 0)))
+
+
+def _element_types() -> dict:
+    return {torch.float32: (tl.float32, tl.float32), torch.float64: (tl.float64, tl.float64),
+            torch.bfloat16: (tl.bfloat16, tl.float32), torch.float16: (tl.float16, tl.float32)}
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one gap-free run of memory (contiguous, channels_last, any
+    permutation): then its statistics can be read as ``numel`` consecutive elements."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class FusedBucket(ForeachBucket):
+    """A :class:`~gradflow.quantities.ForeachBucket` whose step statistics come from the fused
+    kernels (epoch statistics, once per epoch, stay with the multi-tensor ops).
+
+    Memory beyond the parent's (snapshot P, epoch copy P on the host): the tables (a few int64 per
+    tensor and per chunk) and a ``(chunks, 6)`` float64 matrix, 48 bytes per :data:`CHUNK`
+    elements (≈ 0.02 % of float32 parameters). Raises :class:`Unavailable` from :meth:`build`.
+    """
+
+    tables: dict = field(default_factory=dict)
+    addresses: dict = field(default_factory=dict)  # "grad"/"param" → (host list, device table)
+    chunk: int = 0  # elements per program of _partials: CHUNK when built
+
+    @classmethod
+    def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
+              scratch_elements: int | None = None, verify: bool = True) -> FusedBucket:
+        """As :meth:`ForeachBucket.build`; ``verify``: pass :func:`self_test` for this device and
+        dtype first. Raises :class:`Unavailable`."""
+        if triton is None:
+            raise Unavailable("Triton is not installed")
+        bucket = super().build(params, index, snapshot, scratch_elements)
+        data = bucket.data()
+        if bucket.dtype not in _element_types():
+            raise Unavailable(f"no kernel for {bucket.dtype}")
+        if not all(dense(d) for d in data):
+            raise Unavailable("a parameter is not dense in memory")
+        bucket.chunk = CHUNK
+        bucket._make_tables(data)
+        if verify:
+            self_test(bucket.device, bucket.dtype)
+        bucket._warm_up(data)
+        return bucket
+
+    def _make_tables(self, data: list[torch.Tensor]) -> None:
+        numel = np.array([d.numel() for d in data], dtype=np.int64)
+        counts = -(-numel // self.chunk)
+        starts = [np.arange(0, n, self.chunk, dtype=np.int64) for n in numel]
+
+        def table(values) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+
+        self.tables = {
+            "numel": table(numel), "offsets": table(np.cumsum(numel) - numel),
+            "chunk_tensor": table(np.repeat(np.arange(len(numel)), counts)),
+            "chunk_start": table(np.concatenate(starts) if starts else []),
+            "first_chunk": table(np.cumsum(counts) - counts), "chunk_count": table(counts),
+            "partials": torch.zeros(max(int(counts.sum()), 1), COLUMNS, dtype=torch.float64,
+                                    device=self.device),
+        }
+        self.tables["chunks"] = int(counts.sum())
+
+    def _warm_up(self, data: list[torch.Tensor]) -> None:
+        """Compile this bucket's kernels now, not inside the first recorded step (reads only)."""
+        try:
+            addresses = self._addresses("param", data)
+            self._run(GRAD, addresses)
+            self._run(NORM, addresses)
+        except Exception as err:  # a Triton compile or launch failure, whatever its class
+            raise Unavailable(f"the kernels failed: {err!r}") from err
+
+    def _addresses(self, kind: str, tensors: list[torch.Tensor | None],
+                   check: bool = False) -> torch.Tensor:
+        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved
+        (``check``: then they are checked to be dense, as a ``p.data = ...`` may have changed that)."""
+        addresses = [0 if t is None else t.data_ptr() for t in tensors]
+        held = self.addresses.get(kind)
+        if held is not None and held[0] == addresses:
+            return held[1]
+        if check and not all(t is None or dense(t) for t in tensors):
+            raise GradflowError("a recorded parameter is no longer dense in memory (assigned to "
+                                "p.data?); create the Recorder after changing parameters")
+        host = torch.tensor(addresses, dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # the caching host allocator keeps it until the copy is done
+        table = held[1] if held is not None else torch.empty(len(addresses), dtype=torch.int64,
+                                                             device=self.device)
+        table.copy_(host, non_blocking=True)
+        self.addresses[kind] = (addresses, table)
+        return table
+
+    def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
+        """Both kernels for one phase; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""
+        t = self.tables
+        tensors = len(self.params)
+        out = torch.empty(ROWS[mode], tensors, dtype=torch.float64, device=self.device)
+        element, work = _element_types()[self.dtype]
+        snapshot = self.snapshot_flat if self.keeps_snapshot else t["partials"]
+        with _on(self.device):
+            if t["chunks"]:
+                _partials[(t["chunks"],)](addresses, snapshot, t["offsets"], t["numel"],
+                                          t["chunk_tensor"], t["chunk_start"], t["partials"],
+                                          MODE=mode, ELEMENT=element, WORK=work, CHUNK=self.chunk,
+                                          BLOCK=BLOCK)
+            _combine[(tensors,)](t["partials"], t["first_chunk"], t["chunk_count"], out, tensors,
+                                 MODE=mode, BLOCK=COMBINE_BLOCK)
+        return out
+
+    def gradient_parts(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
+        """As :meth:`Bucket.gradient_parts`; non-finite entries are counted every recorded step."""
+        grads = [p.grad for p in self.params]
+        if self.local:
+            grads = [None if g is None else _local(g) for g in grads]
+        for j in [j for j, g in enumerate(grads) if g is None or not g.is_contiguous()]:
+            g = grads[j]
+            if g is None:
+                present[self.index[j]] = False
+            elif g.layout != torch.strided or not dense(g):  # sparse, or a gapped user assignment
+                grads[j] = g.to_dense().contiguous()
+        out = self._run(GRAD, self._addresses("grad", grads))
+        norm, max_abs = out[0], out[1]
+        if grad_scale is not None:
+            inv_scale = grad_scale.to(self.device).double().reciprocal()
+            norm, max_abs = norm * inv_scale, max_abs * inv_scale
+        return [(GRAD_NONFINITE, self.index, out[2]), (GRAD_NORM, self.index, norm),
+                (GRAD_MAX_ABS, self.index, max_abs)]
+
+    def snapshot(self) -> list:
+        """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
+        out = self._run(SNAPSHOT if self.keeps_snapshot else NORM, self._params())
+        return [(PARAM_NORM_BEFORE, self.index, out[0])]
+
+    def after_step(self) -> list:
+        """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`snapshot`."""
+        if not self.keeps_snapshot:
+            return [(PARAM_NORM_AFTER, self.index, self._run(NORM, self._params())[0])]
+        out = self._run(AFTER, self._params())
+        return [(row, self.index, out[r]) for r, row in
+                enumerate((PARAM_NORM_AFTER, UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))]
+
+    def not_stepped(self) -> list:
+        norm = self._run(NORM, self._params())[0]
+        return [(PARAM_NORM_BEFORE, self.index, norm), (PARAM_NORM_AFTER, self.index, norm)]
+
+    def _params(self) -> torch.Tensor:
+        return self._addresses("param", self.data(), check=True)
+
+
+def _on(device: torch.device):
+    """``torch.cuda.device(device)`` where it is not the current device (Triton launches on the
+    current device's current stream); a no-op context elsewhere."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+_VERDICTS: dict[tuple, str] = {}  # (device, dtype, CHUNK, BLOCK) → "" (passed) or what failed
+
+
+def self_test(device: torch.device, dtype: torch.dtype) -> None:
+    """Check every figure of every phase on ``device`` and ``dtype`` against float64 references
+    computed by torch on the host, once per process (one host sync): gradients with NaN, +Inf and
+    −Inf entries and one missing, a tensor of two chunks, a transposed one, and an update. Raises
+    :class:`Unavailable` naming the first disagreement."""
+    key = (device, dtype, CHUNK, BLOCK)
+    if key not in _VERDICTS:
+        try:
+            _VERDICTS[key] = _disagreement(device, dtype)
+        except Unavailable as err:
+            _VERDICTS[key] = str(err)
+        except Exception as err:  # a Triton compile or launch failure, whatever its class
+            _VERDICTS[key] = f"the kernels failed: {err!r}"
+    if _VERDICTS[key]:
+        raise Unavailable(f"self-test on {device} {dtype}: {_VERDICTS[key]}")
+
+
+def _disagreement(device: torch.device, dtype: torch.dtype) -> str:
+    """What :func:`self_test` found wrong ("" when nothing)."""
+    make = torch.Generator().manual_seed(0)
+    shapes = [(3,), (CHUNK + 5,), (7, 33), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=make).to(device=device, dtype=dtype))
+              for s in shapes]
+    params[2].data = params[2].data.t()  # dense, transposed
+    grads = [torch.randn(s, generator=make).to(device=device, dtype=dtype) for s in shapes]
+    grads[1][[5, CHUNK + 1]] = torch.tensor([float("nan"), float("inf")], dtype=dtype, device=device)
+    grads[2][0, 1] = -float("inf")
+    grads[3] = None
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.view(p.shape) if g.shape == p.shape else g.t()
+    bucket = FusedBucket.build(params, list(range(len(params))), verify=False)
+    got = [bucket.gradient_parts(np.ones(len(params), bool), None), bucket.snapshot()]
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.5).add_(0.25)
+        params[0][1] = float("nan")
+    got.append(bucket.after_step())
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    want = {GRAD_NORM: [], GRAD_MAX_ABS: [], GRAD_NONFINITE: [], PARAM_NORM_BEFORE: [],
+            PARAM_NORM_AFTER: [], UPDATE_NORM: [], UPDATE_ABS_SUM: [], UPDATE_MAX_ABS: []}
+    for p, w in zip(params, before):
+        g = torch.zeros(p.shape) if p.grad is None else p.grad.detach().cpu().double()
+        d = (p.detach().to(work) - w.to(work)).cpu().double()
+        want[GRAD_NORM].append(g.square().sum().sqrt())
+        want[GRAD_MAX_ABS].append(g.abs().max() if not g.isnan().any() else torch.tensor(math.nan))
+        want[GRAD_NONFINITE].append((~g.isfinite()).sum().double())
+        want[PARAM_NORM_BEFORE].append(w.cpu().double().square().sum().sqrt())
+        want[PARAM_NORM_AFTER].append(p.detach().cpu().double().square().sum().sqrt())
+        want[UPDATE_NORM].append(d.square().sum().sqrt())
+        want[UPDATE_ABS_SUM].append(d.abs().sum())
+        want[UPDATE_MAX_ABS].append(d.abs().max() if not d.isnan().any() else torch.tensor(math.nan))
+    for row, index, values in (part for parts in got for part in parts):
+        expected = torch.stack(want[row]).double()
+        if not torch.allclose(values.cpu().double(), expected, rtol=1e-9, atol=0, equal_nan=True):
+            return f"figure row {row}: {values.cpu().tolist()} instead of {expected.tolist()}"
+    return ""

@@ -1,0 +1,216 @@
+"""The fused Triton kernels (gradflow/fused.py), on a CPU through Triton's interpreter.
+
+Every figure is compared with a float64 NumPy reference computed here from the tensors themselves:
+‖x‖ = sqrt(Σx²), max|x| (NaN where x holds a NaN), the count of NaN/±Inf, and for the update
+d = w_after − w_before taken in the compute dtype (float32; float64 for float64 parameters), ‖d‖,
+Σ|d| and max|d|. Chunks are made tiny, so that tensors span several programs of each kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import fused_kernels_on
+from torch import nn
+
+from gradflow import quantities
+from gradflow.errors import GradflowError, GradflowWarning
+
+pytestmark = pytest.mark.skipif(not fused_kernels_on("cpu"),
+                                reason="needs Triton (interpreted on a CPU)")
+
+SHAPES = [(3,), (20, 30), (700,), (1,), (5, 4, 3, 3)]  # 700: three chunks of 256
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    from gradflow import fused
+
+    monkeypatch.setattr(fused, "CHUNK", 256)
+    monkeypatch.setattr(fused, "BLOCK", 64)
+    monkeypatch.setattr(fused, "COMBINE_BLOCK", 2)  # a tensor's chunks in several iterations
+    return fused
+
+
+def make_params(dtype: torch.dtype) -> list[nn.Parameter]:
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(*shape).to(dtype)) for shape in SHAPES]
+    params[4].data = params[4].data.contiguous(memory_format=torch.channels_last)  # dense, permuted
+    return params
+
+
+def wide(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy().ravel()
+
+
+def gradient_reference(g: torch.Tensor | None) -> tuple[float, float, float]:
+    if g is None:
+        return 0.0, 0.0, 0.0
+    x = wide(g.to_dense() if g.is_sparse else g)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = np.sqrt(np.sum(x * x))
+    largest = np.nan if np.isnan(x).any() else np.abs(x).max()
+    return norm, largest, float(np.sum(~np.isfinite(x)))
+
+
+def update_reference(after: torch.Tensor, before: torch.Tensor) -> tuple[float, float, float, float]:
+    work = quantities.compute_dtype(after.dtype)
+    d = wide(after.to(work) - before.to(work))  # the subtraction in the compute dtype, as recorded
+    largest = np.nan if np.isnan(d).any() else np.abs(d).max()
+    return np.sqrt(np.sum(wide(after) ** 2)), np.sqrt(np.sum(d * d)), np.abs(d).sum(), largest
+
+
+def row(parts: list, which: int) -> np.ndarray:
+    return next(v for r, _, v in parts if r == which).double().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_step_figures_match_float64_references(fused, dtype):
+    params = make_params(dtype)
+    bucket = fused.FusedBucket.build(params, list(range(len(params))))
+    assert bucket.tables["chunks"] == 1 + 3 + 3 + 1 + 1
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad[5], params[2].grad[7] = float("nan"), float("inf")
+    params[1].grad[0, 0] = -float("inf")
+    params[3].grad = None
+    present = np.ones(len(params), bool)
+    parts = bucket.gradient_parts(present, None)
+    assert present.tolist() == [True, True, True, False, True]
+    for j, p in enumerate(params):
+        norm, largest, bad = gradient_reference(p.grad)
+        np.testing.assert_allclose(row(parts, quantities.GRAD_NORM)[j], norm, rtol=1e-12)
+        np.testing.assert_allclose(row(parts, quantities.GRAD_MAX_ABS)[j], largest, rtol=0)
+        assert row(parts, quantities.GRAD_NONFINITE)[j] == bad
+
+    before = [p.detach().clone() for p in params]
+    parts = bucket.snapshot()
+    np.testing.assert_allclose(row(parts, quantities.PARAM_NORM_BEFORE),
+                               [np.sqrt(np.sum(wide(w) ** 2)) for w in before], rtol=1e-12)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=1e-2)
+        params[0][1] = float("nan")  # a NaN weight: its update figures are NaN
+    parts = bucket.after_step()
+    for j, (p, w) in enumerate(zip(params, before)):
+        w_norm, d_norm, d_abs, d_max = update_reference(p, w)
+        for which, value in ((quantities.PARAM_NORM_AFTER, w_norm), (quantities.UPDATE_NORM, d_norm),
+                             (quantities.UPDATE_ABS_SUM, d_abs), (quantities.UPDATE_MAX_ABS, d_max)):
+            np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
+                                       err_msg=f"row {which} tensor {j}")
+    parts = bucket.not_stepped()
+    np.testing.assert_allclose(row(parts, quantities.PARAM_NORM_AFTER)[1:],
+                               [np.sqrt(np.sum(wide(p) ** 2)) for p in params[1:]], rtol=1e-12)
+
+
+def test_huge_entries_and_scaled_gradients(fused):
+    """1e20 entries square to 1e40 in float64 (finite: float32 squares would be inf); a fused
+    optimizer's GradScaler scale divides ‖g‖ and max|g|."""
+    params = [nn.Parameter(torch.full((300,), 1e20)), nn.Parameter(torch.ones(4))]
+    bucket = fused.FusedBucket.build(params, [0, 1])
+    for p in params:
+        p.grad = p.detach() * 2
+    parts = bucket.gradient_parts(np.ones(2, bool), torch.tensor(4.0))
+    np.testing.assert_allclose(row(parts, quantities.GRAD_NORM),
+                               [2e20 * np.sqrt(300) / 4, 2 * 2 / 4], rtol=1e-6)
+    np.testing.assert_allclose(row(parts, quantities.GRAD_MAX_ABS), [2e20 / 4, 2 / 4], rtol=1e-6)
+    np.testing.assert_allclose(row(bucket.snapshot(), quantities.PARAM_NORM_BEFORE),
+                               [1e20 * np.sqrt(300), 2.0], rtol=1e-6)
+
+
+def test_gradients_of_any_layout_and_moved_tensors(fused):
+    """A transposed (dense) gradient, a gapped one and a sparse one are read as what they hold; a
+    gradient or parameter at a new address (``p.data = ...``) is read there, not at the old one."""
+    params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(5, 3))]
+    bucket = fused.FusedBucket.build(params, [0, 1, 2])
+    params[0].grad = torch.randn(4, 6).t()
+    params[1].grad = torch.randn(16)[::2]
+    params[2].grad = torch.randn(5, 3).to_sparse()
+    parts = bucket.gradient_parts(np.ones(3, bool), None)
+    np.testing.assert_allclose(row(parts, quantities.GRAD_NORM),
+                               [gradient_reference(p.grad)[0] for p in params], rtol=1e-12)
+    for p in params:
+        p.grad = torch.randn_like(p)  # fresh tensors, new addresses
+    parts = bucket.gradient_parts(np.ones(3, bool), None)
+    np.testing.assert_allclose(row(parts, quantities.GRAD_NORM),
+                               [gradient_reference(p.grad)[0] for p in params], rtol=1e-12)
+    params[1].data = torch.randn(8) * 5
+    np.testing.assert_allclose(row(bucket.snapshot(), quantities.PARAM_NORM_BEFORE),
+                               [np.sqrt(np.sum(wide(p) ** 2)) for p in params], rtol=1e-12)
+    params[1].data = torch.randn(16)[::2]
+    with pytest.raises(GradflowError, match="no longer dense"):
+        bucket.snapshot()
+
+
+def test_unusable_buckets_fall_back_to_foreach_with_a_warning(fused, monkeypatch):
+    """A parameter that is not dense in memory, or kernels that fail, give the foreach bucket and a
+    warning naming why; never an error inside the training step."""
+    gapped = [nn.Parameter(torch.randn(4, 8)[:, ::2])]
+    with pytest.warns(GradflowWarning, match="not dense"):
+        bucket = quantities.build_bucket(gapped, [0], strategy="fused")
+    assert type(bucket) is quantities.ForeachBucket
+
+    class Broken:  # a kernel whose launch fails (as a Triton compile error would)
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no such kernel")
+            return launch
+
+    monkeypatch.setattr(fused, "_partials", Broken())
+    monkeypatch.setattr(fused, "_combine", Broken())
+    with pytest.warns(GradflowWarning, match="kernels failed"):
+        bucket = quantities.build_bucket([nn.Parameter(torch.randn(3))], [0], strategy="fused")
+    assert type(bucket) is quantities.ForeachBucket
+
+
+def test_recording_leaves_training_bit_identical(fused, tmp_path, monkeypatch):
+    """The snapshot kernel writes only the snapshot: weights trained with fused recording equal the
+    weights trained without it, bit for bit."""
+    import gradflow
+
+    monkeypatch.setattr(quantities, "STRATEGY", "fused")
+
+    def train(record: bool) -> dict:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") if record else None
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).square().mean().backward()
+            optimizer.step()
+        if rec is not None:
+            assert type(rec._all_buckets()[0]).__name__ == "FusedBucket"
+            rec.close()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradflowWarning)
+        recorded = train(True)
+    plain = train(False)
+    assert all(torch.equal(recorded[k], plain[k]) for k in plain)
+
+
+def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatch):
+    """A Triton that compiled a kernel wrongly (here: one figure off by 1e-6 relative) must cost
+    speed, never exactness: the self-test finds it, and the bucket falls back to foreach, warning."""
+    real = fused._combine
+
+    class Skewed:
+        def __getitem__(self, grid):
+            def launch(partials, first, count, out, tensors, MODE, BLOCK):
+                real[grid](partials, first, count, out, tensors, MODE=MODE, BLOCK=BLOCK)
+                if MODE == fused.AFTER:
+                    out[2].mul_(1 + 1e-6)  # Σ|Δw| only
+            return launch
+
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    monkeypatch.setattr(fused, "_combine", Skewed())
+    with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_ABS_SUM}"):
+        fused.self_test(torch.device("cpu"), torch.float32)
+    with pytest.warns(GradflowWarning, match="self-test"):
+        bucket = quantities.build_bucket([nn.Parameter(torch.randn(3))], [0], strategy="fused")
+    assert type(bucket) is quantities.ForeachBucket
