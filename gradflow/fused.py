@@ -60,6 +60,9 @@ class Unavailable(Exception):
 
 
 if triton is not None:
+    # Triton kernels may read only constexpr globals: the phases again, as such.
+    _GRAD, _SNAPSHOT, _AFTER = tl.constexpr(GRAD), tl.constexpr(SNAPSHOT), tl.constexpr(AFTER)
+
     @triton.jit
     def _partials(pointers, snapshot, offsets, numel, chunk_tensor, chunk_start, partials,
                   MODE: tl.constexpr, ELEMENT: tl.constexpr, WORK: tl.constexpr,
@@ -85,15 +88,15 @@ if triton is not None:
             x = raw.to(WORK)
             wide = x.to(tl.float64)
             squares += wide * wide
-            if MODE == SNAPSHOT:
+            if MODE == _SNAPSHOT:
                 tl.store(saved + at, raw, mask=mask)
-            if MODE == GRAD:
+            if MODE == _GRAD:
                 magnitude = tl.abs(x)
                 is_nan = x != x
                 nans += is_nan.to(tl.int32)
                 infs += (magnitude == float("inf")).to(tl.int32)
                 largest = tl.maximum(largest, tl.where(is_nan, 0.0, magnitude))
-            if MODE == AFTER:
+            if MODE == _AFTER:
                 d = x - tl.load(saved + at, mask=mask, other=0.0).to(WORK)
                 wide_d = d.to(tl.float64)
                 diff_squares += wide_d * wide_d
@@ -134,10 +137,10 @@ if triton is not None:
         sum_squares = tl.sum(squares, 0)
         nan_count = tl.sum(nans, 0)
         tl.store(out + j, tl.sqrt(sum_squares))
-        if MODE == GRAD:  # a NaN entry made Σx² NaN: max|g| is NaN too
+        if MODE == _GRAD:  # a NaN entry made Σx² NaN: max|g| is NaN too
             tl.store(out + tensors + j, tl.where(nan_count > 0, sum_squares, tl.max(largest, 0)))
             tl.store(out + 2 * tensors + j, nan_count + tl.sum(infs, 0))
-        if MODE == AFTER:
+        if MODE == _AFTER:
             sum_diff_squares = tl.sum(diff_squares, 0)
             tl.store(out + tensors + j, tl.sqrt(sum_diff_squares))
             tl.store(out + 2 * tensors + j, tl.sum(diff_abs, 0))

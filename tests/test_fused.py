@@ -8,12 +8,15 @@ d = w_after − w_before taken in the compute dtype (float32; float64 for float6
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import fused_kernels_on
+from conftest import REPO, fused_kernels_on
 from torch import nn
 
 from gradflow import quantities
@@ -214,3 +217,47 @@ def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatc
     with pytest.warns(GradflowWarning, match="self-test"):
         bucket = quantities.build_bucket([nn.Parameter(torch.randn(3))], [0], strategy="fused")
     assert type(bucket) is quantities.ForeachBucket
+
+
+COMPILE = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gradflow import fused
+
+for dtype in ("fp32", "bf16", "fp16", "fp64"):
+    element = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}[dtype]
+    work = tl.float64 if dtype == "fp64" else tl.float32
+    pointers = dict.fromkeys(("pointers", "offsets", "numel", "chunk_tensor", "chunk_start"), "*i64")
+    kernels = [
+        (fused._partials, {**pointers, "snapshot": "*" + dtype, "partials": "*fp64"},
+         {"ELEMENT": element, "WORK": work, "CHUNK": fused.CHUNK, "BLOCK": fused.BLOCK}),
+        (fused._combine, {"partials": "*fp64", "first_chunk": "*i64", "chunk_count": "*i64",
+                          "out": "*fp64", "tensors": "i32"}, {"BLOCK": fused.COMBINE_BLOCK}),
+    ]
+    for kernel, types, constants in kernels:
+        for mode in range(4):
+            names = kernel.arg_names
+            source = ASTSource(fn=kernel, signature={n: types.get(n, "constexpr") for n in names},
+                               constexprs={(names.index(n),): v
+                                           for n, v in {**constants, "MODE": mode}.items()})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            assert compiled.asm["cubin"], (kernel, dtype, mode)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    """Triton compiles every phase of both kernels for every dtype to GPU machine code (cubin for
+    sm_90: the H100 and H200) here, without a GPU. The interpreter that runs them on a CPU accepts
+    what the compiler refuses (a non-constexpr global, say), so this catches that before a GPU
+    does. In a process of its own: the interpreter patches triton.language for the process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
