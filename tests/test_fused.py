@@ -261,3 +261,22 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True,
                             text=True, timeout=600, check=False)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("change", ["slice", "gapped", "bigger", "dtype"])
+def test_a_parameter_changed_in_size_or_dtype_is_refused_not_misread(fused, change):
+    """The kernels read ``numel`` elements of the bucket's dtype at each address: a ``p.data = ...``
+    that keeps the address with fewer elements (a slice), gives more, or another dtype, must raise,
+    never yield figures read from the wrong memory (the foreach bucket raises or reads it right)."""
+    params = [nn.Parameter(torch.arange(8.0)), nn.Parameter(torch.arange(8.0))]
+    bucket = fused.FusedBucket.build(params, [0, 1])
+    bucket.snapshot()
+    params[1].data = {"slice": lambda w: w[:4], "gapped": lambda w: w[::2],
+                      "bigger": lambda w: torch.arange(16.0),
+                      "dtype": lambda w: w.double()}[change](params[1].data)
+    with pytest.raises(GradflowError, match="create the Recorder after changing parameters"):
+        bucket.snapshot()
+    params[1].grad = torch.ones_like(params[1])
+    with pytest.raises(GradflowError, match="create the Recorder after changing parameters"):
+        bucket.gradient_parts(np.ones(2, bool), None)
+
