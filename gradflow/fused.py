@@ -39,7 +39,7 @@ import torch
 from gradflow.errors import GradflowError
 from gradflow.quantities import (GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM, PARAM_NORM_AFTER,
                                  PARAM_NORM_BEFORE, UPDATE_ABS_SUM, UPDATE_MAX_ABS, UPDATE_NORM,
-                                 ForeachBucket, _local)
+                                 ForeachBucket, _local, compute_dtype)
 
 try:
     import triton
@@ -177,7 +177,8 @@ class FusedBucket(ForeachBucket):
     """
 
     tables: dict = field(default_factory=dict)
-    addresses: dict = field(default_factory=dict)  # "grad"/"param" → (host key, device table)
+    # "grad"/"param" → (host key, device table, per tensor (shape, strides) when it was sent)
+    addresses: dict = field(default_factory=dict)
     chunk: int = 0  # elements per program of _partials: CHUNK when built
     sizes: list[int] = field(default_factory=list)  # per tensor, the elements the tables assume
 
@@ -246,7 +247,8 @@ class FusedBucket(ForeachBucket):
         table = held[1] if held is not None else torch.empty(len(key), dtype=torch.int64,
                                                              device=self.device)
         table.copy_(host, non_blocking=True)
-        self.addresses[kind] = (key, table)
+        layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
+        self.addresses[kind] = (key, table, layouts)
         return table
 
     def _check(self, tensors: list[torch.Tensor | None]) -> None:
@@ -308,9 +310,32 @@ class FusedBucket(ForeachBucket):
         """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`snapshot`."""
         if not self.keeps_snapshot:
             return [(PARAM_NORM_AFTER, self.index, self._run(NORM, self._params())[0])]
+        at_snapshot = self.addresses["param"]
         out = self._run(AFTER, self._params())
+        if self.addresses["param"] is not at_snapshot:  # a parameter moved during the step
+            self._relaid_updates(out, at_snapshot[2], self.addresses["param"][2])
         return [(row, self.index, out[r]) for r, row in
                 enumerate((PARAM_NORM_AFTER, UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))]
+
+    def _relaid_updates(self, out: torch.Tensor, before: list[tuple], after: list[tuple]) -> None:
+        """Recompute, in ``out`` (the ``(4, T)`` AFTER figures), ‖d‖, Σ|d| and max|d| of the
+        tensors whose memory layout (``before``/``after``: per tensor (shape, strides) at the
+        snapshot and now) changed during the step: an optimizer that assigned ``p.data`` a copy laid
+        out otherwise (channels_last in, contiguous out). The kernel paired elements by memory
+        position; the snapshot is read here through the old layout, with the multi-tensor ops.
+        Raises :class:`~gradflow.errors.GradflowError` for a tensor that changed shape."""
+        data, work = self.data(), compute_dtype(self.dtype)
+        offsets = np.cumsum([0] + self.sizes)
+        for j, (old, new) in enumerate(zip(before, after)):
+            if old == new:
+                continue
+            if old[0] != new[0]:
+                raise GradflowError(f"a recorded parameter changed shape during the optimizer step "
+                                    f"({tuple(old[0])} to {tuple(new[0])}); gradflow cannot "
+                                    f"measure its update")
+            saved = self.snapshot_flat[offsets[j]:offsets[j + 1]].as_strided(*old)
+            d = [data[j].detach().to(work) - saved.to(work)]
+            out[1:, j] = torch.stack(self._norms(d) + self._norms(d, 1) + self._norms(d, math.inf))
 
     def not_stepped(self) -> list:
         norm = self._run(NORM, self._params())[0]

@@ -280,3 +280,25 @@ def test_a_parameter_changed_in_size_or_dtype_is_refused_not_misread(fused, chan
     with pytest.raises(GradflowError, match="create the Recorder after changing parameters"):
         bucket.gradient_parts(np.ones(2, bool), None)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_update_that_relays_a_weight_out_is_measured_elementwise(fused, dtype):
+    """An optimizer that assigns ``p.data`` a copy in another memory layout (channels_last in,
+    contiguous out) between the snapshot and the step's end: the snapshot holds the old memory
+    order, so Δw must pair elements by index, not by memory position."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(2, 3, 4, 4).to(dtype).contiguous(
+        memory_format=torch.channels_last)), nn.Parameter(torch.randn(5).to(dtype))]
+    bucket = fused.FusedBucket.build(params, [0, 1])
+    before = [p.detach().clone() for p in params]
+    bucket.snapshot()
+    with torch.no_grad():
+        params[0].data = (params[0].data * 1.5 + 1).contiguous()
+        params[1].add_(0.5)
+    parts = bucket.after_step()
+    for j, (p, w) in enumerate(zip(params, before)):
+        for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
+                                 quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
+                                update_reference(p, w)):
+            np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
+                                       err_msg=f"row {which} tensor {j}")
