@@ -39,7 +39,7 @@ import torch
 from gradflow.errors import GradflowError
 from gradflow.quantities import (GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM, PARAM_NORM_AFTER,
                                  PARAM_NORM_BEFORE, UPDATE_ABS_SUM, UPDATE_MAX_ABS, UPDATE_NORM,
-                                 ForeachBucket, _local)
+                                 ForeachBucket, _local, compute_dtype)
 
 try:
     import triton
@@ -177,8 +177,10 @@ class FusedBucket(ForeachBucket):
     """
 
     tables: dict = field(default_factory=dict)
-    addresses: dict = field(default_factory=dict)  # "grad"/"param" → (host list, device table)
+    # "grad"/"param" → (host key, device table, per tensor (shape, strides) when it was sent)
+    addresses: dict = field(default_factory=dict)
     chunk: int = 0  # elements per program of _partials: CHUNK when built
+    sizes: list[int] = field(default_factory=list)  # per tensor, the elements the tables assume
 
     @classmethod
     def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
@@ -201,7 +203,8 @@ class FusedBucket(ForeachBucket):
         return bucket
 
     def _make_tables(self, data: list[torch.Tensor]) -> None:
-        numel = np.array([d.numel() for d in data], dtype=np.int64)
+        self.sizes = [d.numel() for d in data]
+        numel = np.array(self.sizes, dtype=np.int64)
         counts = -(-numel // self.chunk)
         starts = [np.arange(0, n, self.chunk, dtype=np.int64) for n in numel]
 
@@ -227,25 +230,40 @@ class FusedBucket(ForeachBucket):
         except Exception as err:  # a Triton compile or launch failure, whatever its class
             raise Unavailable(f"the kernels failed: {err!r}") from err
 
-    def _addresses(self, kind: str, tensors: list[torch.Tensor | None],
-                   check: bool = False) -> torch.Tensor:
-        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved
-        (``check``: then they are checked to be dense, as a ``p.data = ...`` may have changed that)."""
-        addresses = [0 if t is None else t.data_ptr() for t in tensors]
+    def _addresses(self, kind: str, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved or
+        changed size. A change is checked first (:meth:`_check`): the kernels read
+        :attr:`sizes` elements of the bucket's dtype, densely, at each address. Raises
+        :class:`~gradflow.errors.GradflowError`."""
+        # The size is in the key: p.data = p.data[:4] keeps the address (the table would be reused).
+        key = [(0, 0) if t is None else (t.data_ptr(), t.numel()) for t in tensors]
         held = self.addresses.get(kind)
-        if held is not None and held[0] == addresses:
+        if held is not None and held[0] == key:
             return held[1]
-        if check and not all(t is None or dense(t) for t in tensors):
-            raise GradflowError("a recorded parameter is no longer dense in memory (assigned to "
-                                "p.data?); create the Recorder after changing parameters")
-        host = torch.tensor(addresses, dtype=torch.int64)
+        self._check(tensors)
+        host = torch.tensor([address for address, _ in key], dtype=torch.int64)
         if self.device.type == "cuda":
             host = host.pin_memory()  # the caching host allocator keeps it until the copy is done
-        table = held[1] if held is not None else torch.empty(len(addresses), dtype=torch.int64,
+        table = held[1] if held is not None else torch.empty(len(key), dtype=torch.int64,
                                                              device=self.device)
         table.copy_(host, non_blocking=True)
-        self.addresses[kind] = (addresses, table)
+        layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
+        self.addresses[kind] = (key, table, layouts)
         return table
+
+    def _check(self, tensors: list[torch.Tensor | None]) -> None:
+        """Raise :class:`~gradflow.errors.GradflowError` unless every tensor (None: a missing
+        gradient) holds as many elements as at build time, in the bucket's dtype, on its device,
+        dense in memory: what a ``p.data = ...`` (a slice, a cast, a move) may have changed. Read
+        otherwise, the kernels would measure the wrong memory."""
+        for t, size in zip(tensors, self.sizes):
+            if t is not None and not (t.numel() == size and t.dtype == self.dtype
+                                      and t.device == self.device and dense(t)):
+                raise GradflowError(
+                    f"a recorded parameter or its gradient is no longer dense in memory, or changed "
+                    f"size, dtype or device (now {tuple(t.shape)} {t.dtype} on {t.device}, was "
+                    f"{size} elements {self.dtype} on {self.device}: assigned to p.data?); create "
+                    f"the Recorder after changing parameters")
 
     def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
         """Both kernels for one phase; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""
@@ -292,16 +310,39 @@ class FusedBucket(ForeachBucket):
         """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`snapshot`."""
         if not self.keeps_snapshot:
             return [(PARAM_NORM_AFTER, self.index, self._run(NORM, self._params())[0])]
+        at_snapshot = self.addresses["param"]
         out = self._run(AFTER, self._params())
+        if self.addresses["param"] is not at_snapshot:  # a parameter moved during the step
+            self._relaid_updates(out, at_snapshot[2], self.addresses["param"][2])
         return [(row, self.index, out[r]) for r, row in
                 enumerate((PARAM_NORM_AFTER, UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))]
+
+    def _relaid_updates(self, out: torch.Tensor, before: list[tuple], after: list[tuple]) -> None:
+        """Recompute, in ``out`` (the ``(4, T)`` AFTER figures), ‖d‖, Σ|d| and max|d| of the
+        tensors whose memory layout (``before``/``after``: per tensor (shape, strides) at the
+        snapshot and now) changed during the step: an optimizer that assigned ``p.data`` a copy laid
+        out otherwise (channels_last in, contiguous out). The kernel paired elements by memory
+        position; the snapshot is read here through the old layout, with the multi-tensor ops.
+        Raises :class:`~gradflow.errors.GradflowError` for a tensor that changed shape."""
+        data, work = self.data(), compute_dtype(self.dtype)
+        offsets = np.cumsum([0] + self.sizes)
+        for j, (old, new) in enumerate(zip(before, after)):
+            if old == new:
+                continue
+            if old[0] != new[0]:
+                raise GradflowError(f"a recorded parameter changed shape during the optimizer step "
+                                    f"({tuple(old[0])} to {tuple(new[0])}); gradflow cannot "
+                                    f"measure its update")
+            saved = self.snapshot_flat[offsets[j]:offsets[j + 1]].as_strided(*old)
+            d = [data[j].detach().to(work) - saved.to(work)]
+            out[1:, j] = torch.stack(self._norms(d) + self._norms(d, 1) + self._norms(d, math.inf))
 
     def not_stepped(self) -> list:
         norm = self._run(NORM, self._params())[0]
         return [(PARAM_NORM_BEFORE, self.index, norm), (PARAM_NORM_AFTER, self.index, norm)]
 
     def _params(self) -> torch.Tensor:
-        return self._addresses("param", self.data(), check=True)
+        return self._addresses("param", self.data())
 
 
 def _on(device: torch.device):

@@ -261,3 +261,44 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True,
                             text=True, timeout=600, check=False)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("change", ["slice", "gapped", "bigger", "dtype"])
+def test_a_parameter_changed_in_size_or_dtype_is_refused_not_misread(fused, change):
+    """The kernels read ``numel`` elements of the bucket's dtype at each address: a ``p.data = ...``
+    that keeps the address with fewer elements (a slice), gives more, or another dtype, must raise,
+    never yield figures read from the wrong memory (the foreach bucket raises or reads it right)."""
+    params = [nn.Parameter(torch.arange(8.0)), nn.Parameter(torch.arange(8.0))]
+    bucket = fused.FusedBucket.build(params, [0, 1])
+    bucket.snapshot()
+    params[1].data = {"slice": lambda w: w[:4], "gapped": lambda w: w[::2],
+                      "bigger": lambda w: torch.arange(16.0),
+                      "dtype": lambda w: w.double()}[change](params[1].data)
+    with pytest.raises(GradflowError, match="create the Recorder after changing parameters"):
+        bucket.snapshot()
+    params[1].grad = torch.ones_like(params[1])
+    with pytest.raises(GradflowError, match="create the Recorder after changing parameters"):
+        bucket.gradient_parts(np.ones(2, bool), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_update_that_relays_a_weight_out_is_measured_elementwise(fused, dtype):
+    """An optimizer that assigns ``p.data`` a copy in another memory layout (channels_last in,
+    contiguous out) between the snapshot and the step's end: the snapshot holds the old memory
+    order, so Δw must pair elements by index, not by memory position."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(2, 3, 4, 4).to(dtype).contiguous(
+        memory_format=torch.channels_last)), nn.Parameter(torch.randn(5).to(dtype))]
+    bucket = fused.FusedBucket.build(params, [0, 1])
+    before = [p.detach().clone() for p in params]
+    bucket.snapshot()
+    with torch.no_grad():
+        params[0].data = (params[0].data * 1.5 + 1).contiguous()
+        params[1].add_(0.5)
+    parts = bucket.after_step()
+    for j, (p, w) in enumerate(zip(params, before)):
+        for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
+                                 quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
+                                update_reference(p, w)):
+            np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
+                                       err_msg=f"row {which} tensor {j}")
