@@ -23,7 +23,7 @@ the same kernels on a CPU with NumPy, which is how the tests check them on machi
 A bucket whose tensors are not dense, whose dtype has no kernel, or whose kernels fail to compile
 or fail :func:`self_test` (once per device and dtype: every figure of every phase against float64
 references on tensors with NaN, ±Inf, a missing gradient and several chunks) is not built
-(:class:`Unavailable`): :func:`gradflow.quantities.build_bucket` then warns and falls back to the
+(:class:`Unavailable`): :func:`gradflow.buckets.build` then warns and falls back to the
 ``foreach`` kind, so a Triton that compiles the kernels differently can cost speed, never exactness.
 """
 

@@ -4,7 +4,7 @@ On a recorded step the Recorder needs, for every recorded parameter tensor, eigh
 its gradient, two parameter norms and three about its real update Δw = w_after − w_before. Asking
 torch for them tensor by tensor costs a dispatch (and on a GPU a host sync) per tensor and statistic,
 which dominates a deep narrow network. Two kinds of bucket (same optimizer, device and dtype)
-avoid that (:func:`build_bucket` picks one):
+avoid that (:func:`gradflow.buckets.build` picks one):
 
 * :class:`Bucket` (CPUs): the tensors are split into *shape classes*; each class is stacked into one
   ``(k, numel)`` matrix and reduced row-wise, so a recorded step costs about 13 dispatches per shape
@@ -39,15 +39,11 @@ in host memory in the parameters' own dtype (P). ``snapshot=False`` keeps neithe
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from gradflow.errors import GradflowWarning
 
 # Rows of the per-tensor statistic matrix (F × T) that one recorded step produces.
 GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM_BEFORE, UPDATE_NORM, UPDATE_ABS_SUM, \
@@ -69,9 +65,6 @@ SCRATCH_MIN_ELEMENTS = 1 << 18
 # The multi-tensor bucket's pieces are at most this long: its non-finite counts are float32 sums of
 # 0/1 entries per piece, exact up to 2**24.
 PIECE_MAX_ELEMENTS = 1 << 24
-
-# Which bucket kind the Recorder builds (see build_bucket): "auto", "stack" or "foreach".
-STRATEGY = "auto"
 
 # Rows of the per-tensor statistic matrix (2 × T) that one epoch produces.
 EPOCH_ABS_SUM, EPOCH_NORM = range(2)
@@ -720,36 +713,6 @@ class ForeachBucket:
         parts = self._chunked_difference(self.epoch, (EPOCH_NORM, EPOCH_ABS_SUM))
         torch._foreach_copy_(self.epoch, self.data(), non_blocking=self.device.type == "cuda")
         return parts
-
-
-def build_bucket(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
-                 strategy: str | None = None) -> Bucket | ForeachBucket:
-    """The bucket kind for ``params`` (one optimizer, device and dtype).
-
-    ``strategy`` (None means :data:`STRATEGY`): ``"stack"`` (:class:`Bucket`), ``"foreach"``
-    (:class:`ForeachBucket`), ``"fused"`` (:class:`gradflow.fused.FusedBucket`: Triton kernels,
-    two launches per phase; where it cannot be built, a warning and ``"foreach"``) or ``"auto"``:
-    on a CPU ``"stack"`` (``torch._foreach_*`` ops loop over the tensors one by one there, several
-    times slower than stacking shape classes), elsewhere ``"fused"`` where Triton is installed,
-    else ``"foreach"``.
-    """
-    strategy = strategy or STRATEGY
-    if strategy == "auto":
-        if _local(params[0]).device.type == "cpu":
-            strategy = "stack"
-        else:
-            strategy = "fused" if importlib.util.find_spec("triton") is not None else "foreach"
-    if strategy == "fused":
-        from gradflow import fused
-
-        try:
-            return fused.FusedBucket.build(params, index, snapshot)
-        except fused.Unavailable as reason:
-            warnings.warn(f"gradflow: no fused kernels for a bucket ({reason}); using foreach",
-                          GradflowWarning, stacklevel=2)
-            strategy = "foreach"
-    kind = {"stack": Bucket, "foreach": ForeachBucket}[strategy]
-    return kind.build(params, index, snapshot)
 
 
 @dataclass

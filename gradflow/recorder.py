@@ -89,7 +89,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradflow import distributed, quantities
+from gradflow import buckets, distributed, quantities
 from gradflow.errors import GradflowError, GradflowWarning
 from gradflow.store import (RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, Rows, RunStore,
                             store_url)
@@ -288,7 +288,7 @@ def _buckets(tensors: list, index: list[int], snapshot: bool = True) -> list:
         params, indices = by_key.setdefault((local.device, local.dtype), ([], []))
         params.append(p)
         indices.append(t)
-    return [quantities.build_bucket(params, indices, snapshot) for params, indices in by_key.values()]
+    return [buckets.build(params, indices, snapshot) for params, indices in by_key.values()]
 
 
 # torch wraps every optimizer class's step() in this function (it runs the hooks); a subclass whose

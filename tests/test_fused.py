@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, fused_kernels_on
 from torch import nn
 
-from gradflow import quantities
+from gradflow import buckets, quantities
 from gradflow.errors import GradflowError, GradflowWarning
 
 pytestmark = pytest.mark.skipif(not fused_kernels_on("cpu"),
@@ -153,7 +153,7 @@ def test_unusable_buckets_fall_back_to_foreach_with_a_warning(fused, monkeypatch
     warning naming why; never an error inside the training step."""
     gapped = [nn.Parameter(torch.randn(4, 8)[:, ::2])]
     with pytest.warns(GradflowWarning, match="not dense"):
-        bucket = quantities.build_bucket(gapped, [0], strategy="fused")
+        bucket = buckets.build(gapped, [0], strategy="fused")
     assert type(bucket) is quantities.ForeachBucket
 
     class Broken:  # a kernel whose launch fails (as a Triton compile error would)
@@ -165,7 +165,7 @@ def test_unusable_buckets_fall_back_to_foreach_with_a_warning(fused, monkeypatch
     monkeypatch.setattr(fused, "_partials", Broken())
     monkeypatch.setattr(fused, "_combine", Broken())
     with pytest.warns(GradflowWarning, match="kernels failed"):
-        bucket = quantities.build_bucket([nn.Parameter(torch.randn(3))], [0], strategy="fused")
+        bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
     assert type(bucket) is quantities.ForeachBucket
 
 
@@ -174,7 +174,7 @@ def test_recording_leaves_training_bit_identical(fused, tmp_path, monkeypatch):
     weights trained without it, bit for bit."""
     import gradflow
 
-    monkeypatch.setattr(quantities, "STRATEGY", "fused")
+    monkeypatch.setattr(buckets, "STRATEGY", "fused")
 
     def train(record: bool) -> dict:
         torch.manual_seed(0)
@@ -215,7 +215,7 @@ def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatc
     with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_ABS_SUM}"):
         fused.self_test(torch.device("cpu"), torch.float32)
     with pytest.warns(GradflowWarning, match="self-test"):
-        bucket = quantities.build_bucket([nn.Parameter(torch.randn(3))], [0], strategy="fused")
+        bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
     assert type(bucket) is quantities.ForeachBucket
 
 

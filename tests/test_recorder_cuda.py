@@ -89,7 +89,7 @@ def train_and_check(tmp_path, dtypes: tuple[torch.dtype, torch.dtype], device: s
 def test_cuda_figures_match_reference(tmp_path, dtypes, strategy, monkeypatch):
     """Every bucket kind is exact on a GPU; the default is the fused one where Triton is installed
     (not its fallback to foreach, which warns)."""
-    monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
+    monkeypatch.setattr(gradflow.buckets, "STRATEGY", strategy)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradflowWarning)
         train_and_check(tmp_path, dtypes)
@@ -105,7 +105,7 @@ def test_cuda_figures_match_reference(tmp_path, dtypes, strategy, monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cuda_norm_of_a_huge_gradient_does_not_overflow(tmp_path, dtypes, strategy, monkeypatch):
     """‖g‖ with an entry of 1e20 is about 1e20, not inf (float32 squares overflow above ~1.8e19)."""
-    monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
+    monkeypatch.setattr(gradflow.buckets, "STRATEGY", strategy)
     train_and_check(tmp_path, dtypes, huge=True)
 
 
@@ -114,7 +114,7 @@ def test_cuda_recording_does_not_sync(tmp_path, strategy, monkeypatch):
     """Recording a step never makes the training thread wait for the GPU: the figures go to the host
     by an asynchronous copy that the writer thread waits for (a sync per step would stall a
     launch-bound loop). Both bucket kinds: the multi-tensor default and the stacking one."""
-    monkeypatch.setattr(gradflow.quantities, "STRATEGY", strategy)
+    monkeypatch.setattr(gradflow.buckets, "STRATEGY", strategy)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(20)]).cuda()  # 40 parameter tensors
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

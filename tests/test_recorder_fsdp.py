@@ -131,9 +131,9 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
     import torch.distributed as dist
 
     import gradflow
-    from gradflow import quantities
+    from gradflow import buckets
 
-    quantities.STRATEGY = STRATEGY.get(kind, "stack")
+    buckets.STRATEGY = STRATEGY.get(kind, "stack")
     error = refused(rank, out_dir, kind) if kind not in REPLICATED else ""
     model = shard(make_model(), kind)
     reference = make_model()  # unsharded, trained on both ranks' batches

@@ -15,7 +15,7 @@ from test_recorder import NET_LAYERS, batches, check_steps, grads, make_net, wei
 from torch import nn
 
 import gradflow
-from gradflow import quantities
+from gradflow import buckets, quantities
 
 STRATEGIES = ["stack", "foreach", pytest.param("fused", marks=pytest.mark.skipif(
     not fused_kernels_on("cpu"), reason="needs Triton (interpreted on a CPU)"))]
@@ -43,17 +43,16 @@ def train(model, optimizer, data, rec=None, epoch_after=None):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strategies_and_a_tiny_scratch_record_exactly(tmp_path, monkeypatch, strategy, dtype):
-    """Both bucket kinds, with a scratch far smaller than the model (classes in runs, tensors in
+    """Every bucket kind, with a scratch far smaller than the model (classes in runs, tensors in
     blocks): every step and epoch figure matches the reference, and training is unchanged."""
-    monkeypatch.setattr(quantities, "STRATEGY", strategy)
+    monkeypatch.setattr(buckets, "STRATEGY", strategy)
     monkeypatch.setattr(quantities, "SCRATCH_MIN_ELEMENTS", 16)
     monkeypatch.setattr(quantities, "SCRATCH_FRACTION", 0.01)
     model = make_net().to(dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
-        buckets = rec._all_buckets()
-        assert type(buckets[0]).__name__ == {"stack": "Bucket", "foreach": "ForeachBucket",
-                                             "fused": "FusedBucket"}[strategy]
+        kinds = {type(b).__name__ for b in rec._all_buckets()}
+        assert kinds == {{"stack": "Bucket", "foreach": "ForeachBucket", "fused": "FusedBucket"}[strategy]}
         start = weights(model)
         records = train(model, optimizer, batches(3), rec, epoch_after=2)
     check_steps(gradflow.open(tmp_path / "run.zarr"), records, NET_LAYERS)
@@ -99,7 +98,7 @@ def test_huge_float32_values_do_not_overflow_the_norms(tmp_path, monkeypatch, st
     """Entries above ~1.8e19 overflow float32 squares; the norms (2e20, 2e21 here) fit in float32 and
     must be recorded exactly, not as inf, with nonfinite 0 (an exploding gradient, where it matters).
     Only some tensors overflow: the CPU looks once per phase and recomputes only those."""
-    monkeypatch.setattr(quantities, "STRATEGY", strategy)
+    monkeypatch.setattr(buckets, "STRATEGY", strategy)
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)).to(dtype)
     with torch.no_grad():
         model[1].weight.fill_(1e21)

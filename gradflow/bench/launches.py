@@ -193,12 +193,15 @@ def count_ops(arm: Arm, x: torch.Tensor, steps: int) -> dict:
 def child(name: str, strategy: str, steps: int, block: int, profile_steps: int,
           device: str = "cpu") -> dict:
     import gradflow
-    from gradflow import quantities
 
     if strategy != "auto":
-        if not hasattr(quantities, "STRATEGY"):
+        try:
+            from gradflow import buckets as choice
+        except ImportError:  # a --compare checkout from before gradflow/buckets.py
+            from gradflow import quantities as choice
+        if not hasattr(choice, "STRATEGY"):
             raise GradflowError(f"this gradflow has no bucket strategy {strategy!r}")
-        quantities.STRATEGY = strategy
+        choice.STRATEGY = strategy
     torch.set_num_threads(1)
     torch.manual_seed(0)
     description, make, make_input = CASES[name]
