@@ -41,7 +41,8 @@ A step the optimizer never takes and nobody reports (GradScaler without ``scaler
 
 Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
 a module that directly owns parameters). One that no optimizer owns (yet) has NaN gradient statistics,
-``param_norm`` and ``update_ratio`` and zero update. A param group added later
+``param_norm`` and ``update_ratio`` and zero update; a layer owned in part (a frozen weight, a
+trained bias) has them over all its parameters. A param group added later
 (``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
 ``len(param_groups)`` check per step) and recorded from that step on.
 
@@ -534,6 +535,7 @@ class Recorder:
 
         self._buckets = [_buckets(tensors, list(self._tensors_of[i]), self._snapshot)
                          for i in range(n)]
+        self._frozen = self._frozen_buckets()
         self._lrs: list[list[float] | None] = [None] * n  # per optimizer, at its step
 
         self._step = self._store.next_step if self._writes else 0  # the open (or next) step
@@ -818,6 +820,14 @@ class Recorder:
     def _all_buckets(self):
         return [bucket for buckets in self._buckets for bucket in buckets]
 
+    def _frozen_buckets(self) -> list:
+        """Buckets (no snapshot) of the tensors no optimizer owns in layers where one owns others
+        (BitFit: frozen weight, trained bias): their ‖w‖ counts in the layer's ``param_norm`` and
+        ``update_ratio`` like its other parameters'."""
+        layer_of = np.array([layer for _, _, layer in self._tensors])
+        partly_owned = np.isin(layer_of, layer_of[self._owned])
+        return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
+
     def _check_device(self, bucket: quantities.Bucket) -> None:
         if not bucket.check_device():
             raise GradflowError("parameters changed device or dtype after the Recorder was created; "
@@ -834,6 +844,7 @@ class Recorder:
         self._owner[new] = i
         self._owned = self._owner >= 0
         self._tensors_of[i] = np.flatnonzero(self._owner == i)
+        self._frozen = self._frozen_buckets()
         buckets = _buckets(self._tensors, new, self._snapshot)
         with torch.no_grad():
             for bucket in buckets:
@@ -878,6 +889,8 @@ class Recorder:
                         for bucket in self._buckets[i]:
                             self._parts += bucket.not_stepped()
                         self._present[self._tensors_of[i]] = False
+                for bucket in self._frozen:
+                    self._parts += bucket.not_stepped()
             self._present[~self._owned] = False
             if self._reducer is not None:
                 with torch.no_grad():

@@ -283,6 +283,23 @@ def test_frozen_and_missing_gradients_are_nan_with_zero_update(tmp_path):
     assert float(side.update_norm) == 0 and float(side.param_norm) > 0
 
 
+def test_partly_frozen_layer_norms_cover_all_its_parameters(tmp_path):
+    """BitFit: a layer whose weight is frozen (in no optimizer) and whose bias trains; its
+    param_norm and update_ratio are over weight and bias, also after the weight joins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.Adam([model[0].bias, *model[2].parameters()], lr=0.05)
+    data = [(torch.randn(5, 3), torch.randn(5, 2)) for _ in range(4)]
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        records = mse_steps(model, optimizer, data[:2])
+        model[0].weight.requires_grad_(True)
+        optimizer.add_param_group({"params": [model[0].weight], "lr": 0.01})
+        records += mse_steps(model, optimizer, data[2:])
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds, records, {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]})
+
+
 def test_shared_parameters_are_counted_once(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
