@@ -93,7 +93,7 @@ from torch import nn
 from gradflow import distributed, quantities
 from gradflow.errors import GradflowError, GradflowWarning
 from gradflow.store import (RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, Rows, RunStore,
-                            store_url)
+                            node_name_problem, store_url)
 
 FLUSH_ROWS = 1024  # hand buffered rows to the writer when the store's rows reach a multiple of this ...
 FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (checked at every step and epoch)
@@ -247,9 +247,10 @@ def _check_arguments(model, every, group, metadata, mode, scaler, flags: dict) -
             raise GradflowError(f"{name} must be True or False, got {value!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise GradflowError(f"every must be a positive integer, got {every!r}")
-    if group is not None and (not isinstance(group, str) or not group.strip("/")
-                              or group.strip("/").split("/")[-1] == "epochs"):
-        raise GradflowError(f"group must be a non-empty name other than 'epochs', got {group!r}")
+    if group is not None and (not isinstance(group, str) or group.strip("/") == "epochs"
+                              or node_name_problem(group.strip("/"))):
+        raise GradflowError(f"group must be one name (a sweep's variant: no '/', not 'epochs', "
+                            f"'.' or '..'), got {group!r}")
     if mode not in MODES:
         raise GradflowError(f"mode must be 'w-' (new store), 'w' (overwrite) or 'a' (resume), "
                             f"got {mode!r}")
@@ -436,7 +437,8 @@ class Recorder:
             writer per run: GradflowError while another Recorder (this process or another) writes
             it (:mod:`gradflow.lock`); a resumed run (``mode="a"``) starts a new epoch.
         every: record every ``every``-th optimizer step (steps 0, every, 2·every, …).
-        group: sub-group of the store to write into (sweeps: one group per variant).
+        group: sub-group of the store to write into (sweeps: one group per variant): one name,
+            without ``/`` (``gradflow.open`` and the commands look one level down for runs).
         per_parameter: one layer per parameter tensor (``conv1.weight``, ``conv1.bias``) instead
             of one per module.
         metadata: JSON-able dict stored in the store's attrs.
@@ -626,11 +628,19 @@ class Recorder:
 
         Any float keyword is stored as a per-epoch variable (``train_loss``, ``val_loss``,
         ``val_accuracy`` …); an epoch that omits a scalar given in another epoch gets NaN there.
+
+        Raises:
+            GradflowError: a value that is not one number; a reserved name (``update_norm``,
+                ``epoch`` …) or one that cannot name a Zarr array (``val/loss``, ``..``, empty).
         """
         values = {}
         for name, value in scalars.items():
             if name in RESERVED_EPOCH_NAMES:
                 raise GradflowError(f"end_epoch: {name!r} is a reserved name; choose another")
+            problem = node_name_problem(name)
+            if problem:
+                raise GradflowError(f"end_epoch: the name {name!r} {problem}; choose another "
+                                    f"(e.g. 'val_loss' for 'val/loss')")
             try:
                 values[name] = math.nan if value is None else float(value)
             except (TypeError, ValueError):

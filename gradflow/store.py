@@ -75,6 +75,21 @@ LAYER_COORDS = schema.names(schema.LAYER_COORDS)
 STEP_COORDS = {v.name: v.dtype for v in schema.STEP_COORDS}
 RESERVED_EPOCH_NAMES = set(EPOCH_VARIABLES) | set(LAYER_COORDS) | set(schema.names(schema.EPOCH_COORDS))
 
+
+def node_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name one array or group of a run (None when it can): Zarr takes ``/``
+    as a path, refuses ``.``, ``..`` and an empty name, and keeps its metadata in ``zarr.json``;
+    a file system refuses names over 255 bytes."""
+    if not name:
+        return "is empty"
+    if "/" in name:
+        return "contains '/' (a Zarr path, not one name)"
+    if name in (".", "..", "zarr.json"):
+        return "is a name Zarr reserves"
+    if len(name.encode()) > 255:
+        return "is longer than 255 bytes"
+    return None
+
 DESCRIPTIONS = {v.name: v.meaning for v in schema.STEP_VARIABLES + schema.STEP_COORDS + schema.LAYER_COORDS
                 + schema.EPOCH_COORDS + schema.OPTIMIZER_VARIABLES}
 EPOCH_DESCRIPTIONS = {v.name: v.meaning for v in schema.EPOCH_VARIABLES}
@@ -661,7 +676,8 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     run's steps and epochs from one commit. A reader that catches a run being created waits for it
     (up to two seconds), as it does for a commit being written.
 
-    Raises GradflowError (one line) for a missing store or group, a path that is not a gradflow
+    Raises GradflowError (one line) for a missing store or group, a ``group`` that is no group's
+    path (``..``, ``a//b``, not a string), a path that is not a gradflow
     store, an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
     steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` truncates to the last consistent commit).
@@ -700,6 +716,10 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     from gradflow.check import check_run
 
     url = store_url(store)
+    if group is not None and (not isinstance(group, str) or any(
+            node_name_problem(name) for name in group.strip("/").split("/") if group.strip("/"))):
+        raise GradflowError(f"group must be a group's path in the store ('variant', "
+                            f"'variant/epochs'), got {group!r}")
     group = group.strip("/") if group else None
     fs, path = filesystem(url)
     try:

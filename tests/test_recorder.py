@@ -501,6 +501,8 @@ def test_bad_inputs(tmp_path):
     fails("model must be", "model", optimizer, store)
     fails("metadata must be", model, optimizer, store, metadata={"f": object()})
     fails("group must be", model, optimizer, store, group="x/epochs")
+    for group in ("exp/seed0", "..", "zarr.json"):  # nested runs: open() and the commands miss them
+        fails("group must be one name", model, optimizer, store, group=group)
     fails("mode must be 'w-'", model, optimizer, store, mode="r+")
     fails("scaler must be", model, optimizer, store, scaler="amp")
     fails("per_parameter must be True or False", model, optimizer, store, per_parameter="yes")
@@ -517,5 +519,8 @@ def test_bad_inputs(tmp_path):
             rec.end_epoch(update_mean_abs=1.0)
         with pytest.raises(GradflowError, match="not a number"):
             rec.end_epoch(train_loss="low")
+        for name in ("val/loss", "", "..", "zarr.json", "x" * 256):  # no Zarr array: every write failed
+            with pytest.raises(GradflowError, match="choose another"):
+                rec.end_epoch(**{name: 1.0})
     with pytest.raises(GradflowError, match="closed"):
         rec.end_epoch(train_loss=1.0)
