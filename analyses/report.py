@@ -47,11 +47,18 @@ def parse_formats(text: str) -> list[str]:
 
 
 def make_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` (and parents); a path that exists and is not a folder is a user mistake."""
+    """Create ``out_dir`` (and parents). Raises GradflowError (a user mistake, one line) when it or a
+    parent is a file, or when it cannot be created or written (no permission, read-only disk)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise GradflowError(f"--out {out_dir} exists and is not a folder; choose another --out") from None
+        raise GradflowError(f"--out {out_dir}: it or a parent exists and is not a folder; choose another "
+                            f"--out") from None
+    except OSError as err:
+        raise GradflowError(f"--out {out_dir}: cannot create it ({err.strerror or err}); choose another "
+                            f"--out") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise GradflowError(f"--out {out_dir}: no permission to write into it; choose another --out")
 
 
 def save(fig: Figure, out_dir: Path, stem: str, formats: list[str]) -> list[Path]:

@@ -41,7 +41,8 @@ A step the optimizer never takes and nobody reports (GradScaler without ``scaler
 
 Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
 a module that directly owns parameters). One that no optimizer owns (yet) has NaN gradient statistics,
-``param_norm`` and ``update_ratio`` and zero update. A param group added later
+``param_norm`` and ``update_ratio`` and zero update; a layer owned in part (a frozen weight, a
+trained bias) has them over all its parameters. A param group added later
 (``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
 ``len(param_groups)`` check per step) and recorded from that step on.
 
@@ -92,7 +93,7 @@ from torch import nn
 from gradflow import buckets, distributed, quantities
 from gradflow.errors import GradflowError, GradflowWarning
 from gradflow.store import (RESERVED_EPOCH_NAMES, BackgroundWriter, LayerTable, Rows, RunStore,
-                            store_url)
+                            node_name_problem, store_url)
 
 FLUSH_ROWS = 1024  # hand buffered rows to the writer when the store's rows reach a multiple of this ...
 FLUSH_SECONDS = 10.0  # ... or after this long, whichever comes first (checked at every step and epoch)
@@ -246,9 +247,10 @@ def _check_arguments(model, every, group, metadata, mode, scaler, flags: dict) -
             raise GradflowError(f"{name} must be True or False, got {value!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise GradflowError(f"every must be a positive integer, got {every!r}")
-    if group is not None and (not isinstance(group, str) or not group.strip("/")
-                              or group.strip("/").split("/")[-1] == "epochs"):
-        raise GradflowError(f"group must be a non-empty name other than 'epochs', got {group!r}")
+    if group is not None and (not isinstance(group, str) or group.strip("/") == "epochs"
+                              or node_name_problem(group.strip("/"))):
+        raise GradflowError(f"group must be one name (a sweep's variant: no '/', not 'epochs', "
+                            f"'.' or '..'), got {group!r}")
     if mode not in MODES:
         raise GradflowError(f"mode must be 'w-' (new store), 'w' (overwrite) or 'a' (resume), "
                             f"got {mode!r}")
@@ -435,7 +437,8 @@ class Recorder:
             writer per run: GradflowError while another Recorder (this process or another) writes
             it (:mod:`gradflow.lock`); a resumed run (``mode="a"``) starts a new epoch.
         every: record every ``every``-th optimizer step (steps 0, every, 2·every, …).
-        group: sub-group of the store to write into (sweeps: one group per variant).
+        group: sub-group of the store to write into (sweeps: one group per variant): one name,
+            without ``/`` (``gradflow.open`` and the commands look one level down for runs).
         per_parameter: one layer per parameter tensor (``conv1.weight``, ``conv1.bias``) instead
             of one per module.
         metadata: JSON-able dict stored in the store's attrs.
@@ -534,6 +537,7 @@ class Recorder:
 
         self._buckets = [_buckets(tensors, list(self._tensors_of[i]), self._snapshot)
                          for i in range(n)]
+        self._frozen = self._frozen_buckets()
         self._lrs: list[list[float] | None] = [None] * n  # per optimizer, at its step
 
         self._step = self._store.next_step if self._writes else 0  # the open (or next) step
@@ -624,11 +628,19 @@ class Recorder:
 
         Any float keyword is stored as a per-epoch variable (``train_loss``, ``val_loss``,
         ``val_accuracy`` …); an epoch that omits a scalar given in another epoch gets NaN there.
+
+        Raises:
+            GradflowError: a value that is not one number; a reserved name (``update_norm``,
+                ``epoch`` …) or one that cannot name a Zarr array (``val/loss``, ``..``, empty).
         """
         values = {}
         for name, value in scalars.items():
             if name in RESERVED_EPOCH_NAMES:
                 raise GradflowError(f"end_epoch: {name!r} is a reserved name; choose another")
+            problem = node_name_problem(name)
+            if problem:
+                raise GradflowError(f"end_epoch: the name {name!r} {problem}; choose another "
+                                    f"(e.g. 'val_loss' for 'val/loss')")
             try:
                 values[name] = math.nan if value is None else float(value)
             except (TypeError, ValueError):
@@ -818,6 +830,14 @@ class Recorder:
     def _all_buckets(self):
         return [bucket for buckets in self._buckets for bucket in buckets]
 
+    def _frozen_buckets(self) -> list:
+        """Buckets (no snapshot) of the tensors no optimizer owns in layers where one owns others
+        (BitFit: frozen weight, trained bias): their ‖w‖ counts in the layer's ``param_norm`` and
+        ``update_ratio`` like its other parameters'."""
+        layer_of = np.array([layer for _, _, layer in self._tensors])
+        partly_owned = np.isin(layer_of, layer_of[self._owned])
+        return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
+
     def _check_device(self, bucket: quantities.Bucket) -> None:
         if not bucket.check_device():
             raise GradflowError("parameters changed device or dtype after the Recorder was created; "
@@ -834,6 +854,7 @@ class Recorder:
         self._owner[new] = i
         self._owned = self._owner >= 0
         self._tensors_of[i] = np.flatnonzero(self._owner == i)
+        self._frozen = self._frozen_buckets()
         buckets = _buckets(self._tensors, new, self._snapshot)
         with torch.no_grad():
             for bucket in buckets:
@@ -878,6 +899,8 @@ class Recorder:
                         for bucket in self._buckets[i]:
                             self._parts += bucket.not_stepped()
                         self._present[self._tensors_of[i]] = False
+                for bucket in self._frozen:
+                    self._parts += bucket.not_stepped()
             self._present[~self._owned] = False
             if self._reducer is not None:
                 with torch.no_grad():

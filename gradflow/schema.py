@@ -7,8 +7,9 @@ store (``gradflow.store``) creates its arrays from these declarations, ``analyse
 labels from :func:`label`, and tests take the variable names from here. Adding a recorded figure
 means one entry here plus its computation (``gradflow.quantities``).
 
-Units: gradients are in loss units per weight unit, updates Δw = w_after − w_before and parameter
-norms in weight units; ``"1"`` marks a dimensionless number.
+Units (each array's ``units`` attribute): gradients are in loss units per weight unit, updates
+Δw = w_after − w_before and parameter norms in weight units; ``"1"`` marks a dimensionless number;
+none for flags, names and the learning rate (whose units depend on the optimizer).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ STEP_COORDS = (
     Variable("epoch", ("step",), "int64", "epoch index (number of end_epoch calls before this step)", "epoch"),
     Variable("wall_time", ("step",), "float64", "Unix time in seconds when the step finished", "s"),
     Variable("skipped", ("step",), "bool",
-             "True when the optimizer skipped this step (e.g. GradScaler found Inf/NaN)", "1"),
+             "True when the optimizer skipped this step (e.g. GradScaler found Inf/NaN)"),
 )
 
 LAYER_COORDS = (
@@ -78,7 +79,7 @@ LAYER_COORDS = (
 
 OPTIMIZER_VARIABLES = (
     Variable("lr", ("step", "param_group"), "float64",
-             "learning rate of each param group when the optimizer stepped (NaN: no lr / group added later)", "lr"),
+             "learning rate of each param group when the optimizer stepped (NaN: no lr / group added later)"),
     Variable("param_group", ("param_group",), "str", "param group: group<j> of the one optimizer, or opt<i>/group<j>"),
 )
 """The optimizer's settings per recorded step: one column per param group."""

@@ -75,9 +75,32 @@ LAYER_COORDS = schema.names(schema.LAYER_COORDS)
 STEP_COORDS = {v.name: v.dtype for v in schema.STEP_COORDS}
 RESERVED_EPOCH_NAMES = set(EPOCH_VARIABLES) | set(LAYER_COORDS) | set(schema.names(schema.EPOCH_COORDS))
 
+
+def node_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name one array or group of a run (None when it can): Zarr takes ``/``
+    as a path, refuses ``.``, ``..`` and an empty name, and keeps its metadata in ``zarr.json``;
+    a file system refuses names over 255 bytes."""
+    if not name:
+        return "is empty"
+    if "/" in name:
+        return "contains '/' (a Zarr path, not one name)"
+    if name in (".", "..", "zarr.json"):
+        return "is a name Zarr reserves"
+    if len(name.encode()) > 255:
+        return "is longer than 255 bytes"
+    return None
+
 DESCRIPTIONS = {v.name: v.meaning for v in schema.STEP_VARIABLES + schema.STEP_COORDS + schema.LAYER_COORDS
                 + schema.EPOCH_COORDS + schema.OPTIMIZER_VARIABLES}
 EPOCH_DESCRIPTIONS = {v.name: v.meaning for v in schema.EPOCH_VARIABLES}
+UNITS = {v.name: v.unit for v in schema.STEP_VARIABLES + schema.STEP_COORDS + schema.LAYER_COORDS
+         + schema.EPOCH_COORDS + schema.OPTIMIZER_VARIABLES + schema.EPOCH_VARIABLES if v.unit}
+
+
+def _described(name: str, meaning: str) -> dict[str, str]:
+    """An array's attributes: its meaning and, where the schema declares one, its ``units``
+    (the CF name, which xarray's plots put on their axes)."""
+    return {"description": meaning, **({"units": UNITS[name]} if name in UNITS else {})}
 
 
 @dataclass
@@ -245,30 +268,30 @@ class RunStore:
         for name in STEP_VARIABLES:
             node.create_array(name, shape=(0, n_layers), chunks=(chunk, n_layers), dtype="float32",
                               fill_value=np.nan, dimension_names=("step", "layer"), compressors=CODEC,
-                              attributes={"description": DESCRIPTIONS[name],
+                              attributes={**_described(name, DESCRIPTIONS[name]),
                                           "coordinates": f"epoch wall_time skipped {layer_coords}"})
         for name, dtype in STEP_COORDS.items():
             node.create_array(name, shape=(0,), chunks=(CHUNK_STEPS,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
-                              attributes={"description": DESCRIPTIONS[name]})
+                              attributes=_described(name, DESCRIPTIONS[name]))
         self._create_lr(chunk, param_group_names(attrs), 0)
         epochs = node.require_group("epochs")
         for name in EPOCH_VARIABLES:
             epochs.create_array(name, shape=(0, n_layers), chunks=(CHUNK_EPOCHS, n_layers),
                                 dtype="float32", fill_value=np.nan,
                                 dimension_names=("epoch", "layer"),
-                                attributes={"description": EPOCH_DESCRIPTIONS[name],
+                                attributes={**_described(name, EPOCH_DESCRIPTIONS[name]),
                                             "coordinates": layer_coords})
         for name in ("epoch", "num_steps"):
             epochs.create_array(name, shape=(0,), chunks=(CHUNK_EPOCHS,), dtype="int64",
                                 fill_value=0, dimension_names=("epoch",),
-                                attributes={"description": DESCRIPTIONS[name]})
+                                attributes=_described(name, DESCRIPTIONS[name]))
         for group in (node, epochs):
             for name, values in layers.arrays().items():
                 dtype = str if values.dtype.kind == "U" else values.dtype
                 array = group.create_array(name, shape=values.shape, dtype=dtype,
                                            dimension_names=("layer",),
-                                           attributes={"description": DESCRIPTIONS[name]})
+                                           attributes=_described(name, DESCRIPTIONS[name]))
                 array[:] = values
         # Marked as gradflow groups last: an interrupted creation leaves no half-made run behind.
         epochs.attrs.update({"gradflow_schema": SCHEMA, "gradflow_kind": "epochs"})
@@ -281,10 +304,10 @@ class RunStore:
         """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
         self.node.create_array("lr", shape=(n_steps, len(groups)), chunks=(chunk, max(1, len(groups))),
                                dtype="float64", fill_value=np.nan, dimension_names=("step", "param_group"),
-                               attributes={"description": DESCRIPTIONS["lr"]})
+                               attributes=_described("lr", DESCRIPTIONS["lr"]))
         labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
                                         dimension_names=("param_group",),
-                                        attributes={"description": DESCRIPTIONS["param_group"]})
+                                        attributes=_described("param_group", DESCRIPTIONS["param_group"]))
         labels[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
@@ -661,7 +684,8 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     run's steps and epochs from one commit. A reader that catches a run being created waits for it
     (up to two seconds), as it does for a commit being written.
 
-    Raises GradflowError (one line) for a missing store or group, a path that is not a gradflow
+    Raises GradflowError (one line) for a missing store or group, a ``group`` that is no group's
+    path (``..``, ``a//b``, not a string), a path that is not a gradflow
     store, an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
     steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` truncates to the last consistent commit).
@@ -700,6 +724,10 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     from gradflow.check import check_run
 
     url = store_url(store)
+    if group is not None and (not isinstance(group, str) or any(
+            node_name_problem(name) for name in group.strip("/").split("/") if group.strip("/"))):
+        raise GradflowError(f"group must be a group's path in the store ('variant', "
+                            f"'variant/epochs'), got {group!r}")
     group = group.strip("/") if group else None
     fs, path = filesystem(url)
     try:

@@ -283,6 +283,23 @@ def test_frozen_and_missing_gradients_are_nan_with_zero_update(tmp_path):
     assert float(side.update_norm) == 0 and float(side.param_norm) > 0
 
 
+def test_partly_frozen_layer_norms_cover_all_its_parameters(tmp_path):
+    """BitFit: a layer whose weight is frozen (in no optimizer) and whose bias trains; its
+    param_norm and update_ratio are over weight and bias, also after the weight joins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.Adam([model[0].bias, *model[2].parameters()], lr=0.05)
+    data = [(torch.randn(5, 3), torch.randn(5, 2)) for _ in range(4)]
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        records = mse_steps(model, optimizer, data[:2])
+        model[0].weight.requires_grad_(True)
+        optimizer.add_param_group({"params": [model[0].weight], "lr": 0.01})
+        records += mse_steps(model, optimizer, data[2:])
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds, records, {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]})
+
+
 def test_shared_parameters_are_counted_once(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
@@ -484,6 +501,8 @@ def test_bad_inputs(tmp_path):
     fails("model must be", "model", optimizer, store)
     fails("metadata must be", model, optimizer, store, metadata={"f": object()})
     fails("group must be", model, optimizer, store, group="x/epochs")
+    for group in ("exp/seed0", "..", "zarr.json"):  # nested runs: open() and the commands miss them
+        fails("group must be one name", model, optimizer, store, group=group)
     fails("mode must be 'w-'", model, optimizer, store, mode="r+")
     fails("scaler must be", model, optimizer, store, scaler="amp")
     fails("per_parameter must be True or False", model, optimizer, store, per_parameter="yes")
@@ -500,5 +519,8 @@ def test_bad_inputs(tmp_path):
             rec.end_epoch(update_mean_abs=1.0)
         with pytest.raises(GradflowError, match="not a number"):
             rec.end_epoch(train_loss="low")
+        for name in ("val/loss", "", "..", "zarr.json", "x" * 256):  # no Zarr array: every write failed
+            with pytest.raises(GradflowError, match="choose another"):
+                rec.end_epoch(**{name: 1.0})
     with pytest.raises(GradflowError, match="closed"):
         rec.end_epoch(train_loss=1.0)

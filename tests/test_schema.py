@@ -30,6 +30,7 @@ def _check(ds: xr.Dataset, declared: tuple[schema.Variable, ...]) -> None:
         array = ds[variable.name]
         assert array.dims == variable.dims, variable.name
         assert array.attrs["description"] == variable.meaning, variable.name
+        assert array.attrs.get("units", "") == variable.unit, variable.name  # xarray's plot labels
         if variable.dtype == "str":
             assert array.dtype.kind in "UTO", variable.name  # fixed-width, variable-width or object strings
         else:

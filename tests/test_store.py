@@ -220,6 +220,9 @@ def test_open_errors(tmp_path):
     gradflow.Recorder(model, optimizer, store).close()
     with pytest.raises(GradflowError, match="has no group 'nope'"):
         gradflow.open(store, group="nope")
+    for group in ("..", "epochs/..", "a//b", 3):  # the argument, not the store: no "damaged"
+        with pytest.raises(GradflowError, match="group must be a group's path"):
+            gradflow.open(store, group=group)
     with pytest.raises(GradflowError, match="single run"):
         gradflow.Recorder(model, optimizer, store, group="variant")
     group = zarr.open_group(store, mode="a")

@@ -50,8 +50,9 @@ INTERRUPTED = 130  # the shell's exit code for Ctrl-C
 def main() -> None:
     """Console entry point: every user mistake is one ``error:`` line and exit code 2.
 
-    That covers our own ``GradflowError`` and the parser's usage errors (an option value of the wrong
-    type, an unknown option), which typer would otherwise draw as a multi-line box.
+    That covers our own ``GradflowError``, a ``PermissionError`` (a store or folder this user may not
+    read or write: ``check --repair`` of a read-only store) and the parser's usage errors (an option
+    value of the wrong type, an unknown option), which typer would otherwise draw as a multi-line box.
     """
     from gradflow.errors import GradflowError
 
@@ -66,6 +67,9 @@ def main() -> None:
         code = app(standalone_mode=False)
     except GradflowError as err:
         typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except PermissionError as err:  # someone else's store or folder, a read-only one: not our bug
+        typer.echo(f"error: {err.strerror or 'permission denied'}: {err.filename or err}", err=True)
         sys.exit(2)
     except shown_help as err:  # a bare command: its help, on stdout
         typer.echo(err.format_message())

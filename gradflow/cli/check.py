@@ -11,7 +11,8 @@ from gradflow.cli import app
 
 @app.command("check")
 def check_command(
-    store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).")],
+    store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).",
+                                         metavar="STORE")],
     repair: Annotated[bool, typer.Option("--repair", help="Truncate damaged runs to their longest consistent "
                                                           "prefix and delete leftover *.partial files.")] = False,
 ) -> None:

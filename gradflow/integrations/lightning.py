@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from gradflow.recorder import Recorder
-from gradflow.store import RESERVED_EPOCH_NAMES
+from gradflow.store import RESERVED_EPOCH_NAMES, node_name_problem
 
 
 def logged_scalars(metrics: dict) -> dict[str, float]:
@@ -31,7 +31,7 @@ def logged_scalars(metrics: dict) -> dict[str, float]:
             value = value.item()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             key = str(name).replace("/", "_")
-            if key not in RESERVED_EPOCH_NAMES:
+            if key not in RESERVED_EPOCH_NAMES and not node_name_problem(key):
                 out[key] = float(value) if math.isfinite(value) else math.nan
     return out
 

@@ -33,10 +33,24 @@ def test_bare_command_shows_help():
 
 
 def test_help_shows_no_type_on_flags_and_plain_argument_names():
-    for command in ("plot", "report", "sweep", "train", "watch"):
+    for command in ("check", "plot", "report", "sweep", "train", "watch"):
         result = gradflow(command, "--help")
         assert result.returncode == 0, result.stderr
         assert "<bool>" not in result.stdout and "{" not in result.stdout.splitlines()[0]
     usage = gradflow("plot", "--help").stdout.splitlines()[0]
     assert usage.endswith("plot [OPTIONS] STORE")
+    assert "  STORE <str>" in gradflow("check", "--help").stdout  # not "store <str>"
     assert "--bn / --no-bn" in gradflow("sweep", "--help").stdout
+
+
+def test_permission_denied_is_one_line_and_exit_2(run_main, monkeypatch, tmp_path):
+    import gradflow.repair
+
+    lock = str(tmp_path / ".run.zarr.gradflow" / "store.lock")
+
+    def refused(url, repair=False):  # check --repair of a store another user owns
+        raise PermissionError(13, "Permission denied", lock)
+
+    monkeypatch.setattr(gradflow.repair, "check_store", refused)
+    code, out, err = run_main("check", tmp_path / "run.zarr", "--repair")
+    assert code == 2 and err == f"error: Permission denied: {lock}\n" and "Traceback" not in out

@@ -1,6 +1,8 @@
 import re
+from pathlib import Path
 
 import numpy as np
+import pytest
 import xarray as xr
 
 
@@ -37,6 +39,20 @@ def test_out_that_is_a_file_is_one_line_exit_2_and_kept(tiny_sweep, tmp_path, ru
     assert code == 2 and err.startswith("error: ") and "not a folder" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
     assert taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_out_that_cannot_be_written_is_one_line_exit_2(tmp_path, run_main, monkeypatch, command):
+    store = tmp_path / "run.zarr"
+    _recorder_store(store)
+
+    def refused(self, *args, **kwargs):  # a read-only folder (the tests may run as root)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    code, out, err = run_main(command, store, "--out", tmp_path / "locked" / "out")
+    assert code == 2 and err.startswith("error: --out ") and "Permission denied" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
 
 
 def _recorder_store(path, nan_step: int = 3):

@@ -131,3 +131,11 @@ def test_exception_closes_the_recorder(tmp_path):
         trainer([callback]).fit(Crash([]), loader(20, 1))
     assert callback.recorder is None
     assert gradflow.open(tmp_path / "run.zarr").sizes["step"] == 2
+
+
+def test_logged_scalars_keep_only_names_a_store_can_hold():
+    from gradflow.integrations.lightning import logged_scalars
+
+    metrics = {"val/loss": torch.tensor(0.5), "..": 1.0, "": 2.0, "epoch": 3.0,
+               "acc": torch.tensor([1.0, 2.0]), "x" * 300: 4.0}
+    assert logged_scalars(metrics) == {"val_loss": 0.5}
