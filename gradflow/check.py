@@ -47,6 +47,9 @@ class RunState:
     good_steps: int = 0
     good_epochs: int = 0
     good_summary: int = 0  # raw rows the summary covers before its first missing chunk
+    # Chunks of float figures (NaN fill) that are missing: (array path, dimension, first row, end
+    # row). Zarr reads them as NaN, so they cost only their own figures: repair writes them as NaN.
+    lost: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 def _committed(zstore, group: str | None):
@@ -61,19 +64,25 @@ def _keys(zstore, prefix: str) -> set[str]:
     return sync(collect())
 
 
-def _first_missing_row(zstore, array, length: int) -> int | None:
-    """First row of the first chunk missing below ``length`` (None: all stored)."""
+def _missing_rows(zstore, array, length: int) -> list[int]:
+    """First row of each chunk row missing below ``length`` (a chunk row: the chunks of the same
+    rows across the other dimensions; empty when all are stored)."""
     if length == 0:
-        return None
+        return []
     chunks = array.metadata.chunk_grid.chunk_shape
     keys = _keys(zstore, f"{array.path}/")
     rest = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], chunks[1:])]
-    for i in range(math.ceil(length / chunks[0])):
-        for other in np.ndindex(*[len(r) for r in rest]) if rest else [()]:
-            key = f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}"
-            if key not in keys:
-                return i * chunks[0]
-    return None
+    return [i * chunks[0] for i in range(math.ceil(length / chunks[0]))
+            if any(f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}" not in keys
+                   for other in (np.ndindex(*[len(r) for r in rest]) if rest else [()]))]
+
+
+def _reads_as_unknown(array, dim: str) -> bool:
+    """A float figure whose fill value is NaN: a missing chunk reads as "unknown", not as made-up
+    values (unlike the coordinate, ``skipped`` or counts, whose fill values would pass for data)."""
+    fill = array.metadata.fill_value
+    return (array.path.rsplit("/", 1)[-1] != dim and np.dtype(array.dtype).kind == "f"
+            and fill is not None and bool(np.isnan(fill)))
 
 
 def _increasing_prefix(values: np.ndarray) -> int:
@@ -100,12 +109,16 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
         coord = arrays.get(dim)
         checked = arrays if all_chunks else ({dim: coord} if coord is not None and n > 1 else {})
         for name, array in checked.items():
-            missing = _first_missing_row(zstore, array, lengths[name])
-            if missing is not None:
-                end = min(missing + array.metadata.chunk_grid.chunk_shape[0], lengths[name]) - 1
-                state.problems.append(f"{parent.path or '.'}/{name}: chunk of rows {missing}-{end} "
-                                      f"is missing")
-                good = min(good, missing)
+            unknown = _reads_as_unknown(array, dim)
+            missing = _missing_rows(zstore, array, lengths[name])
+            for first in missing if unknown else missing[:1]:
+                end = min(first + array.metadata.chunk_grid.chunk_shape[0], lengths[name])
+                state.problems.append(f"{parent.path or '.'}/{name}: chunk of rows {first}-{end - 1} "
+                                      f"is missing" + (" (its figures are lost: NaN)" if unknown else ""))
+                if unknown:
+                    state.lost.append((array.path, dim, first, end))
+                else:
+                    good = min(good, first)
         if coord is not None and good > 1:
             values = coord[:good]
             prefix = _increasing_prefix(values)
@@ -117,14 +130,15 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             state.num_steps, state.good_steps = n, good
         else:
             state.num_epochs, state.good_epochs = n, good
-    state.good_summary = state.good_steps
+    # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
+    state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None
     if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
         for level in summary.attrs.get("levels", []):
             for name, array in summary[str(level)].arrays():
                 if array.metadata.dimension_names[0] != "block":
                     continue
-                missing = _first_missing_row(zstore, array, array.shape[0])
+                missing = next(iter(_missing_rows(zstore, array, array.shape[0])), None)
                 if missing is not None:
                     end = min(missing + array.metadata.chunk_grid.chunk_shape[0], array.shape[0]) - 1
                     state.problems.append(f"{array.path}: chunk of blocks {missing}-{end} is missing")

@@ -1,5 +1,6 @@
 """Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
-its damaged metadata files rewritten from their committed copy.
+its damaged metadata files rewritten from their committed copy, its lost float chunks written as NaN
+(only those figures are lost, never the other variables' rows).
 
 The invariants themselves are in :mod:`gradflow.check`, which the store also uses when it opens a run;
 this module writes (it needs the store), so it sits above both and neither imports it.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
@@ -22,7 +24,8 @@ from gradflow.summary import trim
 
 def repair_run(url: str, group: str | None) -> RunState:
     """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
-    consistent prefix (and its summary to before a missing chunk), republish it; delete ``*.partial``."""
+    consistent prefix (and its summary to before a missing chunk), write its missing float figure
+    chunks as NaN, republish it; delete ``*.partial``."""
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import _quiet_zarr
 
@@ -52,6 +55,12 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
             for _, array in parent.arrays():
                 if array.metadata.dimension_names[0] == dim and array.shape[0] != length:
                     array.resize((length,) + array.shape[1:])
+        good = {"step": state.good_steps, "epoch": state.good_epochs}
+        for path, dim, first, end in state.lost:  # missing float chunks: NaN, as zarr reads them
+            if first < good[dim]:
+                array = zarr.open_array(zstore, path=path, mode="r+")
+                array = array.with_config({"write_empty_chunks": True})  # stored, even all NaN
+                array[first:min(end, good[dim])] = np.nan
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,

@@ -46,11 +46,13 @@ def test_healthy_store_checks_ok(tmp_path):
     assert (tmp_path / "run.zarr/skipped/c/2").exists() and (tmp_path / "run.zarr/epoch/c/0").exists()
 
 
-@pytest.mark.parametrize("array, rows_kept", [("grad_norm", 1024), ("step", 1024), ("skipped", 2048)])
+@pytest.mark.parametrize("array, rows_kept", [("step", 1024), ("skipped", 2048)])
 def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
+    """A missing chunk of the step coordinate or of ``skipped`` (whose fill value would pass for
+    data) cuts the run to the rows before it."""
     store = tmp_path / "run.zarr"
     make_store(store)
-    chunk = {"grad_norm": "c/1/0", "step": "c/1", "skipped": "c/2"}[array]
+    chunk = {"step": "c/1", "skipped": "c/2"}[array]
     (store / array / chunk).unlink()
     with pytest.raises(GradflowError, match=rf"damaged: ./{array}: chunk of rows \d+-\d+ is missing"):
         gradflow.open(store)
@@ -65,6 +67,33 @@ def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
     assert zarr.open_group(store, mode="r").attrs["steps_seen"] == rows_kept
 
 
+def test_a_lost_figure_chunk_costs_only_its_own_figures(tmp_path, small_summary):
+    """A missing chunk of a float figure reads as NaN: repair writes it as NaN (stored, so the run
+    checks ok again) and keeps every row of every other variable, and of that figure's other chunks;
+    the summary is cut to before it (the next Recorder recomputes it from the raw rows)."""
+    store = tmp_path / "run.zarr"
+    make_store(store)
+    (store / "grad_norm" / "c/1/0").unlink()
+    (store / "epochs" / "update_norm" / "c/0/0").unlink()
+    lines, damaged = check_store(str(store))
+    assert damaged and lines == [
+        "(run): ./grad_norm: chunk of rows 1024-2047 is missing (its figures are lost: NaN)",
+        "(run): epochs/update_norm: chunk of rows 0-2 is missing (its figures are lost: NaN)"]
+    lines, _ = check_store(str(store), repair=True)
+    assert lines[-1] == "(run): repaired, kept 2500 of 2500 steps and 3 of 3 epochs"
+    assert check_store(str(store)) == (["(run): ok, 2500 steps, 3 epochs"], False)
+    ds = gradflow.open(store)
+    assert ds.step.values.tolist() == list(range(2500))
+    lost = np.zeros(2500, bool)
+    lost[1024:2048] = True
+    assert np.isnan(ds.grad_norm.values[lost]).all()
+    np.testing.assert_array_equal(ds.grad_norm.values[~lost, 0], np.arange(2500)[~lost])
+    np.testing.assert_array_equal(ds.update_norm.values, np.tile(np.arange(2500.0)[:, None], (1, 2)))
+    epochs = gradflow.open(store, group="epochs")
+    assert np.isnan(epochs.update_norm.values).all() and epochs.epoch.values.tolist() == [0, 1, 2]
+    assert zarr.open_group(store, mode="r")["summary"].attrs["rows"] == 1024
+
+
 def test_repair_trims_the_summary_to_the_rows_it_keeps(tmp_path, small_summary):
     """Summary blocks past the repaired end are dropped (plain xarray readers of summary/<b> see
     them too); the blocks kept still match the raw rows they summarise."""
@@ -72,7 +101,7 @@ def test_repair_trims_the_summary_to_the_rows_it_keeps(tmp_path, small_summary):
     make_store(store)
     levels = zarr.open_group(store, mode="r")["summary"]
     assert levels.attrs["rows"] == 2496 and levels["8"]["grad_norm"].shape[0] == 312
-    (store / "grad_norm" / "c/1/0").unlink()
+    (store / "step" / "c/1").unlink()
     lines, _ = check_store(str(store), repair=True)
     assert lines[-1] == "(run): repaired, kept 1024 of 2500 steps and 3 of 3 epochs"
     levels = zarr.open_group(store, mode="r")["summary"]

@@ -32,10 +32,10 @@ def test_check_reports_and_repairs(tmp_path, run_main):
     assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
     (store / "grad_norm/c/0/0").unlink()
     code, out, err = run_main("check", store)
-    assert code == 1 and out == "(run): ./grad_norm: chunk of rows 0-2 is missing\n"
+    assert code == 1 and out == "(run): ./grad_norm: chunk of rows 0-2 is missing (its figures are lost: NaN)\n"
     assert "--repair" in err
     code, out, _ = run_main("check", store, "--repair")
-    assert code == 0 and out.splitlines()[-1] == "(run): repaired, kept 0 of 3 steps and 1 of 1 epochs"
+    assert code == 0 and out.splitlines()[-1] == "(run): repaired, kept 3 of 3 steps and 1 of 1 epochs"
     assert run_main("check", store)[0] == 0
 
 
