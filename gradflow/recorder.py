@@ -518,7 +518,8 @@ class Recorder:
                     self._store = RunStore(url, group.strip("/") if group else None, table, attrs,
                                            every, bool(per_parameter), mode=mode)
                 except OSError as err:  # a folder that cannot be made, no permission, disk full
-                    raise GradflowError(f"cannot create the store {url}: "
+                    doing = "open the store" if mode == "a" else "create the store"
+                    raise GradflowError(f"cannot {doing} {url} for writing: "
                                         f"{err.strerror or err}") from None
                 self._writer = BackgroundWriter(f"gradflow-writer:{url}")
         finally:  # under sharding, all ranks fail together (no rank left waiting in a collective)

@@ -509,6 +509,8 @@ def test_bad_inputs(tmp_path):
     fails("snapshot must be True or False", model, optimizer, store, snapshot="no")
     (tmp_path / "file").write_text("x")
     fails("cannot create the store", model, optimizer, tmp_path / "file" / "run.zarr")  # through a file
+    fails("cannot open the store .* for writing", model, optimizer, tmp_path / "file" / "run.zarr",
+          mode="a")  # resuming: nothing to create
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     fails("not a Zarr store", model, optimizer, tmp_path / "notes")
