@@ -314,9 +314,10 @@ def render(rows: list[dict], args) -> str:
         "Per recorded step (every=1): dispatches directly under the Recorder's optimizer hooks "
         "(`torch.profiler`; each is one kernel launch or more on a GPU), the training thread's CPU "
         "time inside the hooks, and the step time with recording over without (medians; plain and "
-        "gradflow interleaved in one process, order alternating). `auto` is the default (on a CPU: "
-        "stacked shape classes); `foreach` forces the multi-tensor path the default uses on GPUs; "
-        "`fused` the Triton kernels of `gradflow/fused.py` (GPU only). "
+        "gradflow interleaved in one process, order alternating). `auto` is the default: on a CPU "
+        "stacked shape classes (`stack`), on a GPU the Triton kernels of `gradflow/fused.py` "
+        "(`fused`; Triton launches are not torch ops, so they are counted only as CUDA launches) "
+        "or, without Triton, multi-tensor `torch._foreach_*` kernels (`foreach`). "
         "Produced by `python -m gradflow.bench.launches`.", "",
         "| model | tensors | recorder | ops / step | top ops | hooks ms / step | plain ms / step | "
         "wall ratio | CPU ratio | goal | met |",
