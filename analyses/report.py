@@ -23,6 +23,7 @@ import gradflow
 from gradflow.errors import GradflowError
 
 FORMATS = ("png", "svg", "pdf")
+EPOCH_ROWS = 30  # rows of the generic report's per-epoch table (the last ones)
 
 
 def store_name(store: str | os.PathLike) -> str:
@@ -229,8 +230,9 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
     from gradflow.analyses.heatmaps import heatmaps
     from gradflow.analyses.run_summary import nonfinite_events, update_ratio_extremes, update_shares
     from gradflow.analyses.runs import optimizer_of, run_attrs, runs
+    from gradflow.analyses.tables import epoch_scalars
 
-    step_runs = runs(tree, "step")
+    step_runs, epoch_runs = runs(tree, "step"), runs(tree, "epoch")
     figs: dict[str, Figure] = {}
     if has_steps(tree, "update_ratio"):
         figs["heatmap-update_ratio-step"] = heatmaps(tree, stat="update_ratio", per="step", layers="all")
@@ -263,6 +265,14 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
                   f"- {len(steps)} recorded steps ({span}, every {a.get('every', 1)}), {epochs} epoch(s)"
                   + (f", {int(st['skipped'].values.sum())} skipped by the optimizer" if "skipped" in st.coords else ""),
                   ""]
+        ep = epoch_runs.get(name)
+        logged = [] if ep is None else [n for n in ("train_loss", "val_loss") if n in ep] + epoch_scalars(ep)
+        if logged and ep.sizes["epoch"]:
+            table = ep[logged].to_dataframe()[logged]
+            lines += ["### Per epoch", "",
+                      "What the loop logged at each epoch's end (`end_epoch`)"
+                      + (f", the last {EPOCH_ROWS} of {len(table)} epochs:" if len(table) > EPOCH_ROWS else ":"),
+                      "", _markdown(table.tail(EPOCH_ROWS), ".4g"), ""]
         if len(steps) == 0:
             continue
         lines += ["### Where the updates go", "",

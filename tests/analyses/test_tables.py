@@ -44,3 +44,22 @@ def test_optimizer_from_the_attrs_and_lr_at_best_from_the_recorded_schedule(run_
     assert "lr" not in table.columns
     no_lr = best_val_table(xr.DataTree.from_dict({"/r": step.drop_vars("lr"), "/r/epochs": epoch}))
     assert np.isnan(no_lr.loc["r", "lr_at_best"])
+
+
+def test_every_other_scalar_a_run_logged_is_shown_at_the_best_epoch(run_factory):
+    """end_epoch(val_accuracy=...) is a column (gradflow train logs train/val accuracy): its value
+    at the best-validation epoch; NaN for a run that did not log it or has no validation loss."""
+    nodes = {}
+    for name, val, extra in (("a", [0.8, 0.4, 0.6], {"val_accuracy": [0.5, 0.9, 0.7], "bleu": [1, 2, 3]}),
+                             ("b", [0.8, 0.7, 0.9], {"val_accuracy": [0.1, 0.2, 0.3]}),
+                             ("c", [np.nan] * 3, {"val_accuracy": [0.1, 0.2, 0.3]})):
+        step, epoch = run_factory(0)
+        nodes[f"/{name}"] = step
+        nodes[f"/{name}/epochs"] = epoch.assign(val_loss=("epoch", val),
+                                                **{k: ("epoch", v) for k, v in extra.items()})
+    table = best_val_table(xr.DataTree.from_dict(nodes))
+    assert list(table.columns[-2:]) == ["bleu_at_best", "val_accuracy_at_best"]
+    assert table.loc["a", "val_accuracy_at_best"] == 0.9 and table.loc["a", "bleu_at_best"] == 2
+    assert table.loc["b", "val_accuracy_at_best"] == 0.2 and np.isnan(table.loc["b", "bleu_at_best"])
+    assert np.isnan(table.loc["c", "val_accuracy_at_best"])
+    assert "num_steps_at_best" not in table and "update_norm_at_best" not in table

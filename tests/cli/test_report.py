@@ -81,7 +81,7 @@ def _recorder_store(path, nan_step: int = 3):
                 model[2].weight.copy_(kept)
         scheduler.step()
         if step % 4 == 3:
-            rec.end_epoch(train_loss=1.0 / (step + 1))
+            rec.end_epoch(train_loss=1.0 / (step + 1), val_accuracy=step / 10)
     rec.close()
 
 
@@ -108,6 +108,9 @@ def test_generic_report_for_a_recorder_store(tmp_path, cli):
     typical = {str(n): np.exp(np.mean(np.log(r[np.isfinite(r) & (r > 0)]))) for n, r in zip(ds["layer"].values, ratios.T)}
     largest = max(typical, key=typical.get)
     assert [largest, "Linear", f"{typical[largest]:.3g}", "7", "largest"] in rows  # 7 finite steps of 8
+    # Every scalar the loop logged per epoch is shown (val_accuracy was in no figure or table).
+    assert ["epoch", "train_loss", "val_accuracy"] in rows
+    assert ["0", f"{1 / 4:.4g}", f"{3 / 10:.4g}"] in rows and ["1", f"{1 / 8:.4g}", f"{7 / 10:.4g}"] in rows
 
 
 def test_sweep_report_names_the_loss_and_drops_updatable_depth(tiny_sweep, tmp_path, cli):
