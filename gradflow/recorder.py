@@ -40,7 +40,8 @@ A step the optimizer never takes and nobody reports (GradScaler without ``scaler
 ``skip_step()``) is no row: the store holds the steps that were taken.
 
 Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
-a module that directly owns parameters). One that no optimizer owns (yet) has NaN gradient statistics,
+a module that directly owns parameters, or a parametrized one: weight_norm's ``original0/1``). One
+that no optimizer owns (yet) has NaN gradient statistics,
 ``param_norm`` and ``update_ratio`` and zero update; a layer owned in part (a frozen weight, a
 trained bias) has them over all its parameters. A param group added later
 (``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
@@ -89,6 +90,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gradflow import buckets, distributed, quantities
 from gradflow.errors import GradflowError, GradflowWarning
@@ -193,7 +195,7 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool, n
     for module_name, module in model.named_modules():
         module_name = distributed.clean_name(module_name)
         own = []
-        for param_name, p in module.named_parameters(recurse=False):
+        for param_name, p in _own_parameters(module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
@@ -216,6 +218,19 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool, n
             counts.append(sum(numel(p) for _, p in group))
             tensors += [(p, owner.get(id(p), -1), layer) for _, p in group]
     return LayerTable(names, types, counts), tensors
+
+
+def _own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a layer owns: its direct ones and, for a parametrized module
+    (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``, ``parametrize``), the
+    originals its parametrizations hold (``parametrizations.weight.original0``), so that a weight-
+    normed ``fc`` is one layer, not ``fc`` (its bias) and ``fc.parametrizations.weight``."""
+    own = []
+    if parametrize.is_parametrized(module):
+        own = [(f"parametrizations.{name}.{original}", p)
+               for name, originals in module.parametrizations.items()
+               for original, p in originals.named_parameters(recurse=False)]
+    return own + list(module.named_parameters(recurse=False))
 
 
 def _check_optimizers(optimizers: list) -> list[torch.optim.Optimizer]:

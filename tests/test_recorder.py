@@ -313,6 +313,28 @@ def test_shared_parameters_are_counted_once(tmp_path):
     assert ds.num_params.values.tolist() == [20, 4]
 
 
+def test_parametrized_modules_are_one_layer_each(tmp_path):
+    """A weight-normed Linear and a spectral-normed conv (the GAN critic's usual) are one layer each,
+    named as the module (typed as torch's Parametrized class of it), holding the parametrization's originals and the bias; figures
+    over the tensors the optimizer really steps (the originals, never the computed weight)."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Conv2d(1, 2, 3)), nn.Flatten(), nn.Tanh(),
+                          weight_norm(nn.Linear(8, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(torch.randn(2, 1, 4, 4), torch.randn(2, 1)) for _ in range(2)]
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        records = mse_steps(model, optimizer, data)
+    layers = {"0": ["0.parametrizations.weight.original", "0.bias"],
+              "3": ["3.parametrizations.weight.original0", "3.parametrizations.weight.original1",
+                    "3.bias"]}
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds, records, layers)
+    assert ds.module_type.values.tolist() == ["ParametrizedConv2d", "ParametrizedLinear"]  # torch's classes
+    assert ds.num_params.values.tolist() == [2 * 9 + 2, 1 + 8 + 1]  # g (1×1) and v (1×8) of the Linear
+
+
 def test_bfloat16_parameters_are_recorded_exactly(tmp_path):
     model = make_net().to(torch.bfloat16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
