@@ -205,7 +205,8 @@ def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -
         "## Best validation loss (Table 3)",
         "",
         f"{loss_name(tree)[0].upper()}{loss_name(tree)[1:]}. `lr_at_best`: the learning rate the optimizer used "
-        "at the last step of the best epoch (the store's per-step `lr`).",
+        "at the last step of the best epoch (the store's per-step `lr`); any other `*_at_best`: a scalar the "
+        "training loop logged per epoch (`end_epoch`), at the best epoch.",
         "",
         _markdown(best_val_table(tree), ".4f"),
         "",
