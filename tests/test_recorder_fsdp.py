@@ -9,7 +9,9 @@ per-layer figure with numpy from the gathered tensors (exact) and from the unsha
 (same training, float32 rounding apart), and compares them with what rank 0 recorded. Unsupported
 setups must fail with the same error on both ranks, without a hang. FSDP2 runs through the
 multi-tensor (foreach) buckets that GPUs use and, where Triton is installed, through the fused
-kernels (``fsdp2_fused``, interpreted on a CPU); the others through stacked ones. HSDP runs as 2
+kernels (``fsdp2_fused``, interpreted on a CPU); the others through stacked ones. ``fsdp2_frozen``
+freezes one weight and leaves it out of the optimizer (BitFit): its layer's ``param_norm`` and
+``update_ratio`` must still cover it, combined over its shards. HSDP runs as 2
 replicas of a 1-way shard (a (2, 1) mesh): the replicas hold the same figures, which must not be
 summed. FSDP1 HYBRID_SHARD runs likewise (1-rank shard groups, one replicate group); on CPU over
 gloo torch does not average its replicas' gradients, so it is checked against rank 0's own tensors
@@ -32,7 +34,10 @@ from torch import nn
 
 STEPS = 3
 FUSED = fused_kernels_on("cpu")
-KINDS = ("fsdp1", "fsdp2", "hsdp", "fsdp1_hybrid") + (("fsdp2_fused",) if FUSED else ())
+KINDS = ("fsdp1", "fsdp2", "hsdp", "fsdp1_hybrid", "fsdp2_frozen") + (("fsdp2_fused",) if FUSED else ())
+# fsdp2_frozen: layer "2"'s weight frozen and left out of the optimizer, its bias trained (BitFit):
+# the layer's param_norm and update_ratio still cover the frozen weight, across its shards.
+FROZEN = "2.weight"
 # FSDP2 through each bucket kind; the others through stacked buckets.
 STRATEGY = {"fsdp2": "foreach", "fsdp2_fused": "fused"}
 REPLICATED = ("hsdp", "fsdp1_hybrid")  # 2 replicas of a 1-way shard: every rank holds whole tensors
@@ -53,7 +58,7 @@ def batch(rank: int, step: int):
 
 
 def shard(model: nn.Module, kind: str, **options) -> nn.Module:
-    kind = "fsdp2" if kind == "fsdp2_fused" else kind
+    kind = "fsdp2" if kind in ("fsdp2_fused", "fsdp2_frozen") else kind
     if kind == "fsdp1_hybrid":  # HYBRID_SHARD: shard within (1-rank) groups, replicate across them
         import torch.distributed as dist
         from torch.distributed.fsdp import ShardingStrategy
@@ -135,10 +140,15 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
 
     buckets.STRATEGY = STRATEGY.get(kind, "stack")
     error = refused(rank, out_dir, kind) if kind not in REPLICATED else ""
-    model = shard(make_model(), kind)
-    reference = make_model()  # unsharded, trained on both ranks' batches
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    model, reference = make_model(), make_model()  # reference: unsharded, on both ranks' batches
+    if kind == "fsdp2_frozen":
+        for m in (model, reference):
+            m.get_parameter(FROZEN).requires_grad_(False)
+    model = shard(model, kind)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1,
+                                momentum=0.9)
+    ref_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad],
+                                    lr=0.1, momentum=0.9)
     store = out_dir / ("run.zarr" if rank == 0 else f"rank{rank}.zarr")
     recorder = gradflow.Recorder(model, optimizer, str(store), every=1)
     names = [n.replace("_fsdp_wrapped_module.", "") for n, _ in model.named_parameters()]
@@ -149,7 +159,8 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         for name, p in zip(names, model.parameters()):
-            saved[f"{step}:{name}:grad"] = gather(p.grad, kind).reshape(SHAPES[name])
+            if p.requires_grad:  # (not p.grad: FSDP1 leaves it None where a rank's shard is empty)
+                saved[f"{step}:{name}:grad"] = gather(p.grad, kind).reshape(SHAPES[name])
             saved[f"{step}:{name}:before"] = gather(p, kind).reshape(SHAPES[name])
         optimizer.step()
         for name, p in zip(names, model.parameters()):
@@ -158,7 +169,8 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
         ref_optimizer.zero_grad()
         nn.functional.mse_loss(reference(torch.cat(xs)), torch.cat(ys)).backward()
         for name, p in reference.named_parameters():
-            saved[f"{step}:{name}:ref_grad"] = p.grad.double().numpy().copy()
+            if p.requires_grad:
+                saved[f"{step}:{name}:ref_grad"] = p.grad.double().numpy().copy()
             saved[f"{step}:{name}:ref_before"] = p.detach().double().numpy().copy()
         ref_optimizer.step()
         for name, p in reference.named_parameters():
@@ -173,7 +185,8 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
 def figures(saved, step: int, prefix: str = "") -> dict:
     out = {}
     for layer, names in NAMES.items():
-        tensors = {kind: {n: saved[f"{step}:{n}:{prefix}{kind}"] for n in names}
+        tensors = {kind: {n: saved[f"{step}:{n}:{prefix}{kind}"] if f"{step}:{n}:{prefix}{kind}" in saved
+                          else None for n in names}  # no gradient: a frozen weight
                    for kind in ("grad", "before", "after")}
         out[layer] = layer_reference(tensors["grad"], tensors["before"], tensors["after"], names)
     return out
@@ -195,7 +208,7 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS[:4] + (pytest.param("fsdp2_fused", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("kind", KINDS[:5] + (pytest.param("fsdp2_fused", marks=pytest.mark.skipif(
     not FUSED, reason="needs Triton (interpreted on a CPU)")),))
 def test_sharded_two_ranks_global_figures(runs, kind):
     import gradflow
