@@ -503,6 +503,36 @@ def test_wrappers_are_looked_through(tmp_path):
     assert list(gradflow.open(tmp_path / "run.zarr").layer.values) == list(NET_LAYERS)
 
 
+def test_names_zarr_or_the_tree_would_misread_are_refused(tmp_path):
+    """Zarr takes a backslash for '/' ('val\\loss' was nested out of sight, '\\' named the epochs
+    group itself and every write failed); '<name>.partial' is what an interrupted atomic write leaves
+    (check called the run damaged forever and --repair crashed deleting it); 'step' and
+    'param_group' are the run's dimensions, which open_tree's epochs node inherits in place of the
+    logged scalar (it vanished from the tree and the reports)."""
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = tmp_path / "run.zarr"
+    for group in ("a\\b", "\\", "v.partial"):
+        with pytest.raises(GradflowError, match="group must be one name"):
+            gradflow.Recorder(model, optimizer, store, group=group)
+    assert not store.exists()
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        for name in ("val\\loss", "\\", "acc.partial"):
+            with pytest.raises(GradflowError, match="choose another"):
+                rec.end_epoch(**{name: 1.0})
+        for name in ("step", "param_group"):
+            with pytest.raises(GradflowError, match="reserved"):
+                rec.end_epoch(**{name: 1.0})
+        optimizer.zero_grad()
+        model(torch.randn(4, 2, 4, 4)).square().mean().backward()
+        optimizer.step()
+        rec.end_epoch(val_loss=0.5)
+    tree = gradflow.open_tree(store)
+    assert tree.ds.sizes["step"] == 1 and tree["epochs"]["val_loss"].values.tolist() == [0.5]
+    assert {path.name for path in store.iterdir() if path.is_dir()} == (
+        set(tree.ds.variables) | {"epochs", "summary"})  # nothing nested elsewhere
+
+
 def test_bad_inputs(tmp_path):
     model = make_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
