@@ -40,8 +40,8 @@ A step the optimizer never takes and nobody reports (GradScaler without ``scaler
 ``skip_step()``) is no row: the store holds the steps that were taken.
 
 Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
-a module that directly owns parameters, or a parametrized one: weight_norm's ``original0/1`` and any parameter a parametrization learns). One
-that no optimizer owns (yet) has NaN gradient statistics,
+a module that directly owns parameters, or a parametrized one: weight_norm's ``original0/1`` and any
+parameter a parametrization learns). One that no optimizer owns (yet) has NaN gradient statistics,
 ``param_norm`` and ``update_ratio`` and zero update; a layer owned in part (a frozen weight, a
 trained bias) has them over all its parameters. A param group added later
 (``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
