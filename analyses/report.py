@@ -126,8 +126,15 @@ def _unfinished(tree: xr.DataTree) -> list[str]:
 
 
 def _markdown(table, floatfmt: str) -> str:
-    """A DataFrame as a Markdown table, missing values left blank."""
-    return table.astype(object).where(table.notna(), "").to_markdown(floatfmt=floatfmt)
+    """A DataFrame as a Markdown table, missing values left blank; a ``|`` in a name or a cell (a
+    logged scalar ``acc|top1``, a run's name) is escaped, not a column separator."""
+    def escape(value):
+        return value.replace("|", "\\|") if isinstance(value, str) else value
+
+    table = table.astype(object).where(table.notna(), "").map(escape)
+    table = table.rename(index=escape, columns=escape).rename_axis(
+        [escape(name) for name in table.index.names])
+    return table.to_markdown(floatfmt=floatfmt)
 
 
 def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -259,14 +266,15 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
         optimizer, _ = optimizer_of(a)
         steps = st["step"].values
         span = f"steps {steps[0]}–{steps[-1]}" if len(steps) else "no step yet"
-        epochs = int(st["epoch"].values.max()) + 1 if len(steps) and "epoch" in st.coords else 0
+        ep = epoch_runs.get(name)
+        epochs = max(int(st["epoch"].values.max()) + 1 if len(steps) and "epoch" in st.coords else 0,
+                     ep.sizes["epoch"] if ep is not None else 0)  # epochs may come before any step
         lines += [f"## Run `{name}`" if len(step_runs) > 1 else "## What was recorded", "",
                   f"- model `{a.get('model_class', '?')}`, optimizer {optimizer or '?'}; {st.sizes['layer']} layers"
                   + (f" ({', '.join(f'{n} {t}' for t, n in types.items())})" if types is not None else ""),
                   f"- {len(steps)} recorded steps ({span}, every {a.get('every', 1)}), {epochs} epoch(s)"
                   + (f", {int(st['skipped'].values.sum())} skipped by the optimizer" if "skipped" in st.coords else ""),
                   ""]
-        ep = epoch_runs.get(name)
         logged = [] if ep is None else [n for n in ("train_loss", "val_loss") if n in ep] + epoch_scalars(ep)
         if logged and ep.sizes["epoch"]:
             table = ep[logged].to_dataframe()[logged]

@@ -40,8 +40,8 @@ A step the optimizer never takes and nobody reports (GradScaler without ``scaler
 ``skip_step()``) is no row: the store holds the steps that were taken.
 
 Parameters and layers. Every parameter of the model is a layer coordinate from the start (a layer is
-a module that directly owns parameters, or a parametrized one: weight_norm's ``original0/1``). One
-that no optimizer owns (yet) has NaN gradient statistics,
+a module that directly owns parameters, or a parametrized one: weight_norm's ``original0/1`` and any
+parameter a parametrization learns). One that no optimizer owns (yet) has NaN gradient statistics,
 ``param_norm`` and ``update_ratio`` and zero update; a layer owned in part (a frozen weight, a
 trained bias) has them over all its parameters. A param group added later
 (``optimizer.add_param_group``, gradual unfreezing) is noticed at that optimizer's next step (one
@@ -222,14 +222,15 @@ def _find_layers(model: nn.Module, owner: dict[int, int], per_parameter: bool, n
 
 def _own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters a layer owns: its direct ones and, for a parametrized module
-    (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``, ``parametrize``), the
-    originals its parametrizations hold (``parametrizations.weight.original0``), so that a weight-
-    normed ``fc`` is one layer, not ``fc`` (its bias) and ``fc.parametrizations.weight``."""
+    (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``, ``parametrize``), every
+    parameter its parametrizations hold: the originals (``parametrizations.weight.original0``) and
+    a parametrization's own (a learnt scale, minLoRA's A and B: ``parametrizations.weight.0.A``),
+    so that a weight-normed ``fc`` is one layer, not ``fc`` (its bias), ``fc.parametrizations.weight``
+    and ``fc.parametrizations.weight.0``."""
     own = []
     if parametrize.is_parametrized(module):
-        own = [(f"parametrizations.{name}.{original}", p)
-               for name, originals in module.parametrizations.items()
-               for original, p in originals.named_parameters(recurse=False)]
+        own = [(f"parametrizations.{name}", p)
+               for name, p in module.parametrizations.named_parameters()]
     return own + list(module.named_parameters(recurse=False))
 
 

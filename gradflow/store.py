@@ -73,19 +73,25 @@ STEP_VARIABLES = schema.names(schema.STEP_VARIABLES)
 EPOCH_VARIABLES = schema.names(schema.EPOCH_VARIABLES)
 LAYER_COORDS = schema.names(schema.LAYER_COORDS)
 STEP_COORDS = {v.name: v.dtype for v in schema.STEP_COORDS}
-RESERVED_EPOCH_NAMES = set(EPOCH_VARIABLES) | set(LAYER_COORDS) | set(schema.names(schema.EPOCH_COORDS))
+# The run's own dimensions too: open_tree's epochs node inherits their coordinates, which would
+# hide a scalar of that name.
+RESERVED_EPOCH_NAMES = (set(EPOCH_VARIABLES) | set(LAYER_COORDS) | set(schema.names(schema.EPOCH_COORDS))
+                        | {"step", "param_group"})
 
 
 def node_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name one array or group of a run (None when it can): Zarr takes ``/``
-    as a path, refuses ``.``, ``..`` and an empty name, and keeps its metadata in ``zarr.json``;
-    a file system refuses names over 255 bytes."""
+    and ``\\`` as path separators, refuses ``.``, ``..`` and an empty name, and keeps its metadata
+    in ``zarr.json``; ``*.partial`` is what an interrupted atomic write leaves (``gradflow check``
+    reports it, ``--repair`` deletes it); a file system refuses names over 255 bytes."""
     if not name:
         return "is empty"
-    if "/" in name:
-        return "contains '/' (a Zarr path, not one name)"
+    if "/" in name or "\\" in name:
+        return "contains '/' or '\\' (a Zarr path, not one name)"
     if name in (".", "..", "zarr.json"):
         return "is a name Zarr reserves"
+    if name.endswith(".partial"):
+        return "ends in '.partial' (an interrupted write's leftover, which repair deletes)"
     if len(name.encode()) > 255:
         return "is longer than 255 bytes"
     return None

@@ -335,6 +335,43 @@ def test_parametrized_modules_are_one_layer_each(tmp_path):
     assert ds.num_params.values.tolist() == [2 * 9 + 2, 1 + 8 + 1]  # g (1×1) and v (1×8) of the Linear
 
 
+def test_a_learnable_parametrization_belongs_to_its_module(tmp_path):
+    """A parametrization with parameters of its own (a learnt scale, minLoRA's A and B) is part of
+    the parametrized module's layer, like the originals: no layer named 'fc.parametrizations.weight.1';
+    several parametrizations (weight and bias, two chained on the weight) still make one layer."""
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).T
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, w):
+            return w * self.scale
+
+    class Shift(nn.Module):
+        def forward(self, b):
+            return b + 1.0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    parametrize.register_parametrization(model[0], "weight", Scale())
+    parametrize.register_parametrization(model[0], "bias", Shift())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        records = mse_steps(model, optimizer, [(torch.randn(3, 4), torch.randn(3, 4)) for _ in range(3)])
+    layers = {"0": ["0.parametrizations.weight.original", "0.parametrizations.weight.1.scale",
+                    "0.parametrizations.bias.original"], "2": ["2.weight", "2.bias"]}
+    ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds, records, layers, rtol=1e-5)
+    assert ds.num_params.values.tolist() == [16 + 1 + 4, 20]
+
+
 def test_bfloat16_parameters_are_recorded_exactly(tmp_path):
     model = make_net().to(torch.bfloat16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -501,6 +538,36 @@ def test_wrappers_are_looked_through(tmp_path):
     with gradflow.Recorder(nn.DataParallel(compiled), optimizer, tmp_path / "run.zarr") as rec:
         assert rec.layers == list(NET_LAYERS)
     assert list(gradflow.open(tmp_path / "run.zarr").layer.values) == list(NET_LAYERS)
+
+
+def test_names_zarr_or_the_tree_would_misread_are_refused(tmp_path):
+    """Zarr takes a backslash for '/' ('val\\loss' was nested out of sight, '\\' named the epochs
+    group itself and every write failed); '<name>.partial' is what an interrupted atomic write leaves
+    (check called the run damaged forever and --repair crashed deleting it); 'step' and
+    'param_group' are the run's dimensions, which open_tree's epochs node inherits in place of the
+    logged scalar (it vanished from the tree and the reports)."""
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = tmp_path / "run.zarr"
+    for group in ("a\\b", "\\", "v.partial"):
+        with pytest.raises(GradflowError, match="group must be one name"):
+            gradflow.Recorder(model, optimizer, store, group=group)
+    assert not store.exists()
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        for name in ("val\\loss", "\\", "acc.partial"):
+            with pytest.raises(GradflowError, match="choose another"):
+                rec.end_epoch(**{name: 1.0})
+        for name in ("step", "param_group"):
+            with pytest.raises(GradflowError, match="reserved"):
+                rec.end_epoch(**{name: 1.0})
+        optimizer.zero_grad()
+        model(torch.randn(4, 2, 4, 4)).square().mean().backward()
+        optimizer.step()
+        rec.end_epoch(val_loss=0.5)
+    tree = gradflow.open_tree(store)
+    assert tree.ds.sizes["step"] == 1 and tree["epochs"]["val_loss"].values.tolist() == [0.5]
+    assert {path.name for path in store.iterdir() if path.is_dir()} == (
+        set(tree.ds.variables) | {"epochs", "summary"})  # nothing nested elsewhere
 
 
 def test_bad_inputs(tmp_path):

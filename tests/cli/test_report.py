@@ -128,3 +128,26 @@ def test_report_html_is_written_next_to_the_markdown(tiny_sweep, tmp_path, cli):
     assert paths == [str(tmp_path / "rep" / "report.md"), str(tmp_path / "rep" / "report.html")]
     text = (tmp_path / "rep" / "report.html").read_text()
     assert text.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in text and "<script src" not in text
+
+
+def test_generic_report_of_epochs_without_steps_and_a_pipe_in_a_name(tmp_path, cli):
+    """A loop that logs epochs before its first step: the epochs are counted from the epochs group
+    (it said "0 epoch(s)" above a table of three); a scalar named 'acc|top1' is escaped, not a
+    column separator that shifts every cell of the Markdown table."""
+    import torch
+
+    import gradflow
+
+    store = tmp_path / "eval.zarr"
+    model = torch.nn.Linear(2, 2)
+    with gradflow.Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), store) as rec:
+        for epoch in range(3):
+            rec.end_epoch(val_loss=1.0 / (epoch + 1), **{"acc|top1": epoch / 4})
+    result = cli("report", store, "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "0 recorded steps" in text and "3 epoch(s)" in text
+    rows = [re.split(r"(?<!\\)\|", line.strip().strip("|")) for line in text.splitlines() if line.startswith("|")]
+    assert [cell.strip() for cell in rows[0]] == ["epoch", "val_loss", "acc\\|top1"]
+    assert all(len(row) == 3 for row in rows)
+    assert [cell.strip() for cell in rows[-1]] == ["2", f"{1 / 3:.4g}", f"{2 / 4:.4g}"]
