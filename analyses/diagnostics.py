@@ -162,7 +162,8 @@ def lr_curves(data: xr.Dataset | xr.DataTree, max_runs: int = 12) -> Figure:
             label = f"{name}: {group}" if len(arrays) > 1 else str(group)
             ax.plot(da["step"].values, da.values[:, j], label=label, linewidth=1)
     values = np.concatenate([da.values.ravel() for da in arrays.values()])
-    if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) > 20 * np.nanmin(values):
+    values = values[np.isfinite(values)]  # all NaN: a plain axis, no log scale (and no warning)
+    if len(values) and np.all(values > 0) and values.max() > 20 * values.min():
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")

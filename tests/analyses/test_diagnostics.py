@@ -61,3 +61,17 @@ def test_lr_curves_hold_the_recorded_rates(run_factory):
     np.testing.assert_array_equal(lines["group0"].get_ydata(), rates[:, 0])
     np.testing.assert_array_equal(lines["group1"].get_ydata(), rates[:, 1])
     assert ax.get_yscale() == "log"
+
+
+def test_lr_curves_of_rates_never_recorded_warn_nothing(run_factory):
+    """An lr column that is all NaN (a param group added after the store was made) draws on a plain
+    axis without numpy's 'All-NaN slice' warning in the user's terminal."""
+    import warnings
+
+    step, _ = run_factory(0, layers=MLP)
+    step = step.assign(lr=(("step", "param_group"), np.full((12, 1), np.nan))).assign_coords(
+        param_group=["group0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ax = lr_curves(step).axes[0]
+    assert ax.get_yscale() == "linear" and np.isnan(ax.lines[0].get_ydata()).all()
