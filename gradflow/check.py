@@ -16,9 +16,10 @@ missing or unreadable. Readers of the consolidated metadata (``gradflow.open``, 
 do not see that damage, so ``gradflow.open`` does not check it; a resumed Recorder, ``zarr.open_array``
 and xarray with ``consolidated=False`` read those files, and ``gradflow check`` reports them.
 
-:func:`gradflow.repair.repair_run` truncates a damaged run to its longest consistent prefix (the last consistent
-commit), republishes it and deletes ``*.partial`` files that an interrupted atomic write left;
-it rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
+:func:`gradflow.repair.repair_run` writes the lost chunks of float figures (:attr:`RunState.lost`) as NaN,
+truncates what else is damaged to its longest consistent prefix (the last consistent commit),
+republishes the run and deletes ``*.partial`` files that an interrupted atomic write left; it
+rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
 """
 
 from __future__ import annotations

@@ -694,7 +694,7 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     path (``..``, ``a//b``, not a string), a path that is not a gradflow
     store, an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
     steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
-    STORE`` reports and ``--repair`` truncates to the last consistent commit).
+    STORE`` reports and ``--repair`` repairs: :mod:`gradflow.repair`).
     """
     return _retrying(store, lambda: _open(store, group, tree=False))
 
@@ -759,7 +759,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         damage = check_run(root.store, run)
         if damage:
             raise GradflowError(f"{where} is damaged: {damage[0]}; `gradflow check {url} --repair`"
-                                f" truncates it to the last consistent commit")
+                                f" repairs it (see `gradflow check --help`)")
         return xr.open_datatree(url, **options) if tree else xr.open_dataset(url, **options)
     runs = [child for _, child in node.groups() if _is_run(child)]
     if not runs:
@@ -775,7 +775,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         damage = check_run(root.store, child.path)
         if damage:
             raise GradflowError(f"{run_where} is damaged: {damage[0]}; `gradflow check {url} "
-                                f"--repair` truncates it to the last consistent commit")
+                                f"--repair` repairs it (see `gradflow check --help`)")
     return xr.open_datatree(url, **options)
 
 

@@ -1,4 +1,4 @@
-"""``gradflow check STORE``: is a store intact? ``--repair`` truncates damaged runs to their last consistent commit."""
+"""``gradflow check STORE``: is a store intact? ``--repair`` repairs damaged runs (:mod:`gradflow.repair`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from gradflow.cli import app
 def check_command(
     store: Annotated[str, typer.Argument(help="A gradflow store: one run or a sweep (path or fsspec URL).",
                                          metavar="STORE")],
-    repair: Annotated[bool, typer.Option("--repair", help="Truncate damaged runs to their longest consistent "
-                                                          "prefix and delete leftover *.partial files.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Rewrite damaged metadata files from the committed "
+                                                          "copy, write lost chunks of float figures as NaN "
+                                                          "(every other row is kept), cut what else is damaged "
+                                                          "to the last consistent commit, and delete leftover "
+                                                          "*.partial files.")] = False,
 ) -> None:
     """One line per run (steps, epochs, damage); exit 0 when intact (or repaired), 1 when damaged."""
     from gradflow.repair import check_store
@@ -23,5 +26,6 @@ def check_command(
     for line in lines:
         typer.echo(line)
     if damaged and not repair:
-        typer.echo(f"damaged; `gradflow check {store} --repair` truncates to the last consistent commit", err=True)
+        typer.echo(f"damaged; `gradflow check {store} --repair` rewrites damaged metadata, writes lost float "
+                   f"figures as NaN and cuts the rest to the last consistent commit", err=True)
         raise typer.Exit(1)
