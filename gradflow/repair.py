@@ -61,6 +61,8 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
                 array = zarr.open_array(zstore, path=path, mode="r+")
                 array = array.with_config({"write_empty_chunks": True})  # stored, even all NaN
                 array[first:min(end, good[dim])] = np.nan
+                # Readers can tell lost figures from recorded NaN: [first, end) row ranges.
+                array.attrs["lost_rows"] = [*array.attrs.get("lost_rows", []), [first, min(end, good[dim])]]
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,

@@ -87,6 +87,7 @@ def test_a_lost_figure_chunk_costs_only_its_own_figures(tmp_path, small_summary)
     lost = np.zeros(2500, bool)
     lost[1024:2048] = True
     assert np.isnan(ds.grad_norm.values[lost]).all()
+    assert ds.grad_norm.attrs["lost_rows"] == [[1024, 2048]] and "lost_rows" not in ds.update_norm.attrs
     np.testing.assert_array_equal(ds.grad_norm.values[~lost, 0], np.arange(2500)[~lost])
     np.testing.assert_array_equal(ds.update_norm.values, np.tile(np.arange(2500.0)[:, None], (1, 2)))
     epochs = gradflow.open(store, group="epochs")
