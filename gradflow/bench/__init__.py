@@ -10,8 +10,11 @@ run as ``python -m gradflow.bench.NAME``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +61,17 @@ def child_env(checkout: str, **extra: str) -> dict[str, str]:
     """The environment of a benchmark's child process that imports gradflow from ``checkout`` first."""
     path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_child(script: str, args: list[str], checkout: str, label: str, **env: str) -> dict:
+    """Run ``script`` (a benchmark module's file) with ``args`` in a child process that imports
+    gradflow from ``checkout``, from a neutral folder; return the JSON object its last output line
+    holds. Raises GradflowError naming ``label`` with the end of its stderr when it fails."""
+    result = subprocess.run([sys.executable, script, *args], env=child_env(checkout, **env),
+                            capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    if result.returncode != 0:
+        raise GradflowError(f"{label} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def positive_int(text: str) -> int:

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -239,16 +238,12 @@ def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
     slow = name in ("gpt2", "table1") and args.device == "cpu"
     steps = args.gpt2_steps if slow or name == "table1" else args.steps
     block = 1 if slow else args.block
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--strategy", strategy,
-               "--steps", str(steps), "--block", str(block), "--profile-steps", str(args.profile_steps),
-               "--device", args.device]
     from gradflow import bench
 
-    result = subprocess.run(command, env=bench.child_env(pythonpath), capture_output=True, text=True,
-                            check=False, cwd=tempfile.gettempdir())
-    if result.returncode != 0:
-        raise GradflowError(f"{name}/{strategy} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return bench.run_child(str(Path(__file__).resolve()),
+                           ["--child", name, "--strategy", strategy, "--steps", str(steps),
+                            "--block", str(block), "--profile-steps", str(args.profile_steps),
+                            "--device", args.device], pythonpath, f"{name}/{strategy}")
 
 
 def child_main(argv: list[str]) -> None:

@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -104,16 +103,12 @@ def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_ever
 def run_arm(arm: str, args, pythonpath: str) -> dict:
     from gradflow import bench
 
-    env = bench.child_env(pythonpath, MALLOC_MMAP_THRESHOLD_="131072")
-    # Run this file by path from a neutral folder, so `import gradflow` finds the arm's checkout.
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--dtype", args.dtype,
-               "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--epoch-every", str(args.epoch_every)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False,
-                            cwd=tempfile.gettempdir())
-    if result.returncode != 0:
-        raise GradflowError(f"arm {arm} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    # This file, by path, from a neutral folder: `import gradflow` finds the arm's checkout.
+    return bench.run_child(str(Path(__file__).resolve()),
+                           ["--child", arm, "--dtype", args.dtype, "--device", args.device,
+                            "--steps", str(args.steps), "--warmup", str(args.warmup),
+                            "--epoch-every", str(args.epoch_every)], pythonpath, f"arm {arm}",
+                           MALLOC_MMAP_THRESHOLD_="131072")
 
 
 def child_main(argv: list[str]) -> None:
