@@ -148,9 +148,10 @@ if triton is not None:
                      tl.where(nan_count > 0, sum_diff_squares, tl.max(largest, 0)))
 
 
-def _element_types() -> dict:
-    return {torch.float32: (tl.float32, tl.float32), torch.float64: (tl.float64, tl.float64),
-            torch.bfloat16: (tl.bfloat16, tl.float32), torch.float16: (tl.float16, tl.float32)}
+# Per parameter dtype with a kernel: (the elements' Triton type, the compute type of the differences).
+ELEMENT_TYPES = {} if triton is None else {
+    torch.float32: (tl.float32, tl.float32), torch.float64: (tl.float64, tl.float64),
+    torch.bfloat16: (tl.bfloat16, tl.float32), torch.float16: (tl.float16, tl.float32)}
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -191,7 +192,7 @@ class FusedBucket(ForeachBucket):
             raise Unavailable("Triton is not installed")
         bucket = super().build(params, index, snapshot, scratch_elements)
         data = bucket.data()
-        if bucket.dtype not in _element_types():
+        if bucket.dtype not in ELEMENT_TYPES:
             raise Unavailable(f"no kernel for {bucket.dtype}")
         if not all(dense(d) for d in data):
             raise Unavailable("a parameter is not dense in memory")
@@ -270,7 +271,7 @@ class FusedBucket(ForeachBucket):
         t = self.tables
         tensors = len(self.params)
         out = torch.empty(ROWS[mode], tensors, dtype=torch.float64, device=self.device)
-        element, work = _element_types()[self.dtype]
+        element, work = ELEMENT_TYPES[self.dtype]
         snapshot = self.snapshot_flat if self.keeps_snapshot else t["partials"]
         with _on(self.device):
             if t["chunks"]:
@@ -394,7 +395,7 @@ def _disagreement(device: torch.device, dtype: torch.dtype) -> str:
             p.mul_(1.5).add_(0.25)
         params[0][1] = float("nan")
     got.append(bucket.after_step())
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = compute_dtype(dtype)
     want = {GRAD_NORM: [], GRAD_MAX_ABS: [], GRAD_NONFINITE: [], PARAM_NORM_BEFORE: [],
             PARAM_NORM_AFTER: [], UPDATE_NORM: [], UPDATE_ABS_SUM: [], UPDATE_MAX_ABS: []}
     for p, w in zip(params, before):
