@@ -65,15 +65,16 @@ def _keys(zstore, prefix: str) -> set[str]:
     return sync(collect())
 
 
-def _missing_rows(zstore, array, length: int) -> list[int]:
-    """First row of each chunk row missing below ``length`` (a chunk row: the chunks of the same
-    rows across the other dimensions; empty when all are stored)."""
+def _missing_rows(zstore, array, length: int) -> list[tuple[int, int]]:
+    """The rows ``[first, end)`` (below ``length``) of each chunk row with a chunk missing (a chunk
+    row: the chunks of the same rows across the other dimensions); empty when all are stored."""
     if length == 0:
         return []
     chunks = array.metadata.chunk_grid.chunk_shape
     keys = _keys(zstore, f"{array.path}/")
     rest = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], chunks[1:])]
-    return [i * chunks[0] for i in range(math.ceil(length / chunks[0]))
+    return [(i * chunks[0], min((i + 1) * chunks[0], length))
+            for i in range(math.ceil(length / chunks[0]))
             if any(f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}" not in keys
                    for other in (np.ndindex(*[len(r) for r in rest]) if rest else [()]))]
 
@@ -112,8 +113,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
         for name, array in checked.items():
             unknown = _reads_as_unknown(array, dim)
             missing = _missing_rows(zstore, array, lengths[name])
-            for first in missing if unknown else missing[:1]:
-                end = min(first + array.metadata.chunk_grid.chunk_shape[0], lengths[name])
+            for first, end in missing if unknown else missing[:1]:
                 state.problems.append(f"{parent.path or '.'}/{name}: chunk of rows {first}-{end - 1} "
                                       f"is missing" + (" (its figures are lost: NaN)" if unknown else ""))
                 if unknown:
@@ -139,11 +139,9 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             for name, array in summary[str(level)].arrays():
                 if array.metadata.dimension_names[0] != "block":
                     continue
-                missing = next(iter(_missing_rows(zstore, array, array.shape[0])), None)
-                if missing is not None:
-                    end = min(missing + array.metadata.chunk_grid.chunk_shape[0], array.shape[0]) - 1
-                    state.problems.append(f"{array.path}: chunk of blocks {missing}-{end} is missing")
-                    state.good_summary = min(state.good_summary, missing * int(level))
+                for first, end in _missing_rows(zstore, array, array.shape[0])[:1]:
+                    state.problems.append(f"{array.path}: chunk of blocks {first}-{end - 1} is missing")
+                    state.good_summary = min(state.good_summary, first * int(level))
     return state
 
 

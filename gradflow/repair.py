@@ -57,12 +57,13 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
                     array.resize((length,) + array.shape[1:])
         good = {"step": state.good_steps, "epoch": state.good_epochs}
         for path, dim, first, end in state.lost:  # missing float chunks: NaN, as zarr reads them
-            if first < good[dim]:
+            stop = min(end, good[dim])  # rows the truncation keeps
+            if first < stop:
                 array = zarr.open_array(zstore, path=path, mode="r+")
                 array = array.with_config({"write_empty_chunks": True})  # stored, even all NaN
-                array[first:min(end, good[dim])] = np.nan
-                # Readers can tell lost figures from recorded NaN: [first, end) row ranges.
-                array.attrs["lost_rows"] = [*array.attrs.get("lost_rows", []), [first, min(end, good[dim])]]
+                array[first:stop] = np.nan
+                # Readers can tell lost figures from recorded NaN: [first, stop) row ranges.
+                array.attrs["lost_rows"] = [*array.attrs.get("lost_rows", []), [first, stop]]
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,
