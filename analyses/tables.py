@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gradflow import schema
 from gradflow.analyses.runs import optimizer_of, run_attrs, runs
 
 
-# Per-epoch variables that are not the run's own scalars (end_epoch's keyword arguments).
-NOT_SCALARS = {"train_loss", "val_loss", "num_steps", "update_mean_abs", "update_norm"}
+# 1-D per-epoch variables that are not the run's own other scalars: the losses (their own columns)
+# and the epochs group's coordinates (num_steps).
+NOT_SCALARS = {"train_loss", "val_loss", *schema.names(schema.EPOCH_COORDS)}
 
 
 def best_val_table(data: xr.Dataset | xr.DataTree) -> pd.DataFrame:
