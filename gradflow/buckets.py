@@ -1,21 +1,22 @@
 """Which bucket kind records a group of tensors (one optimizer, one device, one dtype).
 
-Three kinds compute the same per-tensor statistics (:mod:`gradflow.quantities`):
+Four kinds compute the same per-tensor statistics (:mod:`gradflow.quantities`):
 
 * ``"stack"`` (:class:`~gradflow.quantities.Bucket`): shape classes stacked into matrices; the
-  fastest on a CPU, where ``torch._foreach_*`` ops loop over the tensors one by one;
+  fastest torch-only kind on a CPU, where ``torch._foreach_*`` ops loop over the tensors one by one;
 * ``"foreach"`` (:class:`~gradflow.quantities.ForeachBucket`): multi-tensor ``torch._foreach_*``
   kernels, a fixed number per bucket, but about 4 µs of host time per tensor and statistic;
-* ``"fused"`` (:class:`~gradflow.fused.FusedBucket`): two Triton kernels per phase, no per-tensor
-  host work beyond reading the tensors' addresses.
+* ``"fused"``: one pass per phase over the tensors, read in place through a table of their
+  addresses: two Triton kernels on a GPU (:class:`~gradflow.fused.FusedBucket`), one Numba-compiled
+  loop on a CPU (:class:`~gradflow.fused_cpu.CpuFusedBucket`).
 
-``"auto"`` (the default, :data:`STRATEGY`) takes ``"stack"`` on a CPU and ``"fused"`` elsewhere
-where Triton is installed, else ``"foreach"``.
+``"auto"`` (the default, :data:`STRATEGY`) takes ``"fused"`` where its compiler is installed
+(Triton on a GPU, Numba on a CPU: ``pip install "gradflow[fused]"``), else ``"stack"`` on a CPU
+and ``"foreach"`` elsewhere.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import torch
@@ -32,22 +33,33 @@ def build(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
     """A bucket of ``params`` (their global tensor indices ``index``, in layer order).
 
     ``strategy``: a kind named above; None means :data:`STRATEGY`. Where ``"fused"`` cannot be
-    built (no Triton, a parameter not dense in memory, kernels that fail their self-test), a
-    :class:`~gradflow.errors.GradflowWarning` says why and ``"foreach"`` is built instead.
+    built (its compiler not installed, a dtype it has no kernel for, a parameter not dense in
+    memory, kernels that fail their self-test), a :class:`~gradflow.errors.GradflowWarning` says
+    why and the torch-only kind of the device (``"stack"`` on a CPU, ``"foreach"`` elsewhere) is
+    built instead; ``"auto"`` falls back without a warning where the compiler is not installed or
+    the dtype has no kernel.
     """
-    strategy = strategy or STRATEGY
-    if strategy == "auto":
-        if _local(params[0]).device.type == "cpu":
-            strategy = "stack"
-        else:
-            strategy = "fused" if importlib.util.find_spec("triton") is not None else "foreach"
-    if strategy == "fused":
-        from gradflow import fused
+    from gradflow import fused
 
+    strategy = strategy or STRATEGY
+    device = _local(params[0]).device
+    fallback = "stack" if device.type == "cpu" else "foreach"
+    kind = fused_kind(device)
+    if strategy == "auto":
+        strategy = fallback if kind.missing() or not kind.supports(_local(params[0]).dtype) else "fused"
+    if strategy == "fused":
         try:
-            return fused.FusedBucket.build(params, index, snapshot)
+            return kind.build(params, index, snapshot)
         except fused.Unavailable as reason:
-            warnings.warn(f"gradflow: no fused kernels for a bucket ({reason}); using foreach",
+            warnings.warn(f"gradflow: no fused kernels for a bucket ({reason}); using {fallback}",
                           GradflowWarning, stacklevel=2)
-            strategy = "foreach"
+            strategy = fallback
     return {"stack": Bucket, "foreach": ForeachBucket}[strategy].build(params, index, snapshot)
+
+
+def fused_kind(device: torch.device) -> type:
+    """The ``"fused"`` bucket class for ``device``: Numba's on a CPU, Triton's elsewhere (tests
+    swap in Triton's on a CPU, where its interpreter runs it)."""
+    from gradflow import fused, fused_cpu
+
+    return fused_cpu.CpuFusedBucket if device.type == "cpu" else fused.FusedBucket

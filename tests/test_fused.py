@@ -1,9 +1,11 @@
-"""The fused Triton kernels (gradflow/fused.py), on a CPU through Triton's interpreter.
+"""The fused kernels: Triton's (gradflow/fused.py, on a CPU through Triton's interpreter) and
+Numba's (gradflow/fused_cpu.py), which share the bucket around them.
 
 Every figure is compared with a float64 NumPy reference computed here from the tensors themselves:
 ‖x‖ = sqrt(Σx²), max|x| (NaN where x holds a NaN), the count of NaN/±Inf, and for the update
 d = w_after − w_before taken in the compute dtype (float32; float64 for float64 parameters), ‖d‖,
-Σ|d| and max|d|. Chunks are made tiny, so that tensors span several programs of each kernel.
+Σ|d| and max|d|. Triton's chunks are made tiny, so that tensors span several programs of each
+kernel; one tensor spans two of Numba's blocks.
 """
 
 from __future__ import annotations
@@ -22,20 +24,40 @@ from torch import nn
 from gradflow import buckets, quantities
 from gradflow.errors import GradflowError, GradflowWarning
 
-pytestmark = pytest.mark.skipif(not fused_kernels_on("cpu"),
-                                reason="needs Triton (interpreted on a CPU)")
-
-SHAPES = [(3,), (20, 30), (700,), (1,), (5, 4, 3, 3)]  # 700: three chunks of 256
+needs_triton = pytest.mark.skipif(not fused_kernels_on("cpu"),
+                                  reason="needs Triton (interpreted on a CPU)")
+# 700: three of Triton's chunks of 256; 4200: two of Numba's blocks of 4096
+SHAPES = [(3,), (20, 30), (700,), (1,), (5, 4, 3, 3), (4200,)]
 
 
 @pytest.fixture
 def fused(monkeypatch):
+    if not fused_kernels_on("cpu"):
+        pytest.skip("needs Triton (interpreted on a CPU)")
     from gradflow import fused
 
     monkeypatch.setattr(fused, "CHUNK", 256)
     monkeypatch.setattr(fused, "BLOCK", 64)
     monkeypatch.setattr(fused, "COMBINE_BLOCK", 2)  # a tensor's chunks in several iterations
     return fused
+
+
+@pytest.fixture(params=["triton", "numba"])
+def kind(request, monkeypatch):
+    """The fused bucket class under test: Triton's (interpreted, tiny chunks) or Numba's."""
+    if request.param == "triton":
+        return request.getfixturevalue("fused").FusedBucket
+    pytest.importorskip("numba")
+    from gradflow import fused_cpu
+
+    assert fused_cpu.BLOCK == 4096  # compiled in: SHAPES[5] spans two blocks
+    return fused_cpu.CpuFusedBucket
+
+
+def kind_for(kind: type, dtype: torch.dtype) -> type:
+    if not kind.supports(dtype):
+        pytest.skip(f"{kind.__name__} has no kernel for {dtype}")
+    return kind
 
 
 def make_params(dtype: torch.dtype) -> list[nn.Parameter]:
@@ -71,18 +93,20 @@ def row(parts: list, which: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_step_figures_match_float64_references(fused, dtype):
+def test_step_figures_match_float64_references(kind, dtype):
     params = make_params(dtype)
-    bucket = fused.FusedBucket.build(params, list(range(len(params))))
-    assert bucket.tables["chunks"] == 1 + 3 + 3 + 1 + 1
+    bucket = kind_for(kind, dtype).build(params, list(range(len(params))))
+    if "chunks" in bucket.tables:  # Triton's
+        assert bucket.tables["chunks"] == 1 + 3 + 3 + 1 + 1 + 17
     for p in params:
         p.grad = torch.randn_like(p)
     params[2].grad[5], params[2].grad[7] = float("nan"), float("inf")
     params[1].grad[0, 0] = -float("inf")
     params[3].grad = None
+    params[5].grad[4100] = float("nan")  # in the second block only
     present = np.ones(len(params), bool)
     parts = bucket.gradient_parts(present, None)
-    assert present.tolist() == [True, True, True, False, True]
+    assert present.tolist() == [True, True, True, False, True, True]
     for j, p in enumerate(params):
         norm, largest, bad = gradient_reference(p.grad)
         np.testing.assert_allclose(row(parts, quantities.GRAD_NORM)[j], norm, rtol=1e-12)
@@ -97,6 +121,7 @@ def test_step_figures_match_float64_references(fused, dtype):
         for p in params:
             p.add_(torch.randn_like(p), alpha=1e-2)
         params[0][1] = float("nan")  # a NaN weight: its update figures are NaN
+        params[5][4097] += 1.0  # the largest update, in the second block
     parts = bucket.after_step()
     for j, (p, w) in enumerate(zip(params, before)):
         w_norm, d_norm, d_abs, d_max = update_reference(p, w)
@@ -109,11 +134,11 @@ def test_step_figures_match_float64_references(fused, dtype):
                                [np.sqrt(np.sum(wide(p) ** 2)) for p in params[1:]], rtol=1e-12)
 
 
-def test_huge_entries_and_scaled_gradients(fused):
+def test_huge_entries_and_scaled_gradients(kind):
     """1e20 entries square to 1e40 in float64 (finite: float32 squares would be inf); a fused
     optimizer's GradScaler scale divides ‖g‖ and max|g|."""
     params = [nn.Parameter(torch.full((300,), 1e20)), nn.Parameter(torch.ones(4))]
-    bucket = fused.FusedBucket.build(params, [0, 1])
+    bucket = kind.build(params, [0, 1])
     for p in params:
         p.grad = p.detach() * 2
     parts = bucket.gradient_parts(np.ones(2, bool), torch.tensor(4.0))
@@ -124,11 +149,11 @@ def test_huge_entries_and_scaled_gradients(fused):
                                [1e20 * np.sqrt(300), 2.0], rtol=1e-6)
 
 
-def test_gradients_of_any_layout_and_moved_tensors(fused):
+def test_gradients_of_any_layout_and_moved_tensors(kind):
     """A transposed (dense) gradient, a gapped one and a sparse one are read as what they hold; a
     gradient or parameter at a new address (``p.data = ...``) is read there, not at the old one."""
     params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(5, 3))]
-    bucket = fused.FusedBucket.build(params, [0, 1, 2])
+    bucket = kind.build(params, [0, 1, 2])
     params[0].grad = torch.randn(4, 6).t()
     params[1].grad = torch.randn(16)[::2]
     params[2].grad = torch.randn(5, 3).to_sparse()
@@ -148,13 +173,15 @@ def test_gradients_of_any_layout_and_moved_tensors(fused):
         bucket.snapshot()
 
 
-def test_unusable_buckets_fall_back_to_foreach_with_a_warning(fused, monkeypatch):
-    """A parameter that is not dense in memory, or kernels that fail, give the foreach bucket and a
-    warning naming why; never an error inside the training step."""
+def test_unusable_buckets_fall_back_with_a_warning(fused, monkeypatch):
+    """A parameter that is not dense in memory, or kernels that fail, give the device's torch-only
+    bucket (here, a CPU: stack; foreach on a GPU) and a warning naming why; never an error inside
+    the training step."""
+    monkeypatch.setattr(buckets, "fused_kind", lambda device: fused.FusedBucket)
     gapped = [nn.Parameter(torch.randn(4, 8)[:, ::2])]
-    with pytest.warns(GradflowWarning, match="not dense"):
+    with pytest.warns(GradflowWarning, match="not dense.*using stack"):
         bucket = buckets.build(gapped, [0], strategy="fused")
-    assert type(bucket) is quantities.ForeachBucket
+    assert type(bucket) is quantities.Bucket
 
     class Broken:  # a kernel whose launch fails (as a Triton compile error would)
         def __getitem__(self, grid):
@@ -166,15 +193,16 @@ def test_unusable_buckets_fall_back_to_foreach_with_a_warning(fused, monkeypatch
     monkeypatch.setattr(fused, "_combine", Broken())
     with pytest.warns(GradflowWarning, match="kernels failed"):
         bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
-    assert type(bucket) is quantities.ForeachBucket
+    assert type(bucket) is quantities.Bucket
 
 
-def test_recording_leaves_training_bit_identical(fused, tmp_path, monkeypatch):
+def test_recording_leaves_training_bit_identical(kind, tmp_path, monkeypatch):
     """The snapshot kernel writes only the snapshot: weights trained with fused recording equal the
     weights trained without it, bit for bit."""
     import gradflow
 
     monkeypatch.setattr(buckets, "STRATEGY", "fused")
+    monkeypatch.setattr(buckets, "fused_kind", lambda device: kind)
 
     def train(record: bool) -> dict:
         torch.manual_seed(0)
@@ -186,7 +214,7 @@ def test_recording_leaves_training_bit_identical(fused, tmp_path, monkeypatch):
             model(torch.randn(4, 8)).square().mean().backward()
             optimizer.step()
         if rec is not None:
-            assert type(rec._all_buckets()[0]).__name__ == "FusedBucket"
+            assert type(rec._all_buckets()[0]) is kind
             rec.close()
         return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -199,7 +227,7 @@ def test_recording_leaves_training_bit_identical(fused, tmp_path, monkeypatch):
 
 def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatch):
     """A Triton that compiled a kernel wrongly (here: one figure off by 1e-6 relative) must cost
-    speed, never exactness: the self-test finds it, and the bucket falls back to foreach, warning."""
+    speed, never exactness: the self-test finds it, and the bucket falls back, warning."""
     real = fused._combine
 
     class Skewed:
@@ -214,9 +242,51 @@ def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatc
     monkeypatch.setattr(fused, "_combine", Skewed())
     with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_ABS_SUM}"):
         fused.self_test(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(buckets, "fused_kind", lambda device: fused.FusedBucket)
     with pytest.warns(GradflowWarning, match="self-test"):
         bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
-    assert type(bucket) is quantities.ForeachBucket
+    assert type(bucket) is quantities.Bucket
+
+
+def test_numba_kernels_that_compute_wrong_figures_fail_the_self_test(monkeypatch):
+    """As for Triton: a Numba that compiled a kernel wrongly (one figure off by 1e-6 relative)
+    is found by the self-test, and the CPU records with the stack bucket, warning."""
+    pytest.importorskip("numba")
+    from gradflow import fused, fused_cpu
+
+    real = fused_cpu._after_kernel
+
+    def skewed(addresses, numel, offsets, snapshot, out):
+        real(addresses, numel, offsets, snapshot, out)
+        out[2] *= 1 + 1e-6  # Σ|Δw| only
+
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    monkeypatch.setattr(fused_cpu, "_after_kernel", skewed)
+    with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_ABS_SUM}"):
+        fused.self_test(torch.device("cpu"), torch.float32, fused_cpu.CpuFusedBucket)
+    with pytest.warns(GradflowWarning, match="self-test"):
+        bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
+    assert type(bucket) is quantities.Bucket
+
+
+@pytest.mark.parametrize("why", ["bfloat16", "no numba"])
+def test_the_cpu_default_is_numba_where_it_can_be_else_stack(monkeypatch, why):
+    """``auto`` on a CPU: Numba's kernels for float32/float64 where Numba is installed; otherwise
+    (bfloat16, float16, no Numba) the stack bucket, silently. Asking for ``fused`` where it cannot
+    be built warns, naming why."""
+    pytest.importorskip("numba")
+    from gradflow import fused_cpu
+
+    assert type(buckets.build([nn.Parameter(torch.randn(3))], [0])) is fused_cpu.CpuFusedBucket
+    params = [nn.Parameter(torch.randn(3, dtype=torch.bfloat16 if why == "bfloat16" else None))]
+    if why == "no numba":
+        monkeypatch.setattr(fused_cpu, "numba", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(buckets.build(params, [0])) is quantities.Bucket
+    with pytest.warns(GradflowWarning, match="no kernel for torch.bfloat16" if why == "bfloat16"
+                      else "Numba is not installed"):
+        assert type(buckets.build(params, [0], strategy="fused")) is quantities.Bucket
 
 
 COMPILE = """
@@ -250,6 +320,7 @@ print("compiled")
 """
 
 
+@needs_triton
 def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     """Triton compiles every phase of both kernels for every dtype to GPU machine code (cubin for
     sm_90: the H100 and H200) here, without a GPU. The interpreter that runs them on a CPU accepts
@@ -264,12 +335,12 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["slice", "gapped", "bigger", "dtype"])
-def test_a_parameter_changed_in_size_or_dtype_is_refused_not_misread(fused, change):
+def test_a_parameter_changed_in_size_or_dtype_is_refused_not_misread(kind, change):
     """The kernels read ``numel`` elements of the bucket's dtype at each address: a ``p.data = ...``
     that keeps the address with fewer elements (a slice), gives more, or another dtype, must raise,
     never yield figures read from the wrong memory (the foreach bucket raises or reads it right)."""
     params = [nn.Parameter(torch.arange(8.0)), nn.Parameter(torch.arange(8.0))]
-    bucket = fused.FusedBucket.build(params, [0, 1])
+    bucket = kind.build(params, [0, 1])
     bucket.snapshot()
     params[1].data = {"slice": lambda w: w[:4], "gapped": lambda w: w[::2],
                       "bigger": lambda w: torch.arange(16.0),
@@ -282,14 +353,14 @@ def test_a_parameter_changed_in_size_or_dtype_is_refused_not_misread(fused, chan
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_an_update_that_relays_a_weight_out_is_measured_elementwise(fused, dtype):
+def test_an_update_that_relays_a_weight_out_is_measured_elementwise(kind, dtype):
     """An optimizer that assigns ``p.data`` a copy in another memory layout (channels_last in,
     contiguous out) between the snapshot and the step's end: the snapshot holds the old memory
     order, so Δw must pair elements by index, not by memory position."""
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(2, 3, 4, 4).to(dtype).contiguous(
         memory_format=torch.channels_last)), nn.Parameter(torch.randn(5).to(dtype))]
-    bucket = fused.FusedBucket.build(params, [0, 1])
+    bucket = kind_for(kind, dtype).build(params, [0, 1])
     before = [p.detach().clone() for p in params]
     bucket.snapshot()
     with torch.no_grad():

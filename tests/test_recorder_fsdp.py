@@ -9,7 +9,7 @@ per-layer figure with numpy from the gathered tensors (exact) and from the unsha
 (same training, float32 rounding apart), and compares them with what rank 0 recorded. Unsupported
 setups must fail with the same error on both ranks, without a hang. FSDP2 runs through the
 multi-tensor (foreach) buckets that GPUs use and, where Triton is installed, through the fused
-kernels (``fsdp2_fused``, interpreted on a CPU); the others through stacked ones. ``fsdp2_frozen``
+kernels (``fsdp2_fused``: Triton's, interpreted on a CPU; ``fsdp2_numba``: Numba's); the others through stacked ones. ``fsdp2_frozen``
 freezes one weight and leaves it out of the optimizer (BitFit): its layer's ``param_norm`` and
 ``update_ratio`` must still cover it, combined over its shards. HSDP runs as 2
 replicas of a 1-way shard (a (2, 1) mesh): the replicas hold the same figures, which must not be
@@ -20,6 +20,7 @@ only.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,12 +35,15 @@ from torch import nn
 
 STEPS = 3
 FUSED = fused_kernels_on("cpu")
-KINDS = ("fsdp1", "fsdp2", "hsdp", "fsdp1_hybrid", "fsdp2_frozen") + (("fsdp2_fused",) if FUSED else ())
+NUMBA = importlib.util.find_spec("numba") is not None
+KINDS = (("fsdp1", "fsdp2", "hsdp", "fsdp1_hybrid", "fsdp2_frozen") + (("fsdp2_fused",) if FUSED else ())
+         + (("fsdp2_numba",) if NUMBA else ()))
 # fsdp2_frozen: layer "2"'s weight frozen and left out of the optimizer, its bias trained (BitFit):
 # the layer's param_norm and update_ratio still cover the frozen weight, across its shards.
 FROZEN = "2.weight"
-# FSDP2 through each bucket kind; the others through stacked buckets.
-STRATEGY = {"fsdp2": "foreach", "fsdp2_fused": "fused"}
+# FSDP2 through each bucket kind (fused: Triton's, interpreted; numba: the CPU's fused kernels);
+# the others through stacked buckets.
+STRATEGY = {"fsdp2": "foreach", "fsdp2_fused": "fused", "fsdp2_numba": "fused"}
 REPLICATED = ("hsdp", "fsdp1_hybrid")  # 2 replicas of a 1-way shard: every rank holds whole tensors
 WORLD_SIZE = 2
 NAMES = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"], "4": ["4.weight"]}
@@ -58,7 +62,7 @@ def batch(rank: int, step: int):
 
 
 def shard(model: nn.Module, kind: str, **options) -> nn.Module:
-    kind = "fsdp2" if kind in ("fsdp2_fused", "fsdp2_frozen") else kind
+    kind = "fsdp2" if kind in ("fsdp2_fused", "fsdp2_frozen", "fsdp2_numba") else kind
     if kind == "fsdp1_hybrid":  # HYBRID_SHARD: shard within (1-rank) groups, replicate across them
         import torch.distributed as dist
         from torch.distributed.fsdp import ShardingStrategy
@@ -138,7 +142,11 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
     import gradflow
     from gradflow import buckets
 
+    from gradflow import fused, fused_cpu
+
     buckets.STRATEGY = STRATEGY.get(kind, "stack")
+    buckets.fused_kind = lambda device: (fused.FusedBucket if kind == "fsdp2_fused"
+                                         else fused_cpu.CpuFusedBucket)
     error = refused(rank, out_dir, kind) if kind not in REPLICATED else ""
     model, reference = make_model(), make_model()  # reference: unsharded, on both ranks' batches
     if kind == "fsdp2_frozen":
@@ -153,7 +161,9 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
     recorder = gradflow.Recorder(model, optimizer, str(store), every=1)
     names = [n.replace("_fsdp_wrapped_module.", "") for n, _ in model.named_parameters()]
     assert sorted(names) == sorted(SHAPES), names
-    saved = {"error": np.array(error)}
+    saved = {"error": np.array(error),
+             "buckets": np.array(sorted({type(b).__name__ for b in recorder._all_buckets()})
+                                 if recorder._active else [])}  # a replica of rank 0: no buckets
     for step in range(STEPS):
         x, y = batch(rank, step)
         optimizer.zero_grad()
@@ -209,7 +219,8 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("kind", KINDS[:5] + (pytest.param("fsdp2_fused", marks=pytest.mark.skipif(
-    not FUSED, reason="needs Triton (interpreted on a CPU)")),))
+    not FUSED, reason="needs Triton (interpreted on a CPU)")), pytest.param(
+    "fsdp2_numba", marks=pytest.mark.skipif(not NUMBA, reason="needs Numba"))))
 def test_sharded_two_ranks_global_figures(runs, kind):
     import gradflow
 
@@ -222,6 +233,10 @@ def test_sharded_two_ranks_global_figures(runs, kind):
         assert errors[0] and errors[0] == errors[1]
         assert ("use_orig_params" in errors[0]) if kind == "fsdp1" else ("placements" in errors[0])
     assert not (tmp_path / "rank1.zarr").exists(), "rank 1 must not write a store"
+    expected = {"fsdp2": "ForeachBucket", "fsdp2_fused": "FusedBucket",
+                "fsdp2_numba": "CpuFusedBucket"}.get(kind, "Bucket")
+    kinds = [s["buckets"].tolist() for s in saved]
+    assert kinds[0] == [expected] and kinds[1] in ([expected], []), kinds
 
     ds = gradflow.open(str(tmp_path / "run.zarr"))
     assert list(ds["layer"].values) == list(NAMES)  # no _fsdp_wrapped_module

@@ -17,8 +17,23 @@ from torch import nn
 import gradflow
 from gradflow import buckets, quantities
 
-STRATEGIES = ["stack", "foreach", pytest.param("fused", marks=pytest.mark.skipif(
+# "auto": the CPU default (Numba's fused kernels for float32 where Numba is installed, else stack);
+# "fused": Triton's fused kernels, interpreted on a CPU.
+STRATEGIES = ["stack", "foreach", "auto", pytest.param("fused", marks=pytest.mark.skipif(
     not fused_kernels_on("cpu"), reason="needs Triton (interpreted on a CPU)"))]
+
+
+def use(monkeypatch, strategy: str, dtype: torch.dtype) -> str:
+    """Make the Recorder build ``strategy``'s buckets; returns the class name it must build."""
+    from gradflow import fused, fused_cpu
+
+    monkeypatch.setattr(buckets, "STRATEGY", strategy)
+    if strategy == "fused":
+        monkeypatch.setattr(buckets, "fused_kind", lambda device: fused.FusedBucket)
+    if strategy == "auto":
+        numba = fused_cpu.numba is not None and fused_cpu.CpuFusedBucket.supports(dtype)
+        return "CpuFusedBucket" if numba else "Bucket"
+    return {"stack": "Bucket", "foreach": "ForeachBucket", "fused": "FusedBucket"}[strategy]
 
 GRADIENT_VARIABLES = ("grad_norm", "grad_max_abs", "nonfinite", "param_norm")
 UPDATE_VARIABLES = ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio")
@@ -45,14 +60,14 @@ def train(model, optimizer, data, rec=None, epoch_after=None):
 def test_strategies_and_a_tiny_scratch_record_exactly(tmp_path, monkeypatch, strategy, dtype):
     """Every bucket kind, with a scratch far smaller than the model (classes in runs, tensors in
     blocks): every step and epoch figure matches the reference, and training is unchanged."""
-    monkeypatch.setattr(buckets, "STRATEGY", strategy)
+    expected = use(monkeypatch, strategy, dtype)
     monkeypatch.setattr(quantities, "SCRATCH_MIN_ELEMENTS", 16)
     monkeypatch.setattr(quantities, "SCRATCH_FRACTION", 0.01)
     model = make_net().to(dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
         kinds = {type(b).__name__ for b in rec._all_buckets()}
-        assert kinds == {{"stack": "Bucket", "foreach": "ForeachBucket", "fused": "FusedBucket"}[strategy]}
+        assert kinds == {expected}
         start = weights(model)
         records = train(model, optimizer, batches(3), rec, epoch_after=2)
     check_steps(gradflow.open(tmp_path / "run.zarr"), records, NET_LAYERS)
@@ -98,7 +113,7 @@ def test_huge_float32_values_do_not_overflow_the_norms(tmp_path, monkeypatch, st
     """Entries above ~1.8e19 overflow float32 squares; the norms (2e20, 2e21 here) fit in float32 and
     must be recorded exactly, not as inf, with nonfinite 0 (an exploding gradient, where it matters).
     Only some tensors overflow: the CPU looks once per phase and recomputes only those."""
-    monkeypatch.setattr(buckets, "STRATEGY", strategy)
+    use(monkeypatch, strategy, dtype)
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False)).to(dtype)
     with torch.no_grad():
         model[1].weight.fill_(1e21)

@@ -1,0 +1,262 @@
+"""Fused per-tensor statistics on a CPU with Numba: one compiled call per phase, whatever the tensors.
+
+On a CPU the ``stack`` bucket (:class:`~gradflow.quantities.Bucket`) makes about 20 passes over the
+parameters per recorded step (stacking copies, ``abs_``, norms, maxima, each a separate torch op) and
+``torch._foreach_*`` loops over the tensors one op at a time. :class:`CpuFusedBucket` reads every
+tensor in place through a table of raw addresses, as :class:`~gradflow.fused.FusedBucket` does on a
+GPU, with one Numba-compiled loop per phase that makes one pass over each tensor (block by block of
+:data:`BLOCK` elements, so that the few statistics of a block read it from the L1 cache):
+
+* ``GRAD``: ‖g‖, max|g| and the count of NaN/±Inf entries of g (counted only where Σg² is not
+  finite, which an entry that is not finite always makes it: float32 squares cannot overflow a
+  float64 sum);
+* ``SNAPSHOT``: ‖w‖, copying w into the Δw snapshot (raw elements, the parameters' own dtype);
+* ``AFTER``: ‖w‖ and, with d = w − w_snapshot computed in the parameters' dtype (float32 or
+  float64, as the other buckets do), ‖d‖, Σ|d| and max|d|;
+* ``NORM``: ‖w‖ only.
+
+Sums are accumulated in float64 (float32 inputs: every square is exact), in an order fixed by the
+compiled code (deterministic). max|·| leaves NaN out and is NaN where the tensor holds a NaN, as
+:func:`torch.amax` of ``abs`` is. The compiler may reassociate sums (to vectorize them) but not
+assume finite values: ``fastmath`` is limited to :data:`FASTMATH`.
+
+Availability: ``pip install "gradflow[fused]"`` (Numba, about 60 MB of wheels). Parameters in
+float32 or float64 (bfloat16 / float16 use the ``stack`` bucket). Compiled once per dtype and cached
+on disk by Numba (``cache=True``: next to this file, or in Numba's user cache directory where that
+is read-only); a bucket passes :func:`gradflow.fused.self_test` (every figure of every phase against
+float64 references) before it is used, else :func:`gradflow.buckets.build` warns and uses ``stack``.
+The kernels run single-threaded and release the GIL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradflow.fused import AFTER, GRAD, NORM, ROWS, SNAPSHOT, FusedBucket, Unavailable
+
+try:
+    import numba
+    from numba import njit, types
+    from numba.extending import intrinsic
+except ImportError:  # the [fused] extra is not installed
+    numba = None
+
+BLOCK = 4096  # elements of one tensor per block: all of a block's statistics read it from L1
+LANES = 8  # independent max|·| accumulators, so that the compiler vectorizes the maximum
+# Sums may be reassociated (vectorized) and contracted (fused multiply-add); no flag that lets the
+# compiler assume finite values ("nnan", "ninf"), which would break the NaN/Inf figures.
+FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
+# The maxima may assume no NaN ("nnan" lets the compiler vectorize the comparisons): a maximum is
+# only used where its tensor holds no NaN (Σx² is finite, or at least not NaN); otherwise the
+# kernel writes NaN in its place.
+MAX_FASTMATH = FASTMATH | {"nnan"}
+NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+if numba is not None:
+    _jit = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False, cache=True)
+    _inline = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False, inline="always")
+    _maximum = njit(nogil=True, fastmath=set(MAX_FASTMATH), boundscheck=False)
+
+    @intrinsic
+    def _at(typingctx, address, like):
+        """The typed pointer at an integer ``address``, of ``like``'s element type."""
+        pointer = types.CPointer(like.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+        return pointer(types.int64, like), codegen
+
+    @intrinsic
+    def _fabs(typingctx, x):
+        """|x| as LLVM's ``fabs`` (Python's ``abs`` on a float calls libm, which is not vectorized)."""
+        def codegen(context, builder, signature, args):
+            fabs = builder.module.declare_intrinsic("llvm.fabs", [args[0].type])
+            return builder.call(fabs, args)
+        return x(x), codegen
+
+    @_maximum
+    def _larger(a, b):
+        return a if a > b else b  # a NaN never replaces the maximum
+
+    # The helpers take one block (a view) and index it from 0: numba then knows every index is
+    # non-negative and leaves out its wrap-around check, which would stop the vectorization.
+
+    @_inline
+    def _square_sum(x):
+        s = 0.0
+        for i in range(x.shape[0]):
+            v = np.float64(x[i])
+            s += v * v
+        return s
+
+    @_maximum
+    def _abs_max(x):
+        """max|x| with NaN left out, over :data:`LANES` accumulators."""
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x.dtype.type(0)
+        n = x.shape[0]
+        for k in range(n // LANES):
+            i = LANES * k
+            m0 = _larger(_fabs(x[i]), m0)
+            m1 = _larger(_fabs(x[i + 1]), m1)
+            m2 = _larger(_fabs(x[i + 2]), m2)
+            m3 = _larger(_fabs(x[i + 3]), m3)
+            m4 = _larger(_fabs(x[i + 4]), m4)
+            m5 = _larger(_fabs(x[i + 5]), m5)
+            m6 = _larger(_fabs(x[i + 6]), m6)
+            m7 = _larger(_fabs(x[i + 7]), m7)
+        for i in range(n - n % LANES, n):
+            m0 = _larger(_fabs(x[i]), m0)
+        return _larger(_larger(_larger(m0, m1), _larger(m2, m3)),
+                       _larger(_larger(m4, m5), _larger(m6, m7)))
+
+    @_inline
+    def _difference_sums(w, s):
+        """Σd² and Σ|d| of d = w − s (d in the parameters' dtype)."""
+        squares = 0.0
+        absolute = 0.0
+        for i in range(w.shape[0]):
+            d = np.float64(w[i] - s[i])
+            squares += d * d
+            absolute += _fabs(d)
+        return squares, absolute
+
+    @_maximum
+    def _difference_max(w, s):
+        """max|w − s| with NaN left out, over :data:`LANES` accumulators."""
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = w.dtype.type(0)
+        n = w.shape[0]
+        for k in range(n // LANES):
+            i = LANES * k
+            m0 = _larger(_fabs(w[i] - s[i]), m0)
+            m1 = _larger(_fabs(w[i + 1] - s[i + 1]), m1)
+            m2 = _larger(_fabs(w[i + 2] - s[i + 2]), m2)
+            m3 = _larger(_fabs(w[i + 3] - s[i + 3]), m3)
+            m4 = _larger(_fabs(w[i + 4] - s[i + 4]), m4)
+            m5 = _larger(_fabs(w[i + 5] - s[i + 5]), m5)
+            m6 = _larger(_fabs(w[i + 6] - s[i + 6]), m6)
+            m7 = _larger(_fabs(w[i + 7] - s[i + 7]), m7)
+        for i in range(n - n % LANES, n):
+            m0 = _larger(_fabs(w[i] - s[i]), m0)
+        return _larger(_larger(_larger(m0, m1), _larger(m2, m3)),
+                       _larger(_larger(m4, m5), _larger(m6, m7)))
+
+    @_jit
+    def _gradient_kernel(addresses, numel, like, out):
+        """``out[:, j]`` = ‖g‖, max|g|, count of NaN/±Inf of the tensor at ``addresses[j]``
+        (``numel[j]`` elements of ``like``'s dtype; address 0: no gradient, zeros)."""
+        for j in range(addresses.shape[0]):
+            n = numel[j]
+            if addresses[j] == 0:
+                out[0, j] = 0.0
+                out[1, j] = 0.0
+                out[2, j] = 0.0
+                continue
+            x = numba.carray(_at(addresses[j], like), (n,))
+            squares = 0.0
+            largest = like.dtype.type(0)
+            for k in range((n + BLOCK - 1) // BLOCK):
+                block = x[k * BLOCK:(k + 1) * BLOCK]
+                squares += _square_sum(block)
+                largest = _larger(_abs_max(block), largest)
+            count = 0
+            nan = False
+            if not np.isfinite(squares):
+                for i in range(n):
+                    if not np.isfinite(x[i]):
+                        count += 1
+                        nan = nan or x[i] != x[i]
+            out[0, j] = np.sqrt(squares)
+            out[1, j] = np.nan if nan else np.float64(largest)
+            out[2, j] = count
+
+    @_jit
+    def _norm_kernel(addresses, numel, like, out):
+        """``out[0, j]`` = ‖w‖ of the tensor at ``addresses[j]``."""
+        for j in range(addresses.shape[0]):
+            out[0, j] = np.sqrt(_square_sum(numba.carray(_at(addresses[j], like), (numel[j],))))
+
+    @_jit
+    def _snapshot_kernel(addresses, numel, offsets, snapshot, out):
+        """``out[0, j]`` = ‖w‖, copying w into ``snapshot[offsets[j]:offsets[j] + numel[j]]``."""
+        for j in range(addresses.shape[0]):
+            n = numel[j]
+            x = numba.carray(_at(addresses[j], snapshot), (n,))
+            saved = snapshot[offsets[j]:offsets[j] + n]
+            for i in range(n):
+                saved[i] = x[i]
+            out[0, j] = np.sqrt(_square_sum(x))  # the copy is in the cache
+
+    @_jit
+    def _after_kernel(addresses, numel, offsets, snapshot, out):
+        """``out[:, j]`` = ‖w‖, ‖d‖, Σ|d|, max|d| with d = w − (its snapshot)."""
+        for j in range(addresses.shape[0]):
+            n = numel[j]
+            w = numba.carray(_at(addresses[j], snapshot), (n,))
+            s = snapshot[offsets[j]:offsets[j] + n]
+            weights = 0.0
+            squares = 0.0
+            absolute = 0.0
+            largest = snapshot.dtype.type(0)
+            for k in range((n + BLOCK - 1) // BLOCK):
+                w_block = w[k * BLOCK:(k + 1) * BLOCK]
+                s_block = s[k * BLOCK:(k + 1) * BLOCK]
+                weights += _square_sum(w_block)
+                block_squares, block_absolute = _difference_sums(w_block, s_block)
+                squares += block_squares
+                absolute += block_absolute
+                largest = _larger(_difference_max(w_block, s_block), largest)
+            out[0, j] = np.sqrt(weights)
+            out[1, j] = np.sqrt(squares)
+            out[2, j] = absolute
+            out[3, j] = np.nan if squares != squares else np.float64(largest)  # a NaN in d
+
+
+class CpuFusedBucket(FusedBucket):
+    """A :class:`~gradflow.fused.FusedBucket` on a CPU: the same tables of addresses and the same
+    checks, with the phases computed by this module's Numba kernels instead of Triton's.
+
+    Memory beyond the ``stack`` bucket's: none per step (the figures are a ``(≤ 4, T)`` float64
+    array); the Δw snapshot (P) and the epoch copy (P), as the other buckets. Raises
+    :class:`~gradflow.fused.Unavailable` from :meth:`build`.
+    """
+
+    @classmethod
+    def missing(cls) -> str:
+        return "" if numba is not None else 'Numba is not installed (pip install "gradflow[fused]")'
+
+    @classmethod
+    def supports(cls, dtype: torch.dtype) -> bool:
+        return dtype in NUMPY_TYPES
+
+    def _make_tables(self, data: list[torch.Tensor]) -> None:
+        self.sizes = [d.numel() for d in data]
+        numel = np.array(self.sizes, dtype=np.int64)
+        snapshot = self.snapshot_flat if self.snapshot_flat is not None else torch.empty(0)
+        self.tables = {"numel": numel, "offsets": np.cumsum(numel) - numel,
+                       "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]),
+                       "snapshot": snapshot.numpy() if self.keeps_snapshot else None}
+
+    def _warm_up(self, data: list[torch.Tensor]) -> None:
+        """Compile (or load from Numba's cache) this dtype's kernels now, not in the first step."""
+        try:
+            addresses = self._addresses("param", data)
+            for mode in (GRAD, NORM) + ((SNAPSHOT, AFTER) if self.keeps_snapshot else ()):
+                self._run(mode, addresses)  # SNAPSHOT writes the snapshot: it is rewritten anyway
+        except Exception as err:  # a Numba typing or compile failure, whatever its class
+            raise Unavailable(f"the kernels failed: {err!r}") from err
+
+    def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
+        """One phase's kernel; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""
+        t = self.tables
+        out = np.empty((ROWS[mode], len(self.sizes)), dtype=np.float64)
+        table = addresses.numpy()
+        if mode == GRAD:
+            _gradient_kernel(table, t["numel"], t["like"], out)
+        elif mode == NORM:
+            _norm_kernel(table, t["numel"], t["like"], out)
+        elif mode == SNAPSHOT:
+            _snapshot_kernel(table, t["numel"], t["offsets"], t["snapshot"], out)
+        else:
+            _after_kernel(table, t["numel"], t["offsets"], t["snapshot"], out)
+        return torch.from_numpy(out)
