@@ -8,6 +8,8 @@ A run's committed state (what the consolidated metadata at the store root publis
   fill value, so a missing chunk means lost data: without this check a deleted ``grad_norm`` chunk
   reads as 1,024 NaN rows and a deleted ``step`` chunk as 1,024 rows of step 0). Stores written
   before gradflow stored every chunk (no ``all_chunks_stored`` attr) are checked for ``step`` only.
+  What a lost chunk held is known exactly for the coordinates the writer numbers itself
+  (:func:`derived_coordinate`: row i is step i·every, epoch row i is epoch i).
   The derived summary (``summary/<b>``, :mod:`gradflow.summary`) is held to the same rule up to
   its committed number of blocks; a hole there loses nothing (the raw rows recompute it).
 
@@ -17,7 +19,8 @@ do not see that damage, so ``gradflow.open`` does not check it; a resumed Record
 and xarray with ``consolidated=False`` read those files, and ``gradflow check`` reports them.
 
 :func:`gradflow.repair.repair_run` writes the lost chunks of float figures (:attr:`RunState.lost`) as NaN,
-truncates what else is damaged to its longest consistent prefix (the last consistent commit),
+rebuilds the lost chunks of :func:`derived_coordinate` coordinates, truncates what else is damaged
+to its longest consistent prefix (the last consistent commit),
 republishes the run and deletes ``*.partial`` files that an interrupted atomic write left; it
 rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
 """
@@ -51,6 +54,8 @@ class RunState:
     # Chunks of float figures (NaN fill) that are missing: (array path, dimension, first row, end
     # row). Zarr reads them as NaN, so they cost only their own figures: repair writes them as NaN.
     lost: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # Missing chunks whose values are known all the same: (array path, dimension, first row, values).
+    rebuilt: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
 
 
 def _committed(zstore, group: str | None):
@@ -87,6 +92,37 @@ def _reads_as_unknown(array, dim: str) -> bool:
             and fill is not None and bool(np.isnan(fill)))
 
 
+def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | None:
+    """The values the writer's own numbering gives a coordinate, or None for one it does not number.
+
+    ``step``: row i is step i·every. The Recorder counts every optimizer step from 0, continues the
+    count on resume (from ``steps_seen``: the steps counted when its rows were committed, or the
+    kept rows' end after a repair cut them) and records a row when step % every == 0, so the rows
+    are the multiples of ``every``, none left out. ``epoch`` (of the ``epochs`` group): row i is
+    epoch i, the i-th ``end_epoch`` (a resume continues after the last epoch row, and gives an epoch
+    cut short by a crash its row first). These hold for what gradflow writes; the caller checks
+    them against the stored rows before it trusts them for a lost chunk.
+    """
+    if name == "step" and isinstance(every, int) and every >= 1:
+        return np.arange(length, dtype=np.int64) * every
+    if name == "epoch":
+        return np.arange(length, dtype=np.int64)
+    return None
+
+
+def _rebuilt_values(array, name: str, length: int, missing: list[tuple[int, int]],
+                    every: object) -> np.ndarray | None:
+    """The coordinate's values, lost chunks included, when :func:`derived_coordinate` gives them and
+    every stored row agrees with it (else None: nothing proves what the lost rows held)."""
+    expected = derived_coordinate(name, length, every)
+    if expected is None:
+        return None
+    stored = np.ones(length, dtype=bool)
+    for first, end in missing:
+        stored[first:end] = False
+    return expected if np.array_equal(array[:length][stored], expected[stored]) else None
+
+
 def _increasing_prefix(values: np.ndarray) -> int:
     """Length of the longest strictly increasing prefix."""
     if len(values) < 2:
@@ -110,18 +146,30 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             state.problems.append(f"{dim} arrays of unequal length ({shown})")
         coord = arrays.get(dim)
         checked = arrays if all_chunks else ({dim: coord} if coord is not None and n > 1 else {})
+        values = None  # the coordinate's values, when a lost chunk of it is rebuilt
         for name, array in checked.items():
-            unknown = _reads_as_unknown(array, dim)
             missing = _missing_rows(zstore, array, lengths[name])
-            for first, end in missing if unknown else missing[:1]:
-                state.problems.append(f"{parent.path or '.'}/{name}: chunk of rows {first}-{end - 1} "
-                                      f"is missing" + (" (its figures are lost: NaN)" if unknown else ""))
-                if unknown:
+            label = f"{parent.path or '.'}/{name}"
+            rebuilt = (_rebuilt_values(array, name, lengths[name], missing, node.attrs.get("every"))
+                       if missing and name == dim else None)
+            if missing and _reads_as_unknown(array, dim):
+                for first, end in missing:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                                          f"(its figures are lost: NaN)")
                     state.lost.append((array.path, dim, first, end))
-                else:
-                    good = min(good, first)
+            elif rebuilt is not None:
+                values = rebuilt
+                rule = f"step i·{node.attrs['every']}" if dim == "step" else "epoch i"
+                for first, end in missing:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                                          f"(row i is {rule}: --repair rebuilds it)")
+                    state.rebuilt.append((array.path, dim, first, values[first:end]))
+            elif missing:
+                first, end = missing[0]
+                state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing")
+                good = min(good, first)
         if coord is not None and good > 1:
-            values = coord[:good]
+            values = coord[:good] if values is None else values[:good]
             prefix = _increasing_prefix(values)
             if prefix < good:
                 state.problems.append(f"{dim} is not strictly increasing at row {prefix} "

@@ -1,6 +1,7 @@
 """Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
 its damaged metadata files rewritten from their committed copy, its lost float chunks written as NaN
-(only those figures are lost, never the other variables' rows).
+(only those figures are lost, never the other variables' rows), the lost chunks of coordinates whose
+values the writer's numbering fixes (``step``, ``epochs/epoch``) rebuilt.
 
 The invariants themselves are in :mod:`gradflow.check`, which the store also uses when it opens a run;
 this module writes (it needs the store), so it sits above both and neither imports it.
@@ -25,7 +26,8 @@ from gradflow.summary import trim
 def repair_run(url: str, group: str | None) -> RunState:
     """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
     consistent prefix (and its summary to before a missing chunk), write its missing float figure
-    chunks as NaN, republish it; delete ``*.partial``."""
+    chunks as NaN, rebuild the missing chunks of ``step`` and ``epochs/epoch`` from their numbering
+    (:func:`gradflow.check.derived_coordinate`), republish it; delete ``*.partial``."""
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import _quiet_zarr
 
@@ -64,6 +66,11 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
                 array[first:stop] = np.nan
                 # Readers can tell lost figures from recorded NaN: [first, stop) row ranges.
                 array.attrs["lost_rows"] = [*array.attrs.get("lost_rows", []), [first, stop]]
+        for path, dim, first, values in state.rebuilt:  # coordinates the writer numbers itself
+            stop = min(first + len(values), good[dim])
+            if first < stop:
+                array = zarr.open_array(zstore, path=path, mode="r+")
+                array.with_config({"write_empty_chunks": True})[first:stop] = values[:stop - first]
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,
