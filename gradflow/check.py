@@ -9,7 +9,8 @@ A run's committed state (what the consolidated metadata at the store root publis
   reads as 1,024 NaN rows and a deleted ``step`` chunk as 1,024 rows of step 0). Stores written
   before gradflow stored every chunk (no ``all_chunks_stored`` attr) are checked for ``step`` only.
   What a lost chunk held is known exactly for the coordinates the writer numbers itself
-  (:func:`derived_coordinate`: row i is step i·every, epoch row i is epoch i).
+  (:func:`derived_coordinate`: row i is step i·every, epoch row i is epoch i), and for
+  ``num_steps`` where the step rows count it exactly (:func:`count_steps`).
   The derived summary (``summary/<b>``, :mod:`gradflow.summary`) is held to the same rule up to
   its committed number of blocks; a hole there loses nothing (the raw rows recompute it).
 
@@ -19,7 +20,8 @@ do not see that damage, so ``gradflow.open`` does not check it; a resumed Record
 and xarray with ``consolidated=False`` read those files, and ``gradflow check`` reports them.
 
 :func:`gradflow.repair.repair_run` writes the lost chunks of float figures (:attr:`RunState.lost`) as NaN,
-rebuilds the lost chunks of :func:`derived_coordinate` coordinates, truncates what else is damaged
+rebuilds the lost chunks of :func:`derived_coordinate` coordinates, recounts ``num_steps`` (or marks
+it lost: :data:`LOST_COUNT`), truncates what else is damaged
 to its longest consistent prefix (the last consistent commit),
 republishes the run and deletes ``*.partial`` files that an interrupted atomic write left; it
 rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
@@ -51,10 +53,14 @@ class RunState:
     good_steps: int = 0
     good_epochs: int = 0
     good_summary: int = 0  # raw rows the summary covers before its first missing chunk
+    # Epochs whose step rows are kept but whose epoch rows are not (a repair cut them): not damage,
+    # a resumed Recorder gives them their rows (gradflow.store.RunStore._close_interrupted_epoch).
+    rowless_epochs: range = range(0)
     # Chunks of float figures (NaN fill) that are missing: (array path, dimension, first row, end
     # row). Zarr reads them as NaN, so they cost only their own figures: repair writes them as NaN.
     lost: list[tuple[str, str, int, int]] = field(default_factory=list)
-    # Missing chunks whose values are known all the same: (array path, dimension, first row, values).
+    # Missing chunks whose values are known all the same (the coordinates' numbering, num_steps
+    # recounted; LOST_COUNT where not exact): (array path, dimension, first row, values).
     rebuilt: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
 
 
@@ -92,6 +98,40 @@ def _reads_as_unknown(array, dim: str) -> bool:
             and fill is not None and bool(np.isnan(fill)))
 
 
+LOST_COUNT = -1
+"""What ``epochs/num_steps`` holds for an epoch whose step count is lost (no exact recount): the
+array's ``lost_rows`` attribute lists those rows and its ``missing_value`` attribute (the CF
+convention) makes xarray read them as NaN."""
+
+
+def count_steps(labels: np.ndarray, epochs: np.ndarray, every: object, complete: float) -> np.ndarray:
+    """``num_steps`` of ``epochs`` recounted from the recorded steps' epoch labels ``labels``.
+
+    Exact only where every optimizer step is a row (``every=1``: the Recorder counts in num_steps
+    exactly the steps it makes rows of) and all of the epoch's rows are at hand (epochs below
+    ``complete``); LOST_COUNT elsewhere. With every=k>1 a row stands for k steps and an epoch may
+    end anywhere between two recorded steps, so a count from rows would be off by up to k−1 steps:
+    it is marked lost, never estimated.
+    """
+    counts = np.full(len(epochs), LOST_COUNT, dtype=np.int64)
+    if every == 1:
+        ordered = np.sort(labels)
+        exact = epochs < complete
+        counts[exact] = (np.searchsorted(ordered, epochs[exact], side="right")
+                         - np.searchsorted(ordered, epochs[exact], side="left"))
+    return counts
+
+
+def lost_ranges(first: int, counts: np.ndarray) -> list[list[int]]:
+    """The row ranges ``[a, b)`` where ``counts`` (rows ``first`` on) is LOST_COUNT."""
+    lost = np.flatnonzero(counts == LOST_COUNT)
+    if not len(lost):
+        return []
+    breaks = np.flatnonzero(np.diff(lost) > 1)
+    starts, ends = np.r_[lost[0], lost[breaks + 1]], np.r_[lost[breaks], lost[-1]] + 1
+    return [[first + int(a), first + int(b)] for a, b in zip(starts, ends)]
+
+
 def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | None:
     """The values the writer's own numbering gives a coordinate, or None for one it does not number.
 
@@ -123,6 +163,16 @@ def _rebuilt_values(array, name: str, length: int, missing: list[tuple[int, int]
     return expected if np.array_equal(array[:length][stored], expected[stored]) else None
 
 
+def _recount(node, state: RunState, epochs: np.ndarray, every: object) -> np.ndarray:
+    """:func:`count_steps` of ``epochs`` from the run's kept step rows (``state.good_steps``). A
+    committed epoch row's steps were committed with it or before, so with every step row kept each
+    epoch has all of its rows; with rows cut, only the epochs before the last kept row's label."""
+    labels = node["epoch"][:state.good_steps] if "epoch" in node else np.zeros(0, dtype=np.int64)
+    complete = (math.inf if state.good_steps == state.num_steps
+                else int(labels[-1]) if len(labels) else 0)
+    return count_steps(labels, epochs, every, complete)
+
+
 def _increasing_prefix(values: np.ndarray) -> int:
     """Length of the longest strictly increasing prefix."""
     if len(values) < 2:
@@ -136,6 +186,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
     node = _committed(zstore, group)
     state = RunState(where)
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
+    every = node.attrs.get("every")
     for dim, parent in (("step", node), ("epoch", node["epochs"])):
         arrays = {name: a for name, a in parent.arrays() if a.metadata.dimension_names[0] == dim}
         lengths = {name: a.shape[0] for name, a in arrays.items()}
@@ -150,7 +201,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
         for name, array in checked.items():
             missing = _missing_rows(zstore, array, lengths[name])
             label = f"{parent.path or '.'}/{name}"
-            rebuilt = (_rebuilt_values(array, name, lengths[name], missing, node.attrs.get("every"))
+            rebuilt = (_rebuilt_values(array, name, lengths[name], missing, every)
                        if missing and name == dim else None)
             if missing and _reads_as_unknown(array, dim):
                 for first, end in missing:
@@ -159,11 +210,23 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
                     state.lost.append((array.path, dim, first, end))
             elif rebuilt is not None:
                 values = rebuilt
-                rule = f"step i·{node.attrs['every']}" if dim == "step" else "epoch i"
+                rule = f"step i·{every}" if dim == "step" else "epoch i"
                 for first, end in missing:
                     state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
                                           f"(row i is {rule}: --repair rebuilds it)")
                     state.rebuilt.append((array.path, dim, first, values[first:end]))
+            elif missing and name == "num_steps":
+                for first, end in missing:
+                    counts = _recount(node, state, np.arange(first, end), every)
+                    lost = int(np.sum(counts == LOST_COUNT))
+                    why = (f"every={every}: a row stands for {every} steps" if every != 1
+                           else "their step rows are cut")
+                    state.problems.append(
+                        f"{label}: chunk of rows {first}-{end - 1} is missing (--repair recounts "
+                        + (f"all {len(counts)} from the step rows)" if not lost else
+                           f"{len(counts) - lost} from the step rows; {lost} cannot be counted "
+                           f"exactly ({why}) and are marked lost: NaN)"))
+                    state.rebuilt.append((array.path, dim, first, counts))
             elif missing:
                 first, end = missing[0]
                 state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing")
@@ -179,6 +242,9 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             state.num_steps, state.good_steps = n, good
         else:
             state.num_epochs, state.good_epochs = n, good
+    last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
+    if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
+        state.rowless_epochs = range(state.good_epochs, last_label + 1)
     # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
     state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None

@@ -16,7 +16,9 @@ def check_command(
     repair: Annotated[bool, typer.Option("--repair", help="Rewrite damaged metadata files from the committed "
                                                           "copy, write lost chunks of float figures as NaN "
                                                           "(every other row is kept), rebuild lost chunks of the "
-                                                          "step and epoch numbers, cut what else is damaged "
+                                                          "step and epoch numbers, recount lost num_steps from "
+                                                          "the step rows where exact (else mark them lost), "
+                                                          "cut what else is damaged "
                                                           "to the last consistent commit, and delete leftover "
                                                           "*.partial files.")] = False,
 ) -> None:
