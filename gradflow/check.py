@@ -8,6 +8,9 @@ A run's committed state (what the consolidated metadata at the store root publis
   fill value, so a missing chunk means lost data: without this check a deleted ``grad_norm`` chunk
   reads as 1,024 NaN rows and a deleted ``step`` chunk as 1,024 rows of step 0). Stores written
   before gradflow stored every chunk (no ``all_chunks_stored`` attr) are checked for ``step`` only.
+  What a lost chunk held is known exactly for the coordinates the writer numbers itself
+  (:func:`derived_coordinate`: row i is step i·every, epoch row i is epoch i), and for
+  ``num_steps`` where the step rows count it exactly (:func:`count_steps`).
   The derived summary (``summary/<b>``, :mod:`gradflow.summary`) is held to the same rule up to
   its committed number of blocks; a hole there loses nothing (the raw rows recompute it).
 
@@ -17,7 +20,9 @@ do not see that damage, so ``gradflow.open`` does not check it; a resumed Record
 and xarray with ``consolidated=False`` read those files, and ``gradflow check`` reports them.
 
 :func:`gradflow.repair.repair_run` writes the lost chunks of float figures (:attr:`RunState.lost`) as NaN,
-truncates what else is damaged to its longest consistent prefix (the last consistent commit),
+rebuilds the lost chunks of :func:`derived_coordinate` coordinates, recounts ``num_steps`` (or marks
+it lost: :data:`LOST_COUNT`), truncates what else is damaged
+to its longest consistent prefix (the last consistent commit),
 republishes the run and deletes ``*.partial`` files that an interrupted atomic write left; it
 rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
 """
@@ -48,9 +53,15 @@ class RunState:
     good_steps: int = 0
     good_epochs: int = 0
     good_summary: int = 0  # raw rows the summary covers before its first missing chunk
+    # Epochs whose step rows are kept but whose epoch rows are not (a repair cut them): not damage,
+    # a resumed Recorder gives them their rows (gradflow.store.RunStore._close_interrupted_epoch).
+    rowless_epochs: range = range(0)
     # Chunks of float figures (NaN fill) that are missing: (array path, dimension, first row, end
     # row). Zarr reads them as NaN, so they cost only their own figures: repair writes them as NaN.
     lost: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # Missing chunks whose values are known all the same (the coordinates' numbering, num_steps
+    # recounted; LOST_COUNT where not exact): (array path, dimension, first row, values).
+    rebuilt: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
 
 
 def _committed(zstore, group: str | None):
@@ -87,6 +98,81 @@ def _reads_as_unknown(array, dim: str) -> bool:
             and fill is not None and bool(np.isnan(fill)))
 
 
+LOST_COUNT = -1
+"""What ``epochs/num_steps`` holds for an epoch whose step count is lost (no exact recount): the
+array's ``lost_rows`` attribute lists those rows and its ``missing_value`` attribute (the CF
+convention) makes xarray read them as NaN."""
+
+
+def count_steps(labels: np.ndarray, epochs: np.ndarray, every: object, complete: float) -> np.ndarray:
+    """``num_steps`` of ``epochs`` recounted from the recorded steps' epoch labels ``labels``.
+
+    Exact only where every optimizer step is a row (``every=1``: the Recorder counts in num_steps
+    exactly the steps it makes rows of) and all of the epoch's rows are at hand (epochs below
+    ``complete``); LOST_COUNT elsewhere. With every=k>1 a row stands for k steps and an epoch may
+    end anywhere between two recorded steps, so a count from rows would be off by up to k−1 steps:
+    it is marked lost, never estimated.
+    """
+    counts = np.full(len(epochs), LOST_COUNT, dtype=np.int64)
+    if every == 1:
+        ordered = np.sort(labels)
+        exact = epochs < complete
+        counts[exact] = (np.searchsorted(ordered, epochs[exact], side="right")
+                         - np.searchsorted(ordered, epochs[exact], side="left"))
+    return counts
+
+
+def lost_ranges(first: int, counts: np.ndarray) -> list[list[int]]:
+    """The row ranges ``[a, b)`` where ``counts`` (rows ``first`` on) is LOST_COUNT."""
+    lost = np.flatnonzero(counts == LOST_COUNT)
+    if not len(lost):
+        return []
+    breaks = np.flatnonzero(np.diff(lost) > 1)
+    starts, ends = np.r_[lost[0], lost[breaks + 1]], np.r_[lost[breaks], lost[-1]] + 1
+    return [[first + int(a), first + int(b)] for a, b in zip(starts, ends)]
+
+
+def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | None:
+    """The values the writer's own numbering gives a coordinate, or None for one it does not number.
+
+    ``step``: row i is step i·every. The Recorder counts every optimizer step from 0, continues the
+    count on resume (from ``steps_seen``: the steps counted when its rows were committed, or the
+    kept rows' end after a repair cut them) and records a row when step % every == 0, so the rows
+    are the multiples of ``every``, none left out. ``epoch`` (of the ``epochs`` group): row i is
+    epoch i, the i-th ``end_epoch`` (a resume continues after the last epoch row, and gives an epoch
+    cut short by a crash its row first). These hold for what gradflow writes; the caller checks
+    them against the stored rows before it trusts them for a lost chunk.
+    """
+    if name == "step" and isinstance(every, int) and every >= 1:
+        return np.arange(length, dtype=np.int64) * every
+    if name == "epoch":
+        return np.arange(length, dtype=np.int64)
+    return None
+
+
+def _rebuilt_values(array, name: str, length: int, missing: list[tuple[int, int]],
+                    every: object) -> np.ndarray | None:
+    """The coordinate's values, lost chunks included, when :func:`derived_coordinate` gives them and
+    every stored row agrees with it (else None: nothing proves what the lost rows held)."""
+    expected = derived_coordinate(name, length, every)
+    if expected is None:
+        return None
+    stored = np.ones(length, dtype=bool)
+    for first, end in missing:
+        stored[first:end] = False
+    return expected if np.array_equal(array[:length][stored], expected[stored]) else None
+
+
+def _recount(node, state: RunState, epochs: np.ndarray, every: object) -> np.ndarray:
+    """:func:`count_steps` of ``epochs`` from the run's kept step rows (``state.good_steps``). A
+    committed epoch row's steps were committed with it or before, so with every step row kept each
+    epoch has all of its rows; with rows cut, only the epochs before the last kept row's label."""
+    labels = node["epoch"][:state.good_steps] if "epoch" in node else np.zeros(0, dtype=np.int64)
+    complete = (math.inf if state.good_steps == state.num_steps
+                else int(labels[-1]) if len(labels) else 0)
+    return count_steps(labels, epochs, every, complete)
+
+
 def _increasing_prefix(values: np.ndarray) -> int:
     """Length of the longest strictly increasing prefix."""
     if len(values) < 2:
@@ -100,6 +186,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
     node = _committed(zstore, group)
     state = RunState(where)
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
+    every = node.attrs.get("every")
     for dim, parent in (("step", node), ("epoch", node["epochs"])):
         arrays = {name: a for name, a in parent.arrays() if a.metadata.dimension_names[0] == dim}
         lengths = {name: a.shape[0] for name, a in arrays.items()}
@@ -110,18 +197,42 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             state.problems.append(f"{dim} arrays of unequal length ({shown})")
         coord = arrays.get(dim)
         checked = arrays if all_chunks else ({dim: coord} if coord is not None and n > 1 else {})
+        values = None  # the coordinate's values, when a lost chunk of it is rebuilt
         for name, array in checked.items():
-            unknown = _reads_as_unknown(array, dim)
             missing = _missing_rows(zstore, array, lengths[name])
-            for first, end in missing if unknown else missing[:1]:
-                state.problems.append(f"{parent.path or '.'}/{name}: chunk of rows {first}-{end - 1} "
-                                      f"is missing" + (" (its figures are lost: NaN)" if unknown else ""))
-                if unknown:
+            label = f"{parent.path or '.'}/{name}"
+            rebuilt = (_rebuilt_values(array, name, lengths[name], missing, every)
+                       if missing and name == dim else None)
+            if missing and _reads_as_unknown(array, dim):
+                for first, end in missing:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                                          f"(its figures are lost: NaN)")
                     state.lost.append((array.path, dim, first, end))
-                else:
-                    good = min(good, first)
+            elif rebuilt is not None:
+                values = rebuilt
+                rule = f"step i·{every}" if dim == "step" else "epoch i"
+                for first, end in missing:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                                          f"(row i is {rule}: --repair rebuilds it)")
+                    state.rebuilt.append((array.path, dim, first, values[first:end]))
+            elif missing and name == "num_steps":
+                for first, end in missing:
+                    counts = _recount(node, state, np.arange(first, end), every)
+                    lost = int(np.sum(counts == LOST_COUNT))
+                    why = (f"every={every}: a row stands for {every} steps" if every != 1
+                           else "their step rows are cut")
+                    state.problems.append(
+                        f"{label}: chunk of rows {first}-{end - 1} is missing (--repair recounts "
+                        + (f"all {len(counts)} from the step rows)" if not lost else
+                           f"{len(counts) - lost} from the step rows; {lost} cannot be counted "
+                           f"exactly ({why}) and are marked lost: NaN)"))
+                    state.rebuilt.append((array.path, dim, first, counts))
+            elif missing:
+                first, end = missing[0]
+                state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing")
+                good = min(good, first)
         if coord is not None and good > 1:
-            values = coord[:good]
+            values = coord[:good] if values is None else values[:good]
             prefix = _increasing_prefix(values)
             if prefix < good:
                 state.problems.append(f"{dim} is not strictly increasing at row {prefix} "
@@ -131,6 +242,9 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             state.num_steps, state.good_steps = n, good
         else:
             state.num_epochs, state.good_epochs = n, good
+    last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
+    if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
+        state.rowless_epochs = range(state.good_epochs, last_label + 1)
     # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
     state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None

@@ -1,6 +1,8 @@
 """Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
 its damaged metadata files rewritten from their committed copy, its lost float chunks written as NaN
-(only those figures are lost, never the other variables' rows).
+(only those figures are lost, never the other variables' rows), the lost chunks of coordinates whose
+values the writer's numbering fixes (``step``, ``epochs/epoch``) rebuilt, a lost ``num_steps`` chunk
+recounted from the step rows where that is exact and marked lost (-1, NaN to xarray) where not.
 
 The invariants themselves are in :mod:`gradflow.check`, which the store also uses when it opens a run;
 this module writes (it needs the store), so it sits above both and neither imports it.
@@ -17,7 +19,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
-from gradflow.check import RunState, damaged_metadata, inspect_run, runs_of
+from gradflow.check import RunState, damaged_metadata, inspect_run, lost_ranges, runs_of
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
@@ -25,7 +27,9 @@ from gradflow.summary import trim
 def repair_run(url: str, group: str | None) -> RunState:
     """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
     consistent prefix (and its summary to before a missing chunk), write its missing float figure
-    chunks as NaN, republish it; delete ``*.partial``."""
+    chunks as NaN, rebuild the missing chunks of ``step`` and ``epochs/epoch`` from their numbering
+    (:func:`gradflow.check.derived_coordinate`) and of ``num_steps`` from the step rows
+    (:func:`gradflow.check.count_steps`: exact, or marked lost), republish it; delete ``*.partial``."""
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import _quiet_zarr
 
@@ -40,7 +44,7 @@ def repair_run(url: str, group: str | None) -> RunState:
 
 def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
     from gradflow.lock import node_path, store_lock
-    from gradflow.store import ALL, _remove_partial_files, consolidate
+    from gradflow.store import ALL, _remove_partial_files, consolidate, note_lost
 
     zstore = zarr.open_group(url, mode="r+", use_consolidated=False).store
     for key, (_, meta) in damaged_metadata(zstore, group).items():
@@ -62,8 +66,14 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
                 array = zarr.open_array(zstore, path=path, mode="r+")
                 array = array.with_config({"write_empty_chunks": True})  # stored, even all NaN
                 array[first:stop] = np.nan
-                # Readers can tell lost figures from recorded NaN: [first, stop) row ranges.
-                array.attrs["lost_rows"] = [*array.attrs.get("lost_rows", []), [first, stop]]
+                note_lost(array, [[first, stop]])  # readers can tell lost figures from recorded NaN
+        for path, dim, first, values in state.rebuilt:  # step/epoch numbers, num_steps recounted
+            stop = min(first + len(values), good[dim])
+            if first < stop:
+                array = zarr.open_array(zstore, path=path, mode="r+")
+                array.with_config({"write_empty_chunks": True})[first:stop] = values[:stop - first]
+                if lost := lost_ranges(first, values[:stop - first]):
+                    note_lost(array, lost)
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,
@@ -130,7 +140,10 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         if partial and not state.problems:
             state.problems.append(f"{len(partial)} leftover *.partial file(s)")
         if not state.problems:
-            lines.append(f"{name}: ok, {state.num_steps} steps, {state.num_epochs} epochs")
+            cut = state.rowless_epochs
+            lines.append(f"{name}: ok, {state.num_steps} steps, {state.num_epochs} epochs" + (
+                f"; epochs {cut.start}-{cut.stop - 1} have step rows but no epoch row (a repair cut "
+                f"them; a resumed Recorder gives them rows)" if cut else ""))
             continue
         damaged = True
         for problem in state.problems:

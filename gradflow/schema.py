@@ -95,7 +95,8 @@ EPOCH_VARIABLES = (
 
 EPOCH_COORDS = (
     Variable("epoch", ("epoch",), "int64", STEP_COORDS[1].meaning, "epoch"),
-    Variable("num_steps", ("epoch",), "int64", "optimizer steps in the epoch", "count"),
+    Variable("num_steps", ("epoch",), "int64",
+             "optimizer steps in the epoch (-1: lost, no exact recount after damage; see lost_rows)", "count"),
 )
 
 

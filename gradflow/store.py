@@ -363,20 +363,30 @@ class RunStore:
         if attrs.get("metadata") is not None:
             self._attrs_update["metadata"] = attrs["metadata"]
         self.next_step = self.steps_seen
-        self.next_epoch = self._close_interrupted_epoch(node, len(layers.names))
+        self.next_epoch = self._close_interrupted_epoch(node, len(layers.names), every)
 
-    def _close_interrupted_epoch(self, node, n_layers: int) -> int:
-        """A resumed run starts a new epoch. An epoch whose steps were committed but whose
-        ``end_epoch`` never came (a crash, or ``close()`` mid-epoch) gets its row now: ``num_steps``
-        = its committed optimizer steps, NaN |ΔW| (its start weights died with the process).
+    def _close_interrupted_epoch(self, node, n_layers: int, every: int) -> int:
+        """A resumed run starts a new epoch. An epoch whose steps were committed but that has no
+        epoch row gets it now, with NaN |ΔW| (its start weights died with the process): the one
+        whose ``end_epoch`` never came (a crash, or ``close()`` mid-epoch), and any before it whose
+        rows a repair cut (an older gradflow cut the epochs at a lost ``num_steps`` chunk).
+
+        ``num_steps`` is exact or lost, never a guess: for the one open epoch, the committed steps
+        after those of the epochs before it; with ``every=1``, its rows counted
+        (:func:`gradflow.check.count_steps`); else LOST_COUNT, noted in ``lost_rows``.
         Returns the epoch index the resumed run starts with."""
+        from gradflow.check import LOST_COUNT, count_steps, lost_ranges
+
         last_label = int(node["epoch"][self.n_steps - 1]) if self.n_steps else -1
         if last_label < self.n_epochs:
             return self.n_epochs
-        done = int(np.sum(node["epochs/num_steps"][:self.n_epochs])) if self.n_epochs else 0
         labels = np.arange(self.n_epochs, last_label + 1)
-        counts = np.zeros(len(labels), dtype=np.int64)
-        counts[-1] = max(self.steps_seen - done, 0)
+        counts = count_steps(node["epoch"][:self.n_steps], labels, every, last_label + 1)
+        done = node["epochs/num_steps"][:self.n_epochs]
+        if len(labels) == 1 and not np.any(done == LOST_COUNT):
+            counts[0] = max(self.steps_seen - int(np.sum(done)), 0)
+        if np.any(counts == LOST_COUNT):
+            note_lost(node["epochs/num_steps"], lost_ranges(self.n_epochs, counts))
         nan = np.full((len(labels), n_layers), np.nan, dtype=np.float32)
         self._unwritten = Rows({}, {"epoch": labels, "num_steps": counts, "update_mean_abs": nan,
                                     "update_norm": nan}, self.steps_seen)
@@ -576,6 +586,19 @@ def _remove_partial_files(fs, node: str) -> list[str]:
         fs.rm_file(path)
         removed.append(path)
     return removed
+
+
+def note_lost(array, ranges: list[list[int]]) -> None:
+    """Add row ranges ``[first, stop)`` whose values are lost to the array's ``lost_rows``
+    attribute; an integer array (``num_steps``, which holds :data:`gradflow.check.LOST_COUNT`
+    there) also gets ``missing_value``, through which xarray reads those rows as NaN."""
+    from gradflow.check import LOST_COUNT
+
+    noted = array.attrs.get("lost_rows", [])
+    attrs = {"lost_rows": [*noted, *(r for r in ranges if r not in noted)]}
+    if np.dtype(array.dtype).kind == "i":
+        attrs["missing_value"] = LOST_COUNT
+    array.attrs.update(attrs)
 
 
 def _writable(array):

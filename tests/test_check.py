@@ -46,13 +46,14 @@ def test_healthy_store_checks_ok(tmp_path):
     assert (tmp_path / "run.zarr/skipped/c/2").exists() and (tmp_path / "run.zarr/epoch/c/0").exists()
 
 
-@pytest.mark.parametrize("array, rows_kept", [("step", 1024), ("skipped", 2048)])
+@pytest.mark.parametrize("array, rows_kept", [("epoch", 1024), ("skipped", 2048)])
 def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
-    """A missing chunk of the step coordinate or of ``skipped`` (whose fill value would pass for
-    data) cuts the run to the rows before it."""
+    """A missing chunk of the steps' epoch labels or of ``skipped`` (whose fill values would pass
+    for data, and which no numbering rebuilds) cuts the run to the rows before it. (A lost ``step``
+    chunk is rebuilt: tests/test_repair_epochs.py.)"""
     store = tmp_path / "run.zarr"
     make_store(store)
-    chunk = {"step": "c/1", "skipped": "c/2"}[array]
+    chunk = {"epoch": "c/1", "skipped": "c/2"}[array]
     (store / array / chunk).unlink()
     with pytest.raises(GradflowError, match=rf"damaged: ./{array}: chunk of rows \d+-\d+ is missing"):
         gradflow.open(store)
@@ -102,7 +103,7 @@ def test_repair_trims_the_summary_to_the_rows_it_keeps(tmp_path, small_summary):
     make_store(store)
     levels = zarr.open_group(store, mode="r")["summary"]
     assert levels.attrs["rows"] == 2496 and levels["8"]["grad_norm"].shape[0] == 312
-    (store / "step" / "c/1").unlink()
+    (store / "epoch" / "c/1").unlink()
     lines, _ = check_store(str(store), repair=True)
     assert lines[-1] == "(run): repaired, kept 1024 of 2500 steps and 3 of 3 epochs"
     levels = zarr.open_group(store, mode="r")["summary"]

@@ -15,7 +15,10 @@ def check_command(
                                          metavar="STORE")],
     repair: Annotated[bool, typer.Option("--repair", help="Rewrite damaged metadata files from the committed "
                                                           "copy, write lost chunks of float figures as NaN "
-                                                          "(every other row is kept), cut what else is damaged "
+                                                          "(every other row is kept), rebuild lost chunks of the "
+                                                          "step and epoch numbers, recount lost num_steps from "
+                                                          "the step rows where exact (else mark them lost), "
+                                                          "cut what else is damaged "
                                                           "to the last consistent commit, and delete leftover "
                                                           "*.partial files.")] = False,
 ) -> None:
@@ -27,5 +30,6 @@ def check_command(
         typer.echo(line)
     if damaged and not repair:
         typer.echo(f"damaged; `gradflow check {store} --repair` rewrites damaged metadata, writes lost float "
-                   f"figures as NaN and cuts the rest to the last consistent commit", err=True)
+                   f"figures as NaN, rebuilds lost step and epoch numbers and cuts the rest to the last "
+                   f"consistent commit", err=True)
         raise typer.Exit(1)

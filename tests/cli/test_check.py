@@ -81,3 +81,20 @@ def test_damaged_metadata_file_in_check_and_resume(tmp_path, run_main):
     assert (code, err) == (0, "") and out.splitlines()[-1] == \
         "(run): repaired, kept 3 of 3 steps and 1 of 1 epochs"
     assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
+
+
+@pytest.mark.parametrize("chunk, says", [
+    ("epochs/num_steps/c/0", "epochs/num_steps: chunk of rows 0-0 is missing (--repair recounts all 1 from "
+                             "the step rows)"),
+    ("epochs/epoch/c/0", "epochs/epoch: chunk of rows 0-0 is missing (row i is epoch i: --repair rebuilds it)"),
+    ("step/c/0", "./step: chunk of rows 0-2 is missing (row i is step i·1: --repair rebuilds it)")])
+def test_check_reports_a_lost_count_or_number_in_one_line_exit_1(tmp_path, run_main, chunk, says):
+    store = tmp_path / "run.zarr"
+    record(store)
+    (store / chunk).unlink()
+    code, out, err = run_main("check", store)
+    assert (code, out) == (1, f"(run): {says}\n") and "--repair" in err
+    code, out, _ = run_main("check", store, "--repair")
+    assert code == 0 and out.splitlines()[-1] == "(run): repaired, kept 3 of 3 steps and 1 of 1 epochs"
+    assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
+    assert gradflow.open(store, group="epochs").num_steps.values.tolist() == [3]
