@@ -30,10 +30,13 @@ The kernels run single-threaded and release the GIL.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
-from gradflow.fused import AFTER, GRAD, NORM, ROWS, SNAPSHOT, FusedBucket, Unavailable
+from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket, Unavailable
 
 try:
     import numba
@@ -141,75 +144,82 @@ if numba is not None:
         return _larger(_larger(_larger(m0, m1), _larger(m2, m3)),
                        _larger(_larger(m4, m5), _larger(m6, m7)))
 
+    # Each kernel reads pieces ``lo`` to ``hi`` (a piece: ``piece_numel[k]`` elements of tensor
+    # ``piece_tensor[k]`` from element ``piece_start[k]``) and writes their raw partial sums into
+    # row k of ``partial``; :meth:`CpuFusedBucket._run` combines a tensor's pieces.
+
     @_jit
-    def _gradient_kernel(addresses, numel, like, out):
-        """``out[:, j]`` = ‖g‖, max|g|, count of NaN/±Inf of the tensor at ``addresses[j]``
-        (``numel[j]`` elements of ``like``'s dtype; address 0: no gradient, zeros)."""
-        for j in range(addresses.shape[0]):
-            n = numel[j]
-            if addresses[j] == 0:
-                out[0, j] = 0.0
-                out[1, j] = 0.0
-                out[2, j] = 0.0
+    def _gradient_kernel(addresses, piece_tensor, piece_start, piece_numel, like, partial, lo, hi):
+        """``partial[k]`` = Σg², max|g| (NaN left out), count of NaN/±Inf, 1 if a NaN (address 0:
+        no gradient, zeros)."""
+        for k in range(lo, hi):
+            address = addresses[piece_tensor[k]]
+            partial[k, :] = 0.0
+            if address == 0:
                 continue
-            x = numba.carray(_at(addresses[j], like), (n,))
+            x = numba.carray(_at(address + piece_start[k] * like.itemsize, like), (piece_numel[k],))
             squares = 0.0
             largest = like.dtype.type(0)
-            for k in range((n + BLOCK - 1) // BLOCK):
-                block = x[k * BLOCK:(k + 1) * BLOCK]
+            for b in range((x.shape[0] + BLOCK - 1) // BLOCK):
+                block = x[b * BLOCK:(b + 1) * BLOCK]
                 squares += _square_sum(block)
                 largest = _larger(_abs_max(block), largest)
-            count = 0
-            nan = False
+            partial[k, 0] = squares
+            partial[k, 1] = largest
             if not np.isfinite(squares):
-                for i in range(n):
+                for i in range(x.shape[0]):
                     if not np.isfinite(x[i]):
-                        count += 1
-                        nan = nan or x[i] != x[i]
-            out[0, j] = np.sqrt(squares)
-            out[1, j] = np.nan if nan else np.float64(largest)
-            out[2, j] = count
+                        partial[k, 2] += 1.0
+                        if x[i] != x[i]:
+                            partial[k, 3] = 1.0
 
     @_jit
-    def _norm_kernel(addresses, numel, like, out):
-        """``out[0, j]`` = ‖w‖ of the tensor at ``addresses[j]``."""
-        for j in range(addresses.shape[0]):
-            out[0, j] = np.sqrt(_square_sum(numba.carray(_at(addresses[j], like), (numel[j],))))
+    def _norm_kernel(addresses, piece_tensor, piece_start, piece_numel, like, partial, lo, hi):
+        """``partial[k, 0]`` = Σw²."""
+        for k in range(lo, hi):
+            x = numba.carray(_at(addresses[piece_tensor[k]] + piece_start[k] * like.itemsize, like),
+                             (piece_numel[k],))
+            partial[k, 0] = _square_sum(x)
 
     @_jit
-    def _snapshot_kernel(addresses, numel, offsets, snapshot, out):
-        """``out[0, j]`` = ‖w‖, copying w into ``snapshot[offsets[j]:offsets[j] + numel[j]]``."""
-        for j in range(addresses.shape[0]):
-            n = numel[j]
-            x = numba.carray(_at(addresses[j], snapshot), (n,))
-            saved = snapshot[offsets[j]:offsets[j] + n]
-            for i in range(n):
+    def _snapshot_kernel(addresses, piece_tensor, piece_start, piece_numel, offsets, snapshot,
+                         partial, lo, hi):
+        """``partial[k, 0]`` = Σw², copying w into the snapshot (``offsets``: per tensor)."""
+        for k in range(lo, hi):
+            start = piece_start[k]
+            x = numba.carray(_at(addresses[piece_tensor[k]] + start * snapshot.itemsize, snapshot),
+                             (piece_numel[k],))
+            saved = snapshot[offsets[piece_tensor[k]] + start:]
+            for i in range(x.shape[0]):
                 saved[i] = x[i]
-            out[0, j] = np.sqrt(_square_sum(x))  # the copy is in the cache
+            partial[k, 0] = _square_sum(x)  # the copy left x in the cache
 
     @_jit
-    def _after_kernel(addresses, numel, offsets, snapshot, out):
-        """``out[:, j]`` = ‖w‖, ‖d‖, Σ|d|, max|d| with d = w − (its snapshot)."""
-        for j in range(addresses.shape[0]):
-            n = numel[j]
-            w = numba.carray(_at(addresses[j], snapshot), (n,))
-            s = snapshot[offsets[j]:offsets[j] + n]
+    def _after_kernel(addresses, piece_tensor, piece_start, piece_numel, offsets, snapshot,
+                      partial, lo, hi):
+        """``partial[k]`` = Σw², Σd², Σ|d|, max|d| (NaN left out) with d = w − (its snapshot)."""
+        for k in range(lo, hi):
+            start = piece_start[k]
+            n = piece_numel[k]
+            w = numba.carray(_at(addresses[piece_tensor[k]] + start * snapshot.itemsize, snapshot),
+                             (n,))
+            s = snapshot[offsets[piece_tensor[k]] + start:offsets[piece_tensor[k]] + start + n]
             weights = 0.0
             squares = 0.0
             absolute = 0.0
             largest = snapshot.dtype.type(0)
-            for k in range((n + BLOCK - 1) // BLOCK):
-                w_block = w[k * BLOCK:(k + 1) * BLOCK]
-                s_block = s[k * BLOCK:(k + 1) * BLOCK]
+            for b in range((n + BLOCK - 1) // BLOCK):
+                w_block = w[b * BLOCK:(b + 1) * BLOCK]
+                s_block = s[b * BLOCK:(b + 1) * BLOCK]
                 weights += _square_sum(w_block)
                 block_squares, block_absolute = _difference_sums(w_block, s_block)
                 squares += block_squares
                 absolute += block_absolute
                 largest = _larger(_difference_max(w_block, s_block), largest)
-            out[0, j] = np.sqrt(weights)
-            out[1, j] = np.sqrt(squares)
-            out[2, j] = absolute
-            out[3, j] = np.nan if squares != squares else np.float64(largest)  # a NaN in d
+            partial[k, 0] = weights
+            partial[k, 1] = squares
+            partial[k, 2] = absolute
+            partial[k, 3] = largest
 
 
 class CpuFusedBucket(FusedBucket):
@@ -232,10 +242,18 @@ class CpuFusedBucket(FusedBucket):
     def _make_tables(self, data: list[torch.Tensor]) -> None:
         self.sizes = [d.numel() for d in data]
         numel = np.array(self.sizes, dtype=np.int64)
-        snapshot = self.snapshot_flat if self.snapshot_flat is not None else torch.empty(0)
-        self.tables = {"numel": numel, "offsets": np.cumsum(numel) - numel,
-                       "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]),
-                       "snapshot": snapshot.numpy() if self.keeps_snapshot else None}
+        pieces = -(-numel // PIECE)  # (0 for an empty tensor: its figures are 0)
+        tensor = np.repeat(np.arange(len(numel)), pieces)
+        start = np.concatenate([np.arange(0, n, PIECE, dtype=np.int64) for n in numel]) \
+            if len(numel) else np.zeros(0, dtype=np.int64)
+        snapshot = self.snapshot_flat.numpy() if self.keeps_snapshot else None
+        self.tables = {
+            "piece_tensor": tensor, "piece_start": start,
+            "piece_numel": np.minimum(numel[tensor] - start, PIECE),
+            "first_piece": np.cumsum(pieces) - pieces, "whole": bool(np.all(pieces == 1)),
+            "offsets": np.cumsum(numel) - numel, "snapshot": snapshot,
+            "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]), "splits": {},
+        }
 
     def _warm_up(self, data: list[torch.Tensor]) -> None:
         """Compile (or load from Numba's cache) this dtype's kernels now, not in the first step."""
@@ -246,17 +264,71 @@ class CpuFusedBucket(FusedBucket):
         except Exception as err:  # a Numba typing or compile failure, whatever its class
             raise Unavailable(f"the kernels failed: {err!r}") from err
 
+    def _splits(self) -> list[tuple[int, int]]:
+        """The piece ranges ``[lo, hi)`` the kernels run on, one per thread: torch's intra-op
+        thread count (idle while the hooks run), where the bucket holds at least
+        :data:`PARALLEL_MIN_ELEMENTS`; ranges of about equal elements."""
+        t = self.tables
+        threads = max(1, min(torch.get_num_threads(), len(t["piece_numel"]),
+                             sum(self.sizes) // PARALLEL_MIN_ELEMENTS))
+        if threads not in t["splits"]:
+            ends = np.cumsum(t["piece_numel"])
+            cuts = np.searchsorted(ends, ends[-1] * np.arange(1, threads) / threads) + 1 \
+                if threads > 1 else np.zeros(0, dtype=np.int64)
+            bounds = [0, *np.unique(np.clip(cuts, 1, len(ends) - 1)).tolist(), len(ends)]
+            t["splits"][threads] = list(zip(bounds[:-1], bounds[1:]))
+        return t["splits"][threads]
+
     def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
         """One phase's kernel; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""
         t = self.tables
-        out = np.empty((ROWS[mode], len(self.sizes)), dtype=np.float64)
         table = addresses.numpy()
-        if mode == GRAD:
-            _gradient_kernel(table, t["numel"], t["like"], out)
-        elif mode == NORM:
-            _norm_kernel(table, t["numel"], t["like"], out)
-        elif mode == SNAPSHOT:
-            _snapshot_kernel(table, t["numel"], t["offsets"], t["snapshot"], out)
+        partial = np.empty((len(t["piece_numel"]), COLUMNS[mode]), dtype=np.float64)
+        pieces = (table, t["piece_tensor"], t["piece_start"], t["piece_numel"])
+        if mode in (GRAD, NORM):
+            kernel, args = (_gradient_kernel if mode == GRAD else _norm_kernel), (t["like"], partial)
         else:
-            _after_kernel(table, t["numel"], t["offsets"], t["snapshot"], out)
-        return torch.from_numpy(out)
+            kernel = _snapshot_kernel if mode == SNAPSHOT else _after_kernel
+            args = (t["offsets"], t["snapshot"], partial)
+        splits = self._splits()
+        work = [_threads(len(splits) - 1).submit(kernel, *pieces, *args, lo, hi)
+                for lo, hi in splits[1:]]
+        kernel(*pieces, *args, *splits[0])  # this thread takes the first range
+        for done in work:
+            done.result()
+        return torch.from_numpy(_combine(mode, partial, t))
+
+
+# A tensor's figures from its pieces' partial sums: sums add, maxima take the max.
+COLUMNS = {GRAD: 4, NORM: 1, SNAPSHOT: 1, AFTER: 4}
+PIECE = 1 << 18  # elements per piece: the unit of work split among threads
+PARALLEL_MIN_ELEMENTS = 1 << 20  # elements per thread, at least: below, handing off costs more
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _threads(workers: int) -> ThreadPoolExecutor:
+    """This process's pool of ``workers`` threads (a forked child makes its own)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="gradflow-kernels")
+    return _POOLS[key]
+
+
+def _combine(mode: int, partial: np.ndarray, tables: dict) -> np.ndarray:
+    """The ``(ROWS[mode], T)`` figures of each tensor from its pieces' rows of ``partial``."""
+    if tables["whole"]:
+        sums = partial.T.copy()
+    else:
+        first = tables["first_piece"]
+        sums = np.zeros((partial.shape[1], len(first)))
+        present = np.flatnonzero(np.diff(np.r_[first, len(partial)]) > 0)  # not empty
+        for c in range(partial.shape[1]):
+            largest = (mode == GRAD and c == 1) or (mode == AFTER and c == 3)
+            combine = np.maximum if largest else np.add
+            sums[c, present] = combine.reduceat(partial[:, c], first[present])
+    if mode == GRAD:
+        return np.stack([np.sqrt(sums[0]), np.where(sums[3] > 0, np.nan, sums[1]), sums[2]])
+    if mode == AFTER:  # Σd² is NaN exactly where d holds a NaN
+        return np.stack([np.sqrt(sums[0]), np.sqrt(sums[1]), sums[2],
+                         np.where(np.isnan(sums[1]), np.nan, sums[3])])
+    return np.sqrt(sums)

@@ -42,15 +42,23 @@ def fused(monkeypatch):
     return fused
 
 
-@pytest.fixture(params=["triton", "numba"])
+@pytest.fixture(params=["triton", "numba", "numba-threads"])
 def kind(request, monkeypatch):
-    """The fused bucket class under test: Triton's (interpreted, tiny chunks) or Numba's."""
+    """The fused bucket class under test: Triton's (interpreted, tiny chunks) or Numba's, as it is
+    (SHAPES[5] spans two blocks) or with tensors cut into pieces of 1,000 elements that three
+    threads share (the kernels' work split, otherwise only for tensors of millions)."""
     if request.param == "triton":
         return request.getfixturevalue("fused").FusedBucket
     pytest.importorskip("numba")
     from gradflow import fused_cpu
 
-    assert fused_cpu.BLOCK == 4096  # compiled in: SHAPES[5] spans two blocks
+    assert fused_cpu.BLOCK == 4096  # compiled in
+    if request.param == "numba-threads":
+        monkeypatch.setattr(fused_cpu, "PIECE", 1000)
+        monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_ELEMENTS", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     return fused_cpu.CpuFusedBucket
 
 
@@ -98,6 +106,9 @@ def test_step_figures_match_float64_references(kind, dtype):
     bucket = kind_for(kind, dtype).build(params, list(range(len(params))))
     if "chunks" in bucket.tables:  # Triton's
         assert bucket.tables["chunks"] == 1 + 3 + 3 + 1 + 1 + 17
+    else:  # Numba's: pieces of 1,000 elements (numba-threads) or whole tensors, and the threads
+        assert len(bucket.tables["piece_numel"]) == len(SHAPES) + 4 * (not bucket.tables["whole"])
+        assert len(bucket._splits()) == (3 if not bucket.tables["whole"] else 1)
     for p in params:
         p.grad = torch.randn_like(p)
     params[2].grad[5], params[2].grad[7] = float("nan"), float("inf")
@@ -256,9 +267,9 @@ def test_numba_kernels_that_compute_wrong_figures_fail_the_self_test(monkeypatch
 
     real = fused_cpu._after_kernel
 
-    def skewed(addresses, numel, offsets, snapshot, out):
-        real(addresses, numel, offsets, snapshot, out)
-        out[2] *= 1 + 1e-6  # Σ|Δw| only
+    def skewed(*args):  # (..., partial, lo, hi): partial's columns are Σw², Σd², Σ|d|, max|d|
+        real(*args)
+        args[-3][:, 2] *= 1 + 1e-6  # Σ|Δw| only
 
     monkeypatch.setattr(fused, "_VERDICTS", {})
     monkeypatch.setattr(fused_cpu, "_after_kernel", skewed)

@@ -190,7 +190,7 @@ def count_ops(arm: Arm, x: torch.Tensor, steps: int) -> dict:
 
 
 def child(name: str, strategy: str, steps: int, block: int, profile_steps: int,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", threads: int = 1) -> dict:
     import gradflow
 
     if strategy != "auto":
@@ -201,7 +201,7 @@ def child(name: str, strategy: str, steps: int, block: int, profile_steps: int,
         if not hasattr(choice, "STRATEGY"):
             raise GradflowError(f"this gradflow has no bucket strategy {strategy!r}")
         choice.STRATEGY = strategy
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     description, make, make_input = CASES[name]
     base = make().to(device)
@@ -243,7 +243,8 @@ def run_child(name: str, strategy: str, args, pythonpath: str) -> dict:
     return bench.run_child(str(Path(__file__).resolve()),
                            ["--child", name, "--strategy", strategy, "--steps", str(steps),
                             "--block", str(block), "--profile-steps", str(args.profile_steps),
-                            "--device", args.device], pythonpath, f"{name}/{strategy}")
+                            "--device", args.device, "--threads", str(args.threads)], pythonpath,
+                           f"{name}/{strategy}")
 
 
 def child_main(argv: list[str]) -> None:
@@ -254,9 +255,10 @@ def child_main(argv: list[str]) -> None:
         parser.add_argument(name, default=default)
     for name in ("--steps", "--block", "--profile-steps"):
         parser.add_argument(name, type=int)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     print(json.dumps(child(args.child, args.strategy, args.steps, args.block, args.profile_steps,
-                           args.device)))
+                           args.device, args.threads)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,22 +272,22 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--strategies", default="auto,foreach",
                         type=bench.names_from(["auto", "stack", "foreach", "fused"]),
-                        help="comma-separated bucket kinds, of auto, stack, foreach, fused (GPU only)")
+                        help="comma-separated bucket kinds, of auto, stack, foreach, fused (Triton's on a "
+                             "GPU, Numba's on a CPU)")
     parser.add_argument("--steps", type=bench.positive_int, default=300, help="timed steps per arm (mlp, conv)")
     parser.add_argument("--gpt2-steps", type=bench.positive_int, default=6,
                         help="timed steps per arm: gpt2 on a CPU, table1 everywhere")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--block", type=bench.positive_int, default=5, help="steps per timed block")
     parser.add_argument("--profile-steps", type=bench.positive_int, default=3)
+    parser.add_argument("--threads", type=bench.positive_int, default=1,
+                        help="torch intra-op threads in each run (the CPU's fused kernels use as many)")
     parser.add_argument("--compare", default=None, type=bench.checkout,
                         help="another checkout's root, measured as well")
     bench.add_report_options(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GradflowError("--device cuda but torch sees no CUDA device")
-    if args.device == "cpu" and "fused" in args.strategies.split(","):
-        raise GradflowError("--strategies fused needs --device cuda (on a CPU only Triton's "
-                            "interpreter runs the fused kernels, for tests)")
     out = bench.check_out(args.out, args.force)
     root = str(Path(__file__).resolve().parents[2])
     rows = []
@@ -309,10 +311,11 @@ def render(rows: list[dict], args) -> str:
         "Per recorded step (every=1): dispatches directly under the Recorder's optimizer hooks "
         "(`torch.profiler`; each is one kernel launch or more on a GPU), the training thread's CPU "
         "time inside the hooks, and the step time with recording over without (medians; plain and "
-        "gradflow interleaved in one process, order alternating). `auto` is the default: on a CPU "
-        "stacked shape classes (`stack`), on a GPU the Triton kernels of `gradflow/fused.py` "
-        "(`fused`; Triton launches are not torch ops, so they are counted only as CUDA launches) "
-        "or, without Triton, multi-tensor `torch._foreach_*` kernels (`foreach`). "
+        "gradflow interleaved in one process, order alternating). `auto` is the default: the "
+        "fused kernels where their compiler is installed (`fused`: on a CPU Numba's, "
+        "`gradflow/fused_cpu.py`; on a GPU Triton's, `gradflow/fused.py`; neither is a torch op, "
+        "so they are counted only as CUDA launches), else on a CPU stacked shape classes "
+        "(`stack`) and on a GPU multi-tensor `torch._foreach_*` kernels (`foreach`). "
         "Produced by `python -m gradflow.bench.launches`.", "",
         "| model | tensors | recorder | ops / step | top ops | hooks ms / step | plain ms / step | "
         "wall ratio | CPU ratio | goal | met |",
@@ -331,7 +334,8 @@ def render(rows: list[dict], args) -> str:
         f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"{platform.system()} {platform.release()}; "
         f"{rows[0]['device_name'] if rows and rows[0]['device_name'] else 'no GPU'} ({args.device})",
-        f"- **python / torch**: {platform.python_version()} / {torch.__version__}, 1 torch thread",
+        f"- **python / torch**: {platform.python_version()} / {torch.__version__}, {args.threads} torch "
+        f"thread{'s' if args.threads > 1 else ''}",
         f"- **steps**: {args.steps} timed per arm (table1, and gpt2 on a CPU: {args.gpt2_steps}), blocks "
         f"of {args.block} (table1 and gpt2 on a CPU: 1), after 3 warm-up steps; ops counted over "
         f"{args.profile_steps} profiled steps" + ("; GPU wall time per block between syncs"
