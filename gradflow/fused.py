@@ -40,7 +40,7 @@ import torch
 from gradflow.errors import GradflowError
 from gradflow.quantities import (GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM, PARAM_NORM_AFTER,
                                  PARAM_NORM_BEFORE, UPDATE_ABS_SUM, UPDATE_MAX_ABS, UPDATE_NORM,
-                                 ForeachBucket, _local, compute_dtype)
+                                 ForeachBucket, _local, compute_dtype, unscaled)
 
 try:
     import triton
@@ -339,10 +339,7 @@ class FusedBucket(ForeachBucket):
             elif g.layout != torch.strided or not dense(g):  # sparse, or a gapped user assignment
                 grads[j] = g.to_dense().contiguous()
         out = self._run(GRAD, self._addresses("grad", grads))
-        norm, max_abs = out[0], out[1]
-        if grad_scale is not None:
-            inv_scale = grad_scale.to(self.device).double().reciprocal()
-            norm, max_abs = norm * inv_scale, max_abs * inv_scale
+        norm, max_abs = unscaled(grad_scale, self.device, out[0], out[1])
         return [(GRAD_NONFINITE, self.index, out[2]), (GRAD_NORM, self.index, norm),
                 (GRAD_MAX_ABS, self.index, max_abs)]
 

@@ -100,6 +100,16 @@ def l2_norm(rows: torch.Tensor, checked: bool = True) -> torch.Tensor:
     return norm
 
 
+def unscaled(grad_scale: torch.Tensor | None, device: torch.device,
+             *figures: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``figures`` (‖g‖, max|g| of gradients a fused optimizer still holds scaled) divided by the
+    GradScaler's ``grad_scale`` (in float64); as they are where there is no scale."""
+    if grad_scale is None:
+        return figures
+    inverse = grad_scale.to(device).double().reciprocal()
+    return tuple(f * inverse for f in figures)
+
+
 def gradient_stats(grads: torch.Tensor, checked: bool = True) -> list[torch.Tensor]:
     """Row-wise ‖g‖ and max|g| of a ``(k, n)`` gradient matrix, which is overwritten by |g|.
 
@@ -398,11 +408,6 @@ class Bucket:
         """
         parts, seen, again = [], [], []
         count_now = not self.looks_on_host
-        inv_scale = None if grad_scale is None else grad_scale.to(self.device).double().reciprocal()
-
-        def unscaled(norm):
-            return norm if inv_scale is None else norm * inv_scale
-
         for c in self.classes:
             matrix = c.stack_grads(present)
             norm, max_abs = gradient_stats(matrix, checked=count_now)
@@ -410,9 +415,10 @@ class Bucket:
                 parts.append((GRAD_NONFINITE, c.index, nonfinite_counts(matrix)))
             else:
                 seen += [norm, max_abs]
-                again.append((len(parts), lambda c=c: unscaled(l2_norm(c.stack_grads(present).abs_()))))
-            parts += [(GRAD_NORM, c.index, unscaled(norm)),
-                      (GRAD_MAX_ABS, c.index, unscaled(max_abs))]
+                again.append((len(parts), lambda c=c: unscaled(grad_scale, self.device, l2_norm(
+                    c.stack_grads(present).abs_()))[0]))
+            norm, max_abs = unscaled(grad_scale, self.device, norm, max_abs)
+            parts += [(GRAD_NORM, c.index, norm), (GRAD_MAX_ABS, c.index, max_abs)]
         # One host look (CPU) at every norm and max|g|: all finite, or count and recheck.
         if seen and not math.isfinite(torch.cat(seen).sum().item()):
             parts = self._recheck(parts, again, looked=True)
@@ -617,9 +623,7 @@ class ForeachBucket:
         elif not math.isfinite(max_abs.sum().item()):  # count non-finite entries only if any
             counts = [(~torch.isfinite(g)).sum() for g in grads]
             parts.append((GRAD_NONFINITE, self.index, torch.stack(counts).to(norm.dtype)))
-        if grad_scale is not None:
-            inv_scale = grad_scale.to(self.device).double().reciprocal()
-            norm, max_abs = norm * inv_scale, max_abs * inv_scale
+        norm, max_abs = unscaled(grad_scale, self.device, norm, max_abs)
         return parts + [(GRAD_NORM, self.index, norm), (GRAD_MAX_ABS, self.index, max_abs)]
 
     def _nonfinite_counts(self, grads: list[torch.Tensor]) -> list:

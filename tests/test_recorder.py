@@ -449,7 +449,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_gradscaler_skipped_steps(tmp_path, fused, device):
+@pytest.mark.parametrize("strategy", ["auto", "stack"])  # the CPU's default (Numba's kernels) and stack
+def test_gradscaler_skipped_steps(tmp_path, fused, device, strategy, monkeypatch):
+    from gradflow import buckets
+
+    monkeypatch.setattr(buckets, "STRATEGY", strategy)
     model = make_net().to(device)
     model.eval()  # keep BatchNorm statistics finite on the inf batch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
