@@ -64,6 +64,16 @@ class RunState:
     rebuilt: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
 
 
+def open_root(url: str, **options) -> zarr.Group:
+    """``zarr.open_group(url, **options)``; a root ``zarr.json`` that does not parse is a one-line
+    :class:`~gradflow.errors.GradflowError` naming the repair (``gradflow check URL --repair``)."""
+    try:
+        return zarr.open_group(url, **options)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}); run "
+                            f"`gradflow check {url} --repair` first") from None
+
+
 def _committed(zstore, group: str | None):
     root = zarr.open_group(zstore, mode="r")  # the consolidated view when there is one
     return root[group] if group else root

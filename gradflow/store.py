@@ -212,13 +212,10 @@ class RunStore:
         stale = self.fs.exists(self._creating)  # its creator died half-way (we hold the lock)
         if not self.fs.exists(node_path(self.path, group) + "/zarr.json"):
             self.fs.touch(self._creating)  # readers wait instead of "not a gradflow store"
-        try:
-            root = zarr.open_group(url, mode="a", use_consolidated=False)
-        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-            raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}); run "
-                                f"`gradflow check {url} --repair` first") from None
+        from gradflow.check import damaged_metadata, open_root
+
+        root = open_root(url, mode="a", use_consolidated=False)
         self.store = root.store
-        from gradflow.check import damaged_metadata
 
         # A run that is resumed must be whole (zarr reads these files); one that is made again
         # (mode "w", its creator died half-way, or its folder was deleted, as a sweep does with an

@@ -214,13 +214,9 @@ def finished_variants(store: str) -> dict[str, dict[str, Any]]:
 def refuse_damaged_runs(store: str) -> None:
     """Raise a one-line GradflowError if a finished variant (as the committed metadata has it) is
     damaged: a node metadata file missing or unreadable, or a chunk missing (gradflow.check)."""
-    from gradflow.check import check_run, damaged_metadata
+    from gradflow.check import check_run, damaged_metadata, open_root
 
-    try:
-        root = zarr.open_group(store, mode="r")  # the committed (consolidated) view
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise GradflowError(f"{store}: its zarr.json is damaged ({type(err).__name__}); run "
-                            f"`gradflow check {store} --repair` first") from None
+    root = open_root(store, mode="r")  # the committed (consolidated) view
     for name, group in root.groups():
         if not group.attrs.get("finished"):
             continue  # an unfinished variant is recorded again from step 0
