@@ -58,11 +58,11 @@ def test_bench_lists_the_benchmarks_and_rejects_bad_input(tmp_path, run_main):
 
 
 def test_bench_launches_refuses_bad_options_in_one_line(tmp_path, run_main):
-    """Unknown models or bucket kinds, counts below 1, and the GPU-only fused kernels on a CPU are
-    refused before anything runs: one line, exit 2, no report."""
+    """Unknown models or bucket kinds and counts below 1 are refused before anything runs: one
+    line, exit 2, no report."""
     out = tmp_path / "launches.md"
     for args, named in ((["--models", "mlp,vgg"], "vgg"), (["--strategies", "auto,fancy"], "fancy"),
-                        (["--steps", "0"], "--steps"), (["--strategies", "fused"], "--device cuda")):
+                        (["--steps", "0"], "--steps"), (["--threads", "0"], "--threads")):
         code, _, err = run_main("bench", "launches", *args, "--out", out)
         assert code == 2 and err.count("\n") == 1 and named in err, (args, err)
     assert not out.exists()
