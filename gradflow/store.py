@@ -3,7 +3,8 @@
 Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
     zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
-                              every, per_parameter, metadata, steps_seen
+                              every, per_parameter, metadata, steps_seen, all_chunks_stored,
+                              fixed_chunks_stored, layer_table (below)
     grad_norm … nonfinite     (step, layer) float32, chunks of step_chunk(layers) steps × all layers
     step, epoch               (step,) int64: optimizer step index, epoch index
     wall_time                 (step,) float64, Unix time in seconds when the step finished
@@ -27,7 +28,14 @@ from the same committed lengths, by the next flush. A commit of one group of a s
 republishes only that group (other groups keep their last committed state), under a short
 store-wide lock, so variants written side by side (Ray) never publish each other's half-written
 arrays. Every chunk up to the committed length is stored (``write_empty_chunks``), so a missing chunk
-means damage (:mod:`gradflow.check`).
+means damage (:mod:`gradflow.check`); runs that do say so: ``all_chunks_stored`` (the step, epoch
+and summary block arrays) and ``fixed_chunks_stored`` (the arrays whose length is fixed at creation:
+``layer``, ``module_type``, ``depth``, ``num_params`` here and in ``epochs/``, ``param_group``, the
+summary's ``stat`` and ``layer``; before it a chunk equal to the fill value, such as the ``depth``
+[0] of a one-layer model, was not stored). ``layer_table``, written once at creation, is a copy of
+the layer coordinates (``{"layer": [...], "module_type": [...], "num_params": [...]}``; depth i is
+i) from which ``gradflow check --repair`` rebuilds a lost chunk of them: they are never recounted
+from the step rows.
 
 One writer per run: :class:`gradflow.lock.WriterLock` (a lock file per group, broken automatically
 when its owner dies) refuses a second writer, in another process or this one.
@@ -118,9 +126,16 @@ class LayerTable:
     num_params: list[int]
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The ``(layer,)`` coordinate arrays, by name."""
         return {"layer": np.array(self.names, dtype=str), "depth": np.arange(len(self.names)),
                 "module_type": np.array(self.module_types, dtype=str),
                 "num_params": np.array(self.num_params, dtype=np.int64)}
+
+    def attribute(self) -> dict[str, list]:
+        """The run's ``layer_table`` attribute: the coordinates a lost chunk is rebuilt from
+        (``depth`` is not in it: layer i has depth i)."""
+        return {"layer": list(self.names), "module_type": list(self.module_types),
+                "num_params": [int(n) for n in self.num_params]}
 
 
 def _check_schema(attrs, where: str) -> None:
@@ -295,11 +310,12 @@ class RunStore:
                 array = group.create_array(name, shape=values.shape, dtype=dtype,
                                            dimension_names=("layer",),
                                            attributes=_described(name, DESCRIPTIONS[name]))
-                array[:] = values
+                _writable(array)[:] = values  # depth [0] of one layer too (gradflow.check)
         # Marked as gradflow groups last: an interrupted creation leaves no half-made run behind.
         epochs.attrs.update({"gradflow_schema": SCHEMA, "gradflow_kind": "epochs"})
         node.attrs.update({**attrs, "gradflow_schema": SCHEMA, "gradflow_kind": "run",
-                           "steps_seen": 0, "all_chunks_stored": True})
+                           "steps_seen": 0, "all_chunks_stored": True, "fixed_chunks_stored": True,
+                           "layer_table": layers.attribute()})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
 
@@ -311,7 +327,7 @@ class RunStore:
         labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
                                         dimension_names=("param_group",),
                                         attributes=_described("param_group", DESCRIPTIONS["param_group"]))
-        labels[:] = np.array(groups, dtype=str)
+        _writable(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
         node = self.node
