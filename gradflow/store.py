@@ -4,7 +4,7 @@ Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
     zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
                               every, per_parameter, metadata, steps_seen, all_chunks_stored,
-                              fixed_chunks_stored, layer_table (below)
+                              fixed_chunks_stored, fixed_coordinates (below)
     grad_norm … nonfinite     (step, layer) float32, chunks of step_chunk(layers) steps × all layers
     step, epoch               (step,) int64: optimizer step index, epoch index
     wall_time                 (step,) float64, Unix time in seconds when the step finished
@@ -32,10 +32,10 @@ means damage (:mod:`gradflow.check`); runs that do say so: ``all_chunks_stored``
 and summary block arrays) and ``fixed_chunks_stored`` (the arrays whose length is fixed at creation:
 ``layer``, ``module_type``, ``depth``, ``num_params`` here and in ``epochs/``, ``param_group``, the
 summary's ``stat`` and ``layer``; before it a chunk equal to the fill value, such as the ``depth``
-[0] of a one-layer model, was not stored). ``layer_table``, written once at creation, is a copy of
-the layer coordinates (``{"layer": [...], "module_type": [...], "num_params": [...]}``; depth i is
-i) from which ``gradflow check --repair`` rebuilds a lost chunk of them: they are never recounted
-from the step rows.
+[0] of a one-layer model, was not stored). ``fixed_coordinates``, written once at creation, is a
+copy of those arrays' values (``{"layer": [...], "module_type": [...], "num_params": [...],
+"param_group": [...], "stat": [...]}``; ``depth`` i is i) from which ``gradflow check --repair``
+rebuilds a lost chunk of them: nothing else could, they are not recounted from the step rows.
 
 One writer per run: :class:`gradflow.lock.WriterLock` (a lock file per group, broken automatically
 when its owner dies) refuses a second writer, in another process or this one.
@@ -65,7 +65,7 @@ from zarr.core.sync import sync
 from gradflow import schema
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, store_url
-from gradflow.summary import SummaryWriter
+from gradflow.summary import STATS, SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
                            store_lock)
 
@@ -131,9 +131,9 @@ class LayerTable:
                 "module_type": np.array(self.module_types, dtype=str),
                 "num_params": np.array(self.num_params, dtype=np.int64)}
 
-    def attribute(self) -> dict[str, list]:
-        """The run's ``layer_table`` attribute: the coordinates a lost chunk is rebuilt from
-        (``depth`` is not in it: layer i has depth i)."""
+    def copy(self) -> dict[str, list]:
+        """The layer coordinates as the run's ``fixed_coordinates`` attribute holds them (``depth``
+        is not in it: layer i has depth i)."""
         return {"layer": list(self.names), "module_type": list(self.module_types),
                 "num_params": [int(n) for n in self.num_params]}
 
@@ -292,7 +292,8 @@ class RunStore:
             node.create_array(name, shape=(0,), chunks=(CHUNK_STEPS,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
                               attributes=_described(name, DESCRIPTIONS[name]))
-        self._create_lr(chunk, param_group_names(attrs), 0)
+        groups = param_group_names(attrs)
+        self._create_lr(chunk, groups, 0)
         epochs = node.require_group("epochs")
         for name in EPOCH_VARIABLES:
             epochs.create_array(name, shape=(0, n_layers), chunks=(CHUNK_EPOCHS, n_layers),
@@ -315,7 +316,8 @@ class RunStore:
         epochs.attrs.update({"gradflow_schema": SCHEMA, "gradflow_kind": "epochs"})
         node.attrs.update({**attrs, "gradflow_schema": SCHEMA, "gradflow_kind": "run",
                            "steps_seen": 0, "all_chunks_stored": True, "fixed_chunks_stored": True,
-                           "layer_table": layers.attribute()})
+                           "fixed_coordinates": {**layers.copy(), "param_group": groups,
+                                                 "stat": list(STATS)}})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
 
@@ -330,7 +332,14 @@ class RunStore:
         _writable(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
+        from gradflow.check import check_run
+
         node = self.node
+        # First: a lost chunk of the layer table would read as another model's layers.
+        damage = check_run(self.store, self.group)
+        if damage:
+            raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
+                                f"{self.url} --repair` first")
         stored = [str(name) for name in node["layer"][:]]
         if stored != layers.names:
             extra = sorted(set(stored) ^ set(layers.names))[:3] or stored[:3]
@@ -350,12 +359,6 @@ class RunStore:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "
                                 f"the same settings")
-        from gradflow.check import check_run
-
-        damage = check_run(self.store, self.group)
-        if damage:
-            raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
-                                f"{self.url} --repair` first")
         if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
             self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
         # What the last complete flush committed, from the consolidated metadata at the root
