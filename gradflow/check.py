@@ -132,7 +132,8 @@ def _fixed_copies(node) -> dict[tuple[str, int], list]:
     subgroups, by (name, length): the copies of one coordinate (``layer`` is stored at the run, in
     ``epochs/`` and in each summary level)."""
     copies: dict[tuple[str, int], list] = {}
-    for _, member in node.members(max_depth=None):
+    members = sorted(node.members(max_depth=None), key=lambda m: (m[0].count("/"), m[0]))  # run first
+    for _, member in members:
         if isinstance(member, zarr.Array) and member.ndim \
                 and (member.metadata.dimension_names or (None,))[0] not in GROWING:
             copies.setdefault((member.path.rsplit("/", 1)[-1], member.shape[0]), []).append(member)

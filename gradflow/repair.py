@@ -162,8 +162,8 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
                     f"{fixed.num_epochs} epochs")
             if fixed.unrecoverable:
                 left = True
-                lines.append(f"{name}: not repaired: {', '.join(fixed.unrecoverable)} lost (no intact "
-                             f"copy holds them); the rest is repaired, {kept}")
+                lines.append(f"{name}: not repaired: {', '.join(fixed.unrecoverable)} cannot be "
+                             f"rebuilt (no trusted copy holds them); the rest is repaired, {kept}")
             else:
                 lines.append(f"{name}: repaired, {kept}")
     if repair and runs != [None] and not any(group_is_locked(fs, path, g) for g in runs):

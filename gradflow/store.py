@@ -766,8 +766,6 @@ def _retrying(store, opener):
 
 
 def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset | xr.DataTree:
-    from gradflow.check import check_run
-
     url = store_url(store)
     if group is not None and (not isinstance(group, str) or any(
             node_name_problem(name) for name in group.strip("/").split("/") if group.strip("/"))):
@@ -795,10 +793,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         run = group if kind == "run" else (group.rsplit("/", 1)[0] if "/" in group else None)
         if fs.exists(creating_marker(fs, path, run)):
             raise _NotReady(f"{where} is being created (or its creation was interrupted)")
-        damage = check_run(root.store, run)
-        if damage:
-            raise GradflowError(f"{where} is damaged: {damage[0]}; `gradflow check {url} --repair`"
-                                f" repairs it (see `gradflow check --help`)")
+        _refuse_damaged(root.store, run, where, url)
         return xr.open_datatree(url, **options) if tree else xr.open_dataset(url, **options)
     runs = [child for _, child in node.groups() if _is_run(child)]
     if not runs:
@@ -811,11 +806,22 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     for child in runs:
         run_where = f"{url} (group {child.path!r})"
         _check_schema(child.attrs, run_where)
-        damage = check_run(root.store, child.path)
-        if damage:
-            raise GradflowError(f"{run_where} is damaged: {damage[0]}; `gradflow check {url} "
-                                f"--repair` repairs it (see `gradflow check --help`)")
+        _refuse_damaged(root.store, child.path, run_where, url)
     return xr.open_datatree(url, **options)
+
+
+def _refuse_damaged(zstore, run: str | None, where: str, url: str) -> None:
+    """Raise a one-line GradflowError naming the run's first damage and what mends it: ``gradflow
+    check --repair``, unless the run lost values that no repair rebuilds (the layer table)."""
+    from gradflow.check import inspect_run
+
+    state = inspect_run(zstore, run, where)
+    if state.unrecoverable:
+        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url}` lists "
+                            f"what no repair can rebuild")
+    if state.problems:
+        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url} --repair`"
+                            f" repairs it (see `gradflow check --help`)")
 
 
 @contextlib.contextmanager
