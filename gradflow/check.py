@@ -255,13 +255,14 @@ def lost_ranges(first: int, counts: np.ndarray) -> list[list[int]]:
 def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | None:
     """The values the writer's own numbering gives a coordinate, or None for one it does not number.
 
-    ``depth``: row i is layer i (in registration order). ``step``: row i is step i·every. The Recorder counts every optimizer step from 0, continues the
+    ``step``: row i is step i·every. The Recorder counts every optimizer step from 0, continues the
     count on resume (from ``steps_seen``: the steps counted when its rows were committed, or the
     kept rows' end after a repair cut them) and records a row when step % every == 0, so the rows
     are the multiples of ``every``, none left out. ``epoch`` (of the ``epochs`` group): row i is
     epoch i, the i-th ``end_epoch`` (a resume continues after the last epoch row, and gives an epoch
-    cut short by a crash its row first). These hold for what gradflow writes; the caller checks
-    them against the stored rows before it trusts them for a lost chunk.
+    cut short by a crash its row first). ``depth``: row i is layer i (registration order). These
+    hold for what gradflow writes; the caller checks them against the stored rows before it trusts
+    them for a lost chunk.
     """
     if name == "step" and isinstance(every, int) and every >= 1:
         return np.arange(length, dtype=np.int64) * every
