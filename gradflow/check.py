@@ -13,6 +13,17 @@ A run's committed state (what the consolidated metadata at the store root publis
   ``num_steps`` where the step rows count it exactly (:func:`count_steps`).
   The derived summary (``summary/<b>``, :mod:`gradflow.summary`) is held to the same rule up to
   its committed number of blocks; a hole there loses nothing (the raw rows recompute it).
+- every chunk stored of the arrays whose length is fixed at creation (first dimension not in
+  :data:`GROWING`: the layer coordinates ``layer``, ``module_type``, ``depth``, ``num_params`` at
+  the run and in ``epochs/``, ``param_group``, the summary's ``stat`` and ``layer``), in runs marked
+  ``fixed_chunks_stored``. They are written once, at creation, so a lost chunk cannot be recounted
+  from the step rows: its values are known only from an intact source that holds them
+  (:func:`_fixed_values`: the run's ``fixed_coordinates`` attribute, ``depth`` i = i, the same array's
+  other copies, e.g. ``epochs/layer``), and only when every source agrees with every stored row;
+  else it is lost, and no repair makes the run whole. Older runs stored no chunk equal to the fill
+  value (the ``depth`` [0] of a one-layer model): a missing chunk there is reported only when it
+  cannot have held the fill value (a label: gradflow writes no empty one; values a source gives
+  that are not all the fill value), so a healthy old store is never called damaged.
 
 Apart from these, :func:`damaged_metadata` finds node metadata files (``<node>/zarr.json``) that are
 missing or unreadable. Readers of the consolidated metadata (``gradflow.open``, xarray by default)
@@ -20,8 +31,10 @@ do not see that damage, so ``gradflow.open`` does not check it; a resumed Record
 and xarray with ``consolidated=False`` read those files, and ``gradflow check`` reports them.
 
 :func:`gradflow.repair.repair_run` writes the lost chunks of float figures (:attr:`RunState.lost`) as NaN,
-rebuilds the lost chunks of :func:`derived_coordinate` coordinates, recounts ``num_steps`` (or marks
-it lost: :data:`LOST_COUNT`), truncates what else is damaged
+rebuilds the lost chunks of :func:`derived_coordinate` coordinates and of fixed-length arrays whose
+values a source holds, recounts ``num_steps`` (or marks it lost: :data:`LOST_COUNT`), leaves a
+fixed-length chunk that no source holds missing (:attr:`RunState.unrecoverable`: the run stays
+damaged), truncates what else is damaged
 to its longest consistent prefix (the last consistent commit),
 republishes the run and deletes ``*.partial`` files that an interrupted atomic write left; it
 rewrites damaged metadata files from their committed copy and trims the summary to before a hole.
@@ -62,6 +75,9 @@ class RunState:
     # Missing chunks whose values are known all the same (the coordinates' numbering, num_steps
     # recounted; LOST_COUNT where not exact): (array path, dimension, first row, values).
     rebuilt: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
+    # Missing chunks of fixed-length arrays that no intact source holds ("./layer rows 0-1"): no
+    # repair restores them (it leaves them missing and says the run is still damaged).
+    unrecoverable: list[str] = field(default_factory=list)
 
 
 def open_root(url: str, **options) -> zarr.Group:
@@ -98,6 +114,100 @@ def _missing_rows(zstore, array, length: int) -> list[tuple[int, int]]:
             for i in range(math.ceil(length / chunks[0]))
             if any(f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}" not in keys
                    for other in (np.ndindex(*[len(r) for r in rest]) if rest else [()]))]
+
+
+GROWING = ("step", "epoch", "block")
+"""The dimensions a run's arrays grow along (``block``: the summary's); an array whose first
+dimension is another one (``layer``, ``param_group``, ``stat``) is written once, at creation."""
+
+
+def _label(array) -> str:
+    """How a report names an array: its path in the store, ``./name`` at the root."""
+    parent, _, name = array.path.rpartition("/")
+    return f"{parent or '.'}/{name}"
+
+
+def _fixed_copies(node) -> dict[tuple[str, int], list]:
+    """The run's fixed-length arrays (first dimension not in :data:`GROWING`), in its group and its
+    subgroups, by (name, length): the copies of one coordinate (``layer`` is stored at the run, in
+    ``epochs/`` and in each summary level)."""
+    copies: dict[tuple[str, int], list] = {}
+    members = sorted(node.members(max_depth=None), key=lambda m: (m[0].count("/"), m[0]))  # run first
+    for _, member in members:
+        if isinstance(member, zarr.Array) and member.ndim \
+                and (member.metadata.dimension_names or (None,))[0] not in GROWING:
+            copies.setdefault((member.path.rsplit("/", 1)[-1], member.shape[0]), []).append(member)
+    return copies
+
+
+def _fixed_values(name: str, length: int, copies: list, missing: dict, table: dict,
+                  every: object) -> tuple[np.ndarray, list[str], str]:
+    """The values of a fixed-length coordinate from every source that holds them: its numbering
+    (:func:`derived_coordinate`), the run's ``fixed_coordinates`` attribute, each copy's stored rows.
+
+    Returns (values, source labels, why): ``values`` an object array, None where no source holds
+    the row, and all None when two sources disagree on a row (nothing proves which is right; ``why``
+    says where). ``source labels`` name the sources in the order that fills each row first.
+    """
+    everywhere = np.ones(length, dtype=bool)
+    sources = []
+    derived = derived_coordinate(name, length, every)
+    if derived is not None:
+        sources.append(("its numbering: row i is i", derived, everywhere))
+    if isinstance(table.get(name), list) and len(table[name]) == length:
+        sources.append(("the run's fixed_coordinates attribute", np.array(table[name], dtype=object),
+                        everywhere))
+    for array in copies:
+        stored = everywhere.copy()
+        for first, end in missing[array.path]:
+            stored[first:end] = False
+        if stored.any():
+            sources.append((_label(array), array[:], stored))
+    values, origin = np.full(length, None, dtype=object), np.full(length, -1)
+    for i, (label, held, rows) in enumerate(sources):
+        held = np.asarray(held).astype(object)
+        both = np.flatnonzero(rows & (origin >= 0))
+        clash = both[values[both] != held[both]] if len(both) else both
+        if len(clash):
+            row = int(clash[0])
+            return (np.full(length, None, dtype=object), [],
+                    f"{sources[origin[row]][0]} and {label} disagree at row {row}")
+        fresh = rows & (origin < 0)
+        values[fresh], origin[fresh] = held[fresh], i
+    return values, [sources[i][0] if i >= 0 else "" for i in origin], "no intact copy holds it"
+
+
+def _inspect_fixed(zstore, node, state: RunState) -> None:
+    """Report the missing chunks of the run's fixed-length arrays (module docstring), each with the
+    values a repair writes (``state.rebuilt``) or as lost (``state.unrecoverable``)."""
+    marked = bool(node.attrs.get("fixed_chunks_stored"))
+    table = node.attrs.get("fixed_coordinates")
+    table = table if isinstance(table, dict) else {}
+    for (name, length), copies in _fixed_copies(node).items():
+        missing = {array.path: _missing_rows(zstore, array, length) for array in copies}
+        if not any(missing.values()):
+            continue
+        values, origins, why = _fixed_values(name, length, copies, missing, table,
+                                             node.attrs.get("every"))
+        for array in copies:
+            label, dim = _label(array), array.metadata.dimension_names[0]
+            for first, end in missing[array.path]:
+                held = values[first:end]
+                known = not any(v is None for v in held)
+                if not marked and (  # an older writer left out chunks that held the fill value
+                        (known and all(v == array.metadata.fill_value for v in held))
+                        or (not known and np.dtype(array.dtype).kind not in "OSTU")):
+                    continue
+                if known:
+                    used = " and ".join(dict.fromkeys(origins[first:end]))
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                                          f"(--repair rebuilds it from {used})")
+                    state.rebuilt.append((array.path, dim, first,
+                                          np.array(held.tolist(), dtype=array.dtype)))
+                else:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing and "
+                                          f"lost ({why}); --repair cannot rebuild it")
+                    state.unrecoverable.append(f"{label} rows {first}-{end - 1}")
 
 
 def _reads_as_unknown(array, dim: str) -> bool:
@@ -150,12 +260,13 @@ def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | No
     kept rows' end after a repair cut them) and records a row when step % every == 0, so the rows
     are the multiples of ``every``, none left out. ``epoch`` (of the ``epochs`` group): row i is
     epoch i, the i-th ``end_epoch`` (a resume continues after the last epoch row, and gives an epoch
-    cut short by a crash its row first). These hold for what gradflow writes; the caller checks
-    them against the stored rows before it trusts them for a lost chunk.
+    cut short by a crash its row first). ``depth``: row i is layer i (registration order). These
+    hold for what gradflow writes; the caller checks them against the stored rows before it trusts
+    them for a lost chunk.
     """
     if name == "step" and isinstance(every, int) and every >= 1:
         return np.arange(length, dtype=np.int64) * every
-    if name == "epoch":
+    if name in ("epoch", "depth"):
         return np.arange(length, dtype=np.int64)
     return None
 
@@ -255,6 +366,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
     last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
     if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
         state.rowless_epochs = range(state.good_epochs, last_label + 1)
+    _inspect_fixed(zstore, node, state)
     # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
     state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None

@@ -1,8 +1,12 @@
 """Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
 its damaged metadata files rewritten from their committed copy, its lost float chunks written as NaN
 (only those figures are lost, never the other variables' rows), the lost chunks of coordinates whose
-values the writer's numbering fixes (``step``, ``epochs/epoch``) rebuilt, a lost ``num_steps`` chunk
-recounted from the step rows where that is exact and marked lost (-1, NaN to xarray) where not.
+values the writer's numbering fixes (``step``, ``epochs/epoch``, ``depth``) rebuilt, a lost
+``num_steps`` chunk recounted from the step rows where that is exact and marked lost (-1, NaN to
+xarray) where not, a lost chunk of the layer table (or another fixed-length array) rebuilt from an
+intact source that agrees with every stored row (the run's ``fixed_coordinates`` attribute, another copy);
+where none is left the chunk stays missing and the run is reported still damaged: its values are
+never guessed, and the layer dimension cannot be cut like the steps.
 
 The invariants themselves are in :mod:`gradflow.check`, which the store also uses when it opens a run;
 this module writes (it needs the store), so it sits above both and neither imports it.
@@ -29,7 +33,9 @@ def repair_run(url: str, group: str | None) -> RunState:
     consistent prefix (and its summary to before a missing chunk), write its missing float figure
     chunks as NaN, rebuild the missing chunks of ``step`` and ``epochs/epoch`` from their numbering
     (:func:`gradflow.check.derived_coordinate`) and of ``num_steps`` from the step rows
-    (:func:`gradflow.check.count_steps`: exact, or marked lost), republish it; delete ``*.partial``."""
+    (:func:`gradflow.check.count_steps`: exact, or marked lost) and of the layer table and other
+    fixed-length arrays from an intact copy (:func:`gradflow.check._fixed_values`; one that no copy
+    holds stays missing: :attr:`RunState.unrecoverable`), republish it; delete ``*.partial``."""
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import _quiet_zarr
 
@@ -67,12 +73,12 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
                 array = array.with_config({"write_empty_chunks": True})  # stored, even all NaN
                 array[first:stop] = np.nan
                 note_lost(array, [[first, stop]])  # readers can tell lost figures from recorded NaN
-        for path, dim, first, values in state.rebuilt:  # step/epoch numbers, num_steps recounted
-            stop = min(first + len(values), good[dim])
+        for path, dim, first, values in state.rebuilt:  # numbers, counts, the layer table
+            stop = min(first + len(values), good.get(dim, first + len(values)))  # (layers: all)
             if first < stop:
                 array = zarr.open_array(zstore, path=path, mode="r+")
                 array.with_config({"write_empty_chunks": True})[first:stop] = values[:stop - first]
-                if lost := lost_ranges(first, values[:stop - first]):
+                if values.dtype.kind == "i" and (lost := lost_ranges(first, values[:stop - first])):
                     note_lost(array, lost)
         summary = node.get("summary")
         if isinstance(summary, zarr.Group) and summary.attrs.get("gradflow_kind") == "summary":
@@ -94,7 +100,8 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
 
 
 def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
-    """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged).
+    """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged); with
+    ``repair``, damaged means damage is left that no repair restores (lost layer-table chunks).
 
     Raises GradflowError for what is not a gradflow store at all, and for a damaged root
     ``zarr.json`` of a single run (its attributes cannot be rebuilt).
@@ -129,6 +136,7 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     if not runs:
         raise GradflowError(f"{url} is not a gradflow store")
     damaged = bool(lines)
+    left = False  # damage the repair could not restore
     for group in runs:
         name = group or "(run)"
         where = url if not group else f"{url} (group {group!r})"
@@ -150,15 +158,21 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
             lines.append(f"{name}: {problem}")
         if repair:
             fixed = repair_run(url, group)
-            lines.append(f"{name}: repaired, kept {fixed.good_steps} of {fixed.num_steps} steps "
-                         f"and {fixed.good_epochs} of {fixed.num_epochs} epochs")
+            kept = (f"kept {fixed.good_steps} of {fixed.num_steps} steps and {fixed.good_epochs} of "
+                    f"{fixed.num_epochs} epochs")
+            if fixed.unrecoverable:
+                left = True
+                lines.append(f"{name}: not repaired: {', '.join(fixed.unrecoverable)} cannot be "
+                             f"rebuilt (no trusted copy holds them); the rest is repaired, {kept}")
+            else:
+                lines.append(f"{name}: repaired, {kept}")
     if repair and runs != [None] and not any(group_is_locked(fs, path, g) for g in runs):
         removed = fs.glob(f"{path.rstrip('/')}/*.partial")
         for p in removed:
             fs.rm_file(p)
         if removed:
             lines.append(f"deleted {len(removed)} leftover *.partial file(s) at the store root")
-    return lines, damaged
+    return lines, left if repair else damaged
 
 
 def _is_run_file(fs, path: str) -> bool:

@@ -3,7 +3,8 @@
 Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
     zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
-                              every, per_parameter, metadata, steps_seen
+                              every, per_parameter, metadata, steps_seen, all_chunks_stored,
+                              fixed_chunks_stored, fixed_coordinates (below)
     grad_norm … nonfinite     (step, layer) float32, chunks of step_chunk(layers) steps × all layers
     step, epoch               (step,) int64: optimizer step index, epoch index
     wall_time                 (step,) float64, Unix time in seconds when the step finished
@@ -27,7 +28,14 @@ from the same committed lengths, by the next flush. A commit of one group of a s
 republishes only that group (other groups keep their last committed state), under a short
 store-wide lock, so variants written side by side (Ray) never publish each other's half-written
 arrays. Every chunk up to the committed length is stored (``write_empty_chunks``), so a missing chunk
-means damage (:mod:`gradflow.check`).
+means damage (:mod:`gradflow.check`); runs that do say so: ``all_chunks_stored`` (the step, epoch
+and summary block arrays) and ``fixed_chunks_stored`` (the arrays whose length is fixed at creation:
+``layer``, ``module_type``, ``depth``, ``num_params`` here and in ``epochs/``, ``param_group``, the
+summary's ``stat`` and ``layer``; before it a chunk equal to the fill value, such as the ``depth``
+[0] of a one-layer model, was not stored). ``fixed_coordinates``, written once at creation, is a
+copy of those arrays' values (``{"layer": [...], "module_type": [...], "num_params": [...],
+"param_group": [...], "stat": [...]}``; ``depth`` i is i) from which ``gradflow check --repair``
+rebuilds a lost chunk of them: nothing else could, they are not recounted from the step rows.
 
 One writer per run: :class:`gradflow.lock.WriterLock` (a lock file per group, broken automatically
 when its owner dies) refuses a second writer, in another process or this one.
@@ -57,7 +65,7 @@ from zarr.core.sync import sync
 from gradflow import schema
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, store_url
-from gradflow.summary import SummaryWriter
+from gradflow.summary import STATS, SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
                            store_lock)
 
@@ -118,9 +126,16 @@ class LayerTable:
     num_params: list[int]
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The ``(layer,)`` coordinate arrays, by name."""
         return {"layer": np.array(self.names, dtype=str), "depth": np.arange(len(self.names)),
                 "module_type": np.array(self.module_types, dtype=str),
                 "num_params": np.array(self.num_params, dtype=np.int64)}
+
+    def copy(self) -> dict[str, list]:
+        """The layer coordinates as the run's ``fixed_coordinates`` attribute holds them (``depth``
+        is not in it: layer i has depth i)."""
+        return {"layer": list(self.names), "module_type": list(self.module_types),
+                "num_params": [int(n) for n in self.num_params]}
 
 
 def _check_schema(attrs, where: str) -> None:
@@ -277,7 +292,8 @@ class RunStore:
             node.create_array(name, shape=(0,), chunks=(CHUNK_STEPS,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
                               attributes=_described(name, DESCRIPTIONS[name]))
-        self._create_lr(chunk, param_group_names(attrs), 0)
+        groups = param_group_names(attrs)
+        self._create_lr(chunk, groups, 0)
         epochs = node.require_group("epochs")
         for name in EPOCH_VARIABLES:
             epochs.create_array(name, shape=(0, n_layers), chunks=(CHUNK_EPOCHS, n_layers),
@@ -295,11 +311,13 @@ class RunStore:
                 array = group.create_array(name, shape=values.shape, dtype=dtype,
                                            dimension_names=("layer",),
                                            attributes=_described(name, DESCRIPTIONS[name]))
-                array[:] = values
+                _writable(array)[:] = values  # depth [0] of one layer too (gradflow.check)
         # Marked as gradflow groups last: an interrupted creation leaves no half-made run behind.
         epochs.attrs.update({"gradflow_schema": SCHEMA, "gradflow_kind": "epochs"})
         node.attrs.update({**attrs, "gradflow_schema": SCHEMA, "gradflow_kind": "run",
-                           "steps_seen": 0, "all_chunks_stored": True})
+                           "steps_seen": 0, "all_chunks_stored": True, "fixed_chunks_stored": True,
+                           "fixed_coordinates": {**layers.copy(), "param_group": groups,
+                                                 "stat": list(STATS)}})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
 
@@ -311,10 +329,17 @@ class RunStore:
         labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
                                         dimension_names=("param_group",),
                                         attributes=_described("param_group", DESCRIPTIONS["param_group"]))
-        labels[:] = np.array(groups, dtype=str)
+        _writable(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
+        from gradflow.check import check_run
+
         node = self.node
+        # First: a lost chunk of the layer table would read as another model's layers.
+        damage = check_run(self.store, self.group)
+        if damage:
+            raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
+                                f"{self.url} --repair` first")
         stored = [str(name) for name in node["layer"][:]]
         if stored != layers.names:
             extra = sorted(set(stored) ^ set(layers.names))[:3] or stored[:3]
@@ -334,12 +359,6 @@ class RunStore:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "
                                 f"the same settings")
-        from gradflow.check import check_run
-
-        damage = check_run(self.store, self.group)
-        if damage:
-            raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
-                                f"{self.url} --repair` first")
         if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
             self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
         # What the last complete flush committed, from the consolidated metadata at the root
@@ -747,8 +766,6 @@ def _retrying(store, opener):
 
 
 def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset | xr.DataTree:
-    from gradflow.check import check_run
-
     url = store_url(store)
     if group is not None and (not isinstance(group, str) or any(
             node_name_problem(name) for name in group.strip("/").split("/") if group.strip("/"))):
@@ -776,10 +793,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         run = group if kind == "run" else (group.rsplit("/", 1)[0] if "/" in group else None)
         if fs.exists(creating_marker(fs, path, run)):
             raise _NotReady(f"{where} is being created (or its creation was interrupted)")
-        damage = check_run(root.store, run)
-        if damage:
-            raise GradflowError(f"{where} is damaged: {damage[0]}; `gradflow check {url} --repair`"
-                                f" repairs it (see `gradflow check --help`)")
+        _refuse_damaged(root.store, run, where, url)
         return xr.open_datatree(url, **options) if tree else xr.open_dataset(url, **options)
     runs = [child for _, child in node.groups() if _is_run(child)]
     if not runs:
@@ -792,11 +806,22 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     for child in runs:
         run_where = f"{url} (group {child.path!r})"
         _check_schema(child.attrs, run_where)
-        damage = check_run(root.store, child.path)
-        if damage:
-            raise GradflowError(f"{run_where} is damaged: {damage[0]}; `gradflow check {url} "
-                                f"--repair` repairs it (see `gradflow check --help`)")
+        _refuse_damaged(root.store, child.path, run_where, url)
     return xr.open_datatree(url, **options)
+
+
+def _refuse_damaged(zstore, run: str | None, where: str, url: str) -> None:
+    """Raise a one-line GradflowError naming the run's first damage and what mends it: ``gradflow
+    check --repair``, unless the run lost values that no repair rebuilds (the layer table)."""
+    from gradflow.check import inspect_run
+
+    state = inspect_run(zstore, run, where)
+    if state.unrecoverable:
+        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url}` lists "
+                            f"what no repair can rebuild")
+    if state.problems:
+        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url} --repair`"
+                            f" repairs it (see `gradflow check --help`)")
 
 
 @contextlib.contextmanager

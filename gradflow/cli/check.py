@@ -18,6 +18,9 @@ def check_command(
                                                           "(every other row is kept), rebuild lost chunks of the "
                                                           "step and epoch numbers, recount lost num_steps from "
                                                           "the step rows where exact (else mark them lost), "
+                                                          "rebuild lost layer names, types, sizes and other "
+                                                          "labels from the copy the run keeps (else leave "
+                                                          "them missing and exit 1), "
                                                           "cut what else is damaged "
                                                           "to the last consistent commit, and delete leftover "
                                                           "*.partial files.")] = False,
@@ -28,8 +31,11 @@ def check_command(
     lines, damaged = check_store(store, repair=repair)
     for line in lines:
         typer.echo(line)
-    if damaged and not repair:
+    if damaged and repair:
+        typer.echo("still damaged: what no intact copy holds cannot be rebuilt (see above)", err=True)
+        raise typer.Exit(1)
+    if damaged:
         typer.echo(f"damaged; `gradflow check {store} --repair` rewrites damaged metadata, writes lost float "
-                   f"figures as NaN, rebuilds lost step and epoch numbers and cuts the rest to the last "
+                   f"figures as NaN, rebuilds lost step and epoch numbers and layer coordinates and cuts the rest to the last "
                    f"consistent commit", err=True)
         raise typer.Exit(1)

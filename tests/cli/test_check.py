@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 from torch import nn
 
 import gradflow
@@ -98,3 +99,138 @@ def test_check_reports_a_lost_count_or_number_in_one_line_exit_1(tmp_path, run_m
     assert code == 0 and out.splitlines()[-1] == "(run): repaired, kept 3 of 3 steps and 1 of 1 epochs"
     assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
     assert gradflow.open(store, group="epochs").num_steps.values.tolist() == [3]
+
+
+# -- the layer table and the other fixed-length arrays -----------------------------------------------
+
+COPY = "the run's fixed_coordinates attribute"
+
+
+def layered_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+
+def table_of(model: nn.Module) -> tuple[list[str], list[str], list[int]]:
+    """(names, class names, parameter counts) of the modules owning parameters, in registration
+    order: torch's own view of the model, not gradflow's."""
+    rows = [(name, type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)))
+            for name, m in model.named_modules() if list(m.parameters(recurse=False))]
+    names, types, counts = (list(column) for column in zip(*rows))
+    return names, types, counts
+
+
+def record_model(store: Path, model: nn.Module, steps: int = 3) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+        rec.end_epoch(train_loss=1.0)
+
+
+def assert_layer_table(store: Path, model: nn.Module) -> None:
+    """Every copy of the layer coordinates (run, epochs, summary levels) holds the model's table."""
+    names, types, counts = table_of(model)
+    for ds in (gradflow.open(store), gradflow.open(store, group="epochs")):
+        assert ds.layer.values.tolist() == names
+        assert ds.module_type.values.tolist() == types
+        assert ds.num_params.values.tolist() == counts
+        assert ds.depth.values.tolist() == list(range(len(names)))
+    assert gradflow.open(store).param_group.values.tolist() == ["group0"]  # one optimizer, one group
+    for level in ("256", "4096"):
+        summary = zarr.open_group(store / "summary" / level, mode="r")
+        assert summary["layer"][:].tolist() == names
+        assert summary["stat"][:].tolist() == ["mean", "min", "max", "nonfinite"]
+
+
+@pytest.mark.parametrize("chunk, label, rows, source", [
+    ("layer/c/0", "./layer", "0-2", COPY),
+    ("module_type/c/0", "./module_type", "0-2", COPY),
+    ("num_params/c/0", "./num_params", "0-2", COPY),
+    ("depth/c/0", "./depth", "0-2", "its numbering: row i is i"),
+    ("epochs/layer/c/0", "epochs/layer", "0-2", COPY),
+    ("epochs/num_params/c/0", "epochs/num_params", "0-2", COPY),
+    ("param_group/c/0", "./param_group", "0-0", COPY),
+    ("summary/256/layer/c/0", "summary/256/layer", "0-2", COPY),
+    ("summary/4096/stat/c/0", "summary/4096/stat", "0-3", COPY)])
+def test_lost_layer_table_chunk_is_one_line_exit_1_and_rebuilt(tmp_path, run_main, chunk, label, rows,
+                                                              source):
+    store = tmp_path / "run.zarr"
+    model = layered_model()
+    record_model(store, model)
+    (store / chunk).unlink()
+    code, out, err = run_main("check", store)
+    assert (code, out) == (1, f"(run): {label}: chunk of rows {rows} is missing (--repair rebuilds it "
+                              f"from {source})\n") and "--repair" in err
+    code, out, _ = run_main("check", store, "--repair")
+    assert code == 0 and out.splitlines()[-1] == "(run): repaired, kept 3 of 3 steps and 1 of 1 epochs"
+    assert (store / chunk).exists()
+    assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
+    assert_layer_table(store, model)
+
+
+def test_the_reviewers_case_lost_names_and_sizes(tmp_path, run_main):
+    """The chunks of layer, depth, num_params and epochs/layer deleted: before, check said ok and the
+    store read layer=['', …], num_params=[0, …]."""
+    store = tmp_path / "run.zarr"
+    model = layered_model()
+    record_model(store, model)
+    for chunk in ("layer/c/0", "depth/c/0", "num_params/c/0", "epochs/layer/c/0"):
+        (store / chunk).unlink()
+    code, out, _ = run_main("check", store)
+    assert code == 1 and sorted(out.splitlines()) == [
+        "(run): ./depth: chunk of rows 0-2 is missing (--repair rebuilds it from its numbering: row i is i)",
+        f"(run): ./layer: chunk of rows 0-2 is missing (--repair rebuilds it from {COPY})",
+        f"(run): ./num_params: chunk of rows 0-2 is missing (--repair rebuilds it from {COPY})",
+        f"(run): epochs/layer: chunk of rows 0-2 is missing (--repair rebuilds it from {COPY})"]
+    with pytest.raises(gradflow.GradflowError, match=r"is damaged: .*/\w+: chunk of rows 0-2 is missing"):
+        gradflow.open(store)
+    assert run_main("check", store, "--repair")[0] == 0
+    assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
+    assert_layer_table(store, model)
+
+
+def edit_copy(store: Path, **changes) -> None:
+    """Change (None: drop) entries of the run's fixed_coordinates attribute and republish."""
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    copy = {k: v for k, v in {**root.attrs["fixed_coordinates"], **changes}.items() if v is not None}
+    root.attrs["fixed_coordinates"] = copy
+    gradflow.store.consolidate(str(store), fresh=gradflow.store.ALL)
+
+
+@pytest.mark.parametrize("case", ["no copy left", "copies disagree"])
+def test_lost_layer_sizes_without_a_trusted_copy_are_not_repaired(tmp_path, run_main, case):
+    """No source holds the lost values, or the ones left disagree: repair writes nothing there (no
+    guess, nothing deleted), fixes the rest, and exits 1 saying what is lost."""
+    store = tmp_path / "run.zarr"
+    model = layered_model()
+    record_model(store, model)
+    (store / "num_params/c/0").unlink()
+    (store / "grad_norm/c/0/0").unlink()  # damage a repair does fix
+    if case == "no copy left":
+        (store / "epochs/num_params/c/0").unlink()
+        edit_copy(store, num_params=None)
+        why, lost = "no intact copy holds it", "./num_params rows 0-2, epochs/num_params rows 0-2"
+    else:
+        edit_copy(store, num_params=[1, 2, 3])  # epochs/num_params holds the real counts
+        why, lost = f"{COPY} and epochs/num_params disagree at row 0", "./num_params rows 0-2"
+    code, out, _ = run_main("check", store)
+    assert code == 1
+    assert f"(run): ./num_params: chunk of rows 0-2 is missing and lost ({why}); --repair cannot " \
+           f"rebuild it" in out.splitlines()
+    code, out, err = run_main("check", store, "--repair")
+    assert code == 1 and "still damaged" in err
+    assert out.splitlines()[-1] == (f"(run): not repaired: {lost} cannot be rebuilt (no trusted copy "
+                                    f"holds them); the rest is repaired, kept 3 of 3 steps and 1 of 1 epochs")
+    assert not (store / "num_params/c/0").exists()  # never a guess
+    assert (store / "grad_norm/c/0/0").exists()  # the rest repaired
+    if case == "copies disagree":
+        assert zarr.open_array(store / "epochs/num_params", mode="r")[:].tolist() == table_of(model)[2]
+    code, out, _ = run_main("check", store)
+    assert code == 1 and out.splitlines()[0].startswith("(run): ./num_params: chunk of rows 0-2 is missing")
+    assert "--repair cannot rebuild it" in out
+    with pytest.raises(gradflow.GradflowError, match=r"num_params: chunk of rows 0-2 is missing and lost "
+                                                     r".*; `gradflow check .*` lists what no repair"):
+        gradflow.open(store)
