@@ -57,7 +57,7 @@ COMBINE_BLOCK = 256  # chunks per loop iteration of a _combine program
 
 
 # Unbound methods, mapped over a bucket's tensors in C (no Python frame per tensor).
-_DATA_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
+_DATA_PTR, _NUMEL, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.stride
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _GRAD_OF, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("grad", "dtype", "device"))
 
@@ -249,8 +249,8 @@ class FusedBucket(ForeachBucket):
             raise Unavailable(f"the kernels failed: {err!r}") from err
 
     def _addresses(self, kind: str, tensors: list[torch.Tensor | None]) -> torch.Tensor:
-        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved or
-        changed size. A change is checked first (:meth:`_check`): the kernels read
+        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved,
+        changed size or (a parameter) changed strides. A change is checked first (:meth:`_check`): the kernels read
         :attr:`sizes` elements of the bucket's dtype, densely, at each address. ``kind``:
         ``"param"`` (their layouts are kept, for :meth:`_relaid_updates`) or ``"grad"``. Raises
         :class:`~gradflow.errors.GradflowError`.
@@ -264,6 +264,11 @@ class FusedBucket(ForeachBucket):
         except TypeError:  # a missing gradient (None): address 0
             key = ([0 if t is None else t.data_ptr() for t in tensors],
                    [n if t is None else t.numel() for t, n in zip(tensors, self.sizes)])
+        if kind == "param":
+            # So are the strides: p.data = p.data.t() (a square weight) keeps address and size but
+            # pairs each element with another, and the layouts kept for _relaid_updates must be
+            # those of the snapshot. (Gradients' statistics do not depend on their layout.)
+            key += (list(map(_STRIDE, tensors)),)
         held = self.addresses.get(kind)
         if held is not None and held[0] == key:
             return held[1]

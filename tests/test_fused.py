@@ -384,3 +384,31 @@ def test_an_update_that_relays_a_weight_out_is_measured_elementwise(kind, dtype)
                                 update_reference(p, w)):
             np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
                                        err_msg=f"row {which} tensor {j}")
+
+
+@pytest.mark.parametrize("when", ["during", "before"])
+def test_a_weight_relaid_in_place_is_measured_elementwise(kind, when):
+    """``p.data = p.data.t()`` on a square weight keeps its address and size but pairs every
+    element with another one: Δw is w_after − w_before by index (here, during the step, the
+    transpose itself is the update), never by memory position. Relaid before the snapshot, the
+    step's update is measured in the new layout."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 5)), nn.Parameter(torch.randn(3))]
+    bucket = kind.build(params, [0, 1])
+    for _ in range(2):  # the address table of a first step is reused by the second
+        if when == "before":
+            params[0].data = params[0].data.t()
+        before = [p.detach().clone() for p in params]
+        bucket.snapshot()
+        with torch.no_grad():
+            if when == "during":
+                params[0].data = params[0].data.t()  # same address, same size, new strides
+            for p in params:
+                p.add_(0.125)
+        parts = bucket.after_step()
+        for j, (p, w) in enumerate(zip(params, before)):
+            for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
+                                     quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
+                                    update_reference(p, w)):
+                np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
+                                           err_msg=f"row {which} tensor {j}")
