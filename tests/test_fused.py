@@ -412,3 +412,70 @@ def test_a_weight_relaid_in_place_is_measured_elementwise(kind, when):
                                     update_reference(p, w)):
                 np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
                                            err_msg=f"row {which} tensor {j}")
+
+
+RECORD_ONE_STEP = """
+import sys, tempfile, warnings
+import numpy as np
+import torch
+{prelude}
+import gradflow
+from gradflow import quantities
+
+warnings.simplefilter("always")
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+rec = gradflow.Recorder(model, optimizer, tempfile.mkdtemp() + "/run.zarr")
+optimizer.zero_grad()
+model(torch.randn(5, 4)).square().sum().backward()
+g = np.concatenate([p.grad.double().numpy().ravel() for p in model.parameters()])
+optimizer.step()
+rec.close()
+recorded = float(gradflow.open(rec._store.url).grad_norm.values[0, 0])
+assert recorded == np.float32(np.sqrt(np.sum(g * g))), (recorded, np.sqrt(np.sum(g * g)))
+print("kind", type(rec._all_buckets()[0]).__name__)
+"""
+
+
+def run_one_step(prelude: str, pythonpath: list) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*pythonpath, REPO]))}
+    return subprocess.run([sys.executable, "-c", RECORD_ONE_STEP.format(prelude=prelude)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
+
+
+def test_without_a_writable_cache_location_the_kernels_compile_in_process():
+    """A read-only install and a read-only home directory leave Numba no place for its cache, and
+    then ``cache=True`` raises when the kernels are defined (a RuntimeError that made every
+    Recorder fail on a CPU). Here Numba is given no cache locator at all: the kernels are compiled
+    in the process and record exactly, without a warning."""
+    pytest.importorskip("numba")
+    prelude = ("from numba.core import caching\n"
+               "impl = getattr(caching, 'CacheImpl', None) or caching._CacheImpl\n"
+               "impl._locator_classes = []")
+    result = run_one_step(prelude, [])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kind CpuFusedBucket" in result.stdout and "Warning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("broken", ["library", "definitions"])
+def test_a_broken_numba_records_with_the_stacked_ops_and_one_warning(tmp_path, broken):
+    """A Numba that is installed but fails to import (``OSError`` from a missing llvmlite
+    library) or refuses the kernels' definitions: no traceback, one GradflowWarning naming the
+    failure, and the stacked ops record the step exactly."""
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    if broken == "library":
+        (fake / "__init__.py").write_text("raise OSError('Could not find/load shared object "
+                                          "file')\n")
+    else:
+        (fake / "__init__.py").write_text("types = None\n"
+                                          "def njit(*args, **kwargs):\n"
+                                          "    raise TypeError('unknown option inline')\n")
+        (fake / "extending.py").write_text("def intrinsic(f):\n    return f\n")
+    result = run_one_step("", [tmp_path])
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "kind Bucket" in result.stdout
+    assert result.stderr.count("GradflowWarning") == 1, result.stderr
+    assert ("could not find/load" if broken == "library" else "unknown option inline") \
+        in result.stderr.lower()
