@@ -37,7 +37,7 @@ def build(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
     memory, kernels that fail their self-test), a :class:`~gradflow.errors.GradflowWarning` says
     why and the torch-only kind of the device (``"stack"`` on a CPU, ``"foreach"`` elsewhere) is
     built instead; ``"auto"`` falls back without a warning where the compiler is not installed or
-    the dtype has no kernel.
+    the dtype has no kernel (a compiler that is installed but fails to import warns once).
     """
     from gradflow import fused
 
@@ -60,6 +60,27 @@ def build(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
 def fused_kind(device: torch.device) -> type:
     """The ``"fused"`` bucket class for ``device``: Numba's on a CPU, Triton's elsewhere (tests
     swap in Triton's on a CPU, where its interpreter runs it)."""
-    from gradflow import fused, fused_cpu
+    from gradflow import fused
 
-    return fused_cpu.CpuFusedBucket if device.type == "cpu" else fused.FusedBucket
+    if device.type != "cpu":
+        return fused.FusedBucket
+    global _CPU_KIND
+    if _CPU_KIND is None:
+        try:
+            from gradflow import fused_cpu
+            _CPU_KIND = fused_cpu.CpuFusedBucket
+        except Exception as err:  # a Numba that imports but refuses the kernels' definitions
+            reason = f"gradflow.fused_cpu failed to import ({type(err).__name__}: {err})"
+            warnings.warn(f"gradflow: {reason}; recording with the stacked torch ops instead",
+                          GradflowWarning, stacklevel=3)
+
+            class Unusable(fused.FusedBucket):  # "auto" then records with the stacked ops
+                @classmethod
+                def missing(cls) -> str:
+                    return reason
+
+            _CPU_KIND = Unusable
+    return _CPU_KIND
+
+
+_CPU_KIND: type | None = None  # the CPU's fused kind, once imported (or found unusable)

@@ -57,7 +57,7 @@ COMBINE_BLOCK = 256  # chunks per loop iteration of a _combine program
 
 
 # Unbound methods, mapped over a bucket's tensors in C (no Python frame per tensor).
-_DATA_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
+_DATA_PTR, _NUMEL, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.stride
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _GRAD_OF, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("grad", "dtype", "device"))
 
@@ -249,9 +249,11 @@ class FusedBucket(ForeachBucket):
             raise Unavailable(f"the kernels failed: {err!r}") from err
 
     def _addresses(self, kind: str, tensors: list[torch.Tensor | None]) -> torch.Tensor:
-        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved or
-        changed size. A change is checked first (:meth:`_check`): the kernels read
-        :attr:`sizes` elements of the bucket's dtype, densely, at each address. ``kind``:
+        """The device table of ``tensors``' addresses (0 for None), re-sent only when one moved,
+        changed size or (a parameter) changed strides. A change is checked first
+        (:meth:`_check`): the kernels read :attr:`sizes` elements of the bucket's dtype, densely,
+        at each address; a parameter that a ``p.data = ...`` left gapped in memory is read through
+        a dense copy, made afresh at every call (such a table is never reused). ``kind``:
         ``"param"`` (their layouts are kept, for :meth:`_relaid_updates`) or ``"grad"``. Raises
         :class:`~gradflow.errors.GradflowError`.
 
@@ -264,11 +266,23 @@ class FusedBucket(ForeachBucket):
         except TypeError:  # a missing gradient (None): address 0
             key = ([0 if t is None else t.data_ptr() for t in tensors],
                    [n if t is None else t.numel() for t, n in zip(tensors, self.sizes)])
+        if kind == "param":
+            # So are the strides: p.data = p.data.t() (a square weight) keeps address and size but
+            # pairs each element with another, and the layouts kept for _relaid_updates must be
+            # those of the snapshot. (Gradients' statistics do not depend on their layout.)
+            key += (list(map(_STRIDE, tensors)),)
         held = self.addresses.get(kind)
         if held is not None and held[0] == key:
             return held[1]
-        self._check(kind, tensors, key[1])
-        host = torch.from_numpy(np.array(key[0], dtype=np.int64))  # torch.tensor(list) is slow
+        gapped = self._check(kind, tensors, key[1])
+        pointers, copies = key[0], []
+        if gapped:  # read in logical order through dense copies, kept until the next call
+            tensors, pointers = list(tensors), list(pointers)
+            for j in gapped:
+                tensors[j] = tensors[j].contiguous()
+                pointers[j] = tensors[j].data_ptr()
+                copies.append(tensors[j])
+        host = torch.from_numpy(np.array(pointers, dtype=np.int64))  # torch.tensor(list) is slow
         if self.device.type == "cuda":
             host = host.pin_memory()  # the caching host allocator keeps it until the copy is done
         table = held[1] if held is not None else torch.empty(len(tensors), dtype=torch.int64,
@@ -276,14 +290,16 @@ class FusedBucket(ForeachBucket):
         table.copy_(host, non_blocking=True)
         layouts = [None if t is None else (t.shape, t.stride()) for t in tensors] \
             if kind == "param" else None
-        self.addresses[kind] = (key, table, layouts)
+        self.addresses[kind] = (None if gapped else key, table, layouts, copies)
         return table
 
-    def _check(self, kind: str, tensors: list[torch.Tensor | None], sizes: list[int]) -> None:
+    def _check(self, kind: str, tensors: list[torch.Tensor | None], sizes: list[int]) -> list[int]:
         """Raise :class:`~gradflow.errors.GradflowError` unless every tensor (None: a missing
         gradient) holds as many elements as at build time (``sizes``: theirs now), in the bucket's
-        dtype, on its device, dense in memory: what a ``p.data = ...`` (a slice, a cast, a move)
-        may have changed. Read otherwise, the kernels would measure the wrong memory.
+        dtype, on its device: what a ``p.data = ...`` (a slice, a cast, a move) may have changed.
+        Read otherwise, the kernels would measure the wrong memory. Returns the positions of the
+        parameters that are not dense in memory (``p.data = w[:, ::2]``), which must be read
+        through dense copies.
 
         Gradients (which move every step where ``zero_grad`` frees them) are checked by size and
         dtype only: torch keeps a gradient on its parameter's device, and :meth:`gradient_parts`
@@ -295,15 +311,21 @@ class FusedBucket(ForeachBucket):
         except AttributeError:  # a missing gradient (None)
             regular = False
         if regular:
-            return  # the common case, in a few C-level passes
-        for t, size in zip(tensors, self.sizes):
-            if t is not None and not (t.numel() == size and t.dtype == self.dtype
-                                      and t.device == self.device and dense(t)):
+            return []  # the common case, in a few C-level passes
+        gapped = []
+        for j, (t, size) in enumerate(zip(tensors, self.sizes)):
+            if t is None:
+                continue
+            if not (t.numel() == size and t.dtype == self.dtype and t.device == self.device
+                    and (kind == "param" or dense(t))):
                 raise GradflowError(
-                    f"a recorded parameter or its gradient is no longer dense in memory, or changed "
-                    f"size, dtype or device (now {tuple(t.shape)} {t.dtype} on {t.device}, was "
+                    f"a recorded parameter or its gradient changed size, dtype or device, or is "
+                    f"not dense in memory (now {tuple(t.shape)} {t.dtype} on {t.device}, was "
                     f"{size} elements {self.dtype} on {self.device}: assigned to p.data?); create "
                     f"the Recorder after changing parameters")
+            if not dense(t):
+                gapped.append(j)
+        return gapped
 
     def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
         """Both kernels for one phase; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""

@@ -23,27 +23,41 @@ assume finite values: ``fastmath`` is limited to :data:`FASTMATH`.
 Availability: ``pip install "gradflow[fused]"`` (Numba, about 60 MB of wheels). Parameters in
 float32 or float64 (bfloat16 / float16 use the ``stack`` bucket). Compiled once per dtype and cached
 on disk by Numba (``cache=True``: next to this file, or in Numba's user cache directory where that
-is read-only); a bucket passes :func:`gradflow.fused.self_test` (every figure of every phase against
-float64 references) before it is used, else :func:`gradflow.buckets.build` warns and uses ``stack``.
-The kernels run single-threaded and release the GIL.
+is read-only; where neither is writable, compiled in every process). A Numba that is installed but
+fails to import gives one :class:`~gradflow.errors.GradflowWarning` and the ``stack`` bucket. A
+bucket passes :func:`gradflow.fused.self_test` (every figure of every phase against float64
+references) before it is used, else :func:`gradflow.buckets.build` warns and uses ``stack``.
+Each kernel call is single-threaded and releases the GIL; a bucket of millions of elements is cut
+into pieces (:data:`PIECE`) whose ranges run on a small pool of Python threads, one range per
+torch intra-op thread (:meth:`CpuFusedBucket._splits`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from gradflow.errors import GradflowWarning
 from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket, Unavailable
 
 try:
     import numba
     from numba import njit, types
     from numba.extending import intrinsic
-except ImportError:  # the [fused] extra is not installed
+except Exception as err:  # not installed, or installed but broken (its llvmlite library, NumPy)
     numba = None
+    BROKEN = "" if isinstance(err, ModuleNotFoundError) and err.name == "numba" \
+        else f"Numba is installed but failed to import ({type(err).__name__}: {err})"
+    if BROKEN:  # say so once: the CPU records with the stacked ops, more slowly
+        warnings.warn(f"gradflow: {BROKEN}; recording with the stacked torch ops instead",
+                      GradflowWarning, stacklevel=2)
+else:
+    BROKEN = ""
+NOT_INSTALLED = 'Numba is not installed (pip install "gradflow[fused]")'
 
 BLOCK = 4096  # elements of one tensor per block: all of a block's statistics read it from L1
 LANES = 8  # independent max|·| accumulators, so that the compiler vectorizes the maximum
@@ -57,7 +71,16 @@ MAX_FASTMATH = FASTMATH | {"nnan"}
 NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 if numba is not None:
-    _jit = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False, cache=True)
+    def _jit(function):
+        """Compiled, and cached on disk where Numba finds a writable place (beside this file, else
+        its user cache directory): where it finds none (a read-only install and home directory),
+        Numba refuses ``cache=True`` when the function is defined, so compile it in each process."""
+        options = {"nogil": True, "fastmath": set(FASTMATH), "boundscheck": False}
+        try:
+            return njit(cache=True, **options)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+            return njit(**options)(function)
+
     _inline = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False, inline="always")
     _maximum = njit(nogil=True, fastmath=set(MAX_FASTMATH), boundscheck=False)
 
@@ -233,7 +256,7 @@ class CpuFusedBucket(FusedBucket):
 
     @classmethod
     def missing(cls) -> str:
-        return "" if numba is not None else 'Numba is not installed (pip install "gradflow[fused]")'
+        return "" if numba is not None else BROKEN or NOT_INSTALLED
 
     @classmethod
     def supports(cls, dtype: torch.dtype) -> bool:
