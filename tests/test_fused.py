@@ -100,6 +100,17 @@ def row(parts: list, which: int) -> np.ndarray:
     return next(v for r, _, v in parts if r == which).double().numpy()
 
 
+def assert_update_figures(parts: list, params: list[nn.Parameter], before: list[torch.Tensor],
+                          where: str = "") -> None:
+    """``after_step``'s ‖w‖, ‖Δw‖, Σ|Δw| and max|Δw| per tensor against :func:`update_reference`."""
+    for j, (p, w) in enumerate(zip(params, before)):
+        for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
+                                 quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
+                                update_reference(p, w)):
+            np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
+                                       err_msg=f"{where}row {which} tensor {j}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_step_figures_match_float64_references(kind, dtype):
     params = make_params(dtype)
@@ -133,13 +144,7 @@ def test_step_figures_match_float64_references(kind, dtype):
             p.add_(torch.randn_like(p), alpha=1e-2)
         params[0][1] = float("nan")  # a NaN weight: its update figures are NaN
         params[5][4097] += 1.0  # the largest update, in the second block
-    parts = bucket.after_step()
-    for j, (p, w) in enumerate(zip(params, before)):
-        w_norm, d_norm, d_abs, d_max = update_reference(p, w)
-        for which, value in ((quantities.PARAM_NORM_AFTER, w_norm), (quantities.UPDATE_NORM, d_norm),
-                             (quantities.UPDATE_ABS_SUM, d_abs), (quantities.UPDATE_MAX_ABS, d_max)):
-            np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
-                                       err_msg=f"row {which} tensor {j}")
+    assert_update_figures(bucket.after_step(), params, before)
     parts = bucket.not_stepped()
     np.testing.assert_allclose(row(parts, quantities.PARAM_NORM_AFTER)[1:],
                                [np.sqrt(np.sum(wide(p) ** 2)) for p in params[1:]], rtol=1e-12)
@@ -377,13 +382,7 @@ def test_an_update_that_relays_a_weight_out_is_measured_elementwise(kind, dtype)
     with torch.no_grad():
         params[0].data = (params[0].data * 1.5 + 1).contiguous()
         params[1].add_(0.5)
-    parts = bucket.after_step()
-    for j, (p, w) in enumerate(zip(params, before)):
-        for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
-                                 quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
-                                update_reference(p, w)):
-            np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
-                                       err_msg=f"row {which} tensor {j}")
+    assert_update_figures(bucket.after_step(), params, before)
 
 
 @pytest.mark.parametrize("when", ["during", "before"])
@@ -405,13 +404,7 @@ def test_a_weight_relaid_in_place_is_measured_elementwise(kind, when):
                 params[0].data = params[0].data.t()  # same address, same size, new strides
             for p in params:
                 p.add_(0.125)
-        parts = bucket.after_step()
-        for j, (p, w) in enumerate(zip(params, before)):
-            for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
-                                     quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
-                                    update_reference(p, w)):
-                np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
-                                           err_msg=f"row {which} tensor {j}")
+        assert_update_figures(bucket.after_step(), params, before)
 
 
 RECORD_ONE_STEP = """
@@ -508,12 +501,6 @@ def test_a_weight_left_gapped_in_memory_is_measured_not_refused(kind, when):
                     p.data = wide_buffer[..., ::2]
             for p in params:
                 p.add_(0.125 * (step + 1))
-        parts = bucket.after_step()
-        for j, (p, w) in enumerate(zip(params, before)):
-            for which, value in zip((quantities.PARAM_NORM_AFTER, quantities.UPDATE_NORM,
-                                     quantities.UPDATE_ABS_SUM, quantities.UPDATE_MAX_ABS),
-                                    update_reference(p, w)):
-                np.testing.assert_allclose(row(parts, which)[j], value, rtol=1e-12,
-                                           err_msg=f"step {step} row {which} tensor {j}")
+        assert_update_figures(bucket.after_step(), params, before, f"step {step} ")
         np.testing.assert_allclose(row(bucket.not_stepped(), quantities.PARAM_NORM_AFTER),
                                    [np.sqrt(np.sum(wide(p) ** 2)) for p in params], rtol=1e-12)

@@ -17,14 +17,7 @@ TINY = ["--size", "32", "--levels", "2", "--width", "4", "--epochs", "1", "--n-t
 
 def record(store: Path, steps: int = 3) -> None:
     torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradflow.Recorder(model, optimizer, store) as rec:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            model(torch.randn(4, 3)).sum().backward()
-            optimizer.step()
-        rec.end_epoch(train_loss=1.0)
+    record_model(store, nn.Linear(3, 2), steps)
 
 
 def test_check_reports_and_repairs(tmp_path, run_main):
