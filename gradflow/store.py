@@ -815,7 +815,8 @@ def _refuse_damaged(zstore, run: str | None, where: str, url: str) -> None:
     check --repair``, unless the run lost values that no repair rebuilds (the layer table)."""
     from gradflow.check import inspect_run
 
-    state = inspect_run(zstore, run, where)
+    with _quiet_zarr():  # a run being written holds *.partial files, which zarr notes when listing
+        state = inspect_run(zstore, run, where)
     if state.unrecoverable:
         raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url}` lists "
                             f"what no repair can rebuild")
