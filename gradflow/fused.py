@@ -210,6 +210,10 @@ class FusedBucket(ForeachBucket):
         bucket._warm_up(data)
         return bucket
 
+    def _take_every_path(self) -> None:
+        """Make the self-test's bucket take the code paths its small tensors would not (here: none;
+        its CHUNK + 5 tensor already spans two chunks)."""
+
     @classmethod
     def missing(cls) -> str:
         """Why the kernels cannot run in this installation ("" when they can)."""
@@ -452,6 +456,7 @@ def _disagreement(device: torch.device, dtype: torch.dtype, kind: type) -> str:
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.view(p.shape) if g.shape == p.shape else g.t()
     bucket = kind.build(params, list(range(len(params))), verify=False)
+    bucket._take_every_path()
     got = [bucket.gradient_parts(np.ones(len(params), bool), None), bucket.snapshot()]
     before = [p.detach().clone() for p in params]
     with torch.no_grad():

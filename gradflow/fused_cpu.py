@@ -262,17 +262,21 @@ class CpuFusedBucket(FusedBucket):
     def supports(cls, dtype: torch.dtype) -> bool:
         return dtype in NUMPY_TYPES
 
-    def _make_tables(self, data: list[torch.Tensor]) -> None:
+    threads = 0  # kernel threads per call; 0: as many as torch's intra-op threads (_splits)
+
+    def _make_tables(self, data: list[torch.Tensor], piece: int | None = None) -> None:
+        """The pieces (at most ``piece`` elements, default :data:`PIECE`) and offsets of ``data``."""
+        piece = piece or PIECE
         self.sizes = [d.numel() for d in data]
         numel = np.array(self.sizes, dtype=np.int64)
-        pieces = -(-numel // PIECE)  # (0 for an empty tensor: its figures are 0)
+        pieces = -(-numel // piece)  # (0 for an empty tensor: its figures are 0)
         tensor = np.repeat(np.arange(len(numel)), pieces)
-        start = np.concatenate([np.arange(0, n, PIECE, dtype=np.int64) for n in numel]) \
+        start = np.concatenate([np.arange(0, n, piece, dtype=np.int64) for n in numel]) \
             if len(numel) else np.zeros(0, dtype=np.int64)
         snapshot = self.snapshot_flat.numpy() if self.keeps_snapshot else None
         self.tables = {
             "piece_tensor": tensor, "piece_start": start,
-            "piece_numel": np.minimum(numel[tensor] - start, PIECE),
+            "piece_numel": np.minimum(numel[tensor] - start, piece),
             "first_piece": np.cumsum(pieces) - pieces, "whole": bool(np.all(pieces == 1)),
             "offsets": np.cumsum(numel) - numel, "snapshot": snapshot,
             "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]), "splits": {},
@@ -287,13 +291,20 @@ class CpuFusedBucket(FusedBucket):
         except Exception as err:  # a Numba typing or compile failure, whatever its class
             raise Unavailable(f"the kernels failed: {err!r}") from err
 
+    def _take_every_path(self) -> None:
+        """The self-test's bucket: tensors in pieces of 1,000 elements on 2 threads, so that the
+        test crosses pieces, combines them and runs the thread split, which its small tensors
+        would not."""
+        self._make_tables(self.data(), piece=1000)
+        self.threads = 2
+
     def _splits(self) -> list[tuple[int, int]]:
         """The piece ranges ``[lo, hi)`` the kernels run on, one per thread: torch's intra-op
         thread count (idle while the hooks run), where the bucket holds at least
         :data:`PARALLEL_MIN_ELEMENTS`; ranges of about equal elements."""
         t = self.tables
-        threads = max(1, min(torch.get_num_threads(), len(t["piece_numel"]),
-                             sum(self.sizes) // PARALLEL_MIN_ELEMENTS))
+        threads = self.threads or max(1, min(torch.get_num_threads(), len(t["piece_numel"]),
+                                             sum(self.sizes) // PARALLEL_MIN_ELEMENTS))
         if threads not in t["splits"]:
             ends = np.cumsum(t["piece_numel"])
             cuts = np.searchsorted(ends, ends[-1] * np.arange(1, threads) / threads) + 1 \

@@ -504,3 +504,27 @@ def test_a_weight_left_gapped_in_memory_is_measured_not_refused(kind, when):
         assert_update_figures(bucket.after_step(), params, before, f"step {step} ")
         np.testing.assert_allclose(row(bucket.not_stepped(), quantities.PARAM_NORM_AFTER),
                                    [np.sqrt(np.sum(wide(p) ** 2)) for p in params], rtol=1e-12)
+
+
+def test_the_numba_self_test_runs_pieces_on_threads(monkeypatch):
+    """The runtime self-test must cover what only large buckets do on a CPU (a tensor in several
+    pieces, combined; pieces on two threads): a kernel that is wrong only for a piece that does
+    not start a tensor, or only off the calling thread, must fail it."""
+    pytest.importorskip("numba")
+    import threading
+
+    from gradflow import fused, fused_cpu
+
+    real, seen = fused_cpu._snapshot_kernel, []
+
+    def later_pieces_skewed(addresses, tensor, start, numel, offsets, snapshot, partial, lo, hi):
+        real(addresses, tensor, start, numel, offsets, snapshot, partial, lo, hi)
+        seen.append((threading.current_thread() is threading.main_thread(),
+                     bool((start[lo:hi] > 0).any())))
+        partial[lo:hi, 0] *= np.where(start[lo:hi] > 0, 1 + 1e-6, 1.0)  # Σw² of later pieces only
+
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    monkeypatch.setattr(fused_cpu, "_snapshot_kernel", later_pieces_skewed)
+    with pytest.raises(fused.Unavailable, match=f"row {quantities.PARAM_NORM_BEFORE}"):
+        fused.self_test(torch.device("cpu"), torch.float32, fused_cpu.CpuFusedBucket)
+    assert {main for main, _ in seen} == {True, False} and any(later for _, later in seen)
