@@ -39,15 +39,16 @@ def build(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
     built instead; ``"auto"`` falls back without a warning where the compiler is not installed or
     the dtype has no kernel (a compiler that is installed but fails to import warns once).
     """
-    from gradflow import fused
-
     strategy = strategy or STRATEGY
-    device = _local(params[0]).device
-    fallback = "stack" if device.type == "cpu" else "foreach"
-    kind = fused_kind(device)
+    first = _local(params[0])
+    fallback = "stack" if first.device.type == "cpu" else "foreach"
+    if strategy in ("auto", "fused"):  # (only these import the fused kinds and their compilers)
+        kind = fused_kind(first.device)
     if strategy == "auto":
-        strategy = fallback if kind.missing() or not kind.supports(_local(params[0]).dtype) else "fused"
+        strategy = fallback if kind.missing() or not kind.supports(first.dtype) else "fused"
     if strategy == "fused":
+        from gradflow import fused
+
         try:
             return kind.build(params, index, snapshot)
         except fused.Unavailable as reason:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from gradflow.errors import GradflowWarning
-from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket, Unavailable
+from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket
 
 try:
     import numba
@@ -278,18 +278,9 @@ class CpuFusedBucket(FusedBucket):
             "piece_tensor": tensor, "piece_start": start,
             "piece_numel": np.minimum(numel[tensor] - start, piece),
             "first_piece": np.cumsum(pieces) - pieces, "whole": bool(np.all(pieces == 1)),
-            "offsets": np.cumsum(numel) - numel, "snapshot": snapshot,
+            "offsets": np.cumsum(numel) - numel, "snapshot": snapshot, "elements": int(numel.sum()),
             "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]), "splits": {},
         }
-
-    def _warm_up(self, data: list[torch.Tensor]) -> None:
-        """Compile (or load from Numba's cache) this dtype's kernels now, not in the first step."""
-        try:
-            addresses = self._addresses("param", data)
-            for mode in (GRAD, NORM) + ((SNAPSHOT, AFTER) if self.keeps_snapshot else ()):
-                self._run(mode, addresses)  # SNAPSHOT writes the snapshot: it is rewritten anyway
-        except Exception as err:  # a Numba typing or compile failure, whatever its class
-            raise Unavailable(f"the kernels failed: {err!r}") from err
 
     def _take_every_path(self) -> None:
         """The self-test's bucket: tensors in pieces of 1,000 elements on 2 threads, so that the
@@ -304,7 +295,7 @@ class CpuFusedBucket(FusedBucket):
         :data:`PARALLEL_MIN_ELEMENTS`; ranges of about equal elements."""
         t = self.tables
         threads = self.threads or max(1, min(torch.get_num_threads(), len(t["piece_numel"]),
-                                             sum(self.sizes) // PARALLEL_MIN_ELEMENTS))
+                                             t["elements"] // PARALLEL_MIN_ELEMENTS))
         if threads not in t["splits"]:
             ends = np.cumsum(t["piece_numel"])
             cuts = np.searchsorted(ends, ends[-1] * np.arange(1, threads) / threads) + 1 \
@@ -351,7 +342,7 @@ def _threads(workers: int) -> ThreadPoolExecutor:
 def _combine(mode: int, partial: np.ndarray, tables: dict) -> np.ndarray:
     """The ``(ROWS[mode], T)`` figures of each tensor from its pieces' rows of ``partial``."""
     if tables["whole"]:
-        sums = partial.T.copy()
+        sums = partial.T
     else:
         first = tables["first_piece"]
         sums = np.zeros((partial.shape[1], len(first)))
