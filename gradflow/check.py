@@ -80,6 +80,12 @@ class RunState:
     unrecoverable: list[str] = field(default_factory=list)
 
 
+def every_chunk_stored(array: zarr.Array) -> zarr.Array:
+    """``array`` with every chunk it writes stored, even one that holds only the fill value: what
+    this module's checks take a missing chunk to mean damage by."""
+    return array.with_config({"write_empty_chunks": True})
+
+
 def open_root(url: str, **options) -> zarr.Group:
     """``zarr.open_group(url, **options)``; a root ``zarr.json`` that does not parse is a one-line
     :class:`~gradflow.errors.GradflowError` naming the repair (``gradflow check URL --repair``)."""
@@ -121,6 +127,14 @@ GROWING = ("step", "epoch", "block")
 dimension is another one (``layer``, ``param_group``, ``stat``) is written once, at creation."""
 
 
+def _stored(length: int, missing: list[tuple[int, int]]) -> np.ndarray:
+    """Which of ``length`` rows are stored, given the ``[first, end)`` ranges of the missing ones."""
+    stored = np.ones(length, dtype=bool)
+    for first, end in missing:
+        stored[first:end] = False
+    return stored
+
+
 def _label(array) -> str:
     """How a report names an array: its path in the store, ``./name`` at the root."""
     parent, _, name = array.path.rpartition("/")
@@ -158,9 +172,7 @@ def _fixed_values(name: str, length: int, copies: list, missing: dict, table: di
         sources.append(("the run's fixed_coordinates attribute", np.array(table[name], dtype=object),
                         everywhere))
     for array in copies:
-        stored = everywhere.copy()
-        for first, end in missing[array.path]:
-            stored[first:end] = False
+        stored = _stored(length, missing[array.path])
         if stored.any():
             sources.append((_label(array), array[:], stored))
     values, origin = np.full(length, None, dtype=object), np.full(length, -1)
@@ -278,9 +290,7 @@ def _rebuilt_values(array, name: str, length: int, missing: list[tuple[int, int]
     expected = derived_coordinate(name, length, every)
     if expected is None:
         return None
-    stored = np.ones(length, dtype=bool)
-    for first, end in missing:
-        stored[first:end] = False
+    stored = _stored(length, missing)
     return expected if np.array_equal(array[:length][stored], expected[stored]) else None
 
 
@@ -321,7 +331,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
         values = None  # the coordinate's values, when a lost chunk of it is rebuilt
         for name, array in checked.items():
             missing = _missing_rows(zstore, array, lengths[name])
-            label = f"{parent.path or '.'}/{name}"
+            label = _label(array)
             rebuilt = (_rebuilt_values(array, name, lengths[name], missing, every)
                        if missing and name == dim else None)
             if missing and _reads_as_unknown(array, dim):

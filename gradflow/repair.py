@@ -23,7 +23,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
-from gradflow.check import RunState, damaged_metadata, inspect_run, lost_ranges, runs_of
+from gradflow.check import (RunState, damaged_metadata, every_chunk_stored, inspect_run,
+                            lost_ranges, runs_of)
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
@@ -70,14 +71,14 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
             stop = min(end, good[dim])  # rows the truncation keeps
             if first < stop:
                 array = zarr.open_array(zstore, path=path, mode="r+")
-                array = array.with_config({"write_empty_chunks": True})  # stored, even all NaN
+                array = every_chunk_stored(array)  # stored, even all NaN
                 array[first:stop] = np.nan
                 note_lost(array, [[first, stop]])  # readers can tell lost figures from recorded NaN
         for path, dim, first, values in state.rebuilt:  # numbers, counts, the layer table
             stop = min(first + len(values), good.get(dim, first + len(values)))  # (layers: all)
             if first < stop:
                 array = zarr.open_array(zstore, path=path, mode="r+")
-                array.with_config({"write_empty_chunks": True})[first:stop] = values[:stop - first]
+                every_chunk_stored(array)[first:stop] = values[:stop - first]
                 if values.dtype.kind == "i" and (lost := lost_ranges(first, values[:stop - first])):
                     note_lost(array, lost)
         summary = node.get("summary")

@@ -63,6 +63,7 @@ from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
 from gradflow import schema
+from gradflow.check import every_chunk_stored
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, store_url
 from gradflow.summary import STATS, SummaryWriter
@@ -273,8 +274,8 @@ class RunStore:
                 self.node = node
                 self._resume(layers, every, per_parameter, attrs)
         self.epochs = self.node["epochs"]
-        self._arrays = {name: _writable(array) for name, array in self.node.arrays()}
-        self._epoch_arrays = {name: _writable(array) for name, array in self.epochs.arrays()}
+        self._arrays = {name: every_chunk_stored(array) for name, array in self.node.arrays()}
+        self._epoch_arrays = {name: every_chunk_stored(array) for name, array in self.epochs.arrays()}
         self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
 
     # -- creation and resumption -------------------------------------------------------------
@@ -311,7 +312,7 @@ class RunStore:
                 array = group.create_array(name, shape=values.shape, dtype=dtype,
                                            dimension_names=("layer",),
                                            attributes=_described(name, DESCRIPTIONS[name]))
-                _writable(array)[:] = values  # depth [0] of one layer too (gradflow.check)
+                every_chunk_stored(array)[:] = values  # depth [0] of one layer too (gradflow.check)
         # Marked as gradflow groups last: an interrupted creation leaves no half-made run behind.
         epochs.attrs.update({"gradflow_schema": SCHEMA, "gradflow_kind": "epochs"})
         node.attrs.update({**attrs, "gradflow_schema": SCHEMA, "gradflow_kind": "run",
@@ -329,7 +330,7 @@ class RunStore:
         labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
                                         dimension_names=("param_group",),
                                         attributes=_described("param_group", DESCRIPTIONS["param_group"]))
-        _writable(labels)[:] = np.array(groups, dtype=str)
+        every_chunk_stored(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
         from gradflow.check import check_run
@@ -454,7 +455,7 @@ class RunStore:
         if pending.num_epochs:
             for name in pending.epochs:
                 if name not in self._epoch_arrays:  # a new scalar: NaN for the epochs before
-                    array = _writable(self.epochs.create_array(
+                    array = every_chunk_stored(self.epochs.create_array(
                         name, shape=(self.n_epochs,), chunks=(CHUNK_EPOCHS,), dtype="float64",
                         fill_value=np.nan, dimension_names=("epoch",)))
                     if self.n_epochs:
@@ -615,11 +616,6 @@ def note_lost(array, ranges: list[list[int]]) -> None:
     if np.dtype(array.dtype).kind == "i":
         attrs["missing_value"] = LOST_COUNT
     array.attrs.update(attrs)
-
-
-def _writable(array):
-    """The array with every chunk stored, even one that holds only the fill value."""
-    return array.with_config({"write_empty_chunks": True})
 
 
 def step_chunk(n_layers: int) -> int:

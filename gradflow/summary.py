@@ -33,6 +33,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from gradflow.check import every_chunk_stored
 from gradflow.paths import store_url
 
 # Rows per block, one group each. Two levels 16× apart: ``bins`` bins need at most 16·bins blocks.
@@ -156,10 +157,10 @@ class SummaryWriter:
             stat = sub.create_array("stat", shape=(len(STATS),), dtype=str, dimension_names=("stat",),
                                     attributes={"description": "; ".join(
                                         f"{k}: {v}" for k, v in STAT_DESCRIPTIONS.items())})
-            stat.with_config({"write_empty_chunks": True})[:] = np.array(STATS)  # (gradflow.check)
+            every_chunk_stored(stat)[:] = np.array(STATS)
             layer = sub.create_array("layer", shape=(n_layers,), dtype=str, dimension_names=("layer",),
                                      attributes=dict(self.node["layer"].attrs))
-            layer.with_config({"write_empty_chunks": True})[:] = self.node["layer"][:]
+            every_chunk_stored(layer)[:] = self.node["layer"][:]
             sub.attrs.update({"gradflow_kind": "summary_level", "block_rows": level})
         group.attrs.update({"gradflow_kind": "summary", "rows": 0, "levels": list(LEVELS),
                             "span_rows": SPAN})
@@ -212,7 +213,7 @@ def trim(group: zarr.Group, rows: int) -> int:
 
 
 def _append(array, values: np.ndarray) -> None:
-    array = array.with_config({"write_empty_chunks": True})  # every chunk stored (gradflow.check)
+    array = every_chunk_stored(array)
     start = array.shape[0]
     array.resize((start + len(values),) + array.shape[1:])
     array[start:] = values
