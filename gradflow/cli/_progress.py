@@ -11,12 +11,15 @@ class ProgressBars:
     """A :data:`gradflow.progress.Progress` callback and a context manager around a ``rich`` display.
 
     Each task gets a bar when it is first reported and loses it when it reports ``done == total``.
+    The bars are drawn only on a terminal: where the console is a pipe or a file, rich would print
+    one final frame (a blank line with no task left), which would precede the command's own output.
     """
 
     def __init__(self, console: Console | None = None, transient: bool = False) -> None:
         self.display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                 console=console, transient=transient)
+        self.display.disable = not self.display.console.is_terminal
         self.tasks: dict[str, TaskID] = {}
 
     @property

@@ -28,7 +28,7 @@ def load_isbi(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if root.is_file():
         raise GradflowError(f"'{root}' is a file: pass the folder that holds it (ISBI data is a folder)")
     if not root.is_dir():
-        raise GradflowError(f"ISBI data folder '{root}' does not exist (use source='synthetic' for built-in data)")
+        raise GradflowError(f"ISBI data folder '{root}' does not exist (for the built-in synthetic EM data, leave data at its default, 'synthetic')")
     volume, label_stack = (root / name for name in STACK_FILES)
     if volume.exists() or label_stack.exists():
         images, labels, names = read_stacks(volume, label_stack)

@@ -54,3 +54,11 @@ def test_permission_denied_is_one_line_and_exit_2(run_main, monkeypatch, tmp_pat
     monkeypatch.setattr(gradflow.repair, "check_store", refused)
     code, out, err = run_main("check", tmp_path / "run.zarr", "--repair")
     assert code == 2 and err == f"error: Permission denied: {lock}\n" and "Traceback" not in out
+
+
+def test_an_error_after_the_progress_display_started_leaves_stdout_empty(tmp_path):
+    # train opens its progress display before it loads the data; where stdout is a pipe the display
+    # is off, so nothing (not even rich's blank final frame) precedes the error line.
+    result = gradflow("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run.zarr"))
+    assert result.returncode == 2 and result.stdout == "", repr(result.stdout)
+    assert result.stderr.startswith("error: ") and "'synthetic'" in result.stderr
