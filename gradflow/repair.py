@@ -15,6 +15,7 @@ this module writes (it needs the store), so it sits above both and neither impor
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 
 import numpy as np
@@ -61,6 +62,8 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
     state = inspect_run(zstore, group, where)
     node = zarr.open_group(zstore, mode="r+", path=group or "", use_consolidated=False)
     with store_lock(fs, path):
+        if state.damaged_files:  # from here on they are missing chunks, their bytes kept
+            state.set_aside = _set_aside(fs, path, state.damaged_files)
         for parent, dim, length in ((node, "step", state.good_steps),
                                     (node["epochs"], "epoch", state.good_epochs)):
             for _, array in parent.arrays():
@@ -98,6 +101,24 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
     if removed:
         state.problems.append(f"{len(removed)} leftover *.partial file(s) (deleted)")
     return state
+
+
+def _set_aside(fs, path: str, keys: list[str]) -> str:
+    """Move the chunk files ``keys`` (that do not decode) out of the store, into a new folder
+    beside it, ``.<store name>.gradflow/damaged/<UTC time>/<key>``, which gradflow never deletes
+    (their bytes may still mean something to a person); returns that folder."""
+    from gradflow.lock import lock_root
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder, n = f"{lock_root(path)}/damaged/{stamp}", 1
+    while fs.exists(folder):
+        n += 1
+        folder = f"{lock_root(path)}/damaged/{stamp}-{n}"
+    for key in keys:
+        target = f"{folder}/{key}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(f"{path.rstrip('/')}/{key}", target)
+    return folder
 
 
 def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
@@ -161,6 +182,9 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
             fixed = repair_run(url, group)
             kept = (f"kept {fixed.good_steps} of {fixed.num_steps} steps and {fixed.good_epochs} of "
                     f"{fixed.num_epochs} epochs")
+            if fixed.set_aside:
+                kept += (f"; {len(fixed.damaged_files)} chunk file(s) that do not decode moved to "
+                         f"{fixed.set_aside}")
             if fixed.unrecoverable:
                 left = True
                 lines.append(f"{name}: not repaired: {', '.join(fixed.unrecoverable)} cannot be "
