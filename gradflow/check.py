@@ -277,8 +277,8 @@ def _inspect_fixed(zstore, node, state: RunState, decode: bool) -> None:
                     state.rebuilt.append((array.path, dim, first,
                                           np.array(held.tolist(), dtype=array.dtype)))
                 else:
-                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says}, its "
-                                          f"values lost ({why}); --repair cannot rebuild it")
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} and "
+                                          f"lost ({why}); --repair cannot rebuild it")
                     state.unrecoverable.append(f"{label} rows {first}-{end - 1}")
 
 
