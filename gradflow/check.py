@@ -296,19 +296,26 @@ array's ``lost_rows`` attribute lists those rows and its ``missing_value`` attri
 convention) makes xarray read them as NaN."""
 
 
-def count_steps(labels: np.ndarray, epochs: np.ndarray, every: object, complete: float) -> np.ndarray:
+def count_steps(labels: np.ndarray, epochs: np.ndarray, every: object, complete: float,
+                restarts: list = ()) -> np.ndarray:
     """``num_steps`` of ``epochs`` recounted from the recorded steps' epoch labels ``labels``.
 
     Exact only where every optimizer step is a row (``every=1``: the Recorder counts in num_steps
     exactly the steps it makes rows of) and all of the epoch's rows are at hand (epochs below
     ``complete``); LOST_COUNT elsewhere. With every=k>1 a row stands for k steps and an epoch may
     end anywhere between two recorded steps, so a count from rows would be off by up to k−1 steps:
-    it is marked lost, never estimated.
+    it is marked lost, never estimated. ``restarts`` (the run's ``step_restarts``: a repair cut the
+    step rows from ``row`` on) makes the epochs from that of row ``row - 1`` up to that of row
+    ``row`` lost too: their cut steps have no rows.
     """
     counts = np.full(len(epochs), LOST_COUNT, dtype=np.int64)
     if every == 1:
         ordered = np.sort(labels)
         exact = epochs < complete
+        for row, _ in restarts:
+            if 0 < row <= len(labels):
+                exact &= ~((epochs >= labels[row - 1])
+                           & (epochs < (labels[row] if row < len(labels) else math.inf)))
         counts[exact] = (np.searchsorted(ordered, epochs[exact], side="right")
                          - np.searchsorted(ordered, epochs[exact], side="left"))
     return counts
@@ -324,30 +331,37 @@ def lost_ranges(first: int, counts: np.ndarray) -> list[list[int]]:
     return [[first + int(a), first + int(b)] for a, b in zip(starts, ends)]
 
 
-def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | None:
+def derived_coordinate(name: str, length: int, every: object,
+                       restarts: list = ()) -> np.ndarray | None:
     """The values the writer's own numbering gives a coordinate, or None for one it does not number.
 
     ``step``: row i is step i·every. The Recorder counts every optimizer step from 0, continues the
-    count on resume (from ``steps_seen``: the steps counted when its rows were committed, or the
-    kept rows' end after a repair cut them) and records a row when step % every == 0, so the rows
-    are the multiples of ``every``, none left out. ``epoch`` (of the ``epochs`` group): row i is
+    count on resume (from ``steps_seen``: the steps counted when its rows were committed) and
+    records a row when step % every == 0, so the rows are the multiples of ``every``, none left
+    out, but where a repair cut rows: their step numbers are never given again (a step number
+    means one step), the resumed rows go on from ``steps_seen``, and the run's ``step_restarts``
+    attribute says so, [row, step] for each: from row ``row`` on, row i is step + (i − row)·every.
+    ``epoch`` (of the ``epochs`` group): row i is
     epoch i, the i-th ``end_epoch`` (a resume continues after the last epoch row, and gives an epoch
     cut short by a crash its row first). ``depth``: row i is layer i (registration order). These
     hold for what gradflow writes; the caller checks them against the stored rows before it trusts
     them for a lost chunk.
     """
     if name == "step" and isinstance(every, int) and every >= 1:
-        return np.arange(length, dtype=np.int64) * every
+        values = np.arange(length, dtype=np.int64) * every
+        for row, step in restarts:
+            values[row:] = step + np.arange(max(length - row, 0), dtype=np.int64) * every
+        return values
     if name in ("epoch", "depth"):
         return np.arange(length, dtype=np.int64)
     return None
 
 
-def _rebuilt_values(array, name: str, length: int, holes: list[Hole],
-                    every: object) -> np.ndarray | None:
+def _rebuilt_values(array, name: str, length: int, holes: list[Hole], every: object,
+                    restarts: list) -> np.ndarray | None:
     """The coordinate's values, lost chunks included, when :func:`derived_coordinate` gives them and
     every stored row agrees with it (else None: nothing proves what the lost rows held)."""
-    expected = derived_coordinate(name, length, every)
+    expected = derived_coordinate(name, length, every, restarts)
     if expected is None:
         return None
     stored = _stored(length, holes)
@@ -375,7 +389,7 @@ def _recount(node, state: RunState, epochs: np.ndarray, every: object) -> np.nda
     labels = node["epoch"][:state.good_steps] if "epoch" in node else np.zeros(0, dtype=np.int64)
     complete = (math.inf if state.good_steps == state.num_steps
                 else int(labels[-1]) if len(labels) else 0)
-    return count_steps(labels, epochs, every, complete)
+    return count_steps(labels, epochs, every, complete, node.attrs.get("step_restarts", []))
 
 
 def _increasing_prefix(values: np.ndarray) -> int:
@@ -414,7 +428,8 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> R
             label = _label(array)
             for hole in holes:
                 state.damaged_files += hole.files
-            rebuilt = (_rebuilt_values(array, name, lengths[name], holes, every)
+            rebuilt = (_rebuilt_values(array, name, lengths[name], holes, every,
+                                       node.attrs.get("step_restarts", []))
                        if holes and name == dim else None)
             if holes and _reads_as_unknown(array, dim):
                 for first, end, says, _ in holes:
@@ -423,7 +438,9 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> R
                     state.lost.append((array.path, dim, first, end))
             elif rebuilt is not None:
                 values = rebuilt
-                rule = f"step i·{every}" if dim == "step" else "epoch i"
+                rule = "epoch i" if dim == "epoch" else f"step i·{every}" + "".join(
+                    f", from row {row} on step {step} + (i − {row})·{every}"
+                    for row, step in node.attrs.get("step_restarts", []))
                 for first, end, says, _ in holes:
                     state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} "
                                           f"(row i is {rule}: --repair rebuilds it)")
@@ -517,9 +534,19 @@ def _metadata_problem(buffer, meta) -> str | None:
     return None
 
 
-def check_run(zstore, group: str | None, where: str = "") -> list[str]:
-    """The run's damage, one line each (empty: healthy)."""
-    return inspect_run(zstore, group, where).problems
+def refuse_to_resume(zstore, group: str | None, where: str, url: str) -> None:
+    """Raise a one-line GradflowError when the run is damaged (every chunk decoded): its first
+    damage and what is true of it: ``gradflow check URL --repair`` mends it, or it lost values that
+    no repair rebuilds (the layer table), and the run cannot be resumed at all."""
+    state = inspect_run(zstore, group, where)
+    if state.unrecoverable:
+        first = next(p for p in state.problems if "cannot rebuild" in p)
+        raise GradflowError(f"{where} is damaged ({first}); no repair rebuilds what it lost, so it "
+                            f"cannot be resumed: record into a new store or group (`gradflow check "
+                            f"{url}` lists the damage)")
+    if state.problems:
+        raise GradflowError(f"{where} is damaged ({state.problems[0]}); run `gradflow check {url} "
+                            f"--repair` first")
 
 
 def runs_of(root) -> list[str | None]:

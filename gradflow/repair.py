@@ -89,9 +89,8 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,
             # nor follow a missing chunk (the next Recorder recomputes them from the raw rows)
         attrs = {}
-        if state.good_steps < state.num_steps:
-            attrs["steps_seen"] = int(node["step"][state.good_steps - 1]) + 1 \
-                if state.good_steps else 0
+        if state.good_steps < state.num_steps:  # a resume must not number steps again: restarts
+            attrs = _restart_steps(node, state)
         if group:
             node.attrs.update(attrs)
             consolidate(zstore, fresh={group.split("/")[0]})
@@ -101,6 +100,22 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
     if removed:
         state.problems.append(f"{len(removed)} leftover *.partial file(s) (deleted)")
     return state
+
+
+def _restart_steps(node, state: RunState) -> dict:
+    """The run attributes after its step rows were cut to ``state.good_steps``: ``steps_seen`` kept
+    (the steps it counted; a store without it: past the last committed row's number,
+    ``(num_steps - 1)·every + 1``, at least), so a resumed Recorder numbers its steps after every
+    step the run counted and a step number keeps meaning one step; and the row where those
+    numbers restart in ``step_restarts`` (:func:`gradflow.check.derived_coordinate`)."""
+    every = node.attrs.get("every")
+    seen = node.attrs.get("steps_seen")
+    if not isinstance(seen, int) or isinstance(seen, bool):
+        kept = int(node["step"][state.good_steps - 1]) + 1 if state.good_steps else 0
+        seen = max(kept, (state.num_steps - 1) * every + 1 if isinstance(every, int) else 0)
+    first = -(-seen // every) * every if isinstance(every, int) and every >= 1 else seen
+    restarts = [r for r in node.attrs.get("step_restarts", []) if r[0] < state.good_steps]
+    return {"steps_seen": seen, "step_restarts": [*restarts, [state.good_steps, first]]}
 
 
 def _set_aside(fs, path: str, keys: list[str]) -> str:

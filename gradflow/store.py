@@ -333,14 +333,11 @@ class RunStore:
         every_chunk_stored(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
-        from gradflow.check import check_run
+        from gradflow.check import refuse_to_resume
 
         node = self.node
         # First: a lost chunk of the layer table would read as another model's layers.
-        damage = check_run(self.store, self.group)
-        if damage:
-            raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
-                                f"{self.url} --repair` first")
+        refuse_to_resume(self.store, self.group, self.where, self.url)
         stored = [str(name) for name in node["layer"][:]]
         if stored != layers.names:
             extra = sorted(set(stored) ^ set(layers.names))[:3] or stored[:3]
@@ -398,7 +395,8 @@ class RunStore:
         if last_label < self.n_epochs:
             return self.n_epochs
         labels = np.arange(self.n_epochs, last_label + 1)
-        counts = count_steps(node["epoch"][:self.n_steps], labels, every, last_label + 1)
+        counts = count_steps(node["epoch"][:self.n_steps], labels, every, last_label + 1,
+                             node.attrs.get("step_restarts", []))
         done = node["epochs/num_steps"][:self.n_epochs]
         if len(labels) == 1 and not np.any(done == LOST_COUNT):
             counts[0] = max(self.steps_seen - int(np.sum(done)), 0)
