@@ -93,13 +93,58 @@ def every_chunk_stored(array: zarr.Array) -> zarr.Array:
 
 
 def open_root(url: str, **options) -> zarr.Group:
-    """``zarr.open_group(url, **options)``; a root ``zarr.json`` that does not parse is a one-line
-    :class:`~gradflow.errors.GradflowError` naming the repair (``gradflow check URL --repair``)."""
+    """``zarr.open_group(url, **options)``; a root ``zarr.json`` that does not parse, or one missing
+    from a folder that holds gradflow's groups, is a one-line :class:`~gradflow.errors.GradflowError`
+    saying what is true (:func:`damaged_root`)."""
+    damage = damaged_root(url)  # before zarr: mode "a" would write an empty root over the run
+    if damage:
+        raise root_error(url, damage)
     try:
         return zarr.open_group(url, **options)
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}); run "
-                            f"`gradflow check {url} --repair` first") from None
+        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and the "
+                            f"folder holds no gradflow run or sweep") from None
+
+
+def _kind(fs, path: str) -> str | None:
+    """The ``gradflow_kind`` attribute in the metadata file ``path``, or None."""
+    try:
+        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def damaged_root(url: str) -> tuple[str, str, bool] | None:
+    """``(problem, what to do, whether --repair rebuilds it)`` when the store's root ``zarr.json`` is missing or does not parse
+    but its folder holds gradflow's groups: the store is damaged, not absent. A sweep's root (its
+    folder holds run groups) is rewritten by ``gradflow check --repair``; a run's own root held
+    the run's settings and its last commit, which no repair rebuilds. None when the root is intact
+    or the folder holds nothing of gradflow's."""
+    from gradflow.lock import filesystem
+
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        json.loads(fs.cat_file(f"{path}/zarr.json"))
+        return None
+    except FileNotFoundError:
+        problem = "missing"
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"damaged ({type(err).__name__})"
+    if any(_kind(fs, p) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
+        return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
+                         f"rewrites it", True)
+    if _kind(fs, f"{path}/epochs/zarr.json") == "epochs":
+        return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
+                         "settings and its last commit, which no repair rebuilds: restore it from a "
+                         "backup, or read the arrays one by one with zarr.open_array", False)
+    return None
+
+
+def root_error(url: str, damage: tuple[str, str, bool]) -> GradflowError:
+    """The one-line error for a :func:`damaged_root`."""
+    return GradflowError(f"{url} is a damaged gradflow store: its root zarr.json is {damage[0]}; "
+                         f"{damage[1]}")
 
 
 def _committed(zstore, group: str | None):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 
 import numpy as np
 import zarr
@@ -24,8 +23,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
-from gradflow.check import (RunState, damaged_metadata, every_chunk_stored, inspect_run,
-                            lost_ranges, runs_of)
+from gradflow.check import (RunState, damaged_metadata, damaged_root, every_chunk_stored,
+                            inspect_run, lost_ranges, runs_of)
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
@@ -140,8 +139,9 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged); with
     ``repair``, damaged means damage is left that no repair restores (lost layer-table chunks).
 
-    Raises GradflowError for what is not a gradflow store at all, and for a damaged root
-    ``zarr.json`` of a single run (its attributes cannot be rebuilt).
+    Raises GradflowError for what is not a gradflow store at all. A root ``zarr.json`` that is
+    missing or damaged in a folder of gradflow's groups is damage (:func:`gradflow.check.damaged_root`):
+    a sweep's is rewritten, a single run's is reported and left (nothing rebuilds it).
     """
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import consolidate, store_url
@@ -149,17 +149,10 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     url = store_url(url)
     fs, path = filesystem(url)
     lines: list[str] = []
-    try:
-        root = zarr.open_group(url, mode="r")
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        raise GradflowError(f"no gradflow store at {url}") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        runs = [p for p in fs.glob(f"{path.rstrip('/')}/*/zarr.json") if _is_run_file(fs, p)]
-        if not runs:
-            raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
-                                f"holds no sweep groups; it cannot be repaired") from None
-        lines.append(f"zarr.json: damaged ({type(err).__name__}: {err})")
-        if not repair:
+    damage = damaged_root(url)
+    if damage:
+        lines.append(f"zarr.json: {damage[0]}; {damage[1]}")
+        if not repair or not damage[2]:  # a run's own root: nothing rebuilds it
             return lines, True
         fs.pipe_file(f"{path.rstrip('/')}/zarr.json",
                      b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
@@ -168,7 +161,13 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         with store_lock(fs, path):
             consolidate(url)
         lines.append("zarr.json: rewritten as a plain group holding the sweep's runs")
+    try:
         root = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        raise GradflowError(f"no gradflow store at {url}") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
+                            f"holds no gradflow run or sweep groups; it cannot be repaired") from None
     runs = runs_of(root)
     if not runs:
         raise GradflowError(f"{url} is not a gradflow store")
@@ -213,10 +212,3 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         if removed:
             lines.append(f"deleted {len(removed)} leftover *.partial file(s) at the store root")
     return lines, left if repair else damaged
-
-
-def _is_run_file(fs, path: str) -> bool:
-    try:
-        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind") == "run"
-    except (OSError, ValueError, AttributeError):
-        return False

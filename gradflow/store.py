@@ -63,7 +63,7 @@ from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
 from gradflow import schema
-from gradflow.check import every_chunk_stored
+from gradflow.check import damaged_root, every_chunk_stored, root_error
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, store_url
 from gradflow.summary import STATS, SummaryWriter
@@ -209,7 +209,7 @@ class RunStore:
         try:
             with store_lock(self.fs, self.path), _quiet_zarr():  # one creator at a time
                 exists, is_zarr = path_exists(url)
-                if exists and not is_zarr:
+                if exists and not is_zarr and not damaged_root(url):  # (else: open_root says)
                     raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
                 self._open(layers, attrs, every, per_parameter, mode)
             if self._unwritten is not None:
@@ -772,6 +772,8 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         if fs.exists(creating_marker(fs, path, group)):
             raise _NotReady(f"{url} is being created (or its creation was interrupted)") from None
+        if damage := damaged_root(url):
+            raise root_error(url, damage) from None
         raise GradflowError(f"no gradflow store at {url}") from None
     node = root.get(group) if group else root
     if node is None:
