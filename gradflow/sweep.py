@@ -365,7 +365,11 @@ def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool 
         raise GradflowError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     store = absolute_store(store)
     validate(variants)
+    from gradflow.check import damaged_root, root_error
+
     exists, is_zarr = path_exists(store)
+    if exists and not is_zarr and (damage := damaged_root(store)):  # its root file lost
+        raise root_error(store, damage)
     if exists and not is_zarr:  # a file or a folder of something else: never write into it
         raise GradflowError(f"{store} exists and is not a Zarr store; choose another store")
     if exists:
