@@ -3,7 +3,8 @@
 Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
     zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
-                              every, per_parameter, metadata, steps_seen, all_chunks_stored,
+                              every, per_parameter, metadata, steps_seen, step_restarts (after a
+                              repair cut step rows: gradflow.check.derived_coordinate), all_chunks_stored,
                               fixed_chunks_stored, fixed_coordinates (below)
     grad_norm … nonfinite     (step, layer) float32, chunks of step_chunk(layers) steps × all layers
     step, epoch               (step,) int64: optimizer step index, epoch index
