@@ -25,6 +25,12 @@ A run's committed state (what the consolidated metadata at the store root publis
   cannot have held the fill value (a label: gradflow writes no empty one; values a source gives
   that are not all the fill value), so a healthy old store is never called damaged.
 
+A stored chunk whose bytes do not decode (truncated, empty, garbage) is lost like a missing one:
+``gradflow check``, ``--repair`` and a resumed Recorder decode every chunk (:func:`inspect_run`
+with ``decode``; about 4 s for a 0.9 GB store of 200,000 steps × 200 layers, 20× the listing, in
+32 MiB reads); ``gradflow.open`` only lists them. A repair moves such files out of the store
+(:func:`gradflow.repair._set_aside`) and repairs them as missing chunks.
+
 Apart from these, :func:`damaged_metadata` finds node metadata files (``<node>/zarr.json``) that are
 missing or unreadable. Readers of the consolidated metadata (``gradflow.open``, xarray by default)
 do not see that damage, so ``gradflow.open`` does not check it; a resumed Recorder, ``zarr.open_array``
@@ -43,9 +49,11 @@ rewrites damaged metadata files from their committed copy and trims the summary 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import zarr
@@ -78,6 +86,10 @@ class RunState:
     # Missing chunks of fixed-length arrays that no intact source holds ("./layer rows 0-1"): no
     # repair restores them (it leaves them missing and says the run is still damaged).
     unrecoverable: list[str] = field(default_factory=list)
+    # Stored chunk files that do not decode (keys in the store): the repair moves them aside (to
+    # gradflow.repair.damaged_folder) before it writes, and treats them as missing.
+    damaged_files: list[str] = field(default_factory=list)
+    set_aside: str = ""  # where the repair moved them
 
 
 def every_chunk_stored(array: zarr.Array) -> zarr.Array:
@@ -87,13 +99,58 @@ def every_chunk_stored(array: zarr.Array) -> zarr.Array:
 
 
 def open_root(url: str, **options) -> zarr.Group:
-    """``zarr.open_group(url, **options)``; a root ``zarr.json`` that does not parse is a one-line
-    :class:`~gradflow.errors.GradflowError` naming the repair (``gradflow check URL --repair``)."""
+    """``zarr.open_group(url, **options)``; a root ``zarr.json`` that does not parse, or one missing
+    from a folder that holds gradflow's groups, is a one-line :class:`~gradflow.errors.GradflowError`
+    saying what is true (:func:`damaged_root`)."""
+    damage = damaged_root(url)  # before zarr: mode "a" would write an empty root over the run
+    if damage:
+        raise root_error(url, damage)
     try:
         return zarr.open_group(url, **options)
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}); run "
-                            f"`gradflow check {url} --repair` first") from None
+        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and the "
+                            f"folder holds no gradflow run or sweep") from None
+
+
+def _kind(fs, path: str) -> str | None:
+    """The ``gradflow_kind`` attribute in the metadata file ``path``, or None."""
+    try:
+        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def damaged_root(url: str) -> tuple[str, str, bool] | None:
+    """``(problem, what to do, whether --repair rebuilds it)`` when the store's root ``zarr.json`` is missing or does not parse
+    but its folder holds gradflow's groups: the store is damaged, not absent. A sweep's root (its
+    folder holds run groups) is rewritten by ``gradflow check --repair``; a run's own root held
+    the run's settings and its last commit, which no repair rebuilds. None when the root is intact
+    or the folder holds nothing of gradflow's."""
+    from gradflow.lock import filesystem
+
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        json.loads(fs.cat_file(f"{path}/zarr.json"))
+        return None
+    except FileNotFoundError:
+        problem = "missing"
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"damaged ({type(err).__name__})"
+    if any(_kind(fs, p) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
+        return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
+                         f"rewrites it", True)
+    if _kind(fs, f"{path}/epochs/zarr.json") == "epochs":
+        return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
+                         "settings and its last commit, which no repair rebuilds: restore it from a "
+                         "backup, or read the arrays one by one with zarr.open_array", False)
+    return None
+
+
+def root_error(url: str, damage: tuple[str, str, bool]) -> GradflowError:
+    """The one-line error for a :func:`damaged_root`."""
+    return GradflowError(f"{url} is a damaged gradflow store: its root zarr.json is {damage[0]}; "
+                         f"{damage[1]}")
 
 
 def _committed(zstore, group: str | None):
@@ -108,18 +165,69 @@ def _keys(zstore, prefix: str) -> set[str]:
     return sync(collect())
 
 
-def _missing_rows(zstore, array, length: int) -> list[tuple[int, int]]:
-    """The rows ``[first, end)`` (below ``length``) of each chunk row with a chunk missing (a chunk
-    row: the chunks of the same rows across the other dimensions); empty when all are stored."""
+class Hole(NamedTuple):
+    """A chunk row (the chunks of the same rows across the other dimensions) that lost its values:
+    rows ``[first, end)``, what happened (``says``: "is missing", "is damaged (…)") and the keys of
+    its chunk files that exist but do not decode (``files``: a repair moves them aside)."""
+
+    first: int
+    end: int
+    says: str
+    files: tuple[str, ...] = ()
+
+
+DECODE_BYTES = 2**25
+"""How many bytes of chunks the decoding check reads at a time (32 MiB: 8 chunk rows of the
+step figures at 1,024 layers): what it holds in memory, whatever the store's size."""
+
+
+def _holes(zstore, array, length: int, missing: bool = True, decode: bool = True) -> list[Hole]:
+    """The chunk rows below ``length`` that lost a chunk: one ``missing`` (listed; only when
+    ``missing``: an older writer left out chunks of the fill value) or one stored whose bytes do
+    not decode (``decode``: truncated, empty, garbage; every stored chunk is decoded, a few chunk
+    rows at a time, :data:`DECODE_BYTES`). Empty when all are stored and intact."""
     if length == 0:
         return []
     chunks = array.metadata.chunk_grid.chunk_shape
     keys = _keys(zstore, f"{array.path}/")
-    rest = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], chunks[1:])]
-    return [(i * chunks[0], min((i + 1) * chunks[0], length))
-            for i in range(math.ceil(length / chunks[0]))
-            if any(f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}" not in keys
-                   for other in (np.ndindex(*[len(r) for r in rest]) if rest else [()]))]
+    grid = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], chunks[1:])]
+    n_rows = math.ceil(length / chunks[0])
+    undecodable = {}
+    if decode:
+        row_bytes = chunks[0] * math.prod(array.shape[1:]) * np.dtype(array.dtype).itemsize
+        step = max(1, DECODE_BYTES // max(row_bytes, 1))
+        for i in range(0, n_rows, step):
+            try:
+                array[i * chunks[0]:min((i + step) * chunks[0], length)]
+            except OSError:  # cannot read it (permissions, I/O): not damage this check can name
+                raise
+            except Exception:  # noqa: BLE001 - a codec's error: find the chunks that caused it
+                for coords in itertools.product(range(i, min(i + step, n_rows)), *grid):
+                    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+                    if key in keys and (why := _undecodable(zstore, array, coords, key)):
+                        undecodable.setdefault(coords[0], {})[key] = why
+    holes = []
+    for i in range(n_rows):
+        absent = missing and any(f"{array.path}/{array.metadata.encode_chunk_key((i, *other))}"
+                                 not in keys for other in itertools.product(*grid))
+        damaged = undecodable.get(i, {})
+        if absent or damaged:
+            says = "is missing" if absent else "is damaged ({}: {})".format(*next(iter(damaged.items())))
+            holes.append(Hole(i * chunks[0], min((i + 1) * chunks[0], length), says, tuple(damaged)))
+    return holes
+
+
+def _undecodable(zstore, array, coords: tuple[int, ...], key: str) -> str | None:
+    """Why the stored chunk ``coords`` of ``array`` does not decode (its size and the codec's
+    error), or None when it does."""
+    try:
+        array.get_block_selection(coords)
+    except OSError:  # cannot read it (permissions, I/O): not damage this check can name
+        raise
+    except Exception as err:  # noqa: BLE001 - any codec's error: the bytes are not a chunk
+        size = sync(zstore.getsize(key))
+        return f"{size} bytes that do not decode, {type(err).__name__}: {err}"
+    return None
 
 
 GROWING = ("step", "epoch", "block")
@@ -127,11 +235,11 @@ GROWING = ("step", "epoch", "block")
 dimension is another one (``layer``, ``param_group``, ``stat``) is written once, at creation."""
 
 
-def _stored(length: int, missing: list[tuple[int, int]]) -> np.ndarray:
-    """Which of ``length`` rows are stored, given the ``[first, end)`` ranges of the missing ones."""
+def _stored(length: int, holes: list[Hole]) -> np.ndarray:
+    """Which of ``length`` rows are stored and intact, given the holes."""
     stored = np.ones(length, dtype=bool)
-    for first, end in missing:
-        stored[first:end] = False
+    for hole in holes:
+        stored[hole.first:hole.end] = False
     return stored
 
 
@@ -154,7 +262,7 @@ def _fixed_copies(node) -> dict[tuple[str, int], list]:
     return copies
 
 
-def _fixed_values(name: str, length: int, copies: list, missing: dict, table: dict,
+def _fixed_values(name: str, length: int, copies: list, holes: dict, table: dict,
                   every: object) -> tuple[np.ndarray, list[str], str]:
     """The values of a fixed-length coordinate from every source that holds them: its numbering
     (:func:`derived_coordinate`), the run's ``fixed_coordinates`` attribute, each copy's stored rows.
@@ -172,9 +280,9 @@ def _fixed_values(name: str, length: int, copies: list, missing: dict, table: di
         sources.append(("the run's fixed_coordinates attribute", np.array(table[name], dtype=object),
                         everywhere))
     for array in copies:
-        stored = _stored(length, missing[array.path])
+        stored = _stored(length, holes[array.path])
         if stored.any():
-            sources.append((_label(array), array[:], stored))
+            sources.append((_label(array), _read(array, length, holes[array.path]), stored))
     values, origin = np.full(length, None, dtype=object), np.full(length, -1)
     for i, (label, held, rows) in enumerate(sources):
         held = np.asarray(held).astype(object)
@@ -189,35 +297,38 @@ def _fixed_values(name: str, length: int, copies: list, missing: dict, table: di
     return values, [sources[i][0] if i >= 0 else "" for i in origin], "no intact copy holds it"
 
 
-def _inspect_fixed(zstore, node, state: RunState) -> None:
+def _inspect_fixed(zstore, node, state: RunState, decode: bool) -> None:
     """Report the missing chunks of the run's fixed-length arrays (module docstring), each with the
     values a repair writes (``state.rebuilt``) or as lost (``state.unrecoverable``)."""
     marked = bool(node.attrs.get("fixed_chunks_stored"))
     table = node.attrs.get("fixed_coordinates")
     table = table if isinstance(table, dict) else {}
     for (name, length), copies in _fixed_copies(node).items():
-        missing = {array.path: _missing_rows(zstore, array, length) for array in copies}
-        if not any(missing.values()):
+        holes = {array.path: _holes(zstore, array, length, decode=decode) for array in copies}
+        if not any(holes.values()):
             continue
-        values, origins, why = _fixed_values(name, length, copies, missing, table,
+        values, origins, why = _fixed_values(name, length, copies, holes, table,
                                              node.attrs.get("every"))
         for array in copies:
             label, dim = _label(array), array.metadata.dimension_names[0]
-            for first, end in missing[array.path]:
+            for first, end, says, files in holes[array.path]:
                 held = values[first:end]
                 known = not any(v is None for v in held)
-                if not marked and (  # an older writer left out chunks that held the fill value
-                        (known and all(v == array.metadata.fill_value for v in held))
-                        or (not known and np.dtype(array.dtype).kind not in "OSTU")):
+                # An older writer left out a chunk that held only the fill value, when its values
+                # say so. Unknown values cannot be that: the labels are never empty and depth is
+                # known; num_params is never all 0, since every layer owns a parameter.
+                if not marked and not files and known \
+                        and all(v == array.metadata.fill_value for v in held):
                     continue
+                state.damaged_files += files
                 if known:
                     used = " and ".join(dict.fromkeys(origins[first:end]))
-                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} "
                                           f"(--repair rebuilds it from {used})")
                     state.rebuilt.append((array.path, dim, first,
                                           np.array(held.tolist(), dtype=array.dtype)))
                 else:
-                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing and "
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} and "
                                           f"lost ({why}); --repair cannot rebuild it")
                     state.unrecoverable.append(f"{label} rows {first}-{end - 1}")
 
@@ -236,19 +347,26 @@ array's ``lost_rows`` attribute lists those rows and its ``missing_value`` attri
 convention) makes xarray read them as NaN."""
 
 
-def count_steps(labels: np.ndarray, epochs: np.ndarray, every: object, complete: float) -> np.ndarray:
+def count_steps(labels: np.ndarray, epochs: np.ndarray, every: object, complete: float,
+                restarts: list = ()) -> np.ndarray:
     """``num_steps`` of ``epochs`` recounted from the recorded steps' epoch labels ``labels``.
 
     Exact only where every optimizer step is a row (``every=1``: the Recorder counts in num_steps
     exactly the steps it makes rows of) and all of the epoch's rows are at hand (epochs below
     ``complete``); LOST_COUNT elsewhere. With every=k>1 a row stands for k steps and an epoch may
     end anywhere between two recorded steps, so a count from rows would be off by up to k−1 steps:
-    it is marked lost, never estimated.
+    it is marked lost, never estimated. ``restarts`` (the run's ``step_restarts``: a repair cut the
+    step rows from ``row`` on) makes the epochs from that of row ``row - 1`` up to that of row
+    ``row`` lost too: their cut steps have no rows.
     """
     counts = np.full(len(epochs), LOST_COUNT, dtype=np.int64)
     if every == 1:
         ordered = np.sort(labels)
         exact = epochs < complete
+        for row, _ in restarts:
+            if 0 < row <= len(labels):
+                exact &= ~((epochs >= labels[row - 1])
+                           & (epochs < (labels[row] if row < len(labels) else math.inf)))
         counts[exact] = (np.searchsorted(ordered, epochs[exact], side="right")
                          - np.searchsorted(ordered, epochs[exact], side="left"))
     return counts
@@ -264,34 +382,55 @@ def lost_ranges(first: int, counts: np.ndarray) -> list[list[int]]:
     return [[first + int(a), first + int(b)] for a, b in zip(starts, ends)]
 
 
-def derived_coordinate(name: str, length: int, every: object) -> np.ndarray | None:
+def derived_coordinate(name: str, length: int, every: object,
+                       restarts: list = ()) -> np.ndarray | None:
     """The values the writer's own numbering gives a coordinate, or None for one it does not number.
 
     ``step``: row i is step i·every. The Recorder counts every optimizer step from 0, continues the
-    count on resume (from ``steps_seen``: the steps counted when its rows were committed, or the
-    kept rows' end after a repair cut them) and records a row when step % every == 0, so the rows
-    are the multiples of ``every``, none left out. ``epoch`` (of the ``epochs`` group): row i is
+    count on resume (from ``steps_seen``: the steps counted when its rows were committed) and
+    records a row when step % every == 0, so the rows are the multiples of ``every``, none left
+    out, but where a repair cut rows: their step numbers are never given again (a step number
+    means one step), the resumed rows go on from ``steps_seen``, and the run's ``step_restarts``
+    attribute says so, [row, step] for each: from row ``row`` on, row i is step + (i − row)·every.
+    ``epoch`` (of the ``epochs`` group): row i is
     epoch i, the i-th ``end_epoch`` (a resume continues after the last epoch row, and gives an epoch
     cut short by a crash its row first). ``depth``: row i is layer i (registration order). These
     hold for what gradflow writes; the caller checks them against the stored rows before it trusts
     them for a lost chunk.
     """
     if name == "step" and isinstance(every, int) and every >= 1:
-        return np.arange(length, dtype=np.int64) * every
+        values = np.arange(length, dtype=np.int64) * every
+        for row, step in restarts:
+            values[row:] = step + np.arange(max(length - row, 0), dtype=np.int64) * every
+        return values
     if name in ("epoch", "depth"):
         return np.arange(length, dtype=np.int64)
     return None
 
 
-def _rebuilt_values(array, name: str, length: int, missing: list[tuple[int, int]],
-                    every: object) -> np.ndarray | None:
+def _rebuilt_values(array, name: str, length: int, holes: list[Hole], every: object,
+                    restarts: list) -> np.ndarray | None:
     """The coordinate's values, lost chunks included, when :func:`derived_coordinate` gives them and
     every stored row agrees with it (else None: nothing proves what the lost rows held)."""
-    expected = derived_coordinate(name, length, every)
+    expected = derived_coordinate(name, length, every, restarts)
     if expected is None:
         return None
-    stored = _stored(length, missing)
-    return expected if np.array_equal(array[:length][stored], expected[stored]) else None
+    stored = _stored(length, holes)
+    return expected if np.array_equal(_read(array, length, holes)[stored], expected[stored]) else None
+
+
+def _read(array, length: int, holes: list[Hole]) -> np.ndarray:
+    """The array's first ``length`` rows, its holes read as the fill value (zarr reads a missing
+    chunk so; one that does not decode is not read)."""
+    if not any(hole.files for hole in holes):
+        return array[:length]
+    parts, start = [], 0
+    for hole in [*holes, Hole(length, length, "")]:
+        parts.append(array[start:hole.first])
+        parts.append(np.full((hole.end - hole.first, *array.shape[1:]), array.metadata.fill_value,
+                             dtype=parts[0].dtype))
+        start = hole.end
+    return np.concatenate(parts)
 
 
 def _recount(node, state: RunState, epochs: np.ndarray, every: object) -> np.ndarray:
@@ -301,7 +440,7 @@ def _recount(node, state: RunState, epochs: np.ndarray, every: object) -> np.nda
     labels = node["epoch"][:state.good_steps] if "epoch" in node else np.zeros(0, dtype=np.int64)
     complete = (math.inf if state.good_steps == state.num_steps
                 else int(labels[-1]) if len(labels) else 0)
-    return count_steps(labels, epochs, every, complete)
+    return count_steps(labels, epochs, every, complete, node.attrs.get("step_restarts", []))
 
 
 def _increasing_prefix(values: np.ndarray) -> int:
@@ -312,8 +451,11 @@ def _increasing_prefix(values: np.ndarray) -> int:
     return int(bad[0]) + 1 if len(bad) else len(values)
 
 
-def inspect_run(zstore, group: str | None, where: str) -> RunState:
-    """Check one run's committed state against the invariants (reads ``step``/``epoch`` values)."""
+def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> RunState:
+    """Check one run's committed state against the invariants (reads ``step``/``epoch`` values);
+    ``decode``: decode every stored chunk too, one at a time (a chunk whose bytes do not decode is
+    lost like a missing one). Without it a chunk file that is truncated, empty or garbage passes
+    (``gradflow.open`` checks so: it reads only the listing)."""
     node = _committed(zstore, group)
     state = RunState(where)
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
@@ -327,40 +469,48 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(lengths.items(), key=lambda kv: kv[1]))
             state.problems.append(f"{dim} arrays of unequal length ({shown})")
         coord = arrays.get(dim)
-        checked = arrays if all_chunks else ({dim: coord} if coord is not None and n > 1 else {})
         values = None  # the coordinate's values, when a lost chunk of it is rebuilt
-        for name, array in checked.items():
-            missing = _missing_rows(zstore, array, lengths[name])
+        for name, array in arrays.items():
+            # Before all_chunks_stored a missing chunk is damage only in the coordinate.
+            listed = all_chunks or (name == dim and n > 1)
+            if not (listed or decode):
+                continue
+            holes = _holes(zstore, array, lengths[name], missing=listed, decode=decode)
             label = _label(array)
-            rebuilt = (_rebuilt_values(array, name, lengths[name], missing, every)
-                       if missing and name == dim else None)
-            if missing and _reads_as_unknown(array, dim):
-                for first, end in missing:
-                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+            for hole in holes:
+                state.damaged_files += hole.files
+            rebuilt = (_rebuilt_values(array, name, lengths[name], holes, every,
+                                       node.attrs.get("step_restarts", []))
+                       if holes and name == dim else None)
+            if holes and _reads_as_unknown(array, dim):
+                for first, end, says, _ in holes:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} "
                                           f"(its figures are lost: NaN)")
                     state.lost.append((array.path, dim, first, end))
             elif rebuilt is not None:
                 values = rebuilt
-                rule = f"step i·{every}" if dim == "step" else "epoch i"
-                for first, end in missing:
-                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing "
+                rule = "epoch i" if dim == "epoch" else f"step i·{every}" + "".join(
+                    f", from row {row} on step {step} + (i − {row})·{every}"
+                    for row, step in node.attrs.get("step_restarts", []))
+                for first, end, says, _ in holes:
+                    state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} "
                                           f"(row i is {rule}: --repair rebuilds it)")
                     state.rebuilt.append((array.path, dim, first, values[first:end]))
-            elif missing and name == "num_steps":
-                for first, end in missing:
+            elif holes and name == "num_steps":
+                for first, end, says, _ in holes:
                     counts = _recount(node, state, np.arange(first, end), every)
                     lost = int(np.sum(counts == LOST_COUNT))
                     why = (f"every={every}: a row stands for {every} steps" if every != 1
                            else "their step rows are cut")
                     state.problems.append(
-                        f"{label}: chunk of rows {first}-{end - 1} is missing (--repair recounts "
+                        f"{label}: chunk of rows {first}-{end - 1} {says} (--repair recounts "
                         + (f"all {len(counts)} from the step rows)" if not lost else
                            f"{len(counts) - lost} from the step rows; {lost} cannot be counted "
                            f"exactly ({why}) and are marked lost: NaN)"))
                     state.rebuilt.append((array.path, dim, first, counts))
-            elif missing:
-                first, end = missing[0]
-                state.problems.append(f"{label}: chunk of rows {first}-{end - 1} is missing")
+            elif holes:
+                first, end, says, _ = holes[0]
+                state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says}")
                 good = min(good, first)
         if coord is not None and good > 1:
             values = coord[:good] if values is None else values[:good]
@@ -376,7 +526,7 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
     last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
     if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
         state.rowless_epochs = range(state.good_epochs, last_label + 1)
-    _inspect_fixed(zstore, node, state)
+    _inspect_fixed(zstore, node, state, decode)
     # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
     state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None
@@ -385,9 +535,12 @@ def inspect_run(zstore, group: str | None, where: str) -> RunState:
             for name, array in summary[str(level)].arrays():
                 if array.metadata.dimension_names[0] != "block":
                     continue
-                for first, end in _missing_rows(zstore, array, array.shape[0])[:1]:
-                    state.problems.append(f"{array.path}: chunk of blocks {first}-{end - 1} is missing")
+                holes = _holes(zstore, array, array.shape[0], decode=decode)
+                for first, end, says, files in holes[:1]:
+                    state.problems.append(f"{array.path}: chunk of blocks {first}-{end - 1} {says}")
                     state.good_summary = min(state.good_summary, first * int(level))
+                for hole in holes:
+                    state.damaged_files += hole.files
     return state
 
 
@@ -432,9 +585,19 @@ def _metadata_problem(buffer, meta) -> str | None:
     return None
 
 
-def check_run(zstore, group: str | None, where: str = "") -> list[str]:
-    """The run's damage, one line each (empty: healthy)."""
-    return inspect_run(zstore, group, where).problems
+def refuse_to_resume(zstore, group: str | None, where: str, url: str) -> None:
+    """Raise a one-line GradflowError when the run is damaged (every chunk decoded): its first
+    damage and what is true of it: ``gradflow check URL --repair`` mends it, or it lost values that
+    no repair rebuilds (the layer table), and the run cannot be resumed at all."""
+    state = inspect_run(zstore, group, where)
+    if state.unrecoverable:
+        first = next(p for p in state.problems if "cannot rebuild" in p)
+        raise GradflowError(f"{where} is damaged ({first}); no repair rebuilds what it lost, so it "
+                            f"cannot be resumed: record into a new store or group (`gradflow check "
+                            f"{url}` lists the damage)")
+    if state.problems:
+        raise GradflowError(f"{where} is damaged ({state.problems[0]}); run `gradflow check {url} "
+                            f"--repair` first")
 
 
 def runs_of(root) -> list[str | None]:

@@ -15,7 +15,7 @@ this module writes (it needs the store), so it sits above both and neither impor
 from __future__ import annotations
 
 import dataclasses
-import json
+import datetime
 
 import numpy as np
 import zarr
@@ -23,8 +23,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
-from gradflow.check import (RunState, damaged_metadata, every_chunk_stored, inspect_run,
-                            lost_ranges, runs_of)
+from gradflow.check import (RunState, damaged_metadata, damaged_root, every_chunk_stored,
+                            inspect_run, lost_ranges, runs_of)
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
@@ -61,6 +61,8 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
     state = inspect_run(zstore, group, where)
     node = zarr.open_group(zstore, mode="r+", path=group or "", use_consolidated=False)
     with store_lock(fs, path):
+        if state.damaged_files:  # from here on they are missing chunks, their bytes kept
+            state.set_aside = _set_aside(fs, path, state.damaged_files)
         for parent, dim, length in ((node, "step", state.good_steps),
                                     (node["epochs"], "epoch", state.good_epochs)):
             for _, array in parent.arrays():
@@ -86,9 +88,8 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
             trim(summary, state.good_summary)  # no block may describe rows the repair removed,
             # nor follow a missing chunk (the next Recorder recomputes them from the raw rows)
         attrs = {}
-        if state.good_steps < state.num_steps:
-            attrs["steps_seen"] = int(node["step"][state.good_steps - 1]) + 1 \
-                if state.good_steps else 0
+        if state.good_steps < state.num_steps:  # a resume must not number steps again: restarts
+            attrs = _restart_steps(node, state)
         if group:
             node.attrs.update(attrs)
             consolidate(zstore, fresh={group.split("/")[0]})
@@ -100,12 +101,47 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
     return state
 
 
+def _restart_steps(node, state: RunState) -> dict:
+    """The run attributes after its step rows were cut to ``state.good_steps``: ``steps_seen`` kept
+    (the steps it counted; a store without it: past the last committed row's number,
+    ``(num_steps - 1)·every + 1``, at least), so a resumed Recorder numbers its steps after every
+    step the run counted and a step number keeps meaning one step; and the row where those
+    numbers restart in ``step_restarts`` (:func:`gradflow.check.derived_coordinate`)."""
+    every = node.attrs.get("every")
+    seen = node.attrs.get("steps_seen")
+    if not isinstance(seen, int) or isinstance(seen, bool):
+        kept = int(node["step"][state.good_steps - 1]) + 1 if state.good_steps else 0
+        seen = max(kept, (state.num_steps - 1) * every + 1 if isinstance(every, int) else 0)
+    first = -(-seen // every) * every if isinstance(every, int) and every >= 1 else seen
+    restarts = [r for r in node.attrs.get("step_restarts", []) if r[0] < state.good_steps]
+    return {"steps_seen": seen, "step_restarts": [*restarts, [state.good_steps, first]]}
+
+
+def _set_aside(fs, path: str, keys: list[str]) -> str:
+    """Move the chunk files ``keys`` (that do not decode) out of the store, into a new folder
+    beside it, ``.<store name>.gradflow/damaged/<UTC time>/<key>``, which gradflow never deletes
+    (their bytes may still mean something to a person); returns that folder."""
+    from gradflow.lock import lock_root
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder, n = f"{lock_root(path)}/damaged/{stamp}", 1
+    while fs.exists(folder):
+        n += 1
+        folder = f"{lock_root(path)}/damaged/{stamp}-{n}"
+    for key in keys:
+        target = f"{folder}/{key}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(f"{path.rstrip('/')}/{key}", target)
+    return folder
+
+
 def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged); with
     ``repair``, damaged means damage is left that no repair restores (lost layer-table chunks).
 
-    Raises GradflowError for what is not a gradflow store at all, and for a damaged root
-    ``zarr.json`` of a single run (its attributes cannot be rebuilt).
+    Raises GradflowError for what is not a gradflow store at all. A root ``zarr.json`` that is
+    missing or damaged in a folder of gradflow's groups is damage (:func:`gradflow.check.damaged_root`):
+    a sweep's is rewritten, a single run's is reported and left (nothing rebuilds it).
     """
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import consolidate, store_url
@@ -113,17 +149,10 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     url = store_url(url)
     fs, path = filesystem(url)
     lines: list[str] = []
-    try:
-        root = zarr.open_group(url, mode="r")
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        raise GradflowError(f"no gradflow store at {url}") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        runs = [p for p in fs.glob(f"{path.rstrip('/')}/*/zarr.json") if _is_run_file(fs, p)]
-        if not runs:
-            raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
-                                f"holds no sweep groups; it cannot be repaired") from None
-        lines.append(f"zarr.json: damaged ({type(err).__name__}: {err})")
-        if not repair:
+    damage = damaged_root(url)
+    if damage:
+        lines.append(f"zarr.json: {damage[0]}; {damage[1]}")
+        if not repair or not damage[2]:  # a run's own root: nothing rebuilds it
             return lines, True
         fs.pipe_file(f"{path.rstrip('/')}/zarr.json",
                      b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
@@ -132,7 +161,13 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         with store_lock(fs, path):
             consolidate(url)
         lines.append("zarr.json: rewritten as a plain group holding the sweep's runs")
+    try:
         root = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        raise GradflowError(f"no gradflow store at {url}") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
+                            f"holds no gradflow run or sweep groups; it cannot be repaired") from None
     runs = runs_of(root)
     if not runs:
         raise GradflowError(f"{url} is not a gradflow store")
@@ -161,6 +196,9 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
             fixed = repair_run(url, group)
             kept = (f"kept {fixed.good_steps} of {fixed.num_steps} steps and {fixed.good_epochs} of "
                     f"{fixed.num_epochs} epochs")
+            if fixed.set_aside:
+                kept += (f"; {len(fixed.damaged_files)} chunk file(s) that do not decode moved to "
+                         f"{fixed.set_aside}")
             if fixed.unrecoverable:
                 left = True
                 lines.append(f"{name}: not repaired: {', '.join(fixed.unrecoverable)} cannot be "
@@ -174,10 +212,3 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         if removed:
             lines.append(f"deleted {len(removed)} leftover *.partial file(s) at the store root")
     return lines, left if repair else damaged
-
-
-def _is_run_file(fs, path: str) -> bool:
-    try:
-        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind") == "run"
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -3,7 +3,8 @@
 Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
     zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
-                              every, per_parameter, metadata, steps_seen, all_chunks_stored,
+                              every, per_parameter, metadata, steps_seen, step_restarts (after a
+                              repair cut step rows: gradflow.check.derived_coordinate), all_chunks_stored,
                               fixed_chunks_stored, fixed_coordinates (below)
     grad_norm … nonfinite     (step, layer) float32, chunks of step_chunk(layers) steps × all layers
     step, epoch               (step,) int64: optimizer step index, epoch index
@@ -63,7 +64,7 @@ from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
 from gradflow import schema
-from gradflow.check import every_chunk_stored
+from gradflow.check import damaged_root, every_chunk_stored, root_error
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, store_url
 from gradflow.summary import STATS, SummaryWriter
@@ -209,7 +210,7 @@ class RunStore:
         try:
             with store_lock(self.fs, self.path), _quiet_zarr():  # one creator at a time
                 exists, is_zarr = path_exists(url)
-                if exists and not is_zarr:
+                if exists and not is_zarr and not damaged_root(url):  # (else: open_root says)
                     raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
                 self._open(layers, attrs, every, per_parameter, mode)
             if self._unwritten is not None:
@@ -333,14 +334,11 @@ class RunStore:
         every_chunk_stored(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
-        from gradflow.check import check_run
+        from gradflow.check import refuse_to_resume
 
         node = self.node
         # First: a lost chunk of the layer table would read as another model's layers.
-        damage = check_run(self.store, self.group)
-        if damage:
-            raise GradflowError(f"{self.where} is damaged ({damage[0]}); run `gradflow check "
-                                f"{self.url} --repair` first")
+        refuse_to_resume(self.store, self.group, self.where, self.url)
         stored = [str(name) for name in node["layer"][:]]
         if stored != layers.names:
             extra = sorted(set(stored) ^ set(layers.names))[:3] or stored[:3]
@@ -398,7 +396,8 @@ class RunStore:
         if last_label < self.n_epochs:
             return self.n_epochs
         labels = np.arange(self.n_epochs, last_label + 1)
-        counts = count_steps(node["epoch"][:self.n_steps], labels, every, last_label + 1)
+        counts = count_steps(node["epoch"][:self.n_steps], labels, every, last_label + 1,
+                             node.attrs.get("step_restarts", []))
         done = node["epochs/num_steps"][:self.n_epochs]
         if len(labels) == 1 and not np.any(done == LOST_COUNT):
             counts[0] = max(self.steps_seen - int(np.sum(done)), 0)
@@ -774,6 +773,8 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         if fs.exists(creating_marker(fs, path, group)):
             raise _NotReady(f"{url} is being created (or its creation was interrupted)") from None
+        if damage := damaged_root(url):
+            raise root_error(url, damage) from None
         raise GradflowError(f"no gradflow store at {url}") from None
     node = root.get(group) if group else root
     if node is None:

@@ -214,17 +214,17 @@ def finished_variants(store: str) -> dict[str, dict[str, Any]]:
 def refuse_damaged_runs(store: str) -> None:
     """Raise a one-line GradflowError if a finished variant (as the committed metadata has it) is
     damaged: a node metadata file missing or unreadable, or a chunk missing (gradflow.check)."""
-    from gradflow.check import check_run, damaged_metadata, open_root
+    from gradflow.check import damaged_metadata, open_root, refuse_to_resume
 
     root = open_root(store, mode="r")  # the committed (consolidated) view
     for name, group in root.groups():
         if not group.attrs.get("finished"):
             continue  # an unfinished variant is recorded again from step 0
-        damage = [f"{key}: {problem}" for key, (problem, _) in
-                  damaged_metadata(root.store, name).items()] or check_run(root.store, name)
-        if damage:
-            raise GradflowError(f"{store} (group {name!r}) is damaged ({damage[0]}); run "
+        where = f"{store} (group {name!r})"
+        for key, (problem, _) in damaged_metadata(root.store, name).items():
+            raise GradflowError(f"{where} is damaged ({key}: {problem}); run "
                                 f"`gradflow check {store} --repair` first")
+        refuse_to_resume(root.store, name, where, store)
 
 
 def _clear_group(store: str, name: str) -> None:
@@ -365,7 +365,11 @@ def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool 
         raise GradflowError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     store = absolute_store(store)
     validate(variants)
+    from gradflow.check import damaged_root, root_error
+
     exists, is_zarr = path_exists(store)
+    if exists and not is_zarr and (damage := damaged_root(store)):  # its root file lost
+        raise root_error(store, damage)
     if exists and not is_zarr:  # a file or a folder of something else: never write into it
         raise GradflowError(f"{store} exists and is not a Zarr store; choose another store")
     if exists:

@@ -65,7 +65,8 @@ def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
     assert ds.step.values.tolist() == list(range(rows_kept))
     np.testing.assert_array_equal(ds.grad_norm.values[:, 0], np.arange(rows_kept))
     assert check_store(str(store)) == ([f"(run): ok, {rows_kept} steps, 3 epochs"], False)
-    assert zarr.open_group(store, mode="r").attrs["steps_seen"] == rows_kept
+    attrs = zarr.open_group(store, mode="r").attrs  # a resume numbers steps after all 2500 it took
+    assert attrs["steps_seen"] == 2500 and attrs["step_restarts"] == [[rows_kept, 2500]]
 
 
 def test_a_lost_figure_chunk_costs_only_its_own_figures(tmp_path, small_summary):
@@ -158,8 +159,9 @@ def test_corrupt_root_metadata_is_one_line(tmp_path):
     with pytest.raises(GradflowError, match="damaged metadata") as err:
         gradflow.open(store)
     assert "\n" not in str(err.value)
-    with pytest.raises(GradflowError, match="cannot be repaired"):
-        check_store(str(store))
+    lines, damaged = check_store(str(store))  # damage (exit 1), not "no store"; nothing rebuilds it
+    assert damaged and lines[0].startswith("zarr.json: damaged (JSONDecodeError); the folder holds a "
+                                           "gradflow run's arrays") and "--repair" not in lines[0]
 
 
 def test_corrupt_sweep_root_is_rebuilt(tmp_path):
@@ -298,5 +300,128 @@ def test_recorder_on_a_store_whose_root_metadata_is_damaged_is_one_line(tmp_path
     make_store(store)
     (store / "zarr.json").write_bytes((store / "zarr.json").read_bytes()[:20])
     for mode in ("a", "w", "w-"):
-        with pytest.raises(GradflowError, match=r"zarr.json is damaged \(JSONDecodeError\).*--repair"):
+        with pytest.raises(GradflowError, match=r"root zarr.json is damaged \(JSONDecodeError\); .*no "
+                                                r"repair rebuilds: restore it from a backup"):
             RunStore(str(store), None, LAYERS, {"every": 1, "per_parameter": False}, 1, False, mode=mode)
+
+
+# -- chunk files that exist but do not decode ------------------------------------------------------
+
+DAMAGE = {"truncated": lambda data: data[:len(data) // 2], "empty": lambda data: b"",
+          "garbage": lambda data: bytes(range(256)) * 4}
+
+
+def damage(path, how: str) -> bytes:
+    """Damage a chunk file in place (truncate / empty / overwrite); returns the damaged bytes."""
+    data = DAMAGE[how](path.read_bytes())
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+@pytest.mark.parametrize("chunk, says, kept", [
+    ("step/c/1", "(row i is step i·1: --repair rebuilds it)", 2500),
+    ("grad_norm/c/1/0", "(its figures are lost: NaN)", 2500),
+    ("skipped/c/1", "", 1024),
+    ("layer/c/0", "(--repair rebuilds it from the run's fixed_coordinates attribute)", 2500),
+    ("epochs/num_steps/c/0", "(--repair recounts all 3 from the step rows)", 2500)])
+def test_a_chunk_that_does_not_decode_is_lost_like_a_missing_one(tmp_path, how, chunk, says, kept):
+    """Check decodes every chunk: a truncated, empty or garbage chunk file is named with its bytes
+    and takes the missing chunk's repair (rebuilt, NaN, recounted or cut); repair keeps its bytes
+    beside the store, never deletes them."""
+    store = tmp_path / "run.zarr"
+    make_store(store)
+    bad = damage(store / chunk, how)
+    lines, damaged = check_store(str(store))
+    array, _, key = chunk.partition("/c/")
+    label = array if "/" in array else f"./{array}"
+    rows = {"step": "1024-2047", "grad_norm": "1024-2047", "skipped": "1024-2047", "layer": "0-1",
+            "epochs/num_steps": "0-2"}[array]
+    assert damaged and len(lines) == 1 and lines[0].startswith(
+        f"(run): {label}: chunk of rows {rows} is damaged ({chunk}: {len(bad)} bytes that do not "
+        f"decode, ") and lines[0].endswith(says)
+    lines, damaged = check_store(str(store), repair=True)
+    assert not damaged and lines[-1].startswith(
+        f"(run): repaired, kept {kept} of 2500 steps and 3 of 3 epochs; 1 chunk file(s) that do not "
+        f"decode moved to {tmp_path}/.run.zarr.gradflow/damaged/")
+    kept_files = list((tmp_path / ".run.zarr.gradflow/damaged").glob(f"*/{chunk}"))
+    assert len(kept_files) == 1 and kept_files[0].read_bytes() == bad
+    assert check_store(str(store)) == ([f"(run): ok, {kept} steps, 3 epochs"], False)
+    ds = gradflow.open(store)
+    assert ds.step.values.tolist() == list(range(kept))  # rows() wrote step i at row i
+    assert ds.layer.values.tolist() == LAYERS.names
+    figures = np.arange(kept, dtype=np.float32)
+    if array == "grad_norm":
+        figures[1024:2048] = np.nan
+    np.testing.assert_array_equal(ds.grad_norm.values[:, 0], figures)
+    assert gradflow.open(store, group="epochs").num_steps.values.tolist() == \
+        ([2500] + [0, 0] if array == "epochs/num_steps" else [10, 10, 10])  # every label 0
+
+
+def test_a_resume_decodes_the_chunks_and_says_what_is_true(tmp_path):
+    """A resumed writer refuses a chunk that does not decode; where no repair rebuilds the damage,
+    it says so instead of sending the user to --repair."""
+    store = tmp_path / "run.zarr"
+    make_store(store)
+    damage(store / "grad_norm/c/0/0", "truncated")
+    with pytest.raises(GradflowError) as err:
+        resume(store)
+    assert str(err.value).startswith(f"{store} is damaged (./grad_norm: chunk of rows 0-1023 is damaged "
+                                     f"(grad_norm/c/0/0: ") \
+        and str(err.value).endswith(f"; run `gradflow check {store} --repair` first")
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    root.attrs.put({k: v for k, v in root.attrs.asdict().items() if k != "fixed_coordinates"})
+    gradflow.store.consolidate(store, fresh=gradflow.store.ALL)
+    for chunk in ("layer/c/0", "epochs/layer/c/0", "summary/256/layer/c/0", "summary/4096/layer/c/0"):
+        damage(store / chunk, "garbage")
+    with pytest.raises(GradflowError) as err:
+        resume(store)
+    assert "--repair` first" not in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{store} is damaged (./layer: chunk of rows 0-1 is damaged")
+    assert str(err.value).endswith("no repair rebuilds what it lost, so it cannot be resumed: record "
+                                   f"into a new store or group (`gradflow check {store}` lists the damage)")
+    assert check_store(str(store), repair=True)[1] is True  # still damaged: the layer names are lost
+    with pytest.raises(GradflowError, match="cannot be resumed"):
+        resume(store)
+
+
+@pytest.mark.parametrize("how", ["deleted", "garbage"])
+def test_a_runs_root_metadata_lost_is_damage_not_no_store(tmp_path, how):
+    store = tmp_path / "run.zarr"
+    make_store(store, steps=5)
+    if how == "deleted":
+        (store / "zarr.json").unlink()
+    else:
+        (store / "zarr.json").write_bytes(b"\xff\xfe garbage")
+    problem = "missing" if how == "deleted" else "damaged (JSONDecodeError)"
+    advice = ("the folder holds a gradflow run's arrays, but that file held the run's settings and "
+              "its last commit, which no repair rebuilds: restore it from a backup, or read the "
+              "arrays one by one with zarr.open_array")
+    assert check_store(str(store)) == ([f"zarr.json: {problem}; {advice}"], True)
+    assert check_store(str(store), repair=True) == ([f"zarr.json: {problem}; {advice}"], True)
+    assert not (store / "zarr.json").exists() or how == "garbage"  # nothing written over it
+    message = f"{store} is a damaged gradflow store: its root zarr.json is {problem}; {advice}"
+    for mode in ("a", "w"):
+        with pytest.raises(GradflowError) as err:
+            RunStore(str(store), None, LAYERS, {"every": 1, "per_parameter": False}, 1, False, mode=mode)
+        assert str(err.value) == message
+    if how == "deleted":
+        with pytest.raises(GradflowError) as err:
+            gradflow.open(store)
+        assert str(err.value) == message
+    assert (store / "grad_norm/c/0/0").exists()
+
+
+def test_a_sweeps_deleted_root_metadata_is_rewritten(tmp_path):
+    store = tmp_path / "sweep.zarr"
+    make_store(store, steps=5, group="v1")
+    make_store(store, steps=7, group="v2")
+    (store / "zarr.json").unlink()
+    lines, damaged = check_store(str(store))
+    assert damaged and lines == [f"zarr.json: missing; the folder holds a sweep's runs: `gradflow "
+                                 f"check {store} --repair` rewrites it"]
+    with pytest.raises(GradflowError, match="damaged gradflow store: its root zarr.json is missing"):
+        gradflow.open(store)
+    assert check_store(str(store), repair=True)[1] is False
+    tree = gradflow.open(store)
+    assert tree["v1"].sizes["step"] == 5 and tree["v2"].sizes["step"] == 7

@@ -226,3 +226,35 @@ def test_a_step_chunk_that_no_rule_fixes_is_cut(tmp_path):
     assert lines == ["(run): ./step: chunk of rows 1024-2047 is missing"]
     check_store(str(store), repair=True)
     assert gradflow.open(store).step.values.tolist() == list(range(0, 2048, 2))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_resume_after_a_cut_never_numbers_a_step_again(tmp_path, every):
+    """A repair cut the step rows (a ``skipped`` chunk does not decode): the resumed run's steps are
+    numbered after every step the first run took, so step s means one optimizer step; a later lost
+    ``step`` chunk is still rebuilt from that numbering, and num_steps of the cut epochs is never
+    recounted from the rows they lost."""
+    store = tmp_path / "run.zarr"
+    first = [1000, 1500]  # 2500 steps: rows 1024-2047 are chunk 1 of `skipped` (every=1)
+    train(store, first, every)
+    (store / "skipped/c/1" if every == 1 else store / "skipped/c/0").write_bytes(b"garbage")
+    kept = 1024 if every == 1 else 0
+    lines, damaged = check_store(str(store), repair=True)
+    n_rows = len(recorded_steps(first, every))
+    assert not damaged and lines[-1].startswith(
+        f"(run): repaired, kept {kept} of {n_rows} steps and 2 of 2 epochs")
+    train(store, [5], every, mode="a")
+    taken = sum(first)  # the resumed run's steps are 2500, 2501, ...
+    expected = [s for s in recorded_steps(first, every) if s < kept * every] + \
+        [s for s in range(taken, taken + 5) if s % every == 0]
+    assert gradflow.open(store).step.values.tolist() == expected
+    assert gradflow.open(store, group="epochs").num_steps.values.tolist() == [*first, 5]
+    (store / "step/c/0").unlink()
+    (store / "epochs/num_steps/c/0").unlink()
+    assert check_store(str(store), repair=True)[1] is False
+    assert gradflow.open(store).step.values.tolist() == expected  # rebuilt across the restart
+    counts = gradflow.open(store, group="epochs").num_steps.values
+    if every == 1:  # epoch 0 kept all its rows; epoch 1 lost rows to the cut
+        np.testing.assert_array_equal(counts, [1000, np.nan, 5])
+    else:
+        assert np.isnan(counts).all()

@@ -92,7 +92,7 @@ def test_old_style_one_layer_store_is_not_damaged(tmp_path):
 def test_old_style_store_reports_only_what_cannot_be_the_fill_value(tmp_path):
     """Without the marker: a lost label (gradflow writes no empty one) is damage; a lost count is
     damage when another copy shows it was not 0, and rebuilt from it; a lost count no copy holds
-    might have been all 0, which that writer did not store: nothing is said."""
+    is lost (every layer owns a parameter: the chunk was never all 0), never read as zeros."""
     store = tmp_path / "run.zarr"
     model = layered_model()
     train(store, model)
@@ -111,7 +111,15 @@ def test_old_style_store_reports_only_what_cannot_be_the_fill_value(tmp_path):
 
     (store / "num_params/c/0").unlink()
     (store / "epochs/num_params/c/0").unlink()
-    assert check_store(str(store)) == (["(run): ok, 3 steps, 1 epochs"], False)  # cannot be told
+    lines, damaged = check_store(str(store))
+    assert damaged and lines == [
+        f"(run): {label}: chunk of rows 0-2 is missing and lost (no intact copy holds it); --repair "
+        f"cannot rebuild it" for label in ("./num_params", "epochs/num_params")]
+    lines, damaged = check_store(str(store), repair=True)
+    assert damaged and lines[-1].startswith(
+        "(run): not repaired: ./num_params rows 0-2, epochs/num_params rows 0-2 cannot be rebuilt")
+    with pytest.raises(gradflow.GradflowError, match=r"num_params: chunk of rows 0-2 is missing and lost"):
+        gradflow.open(store)  # not zeros
 
 
 def test_old_style_store_with_every_copy_of_a_label_lost(tmp_path):

@@ -35,7 +35,8 @@ def check_command(
         typer.echo("still damaged: what no intact copy holds cannot be rebuilt (see above)", err=True)
         raise typer.Exit(1)
     if damaged:
-        typer.echo(f"damaged; `gradflow check {store} --repair` rewrites damaged metadata, writes lost float "
+        typer.echo(f"damaged; `gradflow check {store} --repair` repairs what can be repaired: it rewrites "
+                   f"damaged metadata, writes lost float "
                    f"figures as NaN, rebuilds lost step and epoch numbers and layer coordinates and cuts the rest to the last "
                    f"consistent commit", err=True)
         raise typer.Exit(1)

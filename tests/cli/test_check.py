@@ -227,3 +227,32 @@ def test_lost_layer_sizes_without_a_trusted_copy_are_not_repaired(tmp_path, run_
     with pytest.raises(gradflow.GradflowError, match=r"num_params: chunk of rows 0-2 is missing and lost "
                                                      r".*; `gradflow check .*` lists what no repair"):
         gradflow.open(store)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_a_step_chunk_that_does_not_decode_is_one_line_exit_1_and_rebuilt(tmp_path, run_main, how):
+    """Before, check said ok for an empty or garbage chunk and printed a 112-line traceback for a
+    truncated ``step`` chunk."""
+    store = tmp_path / "run.zarr"
+    record(store)
+    chunk = store / "step/c/0"
+    data = chunk.read_bytes()
+    chunk.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": b"\x00garbage"}[how])
+    code, out, err = run_main("check", store)
+    assert code == 1 and len(out.splitlines()) == 1 and "Traceback" not in out + err
+    assert out.startswith("(run): ./step: chunk of rows 0-2 is damaged (step/c/0: ") \
+        and out.endswith("(row i is step i·1: --repair rebuilds it)\n")
+    code, out, err = run_main("check", store, "--repair")
+    assert (code, err) == (0, "") and "moved to" in out.splitlines()[-1]
+    assert run_main("check", store) == (0, "(run): ok, 3 steps, 1 epochs\n", "")
+    assert gradflow.open(store).step.values.tolist() == [0, 1, 2]  # record() took 3 steps
+
+
+def test_a_deleted_root_metadata_file_is_damage_exit_1(tmp_path, run_main):
+    store = tmp_path / "run.zarr"
+    record(store)
+    (store / "zarr.json").unlink()
+    for args in (["check", store], ["check", store, "--repair"]):
+        code, out, err = run_main(*args)
+        assert code == 1 and out.startswith("zarr.json: missing; the folder holds a gradflow run's arrays")
+        assert "no gradflow store" not in out + err and "restore it from a backup" in out

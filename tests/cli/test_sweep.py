@@ -264,15 +264,21 @@ def test_rerun_refuses_a_damaged_finished_variant_and_keeps_what_repair_needs(tm
         assert "grad_norm" in ds and np.isfinite(ds.grad_norm.values).all()
 
 
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
 def test_rerun_over_a_store_whose_root_metadata_is_damaged_is_one_line(tmp_path, run_main, tiny_sweep,
-                                                                       tiny):
+                                                                       tiny, how):
     """The store's own zarr.json truncated (a crash mid-write on a file system without atomic
-    renames): one line naming the repair, exit 2, nothing rewritten."""
+    renames) or deleted: one line naming the repair, exit 2, nothing rewritten."""
     store = tmp_path / "s.zarr"
     shutil.copytree(tiny_sweep, store)
     damaged = (store / "zarr.json").read_bytes()[:20]
-    (store / "zarr.json").write_bytes(damaged)
+    if how == "deleted":
+        (store / "zarr.json").unlink()
+    else:
+        (store / "zarr.json").write_bytes(damaged)
     code, out, err = run_main("sweep", "--depths", "1", "--no-bn", *tiny, "--out", store)
-    assert code == 2 and "zarr.json is damaged" in err and "--repair" in err, err
+    problem = "missing" if how == "deleted" else "damaged"
+    assert code == 2 and f"root zarr.json is {problem}" in err and "--repair" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert (store / "zarr.json").read_bytes() == damaged
+    assert (store / "zarr.json").read_bytes() == damaged if how == "truncated" \
+        else not (store / "zarr.json").exists()
