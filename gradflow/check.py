@@ -26,9 +26,10 @@ A run's committed state (what the consolidated metadata at the store root publis
   that are not all the fill value), so a healthy old store is never called damaged.
 
 A stored chunk whose bytes do not decode (truncated, empty, garbage) is lost like a missing one:
-``gradflow check``, ``--repair`` and a resumed Recorder decode every chunk (:func:`inspect_run`
-with ``decode``; about 4 s for a 0.9 GB store of 200,000 steps × 200 layers, 20× the listing, in
-32 MiB reads); ``gradflow.open`` only lists them. A repair moves such files out of the store
+``gradflow check`` and ``--repair`` decode every chunk (:func:`inspect_run` with ``decode``; about
+4 s for a 0.9 GB store of 200,000 steps × 200 layers, 20× the listing, in 32 MiB reads); a
+resumed Recorder decodes the last chunk row of each growing array (the one it appends to) and
+the fixed arrays; ``gradflow.open`` only lists them. A repair moves such files out of the store
 (:func:`gradflow.repair._set_aside`) and repairs them as missing chunks.
 
 Apart from these, :func:`damaged_metadata` finds node metadata files (``<node>/zarr.json``) that are
@@ -181,11 +182,13 @@ DECODE_BYTES = 2**25
 step figures at 1,024 layers): what it holds in memory, whatever the store's size."""
 
 
-def _holes(zstore, array, length: int, missing: bool = True, decode: bool = True) -> list[Hole]:
+def _holes(zstore, array, length: int, missing: bool = True, decode: bool = True,
+           decode_from: int = 0) -> list[Hole]:
     """The chunk rows below ``length`` that lost a chunk: one ``missing`` (listed; only when
     ``missing``: an older writer left out chunks of the fill value) or one stored whose bytes do
-    not decode (``decode``: truncated, empty, garbage; every stored chunk is decoded, a few chunk
-    rows at a time, :data:`DECODE_BYTES`). Empty when all are stored and intact."""
+    not decode (``decode``: truncated, empty, garbage; every stored chunk holding rows from
+    ``decode_from`` on is decoded, a few chunk rows at a time, :data:`DECODE_BYTES`). Empty when
+    all are stored and intact."""
     if length == 0:
         return []
     chunks = array.metadata.chunk_grid.chunk_shape
@@ -196,7 +199,7 @@ def _holes(zstore, array, length: int, missing: bool = True, decode: bool = True
     if decode:
         row_bytes = chunks[0] * math.prod(array.shape[1:]) * np.dtype(array.dtype).itemsize
         step = max(1, DECODE_BYTES // max(row_bytes, 1))
-        for i in range(0, n_rows, step):
+        for i in range(min(decode_from // chunks[0], n_rows - 1), n_rows, step):
             try:
                 array[i * chunks[0]:min((i + step) * chunks[0], length)]
             except OSError:  # cannot read it (permissions, I/O): not damage this check can name
@@ -451,12 +454,22 @@ def _increasing_prefix(values: np.ndarray) -> int:
     return int(bad[0]) + 1 if len(bad) else len(values)
 
 
-def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> RunState:
+def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True) -> RunState:
     """Check one run's committed state against the invariants (reads ``step``/``epoch`` values);
-    ``decode``: decode every stored chunk too, one at a time (a chunk whose bytes do not decode is
-    lost like a missing one). Without it a chunk file that is truncated, empty or garbage passes
-    (``gradflow.open`` checks so: it reads only the listing)."""
+    ``decode``: decode every stored chunk too, a few at a time (a chunk whose bytes do not decode
+    is lost like a missing one); ``"tail"``: only what a resumed writer reads or appends to (per
+    growing array its last chunk row, and the step rows its summary has not covered: at most
+    ``summary.SPAN``), and the fixed arrays (a few kB), whatever the run's length. Without it a
+    chunk file that is truncated, empty or garbage passes (``gradflow.open`` checks so: it reads
+    only the listing)."""
     node = _committed(zstore, group)
+    summarised = 0  # with decode="tail": the step rows before it are not decoded
+    if decode == "tail":
+        from gradflow.summary import SPAN
+
+        summary = node.get("summary")
+        rows = summary.attrs.get("rows", 0) if isinstance(summary, zarr.Group) else 0
+        summarised = int(rows) // SPAN * SPAN if isinstance(rows, int) else 0
     state = RunState(where)
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
     every = node.attrs.get("every")
@@ -475,7 +488,9 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> R
             listed = all_chunks or (name == dim and n > 1)
             if not (listed or decode):
                 continue
-            holes = _holes(zstore, array, lengths[name], missing=listed, decode=decode)
+            holes = _holes(zstore, array, lengths[name], missing=listed, decode=bool(decode),
+                           decode_from=(0 if decode is True else summarised if dim == "step"
+                                        else lengths[name]))
             label = _label(array)
             for hole in holes:
                 state.damaged_files += hole.files
@@ -526,7 +541,7 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> R
     last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
     if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
         state.rowless_epochs = range(state.good_epochs, last_label + 1)
-    _inspect_fixed(zstore, node, state, decode)
+    _inspect_fixed(zstore, node, state, bool(decode))
     # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
     state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None
@@ -535,7 +550,8 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool = True) -> R
             for name, array in summary[str(level)].arrays():
                 if array.metadata.dimension_names[0] != "block":
                     continue
-                holes = _holes(zstore, array, array.shape[0], decode=decode)
+                holes = _holes(zstore, array, array.shape[0], decode=bool(decode),
+                               decode_from=0 if decode is True else array.shape[0])
                 for first, end, says, files in holes[:1]:
                     state.problems.append(f"{array.path}: chunk of blocks {first}-{end - 1} {says}")
                     state.good_summary = min(state.good_summary, first * int(level))
@@ -586,10 +602,12 @@ def _metadata_problem(buffer, meta) -> str | None:
 
 
 def refuse_to_resume(zstore, group: str | None, where: str, url: str) -> None:
-    """Raise a one-line GradflowError when the run is damaged (every chunk decoded): its first
-    damage and what is true of it: ``gradflow check URL --repair`` mends it, or it lost values that
-    no repair rebuilds (the layer table), and the run cannot be resumed at all."""
-    state = inspect_run(zstore, group, where)
+    """Raise a one-line GradflowError when the run is damaged: its first damage and what is true
+    of it: ``gradflow check URL --repair`` mends it, or it lost values that no repair rebuilds (the
+    layer table), and the run cannot be resumed at all. Every chunk is listed, but only the chunks
+    a resumed writer appends to are decoded (``decode="tail"``: a crash mid-write tears those), so
+    that resuming costs the same at any length; ``gradflow check`` decodes them all."""
+    state = inspect_run(zstore, group, where, decode="tail")
     if state.unrecoverable:
         first = next(p for p in state.problems if "cannot rebuild" in p)
         raise GradflowError(f"{where} is damaged ({first}); no repair rebuilds what it lost, so it "

@@ -359,16 +359,33 @@ def test_a_chunk_that_does_not_decode_is_lost_like_a_missing_one(tmp_path, how, 
 
 
 def test_a_resume_decodes_the_chunks_and_says_what_is_true(tmp_path):
-    """A resumed writer refuses a chunk that does not decode; where no repair rebuilds the damage,
-    it says so instead of sending the user to --repair."""
+    """A resumed writer refuses a chunk it reads or appends to that does not decode (the rows its
+    summary has not covered, and the last chunk, which a crash mid-write tears); where no repair
+    rebuilds the damage, it says so instead of sending the user to --repair. Rows the summary
+    covers are listed but not decoded (a resume costs the same at any length): ``gradflow check``
+    finds a damaged one."""
+    from gradflow.summary import SPAN
+
     store = tmp_path / "run.zarr"
-    make_store(store)
+    make_store(store, steps=SPAN + 808)  # the summary covers rows 0-8191
+    intact = (store / "grad_norm/c/0/0").read_bytes()
     damage(store / "grad_norm/c/0/0", "truncated")
-    with pytest.raises(GradflowError) as err:
-        resume(store)
-    assert str(err.value).startswith(f"{store} is damaged (./grad_norm: chunk of rows 0-1023 is damaged "
-                                     f"(grad_norm/c/0/0: ") \
-        and str(err.value).endswith(f"; run `gradflow check {store} --repair` first")
+    resume(store).close()  # rows 0-1023 are neither read nor appended to: resumed as they are
+    assert check_store(str(store))[1] is True  # check decodes every chunk: it finds the damage
+    (store / "grad_norm/c/0/0").write_bytes(intact)
+    for chunk, rows in (("grad_norm/c/8/0", "8192-8999"), ("grad_norm/c/7/0", "7168-8191")):
+        saved = (store / chunk).read_bytes()
+        damage(store / chunk, "truncated")
+        if chunk.endswith("7/0"):  # summarised, so not decoded, unless the summary is behind
+            resume(store).close()
+            zarr.open_group(store / "summary", mode="r+", use_consolidated=False).attrs["rows"] = 0
+            gradflow.store.consolidate(store, fresh=gradflow.store.ALL)
+        with pytest.raises(GradflowError) as err:
+            resume(store)
+        assert str(err.value).startswith(f"{store} is damaged (./grad_norm: chunk of rows {rows} is "
+                                         f"damaged ({chunk}: ") \
+            and str(err.value).endswith(f"; run `gradflow check {store} --repair` first")
+        (store / chunk).write_bytes(saved)
     root = zarr.open_group(store, mode="r+", use_consolidated=False)
     root.attrs.put({k: v for k, v in root.attrs.asdict().items() if k != "fixed_coordinates"})
     gradflow.store.consolidate(store, fresh=gradflow.store.ALL)
