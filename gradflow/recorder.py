@@ -680,6 +680,8 @@ class Recorder:
             finally:
                 self._ending_epoch = False
         with torch.no_grad():
+            for bucket in self._all_buckets():
+                bucket.check_epoch()  # raises before any bucket takes its new epoch start
             parts = [part for bucket in self._all_buckets() for part in bucket.end_epoch()]
             if self._reducer is not None:
                 parts = self._reducer.epoch(parts)
@@ -781,7 +783,6 @@ class Recorder:
         found_inf = getattr(optimizer, "found_inf", None)
         with torch.no_grad():
             for bucket in self._buckets[i]:
-                self._check_device(bucket)
                 self._parts += bucket.snapshot()
             if isinstance(found_inf, torch.Tensor):
                 flag = found_inf.reshape(1).float().clone()  # GradScaler's tensor: keep our own
@@ -854,11 +855,6 @@ class Recorder:
         layer_of = np.array([layer for _, _, layer in self._tensors])
         partly_owned = np.isin(layer_of, layer_of[self._owned])
         return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
-
-    def _check_device(self, bucket: quantities.Bucket) -> None:
-        if not bucket.check_device():
-            raise GradflowError("parameters changed device or dtype after the Recorder was created; "
-                                "create the Recorder after model.to(...)")
 
     def _join_groups(self, i: int, optimizer) -> None:
         """Param groups added to optimizer ``i``: record their parameters from this step on."""
