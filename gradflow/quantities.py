@@ -906,7 +906,8 @@ class HostStats:
                         blocks, nans = np.zeros((rows, tensors)), np.zeros((rows, tensors), bool)
                     in_blocks.setdefault(row, []).append(index.index)
                     if kinds[row] == "norm":
-                        np.add.at(blocks[row], index.index, part**2)
+                        with np.errstate(over="ignore"):  # a float64 norm above 1e154: inf
+                            np.add.at(blocks[row], index.index, part**2)
                     elif kinds[row] == "sum":
                         np.add.at(blocks[row], index.index, part)
                     else:  # max|·| ≥ 0, so 0 is the identity; NaN wins
@@ -976,7 +977,7 @@ def layer_step_stats(per_tensor: np.ndarray, present: np.ndarray, starts: np.nda
         return np.maximum.reduceat(per_tensor[:, row], starts, axis=1)
 
     has_grad = np.logical_or.reduceat(present, starts, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # 0/0 of an empty layer, squares above 1e154, float32 casts
         statistics = {
             "grad_norm": norm(GRAD_NORM),
             "grad_max_abs": largest(GRAD_MAX_ABS),
@@ -993,13 +994,16 @@ def layer_step_stats(per_tensor: np.ndarray, present: np.ndarray, starts: np.nda
         has_owner = np.logical_or.reduceat(owned, starts, axis=1)
         for name in ("param_norm", "update_ratio"):
             statistics[name][~has_owner] = np.nan
-    return {name: values.astype(np.float32) for name, values in statistics.items()}
+    with np.errstate(over="ignore"):  # above float32's range: inf, as the figure is
+        return {name: values.astype(np.float32) for name, values in statistics.items()}
 
 
 def layer_epoch_stats(per_tensor: np.ndarray, starts: np.ndarray,
                         numel: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-layer epoch statistics from a (2, T) matrix: mean |W_end − W_start| and ‖W_end − W_start‖."""
-    abs_sum = np.add.reduceat(per_tensor[EPOCH_ABS_SUM], starts)
-    norm = np.sqrt(np.add.reduceat(per_tensor[EPOCH_NORM] ** 2, starts))
-    return {"update_mean_abs": (abs_sum / numel).astype(np.float32),
-            "update_norm": norm.astype(np.float32)}
+    """Per-layer epoch statistics from a (2, T) matrix: mean |W_end − W_start| and ‖W_end − W_start‖
+    (NaN mean for a layer of no elements; inf where a figure exceeds float32, without warnings)."""
+    with np.errstate(all="ignore"):  # as in layer_step_stats
+        abs_sum = np.add.reduceat(per_tensor[EPOCH_ABS_SUM], starts)
+        norm = np.sqrt(np.add.reduceat(per_tensor[EPOCH_NORM] ** 2, starts))
+        return {"update_mean_abs": (abs_sum / numel).astype(np.float32),
+                "update_norm": norm.astype(np.float32)}

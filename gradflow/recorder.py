@@ -543,9 +543,10 @@ class Recorder:
                 distributed.agree(self._store is not None or not self._writes,
                                   "rank 0 could not create the Recorder's store (see its error)")
         self._reducer = None
+        # Zero-element tensors (local shards) take no part in the buckets (see _buckets).
+        self._empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors], bool)
         if sharding is not None:
-            empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors])
-            self._reducer = distributed.Reducer(sharding.group, len(tensors), empty)
+            self._reducer = distributed.Reducer(sharding.group, len(tensors), self._empty)
         self._write_failures = 0  # consecutive failed flushes (their rows are kept and retried)
         self._error: BaseException | None = None  # the last write failure, None once written
         self._stopped = False  # recording stopped after WRITE_ATTEMPTS failed flushes
@@ -812,6 +813,7 @@ class Recorder:
         with torch.no_grad():
             for bucket in self._buckets[i]:
                 self._parts += bucket.gradient_parts(self._present, self._grad_scale[i])
+        self._empty_gradients(i)
 
     @_synchronized
     def _after_step(self, i: int, optimizer, args, kwargs) -> None:
@@ -856,6 +858,14 @@ class Recorder:
         partly_owned = np.isin(layer_of, layer_of[self._owned])
         return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
 
+    def _empty_gradients(self, i: int) -> None:
+        """Optimizer ``i``'s zero-element parameters had a gradient where torch holds one (figures
+        0, an empty sum), else none (NaN), as the buckets tell for the others. Sharded, the
+        :class:`~gradflow.distributed.Reducer` counts an empty shard as no gradient on its rank."""
+        if self._reducer is None and self._empty.any():
+            for t in self._tensors_of[i][self._empty[self._tensors_of[i]]]:
+                self._present[t] = self._tensors[t][0].grad is not None
+
     def _join_groups(self, i: int, optimizer) -> None:
         """Param groups added to optimizer ``i``: record their parameters from this step on."""
         self._num_groups[i] = len(optimizer.param_groups)
@@ -895,6 +905,7 @@ class Recorder:
             with torch.no_grad():
                 for bucket in self._buckets[i]:
                     self._parts += bucket.gradient_parts(self._present, None) + bucket.not_stepped()
+            self._empty_gradients(i)
         if all(r is not None for r in self._resolved):
             self._close_row()
 
