@@ -74,6 +74,7 @@ weights (parameters that joined mid-epoch: from the step they joined). A user wh
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import json
@@ -782,7 +783,7 @@ class Recorder:
         self._lrs[i] = group_lrs(optimizer)  # before the step: the rate this step uses
         self._grad_scale[i] = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
-        with torch.no_grad():
+        with torch.no_grad(), self._unless_refused():
             for bucket in self._buckets[i]:
                 self._parts += bucket.snapshot()
             if isinstance(found_inf, torch.Tensor):
@@ -810,7 +811,7 @@ class Recorder:
         if not self._grad_due[i] or self._closed:
             return
         self._grad_due[i] = False
-        with torch.no_grad():
+        with torch.no_grad(), self._unless_refused():
             for bucket in self._buckets[i]:
                 self._parts += bucket.gradient_parts(self._present, self._grad_scale[i])
         self._empty_gradients(i)
@@ -825,7 +826,7 @@ class Recorder:
         self._resolved[i] = "step"
         if self._recording:
             self._take_gradient(i)  # a closure that the optimizer never called
-            with torch.no_grad():
+            with torch.no_grad(), self._unless_refused():
                 for bucket in self._buckets[i]:
                     self._parts += bucket.after_step()
         if all(r is not None for r in self._resolved):
@@ -857,6 +858,19 @@ class Recorder:
         layer_of = np.array([layer for _, _, layer in self._tensors])
         partly_owned = np.isin(layer_of, layer_of[self._owned])
         return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
+
+    @contextlib.contextmanager
+    def _unless_refused(self):
+        """A bucket's GradflowError (a parameter changed size, dtype, device, or shape within the
+        step: :func:`gradflow.quantities.conform`) ends the open row unrecorded, as an exception
+        inside ``step()`` does: its figures would be partial. The rows before it are kept."""
+        try:
+            yield
+        except GradflowError:
+            self._row_open, self._parts, self._present = False, [], None
+            self._resolved = [None] * len(self._resolved)
+            self._grad_due = [False] * len(self._grad_due)
+            raise
 
     def _empty_gradients(self, i: int) -> None:
         """Optimizer ``i``'s zero-element parameters had a gradient where torch holds one (figures
@@ -902,7 +916,7 @@ class Recorder:
         self._resolved[i] = "skip"
         if self._recording:
             self._grad_due[i] = False
-            with torch.no_grad():
+            with torch.no_grad(), self._unless_refused():
                 for bucket in self._buckets[i]:
                     self._parts += bucket.gradient_parts(self._present, None) + bucket.not_stepped()
             self._empty_gradients(i)
