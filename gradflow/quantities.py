@@ -286,11 +286,13 @@ class ShapeClass:
     def data(self) -> list[torch.Tensor]:
         return [_local(p) for p in self.params] if self.local else self.params
 
-    def regular(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether ``tensors`` are as built, as far as :meth:`copy` does not check it itself."""
+    def regular(self, tensors: list[torch.Tensor], grads: bool = False) -> bool:
+        """Whether ``tensors`` are as built, as far as :meth:`copy` does not check it itself.
+        ``grads``: the dtype of the first only (torch keeps each gradient in its parameter's dtype,
+        and the parameters, checked in the same recorded step, refuse a change)."""
         first = tensors[0]
-        return first.shape == self.shapes[0] and first.device == self.device \
-            and set(map(_DTYPE, tensors)) == {self.dtype}
+        return first.shape == self.shapes[0] and first.device == self.device and (
+            first.dtype == self.dtype if grads else set(map(_DTYPE, tensors)) == {self.dtype})
 
     def copy(self, tensors: list[torch.Tensor], into: str) -> None:
         """Copy ``tensors`` (one per member, as built) into a buffer (exact: upcast or same dtype)."""
@@ -300,7 +302,7 @@ class ShapeClass:
         """Copy ``tensors`` (one per member; gradients: None where missing, see :func:`conform`
         for ``present``) into a buffer, checked; returns their shapes (None: as built)."""
         try:
-            if self.regular(tensors):
+            if self.regular(tensors, present is not None):
                 self.copy(tensors, into)
                 return None
         except (AttributeError, TypeError, RuntimeError):  # None, sparse, unequal shapes or devices
@@ -359,7 +361,7 @@ class RaggedClass(ShapeClass):
             self.views[into] = cached
         return cached[1]
 
-    def regular(self, tensors: list[torch.Tensor]) -> bool:
+    def regular(self, tensors: list[torch.Tensor], grads: bool = False) -> bool:
         # copy_ would broadcast one element into many, and convert dtypes and devices: look at all
         return list(map(_SHAPE, tensors)) == self.shapes \
             and set(map(_DTYPE, tensors)) == {self.dtype} \
@@ -384,7 +386,7 @@ class BlockClass(ShapeClass):
     def _block(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, -1)[:, self.start:self.stop]
 
-    def regular(self, tensors: list[torch.Tensor]) -> bool:
+    def regular(self, tensors: list[torch.Tensor], grads: bool = False) -> bool:
         t = tensors[0]
         return t.shape == self.shapes[0] and t.dtype == self.dtype and t.device == self.device
 
