@@ -13,6 +13,14 @@ Four kinds compute the same per-tensor statistics (:mod:`gradflow.quantities`):
 ``"auto"`` (the default, :data:`STRATEGY`) takes ``"fused"`` where its compiler is installed
 (Triton on a GPU, Numba on a CPU: ``pip install "gradflow[fused]"``), else ``"stack"`` on a CPU
 and ``"foreach"`` elsewhere.
+
+Every kind checks its tensors at each phase against their size, dtype, device (and shape) at build
+time, in the common case with a few C-level passes (``map`` over the tensors), and treats a
+``p.data = ...`` alike: another size, dtype or device raises the same one-line
+:class:`~gradflow.errors.GradflowError` (:func:`~gradflow.quantities.replaced`); another layout of
+the same shape is read by index; another shape of as many elements is read in the built shape
+(row-major), but one that changed within a step or an epoch raises
+(:func:`~gradflow.quantities.check_same_shapes`).
 """
 
 from __future__ import annotations

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gradflow.errors import GradflowError
 from gradflow.quantities import (GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM, PARAM_NORM_AFTER,
                                  PARAM_NORM_BEFORE, UPDATE_ABS_SUM, UPDATE_MAX_ABS, UPDATE_NORM,
-                                 ForeachBucket, _local, compute_dtype, unscaled)
+                                 ForeachBucket, _local, check_same_shapes, compute_dtype, replaced,
+                                 unscaled)
 
 try:
     import triton
@@ -306,8 +306,8 @@ class FusedBucket(ForeachBucket):
         through dense copies.
 
         Gradients (which move every step where ``zero_grad`` frees them) are checked by size and
-        dtype only: torch keeps a gradient on its parameter's device, and :meth:`gradient_parts`
-        has made them dense."""
+        dtype in the common case: torch keeps a gradient on its parameter's device, and
+        :meth:`gradient_parts` has made them dense. The error is the other kinds' (:func:`replaced`)."""
         try:
             regular = sizes == self.sizes and set(map(_DTYPE, tensors)) == {self.dtype} and (
                 kind == "grad" or all(map(_IS_CONTIGUOUS, tensors))
@@ -320,13 +320,8 @@ class FusedBucket(ForeachBucket):
         for j, (t, size) in enumerate(zip(tensors, self.sizes)):
             if t is None:
                 continue
-            if not (t.numel() == size and t.dtype == self.dtype and t.device == self.device
-                    and (kind == "param" or dense(t))):
-                raise GradflowError(
-                    f"a recorded parameter or its gradient changed size, dtype or device, or is "
-                    f"not dense in memory (now {tuple(t.shape)} {t.dtype} on {t.device}, was "
-                    f"{size} elements {self.dtype} on {self.device}: assigned to p.data?); create "
-                    f"the Recorder after changing parameters")
+            if not (t.numel() == size and t.dtype == self.dtype and t.device == self.device):
+                raise replaced(t, size, self.dtype, self.device)
             if not dense(t):
                 gapped.append(j)
         return gapped
@@ -394,13 +389,11 @@ class FusedBucket(ForeachBucket):
         Raises :class:`~gradflow.errors.GradflowError` for a tensor that changed shape."""
         data, work = self.data(), compute_dtype(self.dtype)
         offsets = np.cumsum([0] + self.sizes)
+        check_same_shapes([old[0] for old in before], [new[0] for new in after], [],
+                          "optimizer step")
         for j, (old, new) in enumerate(zip(before, after)):
             if old == new:
                 continue
-            if old[0] != new[0]:
-                raise GradflowError(f"a recorded parameter changed shape during the optimizer step "
-                                    f"({tuple(old[0])} to {tuple(new[0])}); gradflow cannot "
-                                    f"measure its update")
             saved = self.snapshot_flat[offsets[j]:offsets[j + 1]].as_strided(*old)
             d = [data[j].detach().to(work) - saved.to(work)]
             out[1:, j] = torch.stack(self._norms(d) + self._norms(d, 1) + self._norms(d, math.inf))

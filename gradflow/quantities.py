@@ -40,10 +40,13 @@ in host memory in the parameters' own dtype (P). ``snapshot=False`` keeps neithe
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from gradflow.errors import GradflowError
 
 # Rows of the per-tensor statistic matrix (F × T) that one recorded step produces.
 GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM_BEFORE, UPDATE_NORM, UPDATE_ABS_SUM, \
@@ -170,6 +173,68 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return getattr(p, "_local_tensor", p)
 
 
+# Read from every tensor of a bucket by ``map`` (one C-level pass, no Python frame per tensor).
+_SHAPE, _DTYPE, _DEVICE, _LAYOUT, _GRAD = (operator.attrgetter(a) for a in (
+    "shape", "dtype", "device", "layout", "grad"))
+
+
+def replaced(now: torch.Tensor, numel: int, dtype: torch.dtype,
+             device: torch.device) -> GradflowError:
+    """The error for a recorded parameter or gradient that no longer has the size (``numel``
+    elements), ``dtype`` or ``device`` it had when the bucket was built (a ``p.data = ...``, a
+    ``model.to(...)``): the same one line from every bucket kind."""
+    return GradflowError(
+        f"a recorded parameter or its gradient changed size, dtype or device after the Recorder "
+        f"was created (now {tuple(now.shape)} {now.dtype} on {now.device}, was {numel} elements "
+        f"{dtype} on {device}: assigned to p.data, or model.to(...)?); create the Recorder after "
+        f"changing parameters")
+
+
+def check_same_shapes(before: list | None, after: list | None, shapes: list, during: str) -> None:
+    """Raise :class:`~gradflow.errors.GradflowError` where a tensor's shape ``before`` differs from
+    ``after`` (lists of shapes, None meaning ``shapes``, those the bucket was built with):
+    ``during`` the optimizer step its Δw, during the epoch its W_end − W_start, pairs no elements."""
+    if before == after:
+        return
+    before, after = before or shapes, after or shapes
+    j = next(j for j, (a, b) in enumerate(zip(before, after)) if a != b)
+    what = "update" if during == "optimizer step" else "displacement W_end − W_start"
+    raise GradflowError(f"a recorded parameter changed shape during the {during} "
+                        f"({tuple(before[j])} to {tuple(after[j])}), so its {what} is undefined; "
+                        f"create the Recorder after changing parameters")
+
+
+def conform(tensors: list, shapes: list, dtype: torch.dtype, device: torch.device,
+            present: np.ndarray | None = None, index=None) -> tuple[list, list | None]:
+    """``tensors`` (one per recorded tensor, None for a missing gradient) as buffers built for
+    ``shapes`` take them: the slow path, per tensor, when a C-level look found any of them unlike
+    at build time (or a gradient missing or sparse).
+
+    A missing gradient becomes zeros (an expanded 0-d tensor) and clears ``present`` at its global
+    index (``index``: per tensor); a sparse one is made dense; a tensor with as many elements as
+    its built shape but another shape (``p.data = w.view(-1)``, ``w.t()``) is reshaped to it, so
+    elements pair by their row-major index in the current shape. Returns the tensors and their
+    current shapes (None when every shape is as built). Raises :class:`~gradflow.errors.GradflowError`
+    (:func:`replaced`) for another size, dtype or device.
+    """
+    out, now = list(tensors), None
+    for j, (t, shape) in enumerate(zip(tensors, shapes)):
+        if t is None:
+            present[index[j]] = False
+            out[j] = torch.zeros((), dtype=dtype, device=device).expand(shape)
+            continue
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        if t.numel() != math.prod(shape) or t.dtype != dtype or t.device != device:
+            raise replaced(t, math.prod(shape), dtype, device)
+        if t.shape != shape:
+            now = now or list(shapes)
+            now[j] = t.shape
+            t = t.reshape(shape)
+        out[j] = t
+    return out, now
+
+
 @dataclass
 class ShapeClass:
     """Parameter tensors of one bucket with the same shape, reduced together as one matrix.
@@ -177,6 +242,13 @@ class ShapeClass:
     ``snapshot`` is in the parameters' own dtype (a copy, no rounding); ``scratch`` in the compute
     dtype, shared by all classes of the bucket, receives one class of gradients or parameters at a
     time (exact upcast). ``local``: the parameters are DTensors (FSDP2); their local shards are read.
+
+    Every copy into a buffer (:meth:`fill`) checks the members against their shapes, dtype and
+    device at build time: in the common case with the first member and one C-level pass over the
+    dtypes (``torch.stack`` refuses unequal shapes and devices itself), else through
+    :func:`conform` (another shape of as many elements is reshaped to the built one; another size,
+    dtype or device raises :class:`~gradflow.errors.GradflowError`). :attr:`shapes_now` tells the
+    bucket the shapes the parameters had at the last :meth:`stack_params` (None: as built).
     """
 
     params: list[torch.Tensor]
@@ -188,12 +260,20 @@ class ShapeClass:
     # The same buffers seen as (k, numel) matrices, made once: a view costs a dispatch per call.
     snapshot_rows: torch.Tensor = field(init=False)
     scratch_rows: torch.Tensor = field(init=False)
-    zero: torch.Tensor = field(init=False)  # 0-d zero, expanded to stand in for a missing gradient
+    # The members' shapes, dtype and device when built (what the buffers are laid out for).
+    shapes: list = field(init=False)
+    dtype: torch.dtype = field(init=False)
+    device: torch.device = field(init=False)
+    shapes_now: list | None = None  # the parameters' shapes at the last stack_params (None: built)
+    shapes_at_snapshot: list | None = None  # ... when the Δw snapshot was taken
+    shapes_at_epoch: list | None = None  # ... when the epoch-start copy was taken
 
     def __post_init__(self) -> None:
         self.snapshot_rows = self.snapshot.view(len(self.snapshot), -1)
         self.scratch_rows = self.scratch.view(len(self.scratch), -1)
-        self.zero = torch.zeros((), dtype=self.snapshot.dtype, device=self.snapshot.device)
+        data = self.data()
+        self.shapes = list(map(_SHAPE, data))
+        self.dtype, self.device = data[0].dtype, data[0].device
 
     def rows(self, into: str) -> torch.Tensor:
         """A buffer (``"snapshot"``, ``"scratch"`` or ``"epoch"``) as a (k, numel) matrix."""
@@ -206,36 +286,48 @@ class ShapeClass:
     def data(self) -> list[torch.Tensor]:
         return [_local(p) for p in self.params] if self.local else self.params
 
-    def fill(self, tensors: list[torch.Tensor], into: str) -> None:
-        """Copy ``tensors`` (one per member) into a buffer (exact: upcast or same dtype)."""
+    def regular(self, tensors: list[torch.Tensor], grads: bool = False) -> bool:
+        """Whether ``tensors`` are as built, as far as :meth:`copy` does not check it itself.
+        ``grads``: the dtype of the first only (torch keeps each gradient in its parameter's dtype,
+        and the parameters, checked in the same recorded step, refuse a change)."""
+        first = tensors[0]
+        return first.shape == self.shapes[0] and first.device == self.device and (
+            first.dtype == self.dtype if grads else set(map(_DTYPE, tensors)) == {self.dtype})
+
+    def copy(self, tensors: list[torch.Tensor], into: str) -> None:
+        """Copy ``tensors`` (one per member, as built) into a buffer (exact: upcast or same dtype)."""
         torch.stack(tensors, out=getattr(self, into))
+
+    def fill(self, tensors: list, into: str, present: np.ndarray | None = None) -> list | None:
+        """Copy ``tensors`` (one per member; gradients: None where missing, see :func:`conform`
+        for ``present``) into a buffer, checked; returns their shapes (None: as built)."""
+        try:
+            if self.regular(tensors, present is not None):
+                self.copy(tensors, into)
+                return None
+        except (AttributeError, TypeError, RuntimeError):  # None, sparse, unequal shapes or devices
+            pass
+        tensors, shapes = conform(tensors, self.shapes, self.dtype, self.device, present,
+                                  self.index_array)
+        self.copy(tensors, into)
+        return shapes
 
     def stack_params(self, into: str = "scratch") -> torch.Tensor:
         """The parameters copied into a buffer, as a (k, numel) matrix."""
-        self.fill(self.data(), into)
+        self.shapes_now = self.fill(self.data(), into)
         return self.rows(into)
 
     def stack_grads(self, present: np.ndarray) -> torch.Tensor:
         """The gradients stacked into the scratch buffer, as a (k, numel) matrix.
 
-        Zeros (an expanded 0-d tensor, no memory) stand in for missing gradients (``present`` is
-        cleared for those) and sparse ones (``nn.Embedding(sparse=True)``) are made dense; both are
-        found by the stack failing, so the common case looks at each ``.grad`` once.
+        Zeros stand in for missing gradients (``present`` is cleared for those) and sparse ones
+        (``nn.Embedding(sparse=True)``) are made dense (:func:`conform`); both are found by the
+        first look failing, so the common case looks at each ``.grad`` once.
         """
-        grads = [p.grad for p in self.params]
+        grads = list(map(_GRAD, self.params))
         if self.local:
             grads = [None if g is None else _local(g) for g in grads]
-        try:
-            self.fill(grads, "scratch")
-        except (TypeError, RuntimeError):  # None does not stack (TypeError), sparse does not either
-            data = self.data()
-            for j, g in enumerate(grads):
-                if g is None:
-                    present[self.index_array[j]] = False
-                    grads[j] = self.zero.expand(data[j].shape)
-                elif g.layout != torch.strided:
-                    grads[j] = g.to_dense()
-            self.fill(grads, "scratch")
+        self.fill(grads, "scratch", present)
         return self.scratch_rows
 
     @property
@@ -265,11 +357,17 @@ class RaggedClass(ShapeClass):
         buffer = getattr(self, into)
         cached = self.views.get(into)
         if cached is None or cached[0] is not buffer:
-            cached = (buffer, [row[:t.numel()].view(t.shape) for row, t in zip(buffer, self.data())])
+            cached = (buffer, [row[:math.prod(s)].view(s) for row, s in zip(buffer, self.shapes)])
             self.views[into] = cached
         return cached[1]
 
-    def fill(self, tensors: list[torch.Tensor], into: str) -> None:
+    def regular(self, tensors: list[torch.Tensor], grads: bool = False) -> bool:
+        # copy_ would broadcast one element into many, and convert dtypes and devices: look at all
+        return list(map(_SHAPE, tensors)) == self.shapes \
+            and set(map(_DTYPE, tensors)) == {self.dtype} \
+            and set(map(_DEVICE, tensors)) == {self.device}
+
+    def copy(self, tensors: list[torch.Tensor], into: str) -> None:
         torch._foreach_copy_(self._views(into), tensors)
 
 
@@ -288,7 +386,11 @@ class BlockClass(ShapeClass):
     def _block(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, -1)[:, self.start:self.stop]
 
-    def fill(self, tensors: list[torch.Tensor], into: str) -> None:
+    def regular(self, tensors: list[torch.Tensor], grads: bool = False) -> bool:
+        t = tensors[0]
+        return t.shape == self.shapes[0] and t.dtype == self.dtype and t.device == self.device
+
+    def copy(self, tensors: list[torch.Tensor], into: str) -> None:
         getattr(self, into).copy_(self._block(tensors[0]))
 
 
@@ -398,11 +500,6 @@ class Bucket:
         look finds any. On other devices norms accumulate in float64 and counts are always taken."""
         return self.device.type == "cpu"
 
-    def check_device(self) -> bool:
-        """False when the parameters moved to another device or dtype after the Recorder was built."""
-        p = self.classes[0].data()[0]
-        return p.device == self.device and p.dtype == self.dtype
-
     def before_step(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
         """:meth:`gradient_parts` and :meth:`snapshot` together (a step without a closure)."""
         return self.gradient_parts(present, grad_scale) + self.snapshot()
@@ -460,13 +557,20 @@ class Bucket:
         if not self.keeps_snapshot:
             return norms(c.stack_params(), checked)
         if c.snapshot.dtype == c.scratch.dtype:
-            return norms(c.stack_params("snapshot"), checked)  # float32/64: the snapshot is the matrix
-        weights = norms(c.stack_params(), checked)  # upcast copy in the scratch, for the norms
-        c.fill(c.data(), "snapshot")
+            weights = norms(c.stack_params("snapshot"), checked)  # float32/64: the snapshot is the matrix
+        else:
+            weights = norms(c.stack_params(), checked)  # upcast copy in the scratch, for the norms
+            c.fill(c.data(), "snapshot")
+        c.shapes_at_snapshot = c.shapes_now
         return weights
 
     def after_step(self) -> list:
-        """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`before_step`."""
+        """‖w‖ after the step and the update statistics, from the snapshot taken by :meth:`before_step`.
+
+        Δw pairs elements by index: a parameter that an optimizer relaid in memory (``p.data =``
+        a copy in another layout, same shape) is measured exactly; one that changed shape raises
+        :class:`~gradflow.errors.GradflowError` (:func:`check_same_shapes`).
+        """
         parts, again = [], []
         checked = not self.looks_on_host
         for c in self.classes:
@@ -476,6 +580,7 @@ class Bucket:
             parts.append((PARAM_NORM_AFTER, c.index, norms(after, checked)))
             if not self.keeps_snapshot:
                 continue
+            check_same_shapes(c.shapes_at_snapshot, c.shapes_now, c.shapes, "optimizer step")
             in_place = c.snapshot.dtype == after.dtype
             if in_place:
                 diff = c.snapshot_rows.sub_(after)  # w_before − w_after, in place
@@ -499,9 +604,10 @@ class Bucket:
 
     def _keep_epoch_start(self, c: ShapeClass) -> None:
         if self.device.type == "cpu":
-            c.fill(c.data(), "epoch")  # same dtype, no scratch
+            c.shapes_at_epoch = c.fill(c.data(), "epoch")  # same dtype, no scratch
         else:
             c.rows("epoch").copy_(c.stack_params(), non_blocking=True)  # exact: back to the own dtype
+            c.shapes_at_epoch = c.shapes_now
 
     def start_epoch(self) -> None:
         """Keep a host copy of the current weights (the epoch start W_start) in their own dtype."""
@@ -514,10 +620,23 @@ class Bucket:
                 c.views.pop("epoch", None)
             self._keep_epoch_start(c)
 
+    def check_epoch(self) -> None:
+        """Raise :class:`~gradflow.errors.GradflowError` where :meth:`end_epoch` would: a parameter
+        of another size, dtype or device than when built (:func:`replaced`), or of another shape
+        than at the epoch's start (:func:`check_same_shapes`; a layout change alone is measured,
+        elements paired by index). Changes nothing."""
+        if not self.keeps_snapshot:
+            return
+        for c in self.classes:
+            shapes = conform(c.data(), c.shapes, c.dtype, c.device)[1]
+            check_same_shapes(c.shapes_at_epoch, shapes, c.shapes, "epoch")
+
     def end_epoch(self) -> list:
-        """Σ|W_end − W_start| and ‖W_end − W_start‖ per tensor; then W_end becomes the new start."""
+        """Σ|W_end − W_start| and ‖W_end − W_start‖ per tensor; then W_end becomes the new start.
+        Raises as :meth:`check_epoch`, before anything changes."""
         if not self.keeps_snapshot:
             return []
+        self.check_epoch()
         parts = []
         for c in self.classes:
             now = c.stack_params()
@@ -564,6 +683,9 @@ class ForeachBucket:
     snapshot_flat: torch.Tensor | None = None  # the buffer ``snaps`` are views of
     # Count non-finite entries every recorded step instead of after a host look (GPUs: no sync).
     count_always: bool = False
+    shapes: list = field(default_factory=list)  # per tensor, its shape when built (as ``snaps``)
+    shapes_at_snapshot: list | None = None  # the shapes at the Δw snapshot (None: as built)
+    shapes_at_epoch: list | None = None  # the shapes at the epoch-start copy (None: as built)
 
     @classmethod
     def build(cls, params: list[torch.Tensor], index: list[int], snapshot: bool = True,
@@ -597,14 +719,24 @@ class ForeachBucket:
             piece_index.append(Split(np.array([index[pieces[k][0]] for k in c])))
         return cls(device, dtype, list(params), np.array(index), local, snapshot, snaps, pieces,
                    chunks, views, piece_index, scratch_flat=flats, snapshot_flat=flat,
-                   count_always=device.type != "cpu")
+                   count_always=device.type != "cpu", shapes=list(map(_SHAPE, data)))
 
     def data(self) -> list[torch.Tensor]:
         return [_local(p) for p in self.params] if self.local else self.params
 
-    def check_device(self) -> bool:
-        p = self.data()[0]
-        return p.device == self.device and p.dtype == self.dtype
+    def _conformed(self, tensors: list, present: np.ndarray | None = None) -> tuple[list, list | None]:
+        """``tensors`` (one per bucket tensor) checked against their shapes, dtype and device at
+        build time; in the common case with C-level passes only, else through :func:`conform`
+        (which reshapes, raises, or fills in missing gradients). Returns the tensors, shaped as
+        built, and their shapes (None: as built)."""
+        try:
+            if list(map(_SHAPE, tensors)) == self.shapes and set(map(_DTYPE, tensors)) == {
+                    self.dtype} and set(map(_DEVICE, tensors)) == {self.device} and (
+                    present is None or set(map(_LAYOUT, tensors)) == {torch.strided}):
+                return tensors, None
+        except AttributeError:  # a missing gradient (None)
+            pass
+        return conform(tensors, self.shapes, self.dtype, self.device, present, self.index)
 
     def _norms(self, tensors: list[torch.Tensor], ord: float = 2) -> list[torch.Tensor]:
         """Per-tensor norms accumulated in float64: float32 squares overflow above ~1.8e19."""
@@ -616,17 +748,11 @@ class ForeachBucket:
 
     def gradient_parts(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
         """As :meth:`Bucket.gradient_parts`; the one host look of a recorded step is here."""
-        data = self.data()
-        grads = [p.grad for p in self.params]
+        grads = list(map(_GRAD, self.params))
         if self.local:
             grads = [None if g is None else _local(g) for g in grads]
-        for j, g in enumerate(grads):
-            if g is None:
-                present[self.index[j]] = False
-                grads[j] = torch.zeros((), dtype=self.dtype, device=self.device).expand(data[j].shape)
-            elif g.layout != torch.strided:
-                grads[j] = g.to_dense()
-        norm, max_abs = torch.stack(self._norms(grads) + self._norms(grads, math.inf)).split(len(data))
+        grads = self._conformed(grads, present)[0]
+        norm, max_abs = torch.stack(self._norms(grads) + self._norms(grads, math.inf)).split(len(grads))
         parts = []
         if self.count_always:  # on a GPU a host look would cost a sync per step
             parts += self._nonfinite_counts(grads)
@@ -656,7 +782,7 @@ class ForeachBucket:
 
     def snapshot(self) -> list:
         """‖w‖ before the step, copying the parameters into the Δw snapshot (in their own dtype)."""
-        data = self.data()
+        data, self.shapes_at_snapshot = self._conformed(self.data())
         if self.keeps_snapshot:
             torch._foreach_copy_(self.snaps, data)
         return [(PARAM_NORM_BEFORE, self.index, torch.stack(self._norms(data)))]
@@ -683,9 +809,11 @@ class ForeachBucket:
             out.append(flat[a:b])
         return out
 
-    def _chunked_difference(self, start: list[torch.Tensor], rows: tuple) -> list:
-        """Statistics ``rows`` (ord 2, 1[, inf]) of (current − start), upcast block by block."""
-        parts, data, start_flat, data_flat = [], self.data(), {}, {}
+    def _chunked_difference(self, start: list[torch.Tensor], data: list[torch.Tensor],
+                            rows: tuple) -> list:
+        """Statistics ``rows`` (ord 2, 1[, inf]) of (``data`` − ``start``), upcast block by block;
+        both shaped as built (:meth:`_conformed`)."""
+        parts, start_flat, data_flat = [], {}, {}
         for c, views in enumerate(self.scratch_views):
             # start may be the pinned host epoch copy: stream-ordered before the copy that refills it
             torch._foreach_copy_(views, self._blocks(c, start, start_flat), non_blocking=True)
@@ -696,11 +824,12 @@ class ForeachBucket:
         return parts
 
     def after_step(self) -> list:
-        """As :meth:`Bucket.after_step`."""
-        data = self.data()
+        """As :meth:`Bucket.after_step` (Δw pairs elements by index; raises where a shape changed)."""
+        data, shapes = self._conformed(self.data())
         after = self._norms(data)
         if not self.keeps_snapshot:
             return [(PARAM_NORM_AFTER, self.index, torch.stack(after))]
+        check_same_shapes(self.shapes_at_snapshot, shapes, self.shapes, "optimizer step")
         if compute_dtype(self.dtype) == self.dtype:  # float32/64: the update in place, exactly
             torch._foreach_sub_(self.snaps, data)
             values = torch.stack(after + self._norms(self.snaps) + self._norms(self.snaps, 1)
@@ -708,24 +837,34 @@ class ForeachBucket:
             rows = (PARAM_NORM_AFTER, UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS)
             return [(row, self.index, v) for row, v in zip(rows, values)]
         return [(PARAM_NORM_AFTER, self.index, torch.stack(after))] + self._chunked_difference(
-            self.snaps, (UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))
+            self.snaps, data, (UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))
 
     def not_stepped(self) -> list:
-        norm = torch.stack(self._norms(self.data()))
+        norm = torch.stack(self._norms(self._conformed(self.data())[0]))
         return [(PARAM_NORM_BEFORE, self.index, norm), (PARAM_NORM_AFTER, self.index, norm)]
 
     def start_epoch(self) -> None:
         if not self.keeps_snapshot:
             return
         pinned = self.device.type == "cuda"
-        self.epoch = [_epoch_buffer(d, pinned) for d in self.data()]
-        torch._foreach_copy_(self.epoch, self.data(), non_blocking=pinned)
+        data, self.shapes_at_epoch = self._conformed(self.data())
+        self.epoch = [_epoch_buffer(d, pinned) for d in data]
+        torch._foreach_copy_(self.epoch, data, non_blocking=pinned)
+
+    def check_epoch(self) -> list[torch.Tensor]:
+        """As :meth:`Bucket.check_epoch`; returns the parameters shaped as built."""
+        data, shapes = self._conformed(self.data())
+        if self.keeps_snapshot:
+            check_same_shapes(self.shapes_at_epoch, shapes, self.shapes, "epoch")
+        return data
 
     def end_epoch(self) -> list:
+        """As :meth:`Bucket.end_epoch`."""
         if not self.keeps_snapshot:
             return []
-        parts = self._chunked_difference(self.epoch, (EPOCH_NORM, EPOCH_ABS_SUM))
-        torch._foreach_copy_(self.epoch, self.data(), non_blocking=self.device.type == "cuda")
+        data = self.check_epoch()
+        parts = self._chunked_difference(self.epoch, data, (EPOCH_NORM, EPOCH_ABS_SUM))
+        torch._foreach_copy_(self.epoch, data, non_blocking=self.device.type == "cuda")
         return parts
 
 
@@ -769,7 +908,8 @@ class HostStats:
                         blocks, nans = np.zeros((rows, tensors)), np.zeros((rows, tensors), bool)
                     in_blocks.setdefault(row, []).append(index.index)
                     if kinds[row] == "norm":
-                        np.add.at(blocks[row], index.index, part**2)
+                        with np.errstate(over="ignore"):  # a float64 norm above 1e154: inf
+                            np.add.at(blocks[row], index.index, part**2)
                     elif kinds[row] == "sum":
                         np.add.at(blocks[row], index.index, part)
                     else:  # max|·| ≥ 0, so 0 is the identity; NaN wins
@@ -839,7 +979,7 @@ def layer_step_stats(per_tensor: np.ndarray, present: np.ndarray, starts: np.nda
         return np.maximum.reduceat(per_tensor[:, row], starts, axis=1)
 
     has_grad = np.logical_or.reduceat(present, starts, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # 0/0 of an empty layer, squares above 1e154, float32 casts
         statistics = {
             "grad_norm": norm(GRAD_NORM),
             "grad_max_abs": largest(GRAD_MAX_ABS),
@@ -856,13 +996,16 @@ def layer_step_stats(per_tensor: np.ndarray, present: np.ndarray, starts: np.nda
         has_owner = np.logical_or.reduceat(owned, starts, axis=1)
         for name in ("param_norm", "update_ratio"):
             statistics[name][~has_owner] = np.nan
-    return {name: values.astype(np.float32) for name, values in statistics.items()}
+    with np.errstate(over="ignore"):  # above float32's range: inf, as the figure is
+        return {name: values.astype(np.float32) for name, values in statistics.items()}
 
 
 def layer_epoch_stats(per_tensor: np.ndarray, starts: np.ndarray,
                         numel: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-layer epoch statistics from a (2, T) matrix: mean |W_end − W_start| and ‖W_end − W_start‖."""
-    abs_sum = np.add.reduceat(per_tensor[EPOCH_ABS_SUM], starts)
-    norm = np.sqrt(np.add.reduceat(per_tensor[EPOCH_NORM] ** 2, starts))
-    return {"update_mean_abs": (abs_sum / numel).astype(np.float32),
-            "update_norm": norm.astype(np.float32)}
+    """Per-layer epoch statistics from a (2, T) matrix: mean |W_end − W_start| and ‖W_end − W_start‖
+    (NaN mean for a layer of no elements; inf where a figure exceeds float32, without warnings)."""
+    with np.errstate(all="ignore"):  # as in layer_step_stats
+        abs_sum = np.add.reduceat(per_tensor[EPOCH_ABS_SUM], starts)
+        norm = np.sqrt(np.add.reduceat(per_tensor[EPOCH_NORM] ** 2, starts))
+        return {"update_mean_abs": (abs_sum / numel).astype(np.float32),
+                "update_norm": norm.astype(np.float32)}

@@ -74,6 +74,7 @@ weights (parameters that joined mid-epoch: from the step they joined). A user wh
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import json
@@ -543,9 +544,10 @@ class Recorder:
                 distributed.agree(self._store is not None or not self._writes,
                                   "rank 0 could not create the Recorder's store (see its error)")
         self._reducer = None
+        # Zero-element tensors (local shards) take no part in the buckets (see _buckets).
+        self._empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors], bool)
         if sharding is not None:
-            empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors])
-            self._reducer = distributed.Reducer(sharding.group, len(tensors), empty)
+            self._reducer = distributed.Reducer(sharding.group, len(tensors), self._empty)
         self._write_failures = 0  # consecutive failed flushes (their rows are kept and retried)
         self._error: BaseException | None = None  # the last write failure, None once written
         self._stopped = False  # recording stopped after WRITE_ATTEMPTS failed flushes
@@ -680,6 +682,8 @@ class Recorder:
             finally:
                 self._ending_epoch = False
         with torch.no_grad():
+            for bucket in self._all_buckets():
+                bucket.check_epoch()  # raises before any bucket takes its new epoch start
             parts = [part for bucket in self._all_buckets() for part in bucket.end_epoch()]
             if self._reducer is not None:
                 parts = self._reducer.epoch(parts)
@@ -779,9 +783,8 @@ class Recorder:
         self._lrs[i] = group_lrs(optimizer)  # before the step: the rate this step uses
         self._grad_scale[i] = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
-        with torch.no_grad():
+        with torch.no_grad(), self._unless_refused():
             for bucket in self._buckets[i]:
-                self._check_device(bucket)
                 self._parts += bucket.snapshot()
             if isinstance(found_inf, torch.Tensor):
                 flag = found_inf.reshape(1).float().clone()  # GradScaler's tensor: keep our own
@@ -808,9 +811,10 @@ class Recorder:
         if not self._grad_due[i] or self._closed:
             return
         self._grad_due[i] = False
-        with torch.no_grad():
+        with torch.no_grad(), self._unless_refused():
             for bucket in self._buckets[i]:
                 self._parts += bucket.gradient_parts(self._present, self._grad_scale[i])
+        self._empty_gradients(i)
 
     @_synchronized
     def _after_step(self, i: int, optimizer, args, kwargs) -> None:
@@ -822,7 +826,7 @@ class Recorder:
         self._resolved[i] = "step"
         if self._recording:
             self._take_gradient(i)  # a closure that the optimizer never called
-            with torch.no_grad():
+            with torch.no_grad(), self._unless_refused():
                 for bucket in self._buckets[i]:
                     self._parts += bucket.after_step()
         if all(r is not None for r in self._resolved):
@@ -855,10 +859,26 @@ class Recorder:
         partly_owned = np.isin(layer_of, layer_of[self._owned])
         return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
 
-    def _check_device(self, bucket: quantities.Bucket) -> None:
-        if not bucket.check_device():
-            raise GradflowError("parameters changed device or dtype after the Recorder was created; "
-                                "create the Recorder after model.to(...)")
+    @contextlib.contextmanager
+    def _unless_refused(self):
+        """A bucket's GradflowError (a parameter changed size, dtype, device, or shape within the
+        step: :func:`gradflow.quantities.conform`) ends the open row unrecorded, as an exception
+        inside ``step()`` does: its figures would be partial. The rows before it are kept."""
+        try:
+            yield
+        except GradflowError:
+            self._row_open, self._parts, self._present = False, [], None
+            self._resolved = [None] * len(self._resolved)
+            self._grad_due = [False] * len(self._grad_due)
+            raise
+
+    def _empty_gradients(self, i: int) -> None:
+        """Optimizer ``i``'s zero-element parameters had a gradient where torch holds one (figures
+        0, an empty sum), else none (NaN), as the buckets tell for the others. Sharded, the
+        :class:`~gradflow.distributed.Reducer` counts an empty shard as no gradient on its rank."""
+        if self._reducer is None and self._empty.any():
+            for t in self._tensors_of[i][self._empty[self._tensors_of[i]]]:
+                self._present[t] = self._tensors[t][0].grad is not None
 
     def _join_groups(self, i: int, optimizer) -> None:
         """Param groups added to optimizer ``i``: record their parameters from this step on."""
@@ -896,9 +916,10 @@ class Recorder:
         self._resolved[i] = "skip"
         if self._recording:
             self._grad_due[i] = False
-            with torch.no_grad():
+            with torch.no_grad(), self._unless_refused():
                 for bucket in self._buckets[i]:
                     self._parts += bucket.gradient_parts(self._present, None) + bucket.not_stepped()
+            self._empty_gradients(i)
         if all(r is not None for r in self._resolved):
             self._close_row()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -222,3 +224,24 @@ def test_split_non_contiguous_tensor_is_flattened_once_per_pass(layout):
     # and the pieces are the gradient's elements in order
     pieces = [block for c in range(len(bucket.chunks)) for block in bucket._blocks(c, [g], {})]
     np.testing.assert_array_equal(torch.cat(pieces).numpy(), g.reshape(-1).numpy())
+
+
+def test_layer_figures_of_an_empty_layer_or_beyond_float32_leak_no_warnings():
+    """An empty layer's mean |Δw| is 0/0 and a float64 norm of 1e200 squares to inf: the figures are
+    NaN and inf (float32 cannot hold them), computed without numpy RuntimeWarnings reaching the user."""
+    per_tensor = np.zeros((1, q.NUM_STATS, 3))
+    per_tensor[0, q.GRAD_NORM] = [3.0, 0.0, 1e200]
+    per_tensor[0, q.UPDATE_NORM] = [4.0, 0.0, 1e200]
+    per_tensor[0, q.UPDATE_ABS_SUM] = [6.0, 0.0, 1e200]
+    per_tensor[0, q.PARAM_NORM_BEFORE] = per_tensor[0, q.PARAM_NORM_AFTER] = [5.0, 0.0, 1e200]
+    epoch = np.array([[6.0, 0.0, 1e200], [4.0, 0.0, 1e200]])
+    starts, numel = np.array([0, 1, 2]), np.array([2.0, 0.0, 7.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step = q.layer_step_stats(per_tensor, np.ones((1, 3), bool), starts, numel)
+        epochs = q.layer_epoch_stats(epoch, starts, numel)
+    np.testing.assert_array_equal(step["grad_norm"][0], [3.0, 0.0, np.inf])
+    np.testing.assert_array_equal(step["update_mean_abs"][0], [3.0, np.nan, np.inf])
+    np.testing.assert_array_equal(step["update_ratio"][0, :2], [np.float32(0.8), np.nan])
+    np.testing.assert_array_equal(epochs["update_mean_abs"], [3.0, np.nan, np.inf])
+    np.testing.assert_array_equal(epochs["update_norm"], [4.0, 0.0, np.inf])

@@ -6,6 +6,8 @@ gradients and weights the test saves itself; training must stay bit-identical wi
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 
 import gradflow
 from gradflow import buckets, quantities
+from gradflow.errors import GradflowError
 
 # "auto": the CPU default (Numba's fused kernels for float32 where Numba is installed, else stack);
 # "fused": Triton's fused kernels, interpreted on a CPU.
@@ -153,3 +156,183 @@ def test_stacked_norms_of_long_rows_are_within_a_few_ulps(tmp_path, monkeypatch)
     for var, ref in (("grad_norm", np.sqrt(np.sum(g * g))), ("param_norm", np.sqrt(np.sum(after**2))),
                      ("update_norm", np.sqrt(np.sum(d * d)))):
         np.testing.assert_allclose(float(ds[var]), ref, rtol=4 * 2.0**-24, err_msg=var)
+
+
+# A model whose tensors fill each kind's structures: "big" is a shape class of the stack kind (two
+# 70×60 weights, 8,400 elements), "small" its ragged class (a square weight and a vector).
+LAYERS = {"big": ["big.w", "big.v"], "small": ["small.s", "small.b"]}
+
+
+def four_tensors() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.big, model.small = nn.Module(), nn.Module()
+    model.big.w, model.big.v = (nn.Parameter(torch.randn(70, 60)) for _ in range(2))
+    model.small.s, model.small.b = nn.Parameter(torch.randn(5, 5)), nn.Parameter(torch.randn(3))
+    return model
+
+
+def random_step(model: nn.Module, optimizer, gen: torch.Generator) -> tuple:
+    """One step on random gradients; returns (gradients, weights before, weights after)."""
+    optimizer.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    g, before = grads(model), weights(model)
+    optimizer.step()
+    return g, before, weights(model)
+
+
+def parameter(model: nn.Module, name: str) -> nn.Parameter:
+    return model.get_parameter(name)
+
+
+CHANGES = {  # p.data = ... of another size or dtype
+    "one element": ("small.b", lambda w: w[:1]),  # the stack kind broadcast it into 3 elements
+    "slice": ("big.w", lambda w: w[:35]),
+    "bigger": ("small.s", lambda w: torch.randn(6, 6)),
+    "float64 in a shape class": ("big.v", lambda w: w.double()),  # the stack kind rounded it
+    "float64 in the ragged class": ("small.b", lambda w: w.double()),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_parameter_given_another_size_or_dtype_is_refused_and_earlier_rows_kept(
+        tmp_path, monkeypatch, strategy, change):
+    """Every kind refuses a ``p.data = ...`` of another size or dtype with the same one-line
+    GradflowError naming the fix, before the step it would misread; the rows recorded before stay
+    readable and exact."""
+    use(monkeypatch, strategy, torch.float32)
+    model, gen = four_tensors(), torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr")
+    records = [random_step(model, optimizer, gen) for _ in range(2)]
+    name, new = CHANGES[change]
+    parameter(model, name).data = new(parameter(model, name).data)
+    with pytest.raises(GradflowError, match=r"^a recorded parameter or its gradient changed size, "
+                       r"dtype or device .*create the Recorder after changing parameters$") as err:
+        random_step(model, optimizer, gen)
+    assert "\n" not in str(err.value)
+    rec.close()
+    check_steps(gradflow.open(tmp_path / "run.zarr"), records, LAYERS)
+
+
+def relayout(model: nn.Module) -> None:
+    """Same shapes, elements moved: a column-major copy (same values by index) and a square
+    transpose (values move to other indices; paired by memory position nothing would change)."""
+    w, s = parameter(model, "big.w"), parameter(model, "small.s")
+    w.data = w.data.t().contiguous().t()
+    s.data = s.data.t()
+
+
+def reshape(model: nn.Module) -> None:
+    """As many elements in another shape."""
+    v, b = parameter(model, "big.v"), parameter(model, "small.b")
+    v.data = v.data.reshape(60, 70)
+    b.data = b.data.view(1, 3)
+
+
+class Relaying(torch.optim.SGD):
+    """SGD that changes its parameters' layout or shape (``how``) at the end of its step."""
+
+    def __init__(self, params, model, how, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.model, self.how = model, how
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self.how is not None:
+            self.how(self.model)
+        return loss
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_layouts_changed_during_steps_and_epochs_are_measured_by_index(tmp_path, monkeypatch, strategy):
+    """A parameter relaid in memory (same shape) before a step, during one (by the optimizer) or
+    within an epoch: Δw and W_end − W_start pair elements by index, as the reference does."""
+    use(monkeypatch, strategy, torch.float32)
+    model, gen = four_tensors(), torch.Generator().manual_seed(1)
+    optimizer = Relaying(model.parameters(), model, None, lr=0.1)
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
+        start = weights(model)
+        records = [random_step(model, optimizer, gen)]
+        relayout(model)  # between two steps
+        records.append(random_step(model, optimizer, gen))
+        optimizer.how = relayout  # during a step
+        records.append(random_step(model, optimizer, gen))
+        rec.end_epoch()
+    check_steps(gradflow.open(tmp_path / "run.zarr"), records, LAYERS)
+    epochs = gradflow.open(tmp_path / "run.zarr", group="epochs")
+    end = weights(model)
+    for layer, names in LAYERS.items():
+        d = np.concatenate([(end[n] - start[n]).ravel() for n in names])
+        got = epochs.sel(epoch=0, layer=layer)
+        np.testing.assert_allclose(float(got.update_norm), np.sqrt(np.sum(d**2)), rtol=2e-6)
+        np.testing.assert_allclose(float(got.update_mean_abs), np.abs(d).mean(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shapes_changed_between_steps_are_measured_and_within_a_step_or_epoch_refused(
+        tmp_path, monkeypatch, strategy):
+    """A parameter given another shape of as many elements between two steps: the steps after it are
+    measured exactly (Δw within one step pairs by index); across an epoch, and during a step,
+    W_end − W_start and Δw pair no elements: a one-line GradflowError, rows before kept."""
+    use(monkeypatch, strategy, torch.float32)
+    model, gen = four_tensors(), torch.Generator().manual_seed(1)
+    optimizer = Relaying(model.parameters(), model, None, lr=0.1)
+    rec = gradflow.Recorder(model, optimizer, tmp_path / "run.zarr")
+    start = weights(model)
+    records = [random_step(model, optimizer, gen)]
+    rec.end_epoch()
+    reshape(model)
+    records += [random_step(model, optimizer, gen) for _ in range(2)]
+    with pytest.raises(GradflowError, match=r"^a recorded parameter changed shape during the epoch "
+                       r"\(\(70, 60\) to \(60, 70\)\).*create the Recorder after changing "
+                       r"parameters$"):
+        rec.end_epoch()
+    optimizer.how = lambda model: setattr(parameter(model, "small.s"), "data",
+                                          parameter(model, "small.s").data.reshape(25))
+    with pytest.raises(GradflowError, match=r"^a recorded parameter changed shape during the "
+                       r"optimizer step \(\(5, 5\) to \(25,\)\).*create the Recorder after "
+                       r"changing parameters$"):
+        random_step(model, optimizer, gen)
+    rec.close()
+    check_steps(gradflow.open(tmp_path / "run.zarr"), records, LAYERS)
+    epochs = gradflow.open(tmp_path / "run.zarr", group="epochs")
+    assert epochs.sizes["epoch"] == 1
+    end = records[0][2]
+    for layer, names in LAYERS.items():
+        d = np.concatenate([(end[n] - start[n]).ravel() for n in names])
+        np.testing.assert_allclose(float(epochs.update_norm.sel(epoch=0, layer=layer)),
+                                   np.sqrt(np.sum(d**2)), rtol=2e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_zero_element_layer_has_nan_gradient_figures_without_a_gradient(tmp_path, monkeypatch,
+                                                                            strategy):
+    """A layer of no elements takes no part in the buckets; its gradient figures follow ``.grad``
+    as every other layer's: NaN where it has none, 0 (an empty sum) where it has an empty one. Its
+    mean |Δw| and ratio are 0/0: NaN, without numpy warnings."""
+    use(monkeypatch, strategy, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        model = nn.ModuleDict({"a": nn.Linear(3, 2), "empty": nn.Linear(0, 0)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+            records = [random_step(model, optimizer, gen)]  # empty gradients: present
+            optimizer.zero_grad()
+            model["a"].weight.grad = torch.ones(2, 3)
+            g, before = grads(model), weights(model)
+            optimizer.step()  # no gradient for "empty"
+            records.append((g, before, weights(model)))
+        ds = gradflow.open(tmp_path / "run.zarr")
+    check_steps(ds.sel(layer=["a"]), records, {"a": ["a.weight", "a.bias"]})
+    empty = ds.sel(layer="empty")
+    for var, want in (("grad_norm", [0, np.nan]), ("grad_max_abs", [0, np.nan]),
+                      ("nonfinite", [0, np.nan]), ("param_norm", [0, 0]), ("update_norm", [0, 0]),
+                      ("update_max_abs", [0, 0]), ("update_mean_abs", [np.nan, np.nan]),
+                      ("update_ratio", [np.nan, np.nan])):
+        np.testing.assert_array_equal(empty[var].values, want, err_msg=var)
