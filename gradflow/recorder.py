@@ -333,6 +333,16 @@ def _calls_from(frame, outer) -> bool:
     return False
 
 
+def _on_stack(frame) -> bool:
+    """Whether ``frame`` is on the calling thread's stack (a call still running)."""
+    current = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
+
+
 def _closure_of(args: tuple, kwargs: dict):
     """The closure passed to ``optimizer.step`` (args[0] is the optimizer itself), or None."""
     return args[1] if len(args) > 1 else kwargs.get("closure")
@@ -574,6 +584,7 @@ class Recorder:
         self._grad_scale: list = [None] * n
         self._step_calls = [0] * n  # pre-hook calls, to see a GradScaler step that did not step
         self._outer: list = [None] * n  # frame of the step() call in progress (see _step_frame)
+        self._mark = [0] * n  # len(self._parts) when that step() began (see _drop_unfinished)
         self._parts: list = []
         self._present: np.ndarray | None = None
         self._pending_steps: list[_StepRow] = []
@@ -675,6 +686,7 @@ class Recorder:
             self._end_epoch(values)
 
     def _end_epoch(self, values: dict[str, float]) -> None:
+        self._drop_unfinished()
         if self._row_open:
             self._ending_epoch = True
             try:
@@ -726,6 +738,7 @@ class Recorder:
         if self._scaler is not None and self._scaler.__dict__.get("step") is self._scaler_step:
             del self._scaler.step
         try:
+            self._drop_unfinished()
             if self._row_open:
                 self._close_row()
             self._run_deferred_epochs()
@@ -767,11 +780,13 @@ class Recorder:
     def _before_step(self, i: int, optimizer, args, kwargs):
         if self._closed:
             return None
+        self._drop_unfinished()
         frame = _step_frame()
         if self._outer[i] is not None and _calls_from(frame, self._outer[i]):
             return None  # a subclass's step() calling super().step(): the outer call is the step
         self._outer[i] = frame
         self._step_calls[i] += 1
+        self._mark[i] = len(self._parts)
         if len(optimizer.param_groups) != self._num_groups[i]:
             self._join_groups(i, optimizer)
         if self._row_open and self._resolved[i] is not None:
@@ -859,6 +874,24 @@ class Recorder:
         partly_owned = np.isin(layer_of, layer_of[self._owned])
         return _buckets(self._tensors, list(np.flatnonzero(partly_owned & ~self._owned)), False)
 
+    def _drop_unfinished(self) -> None:
+        """Forget what the hooks took for a ``step()`` that raised (its post-hook never ran): its
+        snapshot, gradient and found-inf parts, appended from :attr:`_mark` on (no other hook runs
+        between its pre-hook and this call, the first thing every entry point does), and the
+        missing gradients it marked. Left in the open row, they would reach the next step's row:
+        parts of tensors read in blocks are added up there, and a gradient missing then would read
+        as missing now. The step is not a row (:meth:`_close_row`); what it did to the weights
+        counts in the next step's snapshot and in the epoch's displacement."""
+        if self._row_open and threading.get_ident() != self._row_thread:
+            return  # (a step under way on the training thread is not on this thread's stack)
+        for j, frame in enumerate(self._outer):
+            if frame is None or _on_stack(frame):
+                continue
+            self._outer[j], self._grad_due[j] = None, False
+            if self._row_open and self._resolved[j] is None and self._recording:
+                del self._parts[self._mark[j]:]
+                self._present[self._tensors_of[j]] = True
+
     @contextlib.contextmanager
     def _unless_refused(self):
         """A bucket's GradflowError (a parameter changed size, dtype, device, or shape within the
@@ -909,6 +942,7 @@ class Recorder:
     @_synchronized
     def _skip(self, i: int) -> None:
         """Optimizer ``i`` skips this step: its gradients as they are now, no update."""
+        self._drop_unfinished()
         if self._row_open and self._resolved[i] is not None:
             self._close_row()
         if not self._row_open:

@@ -572,3 +572,50 @@ def test_a_step_that_raised_is_no_row_and_recording_goes_on(tmp_path):
                 continue
             records.append((grads(model), w0, weights(model)))
     check(gradflow.open(tmp_path / "run.zarr"), records, layers_of(model))
+
+
+class FlakySGD(torch.optim.SGD):
+    """SGD whose step raises after its update on chosen calls (an error in an optimizer wrapper
+    after the update: a failed all-reduce, an OOM in a logging hook)."""
+
+    def __init__(self, params, fail_on: set[int], **kwargs):
+        super().__init__(params, **kwargs)
+        self.calls, self.fail_on = 0, fail_on
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("simulated failure after the update")
+        return loss
+
+
+@pytest.mark.parametrize("strategy", ["stack", "foreach", "auto"])
+def test_a_step_that_raised_after_its_gradient_and_update_leaves_no_trace(tmp_path, monkeypatch,
+                                                                        strategy):
+    """A step() that raised after the Recorder took its gradient and snapshot is no row, and
+    nothing of it reaches the next rows: not its figures (a tensor read in blocks would add them
+    to the next step's), not its missing gradients (the next step has them all)."""
+    from gradflow import buckets, quantities
+
+    monkeypatch.setattr(buckets, "STRATEGY", strategy)
+    monkeypatch.setattr(quantities, "SCRATCH_MIN_ELEMENTS", 8)  # the stacked ops read in blocks
+    monkeypatch.setattr(quantities, "SCRATCH_FRACTION", 0.01)
+    model = mlp(sizes=(4, 16, 8, 3))
+    optimizer = FlakySGD(model.parameters(), fail_on={2, 3}, lr=0.1, momentum=0.9)
+    records, failures = [], 0
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr"):
+        for k, (x, y) in enumerate(data(6)):
+            optimizer.zero_grad()
+            mse(model, x, y).backward()
+            if k in (1, 2):  # the failing steps: the first layer has no gradient
+                model[0].weight.grad = model[0].bias.grad = None
+            g, w0 = grads(model), weights(model)
+            try:
+                optimizer.step()
+            except RuntimeError:
+                failures += 1
+                continue
+            records.append((g, w0, weights(model)))
+    assert failures == 2 and len(records) == 4
+    check(gradflow.open(tmp_path / "run.zarr"), records, layers_of(model))
