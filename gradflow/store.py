@@ -809,11 +809,15 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
 
 def _refuse_damaged(zstore, run: str | None, where: str, url: str) -> None:
     """Raise a one-line GradflowError naming the run's first damage and what mends it: ``gradflow
-    check --repair``, unless the run lost values that no repair rebuilds (the layer table)."""
+    check --repair``, unless the run lost values that no repair rebuilds (the layer table).
+
+    Chunks are listed, not decoded: opening costs the same at any length (a plot of a 10⁶-step run
+    reads its summary, not its raw rows). A chunk file whose bytes do not decode is found by
+    ``gradflow check``; reading it fails with the codec's error (the CLI says so in one line)."""
     from gradflow.check import inspect_run
 
     with _quiet_zarr():  # a run being written holds *.partial files, which zarr notes when listing
-        state = inspect_run(zstore, run, where)
+        state = inspect_run(zstore, run, where, decode=False)
     if state.unrecoverable:
         raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url}` lists "
                             f"what no repair can rebuild")

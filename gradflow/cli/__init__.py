@@ -47,6 +47,21 @@ def _register() -> None:
 INTERRUPTED = 130  # the shell's exit code for Ctrl-C
 
 
+DAMAGED = 1  # the exit code of `gradflow check` for a damaged store (not a user mistake)
+
+
+def _undecodable_chunk(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a Zarr codec decoding a chunk's bytes (a truncated, empty or
+    garbage chunk file: ``gradflow.open`` lists chunks but does not decode them)."""
+    tb = err.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(("numcodecs.", "zarr.codecs.")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main() -> None:
     """Console entry point: every user mistake is one ``error:`` line and exit code 2.
 
@@ -79,6 +94,13 @@ def main() -> None:
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         code = INTERRUPTED
+    except Exception as err:
+        if not _undecodable_chunk(err):
+            raise
+        typer.echo(f"error: a chunk of the store does not decode ({type(err).__name__}: {err}): "
+                   f"the store is damaged; `gradflow check STORE` names the chunk and "
+                   f"`gradflow check STORE --repair` repairs what it can", err=True)
+        sys.exit(DAMAGED)
     if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130
         typer.echo("interrupted (rerunning a sweep resumes it)", err=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -151,3 +151,19 @@ def test_generic_report_of_epochs_without_steps_and_a_pipe_in_a_name(tmp_path, c
     assert [cell.strip() for cell in rows[0]] == ["epoch", "val_loss", "acc\\|top1"]
     assert all(len(row) == 3 for row in rows)
     assert [cell.strip() for cell in rows[-1]] == ["2", f"{1 / 3:.4g}", f"{2 / 4:.4g}"]
+
+
+def test_a_chunk_that_does_not_decode_is_one_line_exit_1(tmp_path, run_main):
+    """gradflow.open lists chunks without decoding them (opening costs the same at any length), so
+    a garbage chunk file is met when a figure is read: one line naming the damage and `check`."""
+    import gradflow
+    from gradflow.repair import check_store
+
+    store = tmp_path / "run.zarr"
+    _recorder_store(store)
+    (store / "grad_norm" / "c" / "0" / "0").write_bytes(b"garbage")
+    gradflow.open(store)  # lazily opened: nothing decoded yet
+    assert check_store(str(store))[1] is True  # check decodes every chunk: it finds the damage
+    code, out, err = run_main("report", store, "--out", tmp_path / "rep")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: a chunk of the store does not decode (") and "gradflow check" in err
