@@ -3,9 +3,10 @@
 On a CPU the ``stack`` bucket (:class:`~gradflow.quantities.Bucket`) makes about 20 passes over the
 parameters per recorded step (stacking copies, ``abs_``, norms, maxima, each a separate torch op) and
 ``torch._foreach_*`` loops over the tensors one op at a time. :class:`CpuFusedBucket` reads every
-tensor in place through a table of raw addresses, as :class:`~gradflow.fused.FusedBucket` does on a
-GPU, with one Numba-compiled loop per phase that makes one pass over each tensor (block by block of
-:data:`BLOCK` elements, so that the few statistics of a block read it from the L1 cache):
+tensor in place through a table of raw addresses (:class:`~gradflow.fused.FusedBucket`), as Triton's
+kernels do on a GPU, with one Numba-compiled loop per phase that makes one pass over each tensor
+(block by block of :data:`BLOCK` elements, so that the few statistics of a block read it from the
+L1 cache):
 
 * ``GRAD``: ‖g‖, max|g| and the count of NaN/±Inf entries of g (counted only where Σg² is not
   finite, which an entry that is not finite always makes it: float32 squares cannot overflow a
@@ -247,7 +248,7 @@ if numba is not None:
 
 class CpuFusedBucket(FusedBucket):
     """A :class:`~gradflow.fused.FusedBucket` on a CPU: the same tables of addresses and the same
-    checks, with the phases computed by this module's Numba kernels instead of Triton's.
+    checks as Triton's on a GPU, with the phases computed by this module's Numba kernels.
 
     Memory beyond the ``stack`` bucket's: none per step (the figures are a ``(≤ 4, T)`` float64
     array); the Δw snapshot (P) and the epoch copy (P), as the other buckets. Raises
@@ -282,11 +283,17 @@ class CpuFusedBucket(FusedBucket):
             "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]), "splits": {},
         }
 
+    @classmethod
+    def chunking(cls) -> tuple[int, ...]:
+        """Two blocks (the self-test's long tensor, plus 5 elements), the self-test's pieces
+        (:data:`TEST_PIECE`: that tensor's two pieces hold 62 % and 38 % of it) and the blocks."""
+        return 2 * BLOCK, TEST_PIECE, BLOCK
+
     def _take_every_path(self) -> None:
-        """The self-test's bucket: tensors in pieces of 1,000 elements on 2 threads, so that the
-        test crosses pieces, combines them and runs the thread split, which its small tensors
-        would not."""
-        self._make_tables(self.data(), piece=1000)
+        """The self-test's bucket: tensors in pieces of :data:`TEST_PIECE` elements on 2 threads,
+        so that the test crosses blocks within a piece, crosses pieces, combines them and runs the
+        thread split, which its small tensors would not."""
+        self._make_tables(self.data(), piece=TEST_PIECE)
         self.threads = 2
 
     def _splits(self) -> list[tuple[int, int]]:
@@ -327,6 +334,7 @@ class CpuFusedBucket(FusedBucket):
 # A tensor's figures from its pieces' partial sums: sums add, maxima take the max.
 COLUMNS = {GRAD: 4, NORM: 1, SNAPSHOT: 1, AFTER: 4}
 PIECE = 1 << 18  # elements per piece: the unit of work split among threads
+TEST_PIECE = BLOCK + 1000  # the self-test's pieces: a whole block and part of the next
 PARALLEL_MIN_ELEMENTS = 1 << 20  # elements per thread, at least: below, handing off costs more
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
