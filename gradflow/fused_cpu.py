@@ -23,8 +23,9 @@ assume finite values: ``fastmath`` is limited to :data:`FASTMATH`.
 
 Availability: ``pip install "gradflow[fused]"`` (Numba, about 60 MB of wheels). Parameters in
 float32 or float64 (bfloat16 / float16 use the ``stack`` bucket). Compiled once per dtype and cached
-on disk by Numba (``cache=True``: next to this file, or in Numba's user cache directory where that
-is read-only; where neither is writable, compiled in every process). A Numba that is installed but
+on disk by Numba (as ``cache=True``: next to this file, or in Numba's user cache directory where
+that is read-only; where neither is writable, compiled in every process; a corrupt cache file is
+compiled again and rewritten). A Numba that is installed but
 fails to import gives one :class:`~gradflow.errors.GradflowWarning` and the ``stack`` bucket. A
 bucket passes :func:`gradflow.fused.self_test` (every figure of every phase against float64
 references) before it is used, else :func:`gradflow.buckets.build` warns and uses ``stack``.
@@ -48,6 +49,7 @@ from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket
 try:
     import numba
     from numba import njit, types
+    from numba.core.caching import FunctionCache
     from numba.extending import intrinsic
 except Exception as err:  # not installed, or installed but broken (its llvmlite library, NumPy)
     numba = None
@@ -72,15 +74,38 @@ MAX_FASTMATH = FASTMATH | {"nnan"}
 NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 if numba is not None:
+    class _RecoveringCache(FunctionCache):
+        """Numba's on-disk cache of one kernel (what ``cache=True`` makes), except that a file that
+        fails to load (corrupt: a write cut short, a full disk) means compiling the kernel again and
+        writing the cache afresh, where Numba would raise in every process until the files were
+        deleted (and the CPU recorded with the stacked ops)."""
+
+        def load_overload(self, sig, target_context):
+            try:
+                return super().load_overload(sig, target_context)
+            except Exception:  # unpickling or rebuilding a cached file, whatever its class
+                try:
+                    self.flush()  # an empty index: the kernel compiled now is saved in its place
+                except OSError:
+                    self.disable()
+                return None
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except Exception:  # the kernel is compiled in this process; the next compiles it again
+                self.disable()
+
     def _jit(function):
         """Compiled, and cached on disk where Numba finds a writable place (beside this file, else
-        its user cache directory): where it finds none (a read-only install and home directory),
-        Numba refuses ``cache=True`` when the function is defined, so compile it in each process."""
-        options = {"nogil": True, "fastmath": set(FASTMATH), "boundscheck": False}
+        its user cache directory; a corrupt cache is compiled again, :class:`_RecoveringCache`):
+        where it finds none (a read-only install and home directory), compiled in each process."""
+        kernel = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False)(function)
         try:
-            return njit(cache=True, **options)(function)
+            kernel._cache = _RecoveringCache(function)  # as Dispatcher.enable_caching does
         except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
-            return njit(**options)(function)
+            pass
+        return kernel
 
     _inline = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False, inline="always")
     _maximum = njit(nogil=True, fastmath=set(MAX_FASTMATH), boundscheck=False)

@@ -481,6 +481,36 @@ def test_a_cpu_recorder_does_not_import_triton():
     assert "gradflow imported triton at []" in result.stdout, result.stdout
 
 
+CACHE_HITS = """
+import atexit
+atexit.register(lambda: print("cache hits", sum(len(getattr(sys.modules["gradflow.fused_cpu"], k)
+                                                    .stats.cache_hits) for k in (
+    "_gradient_kernel", "_norm_kernel", "_snapshot_kernel", "_after_kernel"))))
+"""
+
+
+@pytest.mark.parametrize("corrupt", ["index", "data"])
+def test_a_corrupt_kernel_cache_is_compiled_again_and_rewritten(tmp_path, monkeypatch, corrupt):
+    """Numba's on-disk cache of the kernels, cut short or overwritten (a full disk, a crash while
+    writing): the next process compiles the kernels again and records exactly with them (not the
+    stacked ops, silently, in every process until someone deletes the cache), and rewrites the
+    cache, which the process after it loads."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    first = run_one_step(CACHE_HITS, [])
+    assert "kind CpuFusedBucket" in first.stdout and "cache hits 0" in first.stdout, first.stderr
+    files = sorted((tmp_path / "cache").rglob("*.nbi" if corrupt == "index" else "*.nbc"))
+    assert len(files) >= 4, files  # one per kernel at least
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2] + b"garbage")
+    again = run_one_step(CACHE_HITS, [])  # (asserts that the recorded ‖g‖ is exact)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "kind CpuFusedBucket" in again.stdout and "Warning" not in again.stderr, again.stderr
+    assert "cache hits 0" in again.stdout, again.stdout
+    third = run_one_step(CACHE_HITS, [])
+    assert "kind CpuFusedBucket" in third.stdout and "cache hits 4" in third.stdout, third.stdout
+
+
 @pytest.mark.parametrize("broken", ["library", "definitions"])
 def test_a_broken_numba_records_with_the_stacked_ops_and_one_warning(tmp_path, broken):
     """A Numba that is installed but fails to import (``OSError`` from a missing llvmlite
@@ -496,6 +526,9 @@ def test_a_broken_numba_records_with_the_stacked_ops_and_one_warning(tmp_path, b
                                           "def njit(*args, **kwargs):\n"
                                           "    raise TypeError('unknown option inline')\n")
         (fake / "extending.py").write_text("def intrinsic(f):\n    return f\n")
+        (fake / "core").mkdir()
+        (fake / "core" / "__init__.py").write_text("")
+        (fake / "core" / "caching.py").write_text("class FunctionCache:\n    pass\n")
     result = run_one_step("", [tmp_path])
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "kind Bucket" in result.stdout
