@@ -7,8 +7,9 @@ Four kinds compute the same per-tensor statistics (:mod:`gradflow.quantities`):
 * ``"foreach"`` (:class:`~gradflow.quantities.ForeachBucket`): multi-tensor ``torch._foreach_*``
   kernels, a fixed number per bucket, but about 4 µs of host time per tensor and statistic;
 * ``"fused"``: one pass per phase over the tensors, read in place through a table of their
-  addresses: two Triton kernels on a GPU (:class:`~gradflow.fused.FusedBucket`), one Numba-compiled
-  loop on a CPU (:class:`~gradflow.fused_cpu.CpuFusedBucket`).
+  addresses (:class:`~gradflow.fused.FusedBucket`): two Triton kernels on a GPU
+  (:class:`~gradflow.fused_triton.TritonFusedBucket`), one Numba-compiled loop on a CPU
+  (:class:`~gradflow.fused_cpu.CpuFusedBucket`).
 
 ``"auto"`` (the default, :data:`STRATEGY`) takes ``"fused"`` where its compiler is installed
 (Triton on a GPU, Numba on a CPU: ``pip install "gradflow[fused]"``), else ``"stack"`` on a CPU
@@ -68,11 +69,13 @@ def build(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
 
 def fused_kind(device: torch.device) -> type:
     """The ``"fused"`` bucket class for ``device``: Numba's on a CPU, Triton's elsewhere (tests
-    swap in Triton's on a CPU, where its interpreter runs it)."""
+    swap in Triton's on a CPU, where its interpreter runs it). A CPU never imports Triton."""
     from gradflow import fused
 
     if device.type != "cpu":
-        return fused.FusedBucket
+        from gradflow import fused_triton
+
+        return fused_triton.TritonFusedBucket
     global _CPU_KIND
     if _CPU_KIND is None:
         try:

@@ -1,35 +1,34 @@
-"""Fused per-tensor statistics with Triton: two kernel launches per phase, whatever the tensors.
+"""The bucket that the fused kernels share: per-tensor statistics read through a table of addresses.
 
 :class:`~gradflow.quantities.ForeachBucket` needs no per-shape work, but each ``_foreach_norm``
 returns one 0-d tensor per parameter tensor, which ``stack`` then joins: about 4 µs of host time
 per tensor and statistic on a GPU (``reports/bench_launches_cuda.md``), more than a launch-bound
-step can hide. :class:`FusedBucket` reads every tensor through a table of raw addresses instead:
+step can hide. :class:`FusedBucket` reads every tensor in place through a table of raw addresses
+instead, and computes each phase with a few compiled calls whatever the tensors; its subclasses
+hold the kernels:
 
-1. :func:`_partials`, one program per *chunk* (at most :data:`CHUNK` elements of one tensor):
-   Σx², Σd², Σ|d|, max|·| (NaN left out) and the counts of NaN and ±Inf of its chunk, accumulated
-   in float64 (a 1e20 entry squares to 1e40: finite), into a ``(chunks, 6)`` float64 matrix;
-2. :func:`_combine`, one program per tensor: adds its chunks in a fixed order (deterministic, no
-   atomics) and writes the per-tensor figures, NaN where a NaN was counted.
+* :class:`~gradflow.fused_triton.TritonFusedBucket`: two Triton kernels per phase (GPUs; on a CPU
+  in Triton's interpreter, which is how the tests check them without a GPU);
+* :class:`~gradflow.fused_cpu.CpuFusedBucket`: one Numba-compiled loop per phase (CPUs).
+
+This module imports neither compiler, so that a CPU never loads Triton.
 
 Phases (``MODE``): ``GRAD`` (‖g‖, max|g|, count of NaN/±Inf in g), ``SNAPSHOT`` (‖w‖, copying w
 into the Δw snapshot, raw elements in the parameters' own dtype and memory order), ``AFTER``
-(‖w‖ and, with d = w − w_snapshot computed in float32, float64 for float64 parameters: ‖d‖, Σ|d|,
-max|d|) and ``NORM`` (‖w‖ only). The host work per phase is one Python pass over the tensors
-(their addresses, re-sent only when they change) and two launches; the figures reach the host
-with the step's other parts in one copy (:func:`gradflow.quantities.to_host`).
+(‖w‖ and, with d = w − w_snapshot: ‖d‖, Σ|d|, max|d|) and ``NORM`` (‖w‖ only). The host work per
+phase is one Python pass over the tensors (their addresses, re-sent only when they change, after
+:meth:`FusedBucket._check`) and the kernels' calls; the figures reach the host with the step's
+other parts in one copy (:func:`gradflow.quantities.to_host`).
 
-Availability: Triton (shipped with CUDA builds of PyTorch on Linux). ``TRITON_INTERPRET=1`` runs
-the same kernels on a CPU with NumPy, which is how the tests check them on machines without a GPU.
 A bucket whose tensors are not dense, whose dtype has no kernel, or whose kernels fail to compile
-or fail :func:`self_test` (once per device and dtype: every figure of every phase against float64
-references on tensors with NaN, ±Inf, a missing gradient and several chunks) is not built
-(:class:`Unavailable`): :func:`gradflow.buckets.build` then warns and falls back to the
-``foreach`` kind, so a Triton that compiles the kernels differently can cost speed, never exactness.
+or fail :func:`self_test` (once per kind, device and dtype: every figure of every phase against
+float64 references on tensors with NaN, ±Inf, a missing gradient and several chunks) is not built
+(:class:`Unavailable`): :func:`gradflow.buckets.build` then warns and falls back to a torch-only
+kind, so a compiler that builds the kernels differently can cost speed, never exactness.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -42,18 +41,8 @@ from gradflow.quantities import (GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM, PARAM_
                                  ForeachBucket, _local, check_same_shapes, compute_dtype, replaced,
                                  unscaled)
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs, macOS, Windows
-    triton = None
-
 GRAD, SNAPSHOT, AFTER, NORM = range(4)
 ROWS = {GRAD: 3, SNAPSHOT: 1, AFTER: 4, NORM: 1}  # per-tensor figures each phase writes
-COLUMNS = 6  # per chunk: Σx², Σd², Σ|d|, max|·| without NaN, NaN count, ±Inf count
-CHUNK = 1 << 16  # elements of one tensor per program of _partials
-BLOCK = 1024  # elements per loop iteration of a _partials program
-COMBINE_BLOCK = 256  # chunks per loop iteration of a _combine program
 
 
 # Unbound methods, mapped over a bucket's tensors in C (no Python frame per tensor).
@@ -64,101 +53,6 @@ _GRAD_OF, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("grad", "dtype", "
 
 class Unavailable(Exception):
     """This bucket cannot use the fused kernels (the reason is the message)."""
-
-
-if triton is not None:
-    # Triton kernels may read only constexpr globals: the phases again, as such.
-    _GRAD, _SNAPSHOT, _AFTER = tl.constexpr(GRAD), tl.constexpr(SNAPSHOT), tl.constexpr(AFTER)
-
-    @triton.jit
-    def _partials(pointers, snapshot, offsets, numel, chunk_tensor, chunk_start, partials,
-                  MODE: tl.constexpr, ELEMENT: tl.constexpr, WORK: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        k = tl.program_id(0)
-        j = tl.load(chunk_tensor + k)
-        start = tl.load(chunk_start + k)
-        address = tl.load(pointers + j)
-        source = address.to(tl.pointer_type(ELEMENT))
-        # A missing gradient (address 0) reads nothing: its figures are zeros.
-        stop = tl.where(address != 0, tl.minimum(start + CHUNK, tl.load(numel + j)), start)
-        saved = snapshot + tl.load(offsets + j)
-        squares = tl.zeros([BLOCK], tl.float64)
-        diff_squares = tl.zeros([BLOCK], tl.float64)
-        diff_abs = tl.zeros([BLOCK], tl.float64)
-        largest = tl.zeros([BLOCK], WORK)
-        nans = tl.zeros([BLOCK], tl.int32)
-        infs = tl.zeros([BLOCK], tl.int32)
-        for s in range(start, stop, BLOCK):
-            at = s + tl.arange(0, BLOCK)
-            mask = at < stop
-            raw = tl.load(source + at, mask=mask, other=0.0)
-            x = raw.to(WORK)
-            wide = x.to(tl.float64)
-            squares += wide * wide
-            if MODE == _SNAPSHOT:
-                tl.store(saved + at, raw, mask=mask)
-            if MODE == _GRAD:
-                magnitude = tl.abs(x)
-                is_nan = x != x
-                nans += is_nan.to(tl.int32)
-                infs += (magnitude == float("inf")).to(tl.int32)
-                largest = tl.maximum(largest, tl.where(is_nan, 0.0, magnitude))
-            if MODE == _AFTER:
-                d = x - tl.load(saved + at, mask=mask, other=0.0).to(WORK)
-                wide_d = d.to(tl.float64)
-                diff_squares += wide_d * wide_d
-                diff_abs += tl.abs(wide_d)
-                is_nan = d != d
-                nans += is_nan.to(tl.int32)
-                largest = tl.maximum(largest, tl.where(is_nan, 0.0, tl.abs(d)))
-        row = partials + k * 6
-        tl.store(row, tl.sum(squares, 0))
-        tl.store(row + 1, tl.sum(diff_squares, 0))
-        tl.store(row + 2, tl.sum(diff_abs, 0))
-        tl.store(row + 3, tl.max(largest, 0).to(tl.float64))
-        tl.store(row + 4, tl.sum(nans, 0).to(tl.float64))
-        tl.store(row + 5, tl.sum(infs, 0).to(tl.float64))
-
-    @triton.jit
-    def _combine(partials, first_chunk, chunk_count, out, tensors,
-                 MODE: tl.constexpr, BLOCK: tl.constexpr):
-        j = tl.program_id(0)
-        first = tl.load(first_chunk + j)
-        stop = first + tl.load(chunk_count + j)
-        squares = tl.zeros([BLOCK], tl.float64)
-        diff_squares = tl.zeros([BLOCK], tl.float64)
-        diff_abs = tl.zeros([BLOCK], tl.float64)
-        largest = tl.zeros([BLOCK], tl.float64)
-        nans = tl.zeros([BLOCK], tl.float64)
-        infs = tl.zeros([BLOCK], tl.float64)
-        for c in range(first, stop, BLOCK):
-            at = c + tl.arange(0, BLOCK)
-            mask = at < stop
-            row = partials + at * 6
-            squares += tl.load(row, mask=mask, other=0.0)
-            diff_squares += tl.load(row + 1, mask=mask, other=0.0)
-            diff_abs += tl.load(row + 2, mask=mask, other=0.0)
-            largest = tl.maximum(largest, tl.load(row + 3, mask=mask, other=0.0))
-            nans += tl.load(row + 4, mask=mask, other=0.0)
-            infs += tl.load(row + 5, mask=mask, other=0.0)
-        sum_squares = tl.sum(squares, 0)
-        nan_count = tl.sum(nans, 0)
-        tl.store(out + j, tl.sqrt(sum_squares))
-        if MODE == _GRAD:  # a NaN entry made Σx² NaN: max|g| is NaN too
-            tl.store(out + tensors + j, tl.where(nan_count > 0, sum_squares, tl.max(largest, 0)))
-            tl.store(out + 2 * tensors + j, nan_count + tl.sum(infs, 0))
-        if MODE == _AFTER:
-            sum_diff_squares = tl.sum(diff_squares, 0)
-            tl.store(out + tensors + j, tl.sqrt(sum_diff_squares))
-            tl.store(out + 2 * tensors + j, tl.sum(diff_abs, 0))
-            tl.store(out + 3 * tensors + j,
-                     tl.where(nan_count > 0, sum_diff_squares, tl.max(largest, 0)))
-
-
-# Per parameter dtype with a kernel: (the elements' Triton type, the compute type of the differences).
-ELEMENT_TYPES = {} if triton is None else {
-    torch.float32: (tl.float32, tl.float32), torch.float64: (tl.float64, tl.float64),
-    torch.bfloat16: (tl.bfloat16, tl.float32), torch.float16: (tl.float16, tl.float32)}
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -176,18 +70,15 @@ def dense(t: torch.Tensor) -> bool:
 
 @dataclass
 class FusedBucket(ForeachBucket):
-    """A :class:`~gradflow.quantities.ForeachBucket` whose step statistics come from the fused
-    kernels (epoch statistics, once per epoch, stay with the multi-tensor ops).
-
-    Memory beyond the parent's (snapshot P, epoch copy P on the host): the tables (a few int64 per
-    tensor and per chunk) and a ``(chunks, 6)`` float64 matrix, 48 bytes per :data:`CHUNK`
-    elements (≈ 0.02 % of float32 parameters). Raises :class:`Unavailable` from :meth:`build`.
+    """A :class:`~gradflow.quantities.ForeachBucket` whose step statistics come from fused kernels
+    that read the tensors in place (epoch statistics, once per epoch, stay with the multi-tensor
+    ops). A subclass supplies the kernels: :meth:`missing`, :meth:`supports`, :meth:`chunking`,
+    :meth:`_make_tables` and :meth:`_run`. Raises :class:`Unavailable` from :meth:`build`.
     """
 
-    tables: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)  # the kernels' work tables (:meth:`_make_tables`)
     # "grad"/"param" → (host key, device table, per tensor (shape, strides) when it was sent)
     addresses: dict = field(default_factory=dict)
-    chunk: int = 0  # elements per program of _partials: CHUNK when built
     sizes: list[int] = field(default_factory=list)  # per tensor, the elements the tables assume
 
     @classmethod
@@ -203,45 +94,41 @@ class FusedBucket(ForeachBucket):
             raise Unavailable(f"no kernel for {bucket.dtype}")
         if not all(dense(d) for d in data):
             raise Unavailable("a parameter is not dense in memory")
-        bucket.chunk = CHUNK
         bucket._make_tables(data)
         if verify:
             self_test(bucket.device, bucket.dtype, cls)
         bucket._warm_up(data)
         return bucket
 
-    def _take_every_path(self) -> None:
-        """Make the self-test's bucket take the code paths its small tensors would not (here: none;
-        its CHUNK + 5 tensor already spans two chunks)."""
-
     @classmethod
     def missing(cls) -> str:
         """Why the kernels cannot run in this installation ("" when they can)."""
-        return "" if triton is not None else "Triton is not installed"
+        return "no kernels (FusedBucket is the fused kinds' base)"
 
     @classmethod
     def supports(cls, dtype: torch.dtype) -> bool:
         """Whether the kernels read parameters of ``dtype``."""
-        return dtype in ELEMENT_TYPES
+        return False
+
+    @classmethod
+    def chunking(cls) -> tuple[int, ...]:
+        """The sizes that cut the kernels' work, elements per chunk first: :func:`self_test`'s long
+        tensor has that many elements plus 5 (two chunks), and its verdict holds for these sizes
+        only (tests shrink them)."""
+        raise NotImplementedError
 
     def _make_tables(self, data: list[torch.Tensor]) -> None:
-        self.sizes = [d.numel() for d in data]
-        numel = np.array(self.sizes, dtype=np.int64)
-        counts = -(-numel // self.chunk)
-        starts = [np.arange(0, n, self.chunk, dtype=np.int64) for n in numel]
+        """Set :attr:`sizes` (per tensor, ``numel``) and the kernels' :attr:`tables` for ``data``."""
+        raise NotImplementedError
 
-        def table(values) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+    def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
+        """One phase over the tensors at ``addresses`` (:meth:`_addresses`); returns a fresh
+        ``(ROWS[mode], T)`` float64 tensor on the bucket's device."""
+        raise NotImplementedError
 
-        self.tables = {
-            "numel": table(numel), "offsets": table(np.cumsum(numel) - numel),
-            "chunk_tensor": table(np.repeat(np.arange(len(numel)), counts)),
-            "chunk_start": table(np.concatenate(starts) if starts else []),
-            "first_chunk": table(np.cumsum(counts) - counts), "chunk_count": table(counts),
-            "partials": torch.zeros(max(int(counts.sum()), 1), COLUMNS, dtype=torch.float64,
-                                    device=self.device),
-        }
-        self.tables["chunks"] = int(counts.sum())
+    def _take_every_path(self) -> None:
+        """Make the self-test's bucket take the code paths its small tensors would not (here: none;
+        its long tensor already spans two chunks)."""
 
     def _warm_up(self, data: list[torch.Tensor]) -> None:
         """Compile this bucket's kernels now, not inside the first recorded step (reads only)."""
@@ -326,23 +213,6 @@ class FusedBucket(ForeachBucket):
                 gapped.append(j)
         return gapped
 
-    def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
-        """Both kernels for one phase; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""
-        t = self.tables
-        tensors = len(self.params)
-        out = torch.empty(ROWS[mode], tensors, dtype=torch.float64, device=self.device)
-        element, work = ELEMENT_TYPES[self.dtype]
-        snapshot = self.snapshot_flat if self.keeps_snapshot else t["partials"]
-        with _on(self.device):
-            if t["chunks"]:
-                _partials[(t["chunks"],)](addresses, snapshot, t["offsets"], t["numel"],
-                                          t["chunk_tensor"], t["chunk_start"], t["partials"],
-                                          MODE=mode, ELEMENT=element, WORK=work, CHUNK=self.chunk,
-                                          BLOCK=BLOCK)
-            _combine[(tensors,)](t["partials"], t["first_chunk"], t["chunk_count"], out, tensors,
-                                 MODE=mode, BLOCK=COMBINE_BLOCK)
-        return out
-
     def gradient_parts(self, present: np.ndarray, grad_scale: torch.Tensor | None) -> list:
         """As :meth:`Bucket.gradient_parts`; non-finite entries are counted every recorded step."""
         grads = list(map(_GRAD_OF, self.params))
@@ -406,24 +276,17 @@ class FusedBucket(ForeachBucket):
         return self._addresses("param", self.data())
 
 
-def _on(device: torch.device):
-    """``torch.cuda.device(device)`` where it is not the current device (Triton launches on the
-    current device's current stream); a no-op context elsewhere."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+_VERDICTS: dict[tuple, str] = {}  # (kind, device, dtype, chunking) → "" (passed) or what failed
 
 
-_VERDICTS: dict[tuple, str] = {}  # (kind, device, dtype, CHUNK, BLOCK) → "" (passed) or what failed
-
-
-def self_test(device: torch.device, dtype: torch.dtype, kind: type = FusedBucket) -> None:
-    """Check every figure of every phase of ``kind``'s kernels (:class:`FusedBucket` or
-    :class:`~gradflow.fused_cpu.CpuFusedBucket`) on ``device`` and ``dtype`` against float64
+def self_test(device: torch.device, dtype: torch.dtype, kind: type) -> None:
+    """Check every figure of every phase of ``kind``'s kernels (a :class:`FusedBucket` subclass:
+    :class:`~gradflow.fused_triton.TritonFusedBucket`, :class:`~gradflow.fused_cpu.CpuFusedBucket`)
+    on ``device`` and ``dtype`` against float64
     references computed by torch on the host, once per process (one host sync): gradients with
     NaN, +Inf and −Inf entries and one missing, a tensor of two chunks, a transposed one, and an
     update. Raises :class:`Unavailable` naming the first disagreement."""
-    key = (kind.__name__, device, dtype, CHUNK, BLOCK)
+    key = (kind.__name__, device, dtype, kind.chunking())
     if key not in _VERDICTS:
         try:
             _VERDICTS[key] = _disagreement(device, dtype, kind)
@@ -438,12 +301,13 @@ def self_test(device: torch.device, dtype: torch.dtype, kind: type = FusedBucket
 def _disagreement(device: torch.device, dtype: torch.dtype, kind: type) -> str:
     """What :func:`self_test` found wrong ("" when nothing)."""
     make = torch.Generator().manual_seed(0)
-    shapes = [(3,), (CHUNK + 5,), (7, 33), (1,)]
+    chunk = kind.chunking()[0]
+    shapes = [(3,), (chunk + 5,), (7, 33), (1,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=make).to(device=device, dtype=dtype))
               for s in shapes]
     params[2].data = params[2].data.t()  # dense, transposed
     grads = [torch.randn(s, generator=make).to(device=device, dtype=dtype) for s in shapes]
-    grads[1][[5, CHUNK + 1]] = torch.tensor([float("nan"), float("inf")], dtype=dtype, device=device)
+    grads[1][[5, chunk + 1]] = torch.tensor([float("nan"), float("inf")], dtype=dtype, device=device)
     grads[2][0, 1] = -float("inf")
     grads[3] = None
     for p, g in zip(params, grads):

@@ -3,9 +3,10 @@
 On a CPU the ``stack`` bucket (:class:`~gradflow.quantities.Bucket`) makes about 20 passes over the
 parameters per recorded step (stacking copies, ``abs_``, norms, maxima, each a separate torch op) and
 ``torch._foreach_*`` loops over the tensors one op at a time. :class:`CpuFusedBucket` reads every
-tensor in place through a table of raw addresses, as :class:`~gradflow.fused.FusedBucket` does on a
-GPU, with one Numba-compiled loop per phase that makes one pass over each tensor (block by block of
-:data:`BLOCK` elements, so that the few statistics of a block read it from the L1 cache):
+tensor in place through a table of raw addresses (:class:`~gradflow.fused.FusedBucket`), as Triton's
+kernels do on a GPU, with one Numba-compiled loop per phase that makes one pass over each tensor
+(block by block of :data:`BLOCK` elements, so that the few statistics of a block read it from the
+L1 cache):
 
 * ``GRAD``: ‖g‖, max|g| and the count of NaN/±Inf entries of g (counted only where Σg² is not
   finite, which an entry that is not finite always makes it: float32 squares cannot overflow a
@@ -22,8 +23,9 @@ assume finite values: ``fastmath`` is limited to :data:`FASTMATH`.
 
 Availability: ``pip install "gradflow[fused]"`` (Numba, about 60 MB of wheels). Parameters in
 float32 or float64 (bfloat16 / float16 use the ``stack`` bucket). Compiled once per dtype and cached
-on disk by Numba (``cache=True``: next to this file, or in Numba's user cache directory where that
-is read-only; where neither is writable, compiled in every process). A Numba that is installed but
+on disk by Numba (as ``cache=True``: next to this file, or in Numba's user cache directory where
+that is read-only; where neither is writable, compiled in every process; a corrupt cache file is
+compiled again and rewritten). A Numba that is installed but
 fails to import gives one :class:`~gradflow.errors.GradflowWarning` and the ``stack`` bucket. A
 bucket passes :func:`gradflow.fused.self_test` (every figure of every phase against float64
 references) before it is used, else :func:`gradflow.buckets.build` warns and uses ``stack``.
@@ -47,6 +49,7 @@ from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket
 try:
     import numba
     from numba import njit, types
+    from numba.core.caching import FunctionCache
     from numba.extending import intrinsic
 except Exception as err:  # not installed, or installed but broken (its llvmlite library, NumPy)
     numba = None
@@ -71,15 +74,38 @@ MAX_FASTMATH = FASTMATH | {"nnan"}
 NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 if numba is not None:
+    class _RecoveringCache(FunctionCache):
+        """Numba's on-disk cache of one kernel (what ``cache=True`` makes), except that a file that
+        fails to load (corrupt: a write cut short, a full disk) means compiling the kernel again and
+        writing the cache afresh, where Numba would raise in every process until the files were
+        deleted (and the CPU recorded with the stacked ops)."""
+
+        def load_overload(self, sig, target_context):
+            try:
+                return super().load_overload(sig, target_context)
+            except Exception:  # unpickling or rebuilding a cached file, whatever its class
+                try:
+                    self.flush()  # an empty index: the kernel compiled now is saved in its place
+                except OSError:
+                    self.disable()
+                return None
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except Exception:  # the kernel is compiled in this process; the next compiles it again
+                self.disable()
+
     def _jit(function):
         """Compiled, and cached on disk where Numba finds a writable place (beside this file, else
-        its user cache directory): where it finds none (a read-only install and home directory),
-        Numba refuses ``cache=True`` when the function is defined, so compile it in each process."""
-        options = {"nogil": True, "fastmath": set(FASTMATH), "boundscheck": False}
+        its user cache directory; a corrupt cache is compiled again, :class:`_RecoveringCache`):
+        where it finds none (a read-only install and home directory), compiled in each process."""
+        kernel = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False)(function)
         try:
-            return njit(cache=True, **options)(function)
+            kernel._cache = _RecoveringCache(function)  # as Dispatcher.enable_caching does
         except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
-            return njit(**options)(function)
+            pass
+        return kernel
 
     _inline = njit(nogil=True, fastmath=set(FASTMATH), boundscheck=False, inline="always")
     _maximum = njit(nogil=True, fastmath=set(MAX_FASTMATH), boundscheck=False)
@@ -247,7 +273,7 @@ if numba is not None:
 
 class CpuFusedBucket(FusedBucket):
     """A :class:`~gradflow.fused.FusedBucket` on a CPU: the same tables of addresses and the same
-    checks, with the phases computed by this module's Numba kernels instead of Triton's.
+    checks as Triton's on a GPU, with the phases computed by this module's Numba kernels.
 
     Memory beyond the ``stack`` bucket's: none per step (the figures are a ``(≤ 4, T)`` float64
     array); the Δw snapshot (P) and the epoch copy (P), as the other buckets. Raises
@@ -282,11 +308,17 @@ class CpuFusedBucket(FusedBucket):
             "like": np.empty(0, dtype=NUMPY_TYPES[self.dtype]), "splits": {},
         }
 
+    @classmethod
+    def chunking(cls) -> tuple[int, ...]:
+        """Two blocks (the self-test's long tensor, plus 5 elements), the self-test's pieces
+        (:data:`TEST_PIECE`: that tensor's two pieces hold 62 % and 38 % of it) and the blocks."""
+        return 2 * BLOCK, TEST_PIECE, BLOCK
+
     def _take_every_path(self) -> None:
-        """The self-test's bucket: tensors in pieces of 1,000 elements on 2 threads, so that the
-        test crosses pieces, combines them and runs the thread split, which its small tensors
-        would not."""
-        self._make_tables(self.data(), piece=1000)
+        """The self-test's bucket: tensors in pieces of :data:`TEST_PIECE` elements on 2 threads,
+        so that the test crosses blocks within a piece, crosses pieces, combines them and runs the
+        thread split, which its small tensors would not."""
+        self._make_tables(self.data(), piece=TEST_PIECE)
         self.threads = 2
 
     def _splits(self) -> list[tuple[int, int]]:
@@ -327,6 +359,7 @@ class CpuFusedBucket(FusedBucket):
 # A tensor's figures from its pieces' partial sums: sums add, maxima take the max.
 COLUMNS = {GRAD: 4, NORM: 1, SNAPSHOT: 1, AFTER: 4}
 PIECE = 1 << 18  # elements per piece: the unit of work split among threads
+TEST_PIECE = BLOCK + 1000  # the self-test's pieces: a whole block and part of the next
 PARALLEL_MIN_ELEMENTS = 1 << 20  # elements per thread, at least: below, handing off costs more
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 

@@ -14,8 +14,9 @@ avoid that (:func:`gradflow.buckets.build` picks one):
 * :class:`ForeachBucket` (GPUs without Triton): multi-tensor ``torch._foreach_*`` kernels over all
   the bucket's tensors, a fixed number of dispatches per bucket whatever the shapes (on a CPU those
   ops loop over the tensors one by one, which is slower than stacking);
-* :class:`gradflow.fused.FusedBucket` (GPUs with Triton): two fused kernels per phase over a table
-  of the tensors' addresses, no per-tensor host work beyond reading the addresses.
+* :class:`gradflow.fused.FusedBucket`: fused kernels over a table of the tensors' addresses, no
+  per-tensor host work beyond reading the addresses: two Triton kernels per phase on GPUs
+  (:mod:`gradflow.fused_triton`), one Numba-compiled loop on CPUs (:mod:`gradflow.fused_cpu`).
 
 All statistics of a step are copied to the host once per device (:func:`to_host`; on the CPU the
 concatenation happens on the writer thread).

@@ -8,8 +8,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Without a GPU, Triton's interpreter runs the fused kernels (gradflow/fused.py) with NumPy, so that
-# they are tested here; with one they are compiled for it (set before gradflow.fused is imported).
+# Without a GPU, Triton's interpreter runs the fused kernels (gradflow/fused_triton.py) with NumPy,
+# so that they are tested here; with one they are compiled for it (set before Triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

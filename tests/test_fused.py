@@ -1,5 +1,5 @@
-"""The fused kernels: Triton's (gradflow/fused.py, on a CPU through Triton's interpreter) and
-Numba's (gradflow/fused_cpu.py), which share the bucket around them.
+"""The fused kernels: Triton's (gradflow/fused_triton.py, on a CPU through Triton's interpreter)
+and Numba's (gradflow/fused_cpu.py), which share the bucket around them (gradflow/fused.py).
 
 Every figure is compared with a float64 NumPy reference computed here from the tensors themselves:
 ‖x‖ = sqrt(Σx²), max|x| (NaN where x holds a NaN), the count of NaN/±Inf, and for the update
@@ -31,15 +31,15 @@ SHAPES = [(3,), (20, 30), (700,), (1,), (5, 4, 3, 3), (4200,)]
 
 
 @pytest.fixture
-def fused(monkeypatch):
+def fused_triton(monkeypatch):
     if not fused_kernels_on("cpu"):
         pytest.skip("needs Triton (interpreted on a CPU)")
-    from gradflow import fused
+    from gradflow import fused_triton
 
-    monkeypatch.setattr(fused, "CHUNK", 256)
-    monkeypatch.setattr(fused, "BLOCK", 64)
-    monkeypatch.setattr(fused, "COMBINE_BLOCK", 2)  # a tensor's chunks in several iterations
-    return fused
+    monkeypatch.setattr(fused_triton, "CHUNK", 256)
+    monkeypatch.setattr(fused_triton, "BLOCK", 64)
+    monkeypatch.setattr(fused_triton, "COMBINE_BLOCK", 2)  # a tensor's chunks in several iterations
+    return fused_triton
 
 
 @pytest.fixture(params=["triton", "numba", "numba-threads"])
@@ -48,7 +48,7 @@ def kind(request, monkeypatch):
     (SHAPES[5] spans two blocks) or with tensors cut into pieces of 1,000 elements that three
     threads share (the kernels' work split, otherwise only for tensors of millions)."""
     if request.param == "triton":
-        return request.getfixturevalue("fused").FusedBucket
+        return request.getfixturevalue("fused_triton").TritonFusedBucket
     pytest.importorskip("numba")
     from gradflow import fused_cpu
 
@@ -190,11 +190,11 @@ def test_gradients_of_any_layout_and_moved_tensors(kind):
                                [np.sqrt(np.sum(wide(p) ** 2)) for p in params], rtol=1e-12)
 
 
-def test_unusable_buckets_fall_back_with_a_warning(fused, monkeypatch):
+def test_unusable_buckets_fall_back_with_a_warning(fused_triton, monkeypatch):
     """A parameter that is not dense in memory, or kernels that fail, give the device's torch-only
     bucket (here, a CPU: stack; foreach on a GPU) and a warning naming why; never an error inside
     the training step."""
-    monkeypatch.setattr(buckets, "fused_kind", lambda device: fused.FusedBucket)
+    monkeypatch.setattr(buckets, "fused_kind", lambda device: fused_triton.TritonFusedBucket)
     gapped = [nn.Parameter(torch.randn(4, 8)[:, ::2])]
     with pytest.warns(GradflowWarning, match="not dense.*using stack"):
         bucket = buckets.build(gapped, [0], strategy="fused")
@@ -206,8 +206,8 @@ def test_unusable_buckets_fall_back_with_a_warning(fused, monkeypatch):
                 raise RuntimeError("no such kernel")
             return launch
 
-    monkeypatch.setattr(fused, "_partials", Broken())
-    monkeypatch.setattr(fused, "_combine", Broken())
+    monkeypatch.setattr(fused_triton, "_partials", Broken())
+    monkeypatch.setattr(fused_triton, "_combine", Broken())
     with pytest.warns(GradflowWarning, match="kernels failed"):
         bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
     assert type(bucket) is quantities.Bucket
@@ -242,10 +242,12 @@ def test_recording_leaves_training_bit_identical(kind, tmp_path, monkeypatch):
     assert all(torch.equal(recorded[k], plain[k]) for k in plain)
 
 
-def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatch):
+def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused_triton, monkeypatch):
     """A Triton that compiled a kernel wrongly (here: one figure off by 1e-6 relative) must cost
     speed, never exactness: the self-test finds it, and the bucket falls back, warning."""
-    real = fused._combine
+    from gradflow import fused
+
+    real = fused_triton._combine
 
     class Skewed:
         def __getitem__(self, grid):
@@ -256,10 +258,10 @@ def test_kernels_that_compute_wrong_figures_fail_the_self_test(fused, monkeypatc
             return launch
 
     monkeypatch.setattr(fused, "_VERDICTS", {})
-    monkeypatch.setattr(fused, "_combine", Skewed())
+    monkeypatch.setattr(fused_triton, "_combine", Skewed())
     with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_ABS_SUM}"):
-        fused.self_test(torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(buckets, "fused_kind", lambda device: fused.FusedBucket)
+        fused.self_test(torch.device("cpu"), torch.float32, fused_triton.TritonFusedBucket)
+    monkeypatch.setattr(buckets, "fused_kind", lambda device: fused_triton.TritonFusedBucket)
     with pytest.warns(GradflowWarning, match="self-test"):
         bucket = buckets.build([nn.Parameter(torch.randn(3))], [0], strategy="fused")
     assert type(bucket) is quantities.Bucket
@@ -313,7 +315,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gradflow import fused
+from gradflow import fused_triton as fused
 
 for dtype in ("fp32", "bf16", "fp16", "fp64"):
     element = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}[dtype]
@@ -451,6 +453,64 @@ def test_without_a_writable_cache_location_the_kernels_compile_in_process():
     assert "kind CpuFusedBucket" in result.stdout and "Warning" not in result.stderr, result.stderr
 
 
+HIDE_TRITON = """
+import atexit, traceback
+asked = []  # where gradflow's code imported Triton
+
+class HideTriton:  # torch's optimizers import Triton where it is installed: hide it from them
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            ours = [f for f in traceback.extract_stack() if f.filename.startswith({package!r})]
+            asked.extend(f"{{f.filename}}:{{f.lineno}}" for f in ours[-1:])
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, HideTriton())
+atexit.register(lambda: print("gradflow imported triton at", asked))
+"""
+
+
+def test_a_cpu_recorder_does_not_import_triton():
+    """Triton costs about 70 MiB of resident memory and is of no use on a CPU: recording on a CPU
+    (Numba's kernels, their self-test included) must not import it. In a process of its own, where
+    every import of Triton is refused and the ones that gradflow's code asks for are noted (torch's
+    optimizers import it too, where it is installed, and would hide gradflow's)."""
+    pytest.importorskip("numba")
+    result = run_one_step(HIDE_TRITON.format(package=str(REPO / "gradflow")), [])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kind CpuFusedBucket" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "gradflow imported triton at []" in result.stdout, result.stdout
+
+
+CACHE_HITS = """
+import atexit
+atexit.register(lambda: print("cache hits", sum(len(getattr(sys.modules["gradflow.fused_cpu"], k)
+                                                    .stats.cache_hits) for k in (
+    "_gradient_kernel", "_norm_kernel", "_snapshot_kernel", "_after_kernel"))))
+"""
+
+
+@pytest.mark.parametrize("corrupt", ["index", "data"])
+def test_a_corrupt_kernel_cache_is_compiled_again_and_rewritten(tmp_path, monkeypatch, corrupt):
+    """Numba's on-disk cache of the kernels, cut short or overwritten (a full disk, a crash while
+    writing): the next process compiles the kernels again and records exactly with them (not the
+    stacked ops, silently, in every process until someone deletes the cache), and rewrites the
+    cache, which the process after it loads."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    first = run_one_step(CACHE_HITS, [])
+    assert "kind CpuFusedBucket" in first.stdout and "cache hits 0" in first.stdout, first.stderr
+    files = sorted((tmp_path / "cache").rglob("*.nbi" if corrupt == "index" else "*.nbc"))
+    assert len(files) >= 4, files  # one per kernel at least
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2] + b"garbage")
+    again = run_one_step(CACHE_HITS, [])  # (asserts that the recorded ‖g‖ is exact)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "kind CpuFusedBucket" in again.stdout and "Warning" not in again.stderr, again.stderr
+    assert "cache hits 0" in again.stdout, again.stdout
+    third = run_one_step(CACHE_HITS, [])
+    assert "kind CpuFusedBucket" in third.stdout and "cache hits 4" in third.stdout, third.stdout
+
+
 @pytest.mark.parametrize("broken", ["library", "definitions"])
 def test_a_broken_numba_records_with_the_stacked_ops_and_one_warning(tmp_path, broken):
     """A Numba that is installed but fails to import (``OSError`` from a missing llvmlite
@@ -466,6 +526,9 @@ def test_a_broken_numba_records_with_the_stacked_ops_and_one_warning(tmp_path, b
                                           "def njit(*args, **kwargs):\n"
                                           "    raise TypeError('unknown option inline')\n")
         (fake / "extending.py").write_text("def intrinsic(f):\n    return f\n")
+        (fake / "core").mkdir()
+        (fake / "core" / "__init__.py").write_text("")
+        (fake / "core" / "caching.py").write_text("class FunctionCache:\n    pass\n")
     result = run_one_step("", [tmp_path])
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "kind Bucket" in result.stdout
@@ -528,3 +591,21 @@ def test_the_numba_self_test_runs_pieces_on_threads(monkeypatch):
     with pytest.raises(fused.Unavailable, match=f"row {quantities.PARAM_NORM_BEFORE}"):
         fused.self_test(torch.device("cpu"), torch.float32, fused_cpu.CpuFusedBucket)
     assert {main for main, _ in seen} == {True, False} and any(later for _, later in seen)
+
+
+def test_the_numba_self_test_crosses_blocks_within_a_piece(monkeypatch):
+    """A kernel that is wrong only past the first block of a piece (the blocks that every tensor
+    of more than 4,096 elements has) must fail the runtime self-test: its pieces span two blocks."""
+    pytest.importorskip("numba")
+    from gradflow import fused, fused_cpu
+
+    real = fused_cpu._after_kernel
+
+    def long_pieces_skewed(addresses, tensor, start, numel, offsets, snapshot, partial, lo, hi):
+        real(addresses, tensor, start, numel, offsets, snapshot, partial, lo, hi)
+        partial[lo:hi, 1] *= np.where(numel[lo:hi] > fused_cpu.BLOCK, 1 + 1e-6, 1.0)  # Σd² only
+
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    monkeypatch.setattr(fused_cpu, "_after_kernel", long_pieces_skewed)
+    with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_NORM}"):
+        fused.self_test(torch.device("cpu"), torch.float32, fused_cpu.CpuFusedBucket)

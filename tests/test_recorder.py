@@ -394,6 +394,7 @@ def test_every_k_records_and_snapshots_only_every_kth_step(tmp_path, monkeypatch
 
     snapshots = []
     for kind in (quantities.Bucket, quantities.ForeachBucket, fused.FusedBucket):  # whichever is built
+        # (FusedBucket: the base of Triton's and Numba's kinds)
         monkeypatch.setattr(kind, "snapshot", lambda self, *a, original=kind.snapshot:
                             snapshots.append(self) or original(self, *a))
     model = make_net()

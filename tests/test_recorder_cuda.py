@@ -97,7 +97,7 @@ def test_cuda_figures_match_reference(tmp_path, dtypes, strategy, monkeypatch):
         model = make_model(dtypes, "cuda")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         with gradflow.Recorder(model, optimizer, str(tmp_path / "kind.zarr")) as rec:
-            assert {type(b).__name__ for b in rec._all_buckets()} == {"FusedBucket"}
+            assert {type(b).__name__ for b in rec._all_buckets()} == {"TritonFusedBucket"}
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],

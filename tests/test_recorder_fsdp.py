@@ -142,10 +142,10 @@ def train(rank: int, out_dir: Path, kind: str) -> None:
     import gradflow
     from gradflow import buckets
 
-    from gradflow import fused, fused_cpu
+    from gradflow import fused_cpu, fused_triton
 
     buckets.STRATEGY = STRATEGY.get(kind, "stack")
-    buckets.fused_kind = lambda device: (fused.FusedBucket if kind == "fsdp2_fused"
+    buckets.fused_kind = lambda device: (fused_triton.TritonFusedBucket if kind == "fsdp2_fused"
                                          else fused_cpu.CpuFusedBucket)
     error = refused(rank, out_dir, kind) if kind not in REPLICATED else ""
     model, reference = make_model(), make_model()  # reference: unsharded, on both ranks' batches
@@ -233,7 +233,7 @@ def test_sharded_two_ranks_global_figures(runs, kind):
         assert errors[0] and errors[0] == errors[1]
         assert ("use_orig_params" in errors[0]) if kind == "fsdp1" else ("placements" in errors[0])
     assert not (tmp_path / "rank1.zarr").exists(), "rank 1 must not write a store"
-    expected = {"fsdp2": "ForeachBucket", "fsdp2_fused": "FusedBucket",
+    expected = {"fsdp2": "ForeachBucket", "fsdp2_fused": "TritonFusedBucket",
                 "fsdp2_numba": "CpuFusedBucket"}.get(kind, "Bucket")
     kinds = [s["buckets"].tolist() for s in saved]
     assert kinds[0] == [expected] and kinds[1] in ([expected], []), kinds

@@ -28,15 +28,15 @@ STRATEGIES = ["stack", "foreach", "auto", pytest.param("fused", marks=pytest.mar
 
 def use(monkeypatch, strategy: str, dtype: torch.dtype) -> str:
     """Make the Recorder build ``strategy``'s buckets; returns the class name it must build."""
-    from gradflow import fused, fused_cpu
+    from gradflow import fused_cpu, fused_triton
 
     monkeypatch.setattr(buckets, "STRATEGY", strategy)
     if strategy == "fused":
-        monkeypatch.setattr(buckets, "fused_kind", lambda device: fused.FusedBucket)
+        monkeypatch.setattr(buckets, "fused_kind", lambda device: fused_triton.TritonFusedBucket)
     if strategy == "auto":
         numba = fused_cpu.numba is not None and fused_cpu.CpuFusedBucket.supports(dtype)
         return "CpuFusedBucket" if numba else "Bucket"
-    return {"stack": "Bucket", "foreach": "ForeachBucket", "fused": "FusedBucket"}[strategy]
+    return {"stack": "Bucket", "foreach": "ForeachBucket", "fused": "TritonFusedBucket"}[strategy]
 
 GRADIENT_VARIABLES = ("grad_norm", "grad_max_abs", "nonfinite", "param_norm")
 UPDATE_VARIABLES = ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio")

@@ -313,7 +313,7 @@ def render(rows: list[dict], args) -> str:
         "time inside the hooks, and the step time with recording over without (medians; plain and "
         "gradflow interleaved in one process, order alternating). `auto` is the default: the "
         "fused kernels where their compiler is installed (`fused`: on a CPU Numba's, "
-        "`gradflow/fused_cpu.py`; on a GPU Triton's, `gradflow/fused.py`; neither is a torch op, "
+        "`gradflow/fused_cpu.py`; on a GPU Triton's, `gradflow/fused_triton.py`; neither is a torch op, "
         "so they are counted only as CUDA launches), else on a CPU stacked shape classes "
         "(`stack`) and on a GPU multi-tensor `torch._foreach_*` kernels (`foreach`). "
         "Produced by `python -m gradflow.bench.launches`.", "",

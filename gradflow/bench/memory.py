@@ -14,7 +14,11 @@ Arms: ``plain``; ``gradflow`` (``Recorder(..., every=1)``); ``gradflow snapshot=
 figures and ‖w‖ only); and, with ``--compare PATH``, ``gradflow@PATH``: the same Recorder imported
 from another checkout (e.g. an older version, for a before/after figure).
 
-Usage: ``python -m gradflow.bench.memory [--dtype bfloat16] [--steps 6] [--out reports/bench_memory.md]``
+``--widths 512,1840`` measures the model at several widths (27 M and 274 M parameters): the
+report then splits each arm's cost into a fixed part (MiB) and a per-parameter part (× the
+parameters' bytes), from the two smallest sizes.
+
+Usage: ``python -m gradflow.bench.memory [--dtype bfloat16] [--widths 512] [--steps 6] [--out reports/bench_memory.md]``
 """
 
 from __future__ import annotations
@@ -54,13 +58,15 @@ def _rss() -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
-def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_every: int) -> dict:
-    """One arm in this process; returns its memory figures (bytes)."""
+def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_every: int,
+          width: int = 512) -> dict:
+    """One arm in this process, on :func:`transformer` of ``width``; returns its memory figures
+    (bytes)."""
     import gradflow  # imported in every arm before measuring (its import is not recording memory)
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = transformer().to(device=device, dtype=getattr(torch, dtype))
+    model = transformer(width=width).to(device=device, dtype=getattr(torch, dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 8192, (4, 64), device=device)
 
@@ -100,15 +106,15 @@ def child(arm: str, dtype: str, device: str, steps: int, warmup: int, epoch_ever
     return out
 
 
-def run_arm(arm: str, args, pythonpath: str) -> dict:
+def run_arm(arm: str, args, pythonpath: str, width: int) -> dict:
     from gradflow import bench
 
     # This file, by path, from a neutral folder: `import gradflow` finds the arm's checkout.
     return bench.run_child(str(Path(__file__).resolve()),
                            ["--child", arm, "--dtype", args.dtype, "--device", args.device,
                             "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--epoch-every", str(args.epoch_every)], pythonpath, f"arm {arm}",
-                           MALLOC_MMAP_THRESHOLD_="131072")
+                            "--epoch-every", str(args.epoch_every), "--width", str(width)],
+                           pythonpath, f"arm {arm}", MALLOC_MMAP_THRESHOLD_="131072")
 
 
 def child_main(argv: list[str]) -> None:
@@ -121,8 +127,10 @@ def child_main(argv: list[str]) -> None:
         parser.add_argument(name, default=default)
     for name in ("--steps", "--warmup", "--epoch-every"):
         parser.add_argument(name, type=int)
+    parser.add_argument("--width", type=int, default=512)
     args = parser.parse_args(argv)
-    out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every)
+    out = child(args.child, args.dtype, args.device, args.steps, args.warmup, args.epoch_every,
+                args.width)
     print(json.dumps({**out, "gradflow_path": str(Path(gradflow.__file__).parent)}))
 
 
@@ -135,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = bench.parser("memory", __doc__)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--widths", default=[512], type=widths,
+                        help="comma-separated model widths, multiples of 8 (the heads); default 512 "
+                             "(27 M parameters; 1840: 274 M)")
     parser.add_argument("--steps", type=bench.positive_int, default=6)
     parser.add_argument("--warmup", type=bench.positive_int, default=2)
     parser.add_argument("--epoch-every", type=bench.positive_int, default=3)
@@ -151,15 +162,29 @@ def main(argv: list[str] | None = None) -> None:
     arms = {"plain": root, "gradflow": root, "gradflow snapshot=False": root}
     if args.compare:
         arms[f"gradflow@{Path(args.compare).name}"] = args.compare
-    results: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for r in range(args.repeats):
-        order = list(arms) if r % 2 == 0 else list(reversed(arms))
-        for arm in order:
-            results[arm].append(run_arm(arm, args, arms[arm]))
-            print(f"round {r + 1}/{args.repeats} {arm}: {results[arm][-1]}", flush=True)
+    results: dict[int, dict[str, list[dict]]] = {w: {arm: [] for arm in arms} for w in args.widths}
+    for width in args.widths:
+        for r in range(args.repeats):
+            order = list(arms) if r % 2 == 0 else list(reversed(arms))
+            for arm in order:
+                results[width][arm].append(run_arm(arm, args, arms[arm], width))
+                print(f"width {width} round {r + 1}/{args.repeats} {arm}: "
+                      f"{results[width][arm][-1]}", flush=True)
     report = render(results, args)
     print(report)
     bench.write_report(out, report)
+
+
+def widths(text: str) -> list[int]:
+    """An argparse type: comma-separated positive multiples of 8, in increasing order."""
+    try:
+        values = [int(w) for w in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(w < 8 or w % 8 for w in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give widths that are multiples of 8 (8 heads), "
+                                         f"e.g. 512,1840")
+    return sorted(set(values))
 
 
 def _median(values: list[float]) -> float:
@@ -168,50 +193,77 @@ def _median(values: list[float]) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def render(results: dict[str, list[dict]], args) -> str:
+def _excess(runs: dict[str, list[dict]], arm: str, key: str) -> float:
+    """``arm``'s median figure ``key`` above the ``plain`` arm's (bytes)."""
+    return _median([r[key] for r in runs[arm]]) - _median([r[key] for r in runs["plain"]])
+
+
+def render(results: dict[int, dict[str, list[dict]]], args) -> str:
+    """The report: per model width (``results[width][arm]``: the runs' figures), a table of each
+    arm above ``plain``; with several widths, each arm's fixed and per-parameter cost."""
     key = ("device_steady", "device_peak") if args.device == "cuda" else ("steady", "peak")
-    plain = {k: _median([r[k] for r in results["plain"]]) for k in key}
-    param_bytes = results["plain"][0]["param_bytes"]
     goal = GOAL[args.device]
+    sizes = ", ".join(f"{runs['plain'][0]['params']:,} ({runs['plain'][0]['param_bytes'] / 2**20:,.1f} MiB)"
+                      for runs in results.values())
     lines = [
         "# Recorder memory benchmark", "",
         f"Memory above the same training without a Recorder, in units of the recorded parameters' "
-        f"bytes ({results['plain'][0]['params']:,} parameters, {args.dtype}, "
-        f"{param_bytes / 2**20:.1f} MiB). *Steady*: resident memory after {args.steps} recorded "
-        f"steps; *peak*: the highest resident memory during them (medians of {args.repeats} runs "
-        f"per arm, fresh process each). Goal on {args.device}: ≤ {goal}× "
+        f"bytes ({sizes} parameters, {args.dtype}). *Steady*: resident memory after {args.steps} "
+        f"recorded steps; *peak*: the highest resident memory during them (medians of "
+        f"{args.repeats} runs per arm, fresh process each). Goal on {args.device}: ≤ {goal}× "
         f"({'device and host are one memory: Δw snapshot + epoch copy + scratch' if args.device == 'cpu' else 'device memory'}). "
-        f"Produced by `python -m gradflow.bench.memory`.", "",
-        "| arm | steady above plain (MiB) | steady × params | peak above plain (MiB) | peak × params | goal | met |",
-        "|---|---:|---:|---:|---:|---:|:-:|",
+        f"Produced by `python -m gradflow.bench.memory`.",
     ]
-    for arm, runs in results.items():
-        if arm == "plain":
-            continue
-        steady = _median([r[key[0]] for r in runs]) - plain[key[0]]
-        peak = _median([r[key[1]] for r in runs]) - plain[key[1]]
-        worst = max(steady, peak) / param_bytes
-        met = "yes" if worst <= goal else "no"
-        lines.append(f"| {arm} | {steady / 2**20:.1f} | {steady / param_bytes:.2f}× | "
-                     f"{peak / 2**20:.1f} | {peak / param_bytes:.2f}× | ≤ {goal}× | {met} |")
-    if args.device == "cuda":  # the epoch-start copy lives in (pinned) host memory
-        host = {arm: (_median([r["steady"] for r in runs]) - _median([r["steady"] for r in results["plain"]]))
-                / param_bytes for arm, runs in results.items() if arm != "plain"}
-        lines += ["", "Host memory (RSS) above plain, steady, × params (the pinned epoch-start copy "
-                  "lives there): " + ", ".join(f"{arm} {v:.2f}×" for arm, v in host.items())]
+    for width, runs in results.items():
+        param_bytes = runs["plain"][0]["param_bytes"]
+        if len(results) > 1:
+            lines += ["", f"## Width {width}: {runs['plain'][0]['params']:,} parameters, "
+                          f"{param_bytes / 2**20:,.1f} MiB"]
+        lines += ["", "| arm | steady above plain (MiB) | steady × params | peak above plain (MiB) | peak × params | goal | met |",
+                  "|---|---:|---:|---:|---:|---:|:-:|"]
+        for arm in runs:
+            if arm == "plain":
+                continue
+            steady, peak = _excess(runs, arm, key[0]), _excess(runs, arm, key[1])
+            met = "yes" if max(steady, peak) / param_bytes <= goal else "no"
+            lines.append(f"| {arm} | {steady / 2**20:.1f} | {steady / param_bytes:.2f}× | "
+                         f"{peak / 2**20:.1f} | {peak / param_bytes:.2f}× | ≤ {goal}× | {met} |")
+        if args.device == "cuda":  # the epoch-start copy lives in (pinned) host memory
+            host = {arm: _excess(runs, arm, "steady") / param_bytes for arm in runs if arm != "plain"}
+            lines += ["", "Host memory (RSS) above plain, steady, × params (the pinned epoch-start "
+                      "copy lives there): " + ", ".join(f"{arm} {v:.2f}×" for arm, v in host.items())]
+    if len(results) > 1:
+        lines += ["", "## Fixed and per-parameter cost", "",
+                  "Each arm's steady figure above plain as *fixed* + *per parameter* × the parameters' "
+                  "bytes, the line through the two smallest widths:", "",
+                  "| arm | fixed (MiB) | per parameter (× params) |", "|---|---:|---:|"]
+        (small, a), (large, b) = list(results.items())[:2]
+        size = {w: runs["plain"][0]["param_bytes"] for w, runs in ((small, a), (large, b))}
+        for arm in a:
+            if arm == "plain":
+                continue
+            slope = (_excess(b, arm, key[0]) - _excess(a, arm, key[0])) / (size[large] - size[small])
+            fixed = _excess(a, arm, key[0]) - slope * size[small]
+            lines.append(f"| {arm} | {fixed / 2**20:.1f} | {slope:.2f}× |")
+    lines += ["", "Per-arm raw figures (bytes above the "
+              + ("device memory" if args.device == "cuda" else "RSS") + " before the Recorder, per run):", ""]
+    for width, runs in results.items():
+        lines += [f"- {arm}{f' (width {width})' if len(results) > 1 else ''}: "
+                  + "; ".join(f"steady {r[key[0]]:,}, peak {r[key[1]]:,}" for r in arm_runs)
+                  for arm, arm_runs in runs.items()]
+    shape = (f"embedding 8192×W, 6 pre-norm TransformerEncoderLayer(W, 8 heads, 4W), LayerNorm, "
+             f"Linear(W→8192), W = {', '.join(map(str, results))}")
+    if list(results) == [512]:
+        shape = ("embedding 8192×512, 6 pre-norm TransformerEncoderLayer(512, 8 heads, 2048), "
+                 "LayerNorm, Linear(512→8192)")
     lines += [
-        "", "Per-arm raw figures (bytes above the "
-        + ("device memory" if args.device == "cuda" else "RSS") + " before the Recorder, per run):", "",
-        *[f"- {arm}: " + "; ".join(f"steady {r[key[0]]:,}, peak {r[key[1]]:,}" for r in runs)
-          for arm, runs in results.items()],
         "", "## Conditions", "",
         f"- **date**: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"{platform.system()} {platform.release()}"
         + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         f"- **python / torch**: {platform.python_version()} / {torch.__version__}",
-        "- **model**: embedding 8192×512, 6 pre-norm TransformerEncoderLayer(512, 8 heads, 2048), "
-        "LayerNorm, Linear(512→8192); batch 4 × 64 tokens; SGD(lr=1e-3), no optimizer state",
+        f"- **model**: {shape}; batch 4 × 64 tokens; SGD(lr=1e-3), no optimizer state",
         f"- **steps**: {args.warmup} warm-up, then {args.steps} recorded (every=1), end_epoch every "
         f"{args.epoch_every}",
         "- **allocator**: glibc with MALLOC_MMAP_THRESHOLD_=131072 (large blocks go back to the OS "

@@ -30,7 +30,7 @@ part() {  # part NAME LIMIT COMMAND...: run under a timeout, log to $OUT/run.log
 part tests 100 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
   tests/test_recorder_cuda.py tests/test_recorder.py tests/test_train.py tests/models/test_fcn.py \
   tests/data/test_augment.py tests/test_recorder_fsdp.py -k "cuda or nccl"
-# auto is the fused Triton kernels there (gradflow/fused.py); foreach the multi-tensor fallback.
+# auto is the fused Triton kernels there (gradflow/fused_triton.py); foreach the multi-tensor fallback.
 part launches 150 python3 -m gradflow.bench.launches --device cuda --models gpt2,table1,mlp \
   --strategies auto,foreach --steps 200 --gpt2-steps 40 --block 10 --profile-steps 2 \
   --note "lent H200 machine, one process at a time" --out "$OUT/bench_launches_cuda.md"

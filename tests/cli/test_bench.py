@@ -66,3 +66,12 @@ def test_bench_launches_refuses_bad_options_in_one_line(tmp_path, run_main):
         code, _, err = run_main("bench", "launches", *args, "--out", out)
         assert code == 2 and err.count("\n") == 1 and named in err, (args, err)
     assert not out.exists()
+
+
+def test_bench_memory_widths_must_be_multiples_of_the_heads(tmp_path, run_main):
+    """A width the 8 heads do not divide is refused before anything runs: one line, exit 2."""
+    out = tmp_path / "memory.md"
+    for widths in ("500", "512,x", "0"):
+        code, _, err = run_main("bench", "memory", "--widths", widths, "--out", out)
+        assert code == 2 and err.count("\n") == 1 and "multiples of 8" in err, (widths, err)
+    assert not out.exists()
