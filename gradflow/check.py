@@ -464,12 +464,14 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
     only the listing)."""
     node = _committed(zstore, group)
     summarised = 0  # with decode="tail": the step rows before it are not decoded
-    if decode == "tail":
-        from gradflow.summary import SPAN
-
-        summary = node.get("summary")
-        rows = summary.attrs.get("rows", 0) if isinstance(summary, zarr.Group) else 0
-        summarised = int(rows) // SPAN * SPAN if isinstance(rows, int) else 0
+    summary = node.get("summary")
+    if decode == "tail" and isinstance(summary, zarr.Group):
+        try:  # the summary covers whole spans (gradflow.summary.SPAN): its chunks' rows, in steps
+            level = summary.attrs["levels"][0]
+            span = summary[str(level)]["first_step"].metadata.chunk_grid.chunk_shape[0] * level
+            summarised = int(summary.attrs.get("rows", 0)) // span * span
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            summarised = 0  # a summary of unknown layout: decode every row
     state = RunState(where)
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
     every = node.attrs.get("every")
