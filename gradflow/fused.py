@@ -284,8 +284,8 @@ def self_test(device: torch.device, dtype: torch.dtype, kind: type) -> None:
     :class:`~gradflow.fused_triton.TritonFusedBucket`, :class:`~gradflow.fused_cpu.CpuFusedBucket`)
     on ``device`` and ``dtype`` against float64
     references computed by torch on the host, once per process (one host sync): gradients with
-    NaN, +Inf and −Inf entries and one missing, a tensor of two chunks, a transposed one, and an
-    update. Raises :class:`Unavailable` naming the first disagreement."""
+    NaN, +Inf and −Inf entries and one missing, two tensors of two chunks (one with finite
+    figures), a transposed one, and an update. Raises :class:`Unavailable` naming the first disagreement."""
     key = (kind.__name__, device, dtype, kind.chunking())
     if key not in _VERDICTS:
         try:
@@ -302,7 +302,9 @@ def _disagreement(device: torch.device, dtype: torch.dtype, kind: type) -> str:
     """What :func:`self_test` found wrong ("" when nothing)."""
     make = torch.Generator().manual_seed(0)
     chunk = kind.chunking()[0]
-    shapes = [(3,), (chunk + 5,), (7, 33), (1,)]
+    # Two tensors of two chunks: one with NaN and Inf in its gradient (the non-finite figures
+    # across chunks), one finite (its norms and maxima across chunks: NaN would hide them).
+    shapes = [(3,), (chunk + 5,), (7, 33), (1,), (chunk + 9,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=make).to(device=device, dtype=dtype))
               for s in shapes]
     params[2].data = params[2].data.t()  # dense, transposed
@@ -310,6 +312,7 @@ def _disagreement(device: torch.device, dtype: torch.dtype, kind: type) -> str:
     grads[1][[5, chunk + 1]] = torch.tensor([float("nan"), float("inf")], dtype=dtype, device=device)
     grads[2][0, 1] = -float("inf")
     grads[3] = None
+    grads[4][chunk + 3] = 50.0  # the largest |g|, in the second chunk
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.view(p.shape) if g.shape == p.shape else g.t()
     bucket = kind.build(params, list(range(len(params))), verify=False)
@@ -320,6 +323,7 @@ def _disagreement(device: torch.device, dtype: torch.dtype, kind: type) -> str:
         for p in params:
             p.mul_(1.5).add_(0.25)
         params[0][1] = float("nan")
+        params[4][chunk + 2] += 7.0  # the largest |Δw|, in the second chunk
     got.append(bucket.after_step())
     work = compute_dtype(dtype)
     want = {GRAD_NORM: [], GRAD_MAX_ABS: [], GRAD_NONFINITE: [], PARAM_NORM_BEFORE: [],

@@ -609,3 +609,21 @@ def test_the_numba_self_test_crosses_blocks_within_a_piece(monkeypatch):
     monkeypatch.setattr(fused_cpu, "_after_kernel", long_pieces_skewed)
     with pytest.raises(fused.Unavailable, match=f"row {quantities.UPDATE_NORM}"):
         fused.self_test(torch.device("cpu"), torch.float32, fused_cpu.CpuFusedBucket)
+
+
+def test_the_self_test_checks_finite_norms_and_maxima_across_chunks(monkeypatch):
+    """The self-test's long gradient with NaN/Inf has NaN norm and max, which would hide a kernel
+    wrong only past a tensor's first block: a finite long tensor must show it."""
+    pytest.importorskip("numba")
+    from gradflow import fused, fused_cpu
+
+    real = fused_cpu._gradient_kernel
+
+    def long_pieces_skewed(addresses, tensor, start, numel, like, partial, lo, hi):
+        real(addresses, tensor, start, numel, like, partial, lo, hi)
+        partial[lo:hi, 0] *= np.where(numel[lo:hi] > fused_cpu.BLOCK, 1 + 1e-6, 1.0)  # Σg² only
+
+    monkeypatch.setattr(fused, "_VERDICTS", {})
+    monkeypatch.setattr(fused_cpu, "_gradient_kernel", long_pieces_skewed)
+    with pytest.raises(fused.Unavailable, match=f"row {quantities.GRAD_NORM}"):
+        fused.self_test(torch.device("cpu"), torch.float32, fused_cpu.CpuFusedBucket)
