@@ -66,7 +66,7 @@ from zarr.core.sync import sync
 from gradflow import schema
 from gradflow.check import damaged_root, every_chunk_stored, root_error
 from gradflow.errors import GradflowError
-from gradflow.paths import path_exists, store_url
+from gradflow.paths import path_exists, refuse_inside_store, store_kind, store_url
 from gradflow.summary import STATS, SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
                            store_lock)
@@ -149,6 +149,19 @@ def _check_schema(attrs, where: str) -> None:
                             f"reads up to {SCHEMA}); upgrade gradflow")
 
 
+def _record_instead(store: str, inner: str, kind: str) -> str:
+    if kind == "run":
+        return f"record into a new store outside {store}"
+    return f"record into a group of it: Recorder(..., {store!r}, group={inner.split('/')[0]!r})"
+
+
+def _open_instead(store: str, inner: str, kind: str) -> str:
+    rest = inner.partition("/")[2]
+    if (inner == "epochs") if kind == "run" else rest in ("", "epochs"):
+        return f"open it as gradflow.open({store!r}, group={inner!r})"
+    return f"open the store: gradflow.open({store!r})"
+
+
 def _is_run(node) -> bool:
     return isinstance(node, zarr.Group) and node.attrs.get("gradflow_kind") == "run"
 
@@ -203,6 +216,10 @@ class RunStore:
         self.url, self.group = url, group
         self.where = url if not group else f"{url} (group {group!r})"
         self.fs, self.path = filesystem(url)
+        refuse_inside_store(url, _record_instead, writing=True)  # before the lock files are made
+        if group and store_kind(url) == "foreign":
+            raise GradflowError(f"{url} is not a gradflow store (another tool's Zarr store); record "
+                                f"group {group!r} into another store")
         self.lock = WriterLock(url, group, self.fs, self.path)
         self._unwritten: Rows | None = None
         self._attrs_update: dict = {}  # attributes the next commit writes
@@ -726,7 +743,8 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
 
     Raises GradflowError (one line) for a missing store or group, a ``group`` that is no group's
     path (``..``, ``a//b``, not a string), a path that is not a gradflow
-    store, an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
+    store, a path inside a gradflow store's folder (``run.zarr/epochs``: the error names the
+    ``gradflow.open(store, group=...)`` call), an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
     steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` repairs: :mod:`gradflow.repair`).
     """
@@ -767,6 +785,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         raise GradflowError(f"group must be a group's path in the store ('variant', "
                             f"'variant/epochs'), got {group!r}")
     group = group.strip("/") if group else None
+    refuse_inside_store(url, _open_instead, writing=False)
     fs, path = filesystem(url)
     try:
         root = zarr.open_group(url, mode="r")
@@ -787,7 +806,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     kind = node.attrs.get("gradflow_kind")
     if kind in ("run", "epochs"):
         _check_schema(node.attrs, where)
-        run = group if kind == "run" else (group.rsplit("/", 1)[0] if "/" in group else None)
+        run = group if kind == "run" else (group.rsplit("/", 1)[0] if group and "/" in group else None)
         if fs.exists(creating_marker(fs, path, run)):
             raise _NotReady(f"{where} is being created (or its creation was interrupted)")
         _refuse_damaged(root.store, run, where, url)
