@@ -558,6 +558,10 @@ class Recorder:
         self._empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors], bool)
         if sharding is not None:
             self._reducer = distributed.Reducer(sharding.group, len(tensors), self._empty)
+        # The run's `optimizers` attribute, kept current when param groups join (written at the next
+        # hand-off), so that a resume with those groups matches it (RunStore._resume).
+        self._described = json.loads(json.dumps(self._store.optimizers)) if self._writes else None
+        self._described_due = False
         self._write_failures = 0  # consecutive failed flushes (their rows are kept and retried)
         self._error: BaseException | None = None  # the last write failure, None once written
         self._stopped = False  # recording stopped after WRITE_ATTEMPTS failed flushes
@@ -916,6 +920,10 @@ class Recorder:
     def _join_groups(self, i: int, optimizer) -> None:
         """Param groups added to optimizer ``i``: record their parameters from this step on."""
         self._num_groups[i] = len(optimizer.param_groups)
+        if self._described is not None:
+            groups = self._described[i]["param_groups"]
+            groups += _optimizer_attrs(optimizer)["param_groups"][len(groups):]
+            self._described_due = True
         new = sorted({self._index[id(p)] for group in optimizer.param_groups
                       for p in group["params"]
                       if id(p) in self._index and self._owner[self._index[id(p)]] < 0})
@@ -1027,18 +1035,23 @@ class Recorder:
             if self._stopped:
                 return  # recording stopped after repeated write failures (warned once)
             seen = max(self._step, steps[-1].step + 1) if steps else self._step
-            self._writer.submit(partial(self._write, steps, epochs, seen))
+            attrs = {"optimizers": json.loads(json.dumps(self._described))} if self._described_due else {}
+            self._described_due = False
+            self._writer.submit(partial(self._write, steps, epochs, seen, attrs))
         finally:
             self._in_handoff = False
 
-    def _write(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int) -> None:
+    def _write(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int,
+               attrs: dict) -> None:
         """Writer thread: rows → one append per array → commit. A failure keeps the rows (the
         store retries them first at the next hand-off) and is reported once; after
         ``WRITE_ATTEMPTS`` failures in a row recording stops, the store keeps its last commit."""
         if self._stopped:
             return
         try:
-            self._store.write(self._columns(steps, epochs, steps_seen))
+            rows = self._columns(steps, epochs, steps_seen)
+            rows.attrs = attrs
+            self._store.write(rows)
         except Exception as err:  # noqa: BLE001 - training must survive a failing store
             self._error = err
             self._write_failures += 1

@@ -149,6 +149,27 @@ def _check_schema(attrs, where: str) -> None:
                             f"reads up to {SCHEMA}); upgrade gradflow")
 
 
+def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
+    """The run's ``optimizers`` attribute (returned) when the resumed optimizers have its classes and
+    numbers of param groups, else a one-line GradflowError: the ``lr`` columns are the stored groups,
+    and another optimizer's group ``j`` is not the run's group ``j``. A store without the attribute
+    (another writer) is not compared."""
+    if not isinstance(stored, list):
+        return given
+
+    def shape(optimizers) -> list[tuple[str, int]]:
+        return [(o.get("class"), len(o.get("param_groups", []))) for o in optimizers]
+
+    def describe(optimizers) -> str:
+        return ", ".join(f"{name} with {n} param group{'s' * (n != 1)}" for name, n in shape(optimizers))
+
+    if shape(stored) != shape(given):
+        raise GradflowError(f"{where} was recorded with {describe(stored)}; this Recorder has "
+                            f"{describe(given)}: a resume (mode=\"a\") needs the same optimizers and "
+                            f"param groups; record into a new store or group")
+    return stored
+
+
 def _record_instead(store: str, inner: str, kind: str) -> str:
     if kind == "run":
         return f"record into a new store outside {store}"
@@ -174,6 +195,7 @@ class Rows:
     steps: dict[str, np.ndarray]
     epochs: dict[str, np.ndarray]
     steps_seen: int
+    attrs: dict = dataclasses.field(default_factory=dict)  # run attributes the commit updates
 
     @property
     def num_steps(self) -> int:
@@ -187,7 +209,7 @@ class Rows:
         """These rows followed by ``later``'s (scalars missing on one side are NaN there)."""
         steps = _concat(self.steps, later.steps, self.num_steps, later.num_steps)
         epochs = _concat(self.epochs, later.epochs, self.num_epochs, later.num_epochs)
-        return Rows(steps, epochs, later.steps_seen)
+        return Rows(steps, epochs, later.steps_seen, {**self.attrs, **later.attrs})
 
 
 def _concat(a: dict, b: dict, n_a: int, n_b: int) -> dict:
@@ -339,6 +361,7 @@ class RunStore:
                                                  "stat": list(STATS)}})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
+        self.optimizers = attrs["optimizers"]
 
     def _create_lr(self, chunk: int, groups: list[str], n_steps: int) -> None:
         """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
@@ -375,6 +398,8 @@ class RunStore:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "
                                 f"the same settings")
+        self.optimizers = _same_optimizers(node.attrs.get("optimizers"), attrs["optimizers"],
+                                           self.where)
         if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
             self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
         # What the last complete flush committed, from the consolidated metadata at the root
@@ -451,6 +476,7 @@ class RunStore:
         self.lock.check()
         if self.summary is None:  # a failed write left it ahead of the committed rows: rebuild
             self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
+        self._attrs_update.update(pending.attrs)
         try:
             self._write(pending)
         except BaseException:
