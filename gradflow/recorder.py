@@ -460,19 +460,22 @@ class Recorder:
             parameter is a layer coordinate; those no optimizer owns (yet) are NaN / zero update.
         optimizer: one optimizer or a list of them (accelerate / Lightning wrappers are unwrapped;
             for SAM pass ``sam.base_optimizer``). A row is one ``step()`` of each.
-        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``). One
+        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``), not
+            inside another Zarr store's folder (``"sweep.zarr/v1"``: pass ``group="v1"``). One
             writer per run: GradflowError while another Recorder (this process or another) writes
             it (:mod:`gradflow.lock`); a resumed run (``mode="a"``) starts a new epoch.
         every: record every ``every``-th optimizer step (steps 0, every, 2·every, …).
         group: sub-group of the store to write into (sweeps: one group per variant): one name,
-            without ``/`` (``gradflow.open`` and the commands look one level down for runs).
+            without ``/`` (``gradflow.open`` and the commands look one level down for runs); a
+            store holding a single run or another tool's data is refused.
         per_parameter: one layer per parameter tensor (``conv1.weight``, ``conv1.bias``) instead
             of one per module.
         metadata: JSON-able dict stored in the store's attrs.
         mode: as xarray's ``to_zarr``: ``"w-"`` (default) creates the run and refuses an existing
             one; ``"w"`` overwrites an existing gradflow run (only a run gradflow wrote: anything
             else is refused, nothing is deleted); ``"a"`` resumes an existing run of the same
-            model (step and epoch counters continue) or creates it.
+            model, ``every``, ``per_parameter``, optimizer classes and param group counts (step and
+            epoch counters continue) or creates it.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the steps it skips
             (Inf/NaN gradients) are recorded as skipped rows (fused optimizers need no scaler).
         snapshot: keep the Δw snapshot and the epoch-start copy (each one copy of the recorded

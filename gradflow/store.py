@@ -2,7 +2,9 @@
 
 Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
-    zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
+    zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers
+                              (class and param groups' settings; a group added with add_param_group is
+                              appended at the next commit; a resume must match its classes and counts),
                               every, per_parameter, metadata, steps_seen, step_restarts (after a
                               repair cut step rows: gradflow.check.derived_coordinate), all_chunks_stored,
                               fixed_chunks_stored, fixed_coordinates (below)
