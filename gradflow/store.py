@@ -155,9 +155,9 @@ def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
     """The run's ``optimizers`` attribute (returned) when the resumed optimizers have its classes and
     numbers of param groups, else a one-line GradflowError: the ``lr`` columns are the stored groups,
     and another optimizer's group ``j`` is not the run's group ``j``. A store without the attribute
-    (another writer) is not compared."""
-    if not isinstance(stored, list):
-        return given
+    (another writer), or a writer that names no optimizers, is not compared."""
+    if not isinstance(stored, list) or not given:
+        return stored if isinstance(stored, list) else given
 
     def shape(optimizers) -> list[tuple[str, int]]:
         return [(o.get("class"), len(o.get("param_groups", []))) for o in optimizers]
@@ -363,7 +363,7 @@ class RunStore:
                                                  "stat": list(STATS)}})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
-        self.optimizers = attrs["optimizers"]
+        self.optimizers = attrs.get("optimizers", [])
 
     def _create_lr(self, chunk: int, groups: list[str], n_steps: int) -> None:
         """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
@@ -400,7 +400,7 @@ class RunStore:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "
                                 f"the same settings")
-        self.optimizers = _same_optimizers(node.attrs.get("optimizers"), attrs["optimizers"],
+        self.optimizers = _same_optimizers(node.attrs.get("optimizers"), attrs.get("optimizers", []),
                                            self.where)
         if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
             self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
