@@ -770,10 +770,10 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     (up to two seconds), as it does for a commit being written.
 
     Raises GradflowError (one line) for a missing store or group, a ``group`` that is no group's
-    path (``..``, ``a//b``, not a string), a path that is not a gradflow
-    store, a path inside a gradflow store's folder (``run.zarr/epochs``: the error names the
-    ``gradflow.open(store, group=...)`` call), an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
-    steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
+    path (``..``, ``a//b``, not a string), a path that is not a gradflow store, a path inside a
+    gradflow store's folder (``run.zarr/epochs``: the error names the ``gradflow.open(store,
+    group=...)`` call), an unknown URL protocol, damaged metadata, and a damaged run (unequal array
+    lengths, steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` repairs: :mod:`gradflow.repair`).
     """
     return _retrying(store, lambda: _open(store, group, tree=False))
