@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 
 from gradflow.errors import GradflowError
 from gradflow.lock import filesystem
@@ -24,3 +26,88 @@ def path_exists(url: str) -> tuple[bool, bool]:
     if not fs.exists(path):
         return False, False
     return True, fs.exists(path.rstrip("/") + "/zarr.json")
+
+
+def _metadata(fs, path: str) -> dict | None:
+    """The Zarr metadata in the file ``path``; None when it is missing or does not parse."""
+    try:
+        meta = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_run(meta: dict) -> bool:
+    attributes = meta.get("attributes")
+    return meta.get("node_type") == "group" and isinstance(attributes, dict) \
+        and attributes.get("gradflow_kind") == "run"
+
+
+def store_kind(url: str) -> str | None:
+    """What the Zarr store at ``url`` is to gradflow, from its metadata files:
+
+    ``"run"`` (a run at its root), ``"sweep"`` (its members are gradflow runs, or runs being
+    created), ``"empty"`` (a group with no members), ``"foreign"`` (anything else: another tool's
+    store, a Zarr array); None when ``url`` holds no Zarr store or its root ``zarr.json`` does not
+    parse (:func:`gradflow.check.damaged_root` tells). A member whose ``zarr.json`` does not parse is
+    left to ``gradflow check``."""
+    from gradflow.lock import lock_dir
+
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    root = _metadata(fs, f"{path}/zarr.json")
+    if root is None:
+        return None
+    if _is_run(root):
+        return "run"
+    if root.get("node_type") != "group":
+        return "foreign"
+    names = [m.rstrip("/").rsplit("/", 1)[-1] for m in fs.ls(path, detail=False)]
+    names = [n for n in names if n != "zarr.json" and not n.startswith(".") and not n.endswith(".partial")]
+    members = {name: _metadata(fs, f"{path}/{name}/zarr.json") for name in names}
+    if not any(meta is not None for meta in members.values()):
+        return "empty"
+    for name, meta in members.items():
+        if meta is not None and not _is_run(meta) and not fs.exists(f"{lock_dir(path, name)}/creating"):
+            return "foreign"
+    return "sweep"
+
+
+def enclosing_store(url: str) -> tuple[str, str, str] | None:
+    """``(store, inner, kind)`` when ``url`` lies inside the folder of a Zarr store (an ancestor
+    folder holds a ``zarr.json``), else None: the outermost such store as the user wrote it
+    (``"sweep.zarr/v1/epochs"`` → ``"sweep.zarr"``), the path of ``url`` inside it (``"v1/epochs"``)
+    and its :func:`store_kind`. Writing or reading there bypasses the store's root metadata (its
+    commit point), which never lists what is written there."""
+    fs, path = filesystem(url)
+    parts = path.rstrip("/").split("/")
+    for k in range(1, len(parts)):
+        ancestor = "/".join(parts[:k])
+        if not ancestor or not fs.exists(f"{ancestor}/zarr.json"):
+            continue
+        inner = "/".join(parts[k:])
+        text = url.rstrip("/")
+        store = text[:-len(inner) - 1] if text.endswith(f"/{inner}") else fs.unstrip_protocol(ancestor)
+        return store, inner, store_kind(store) or "foreign"
+    return None
+
+
+def refuse_inside_store(url: str, instead: Callable[[str, str, str], str], writing: bool) -> None:
+    """Raise a one-line GradflowError when ``url`` lies inside the folder of a Zarr store
+    (:func:`enclosing_store`): for writing, inside any Zarr store (a gradflow store would not see the
+    run, or would see its own run damaged; another tool's store is never touched); for reading,
+    inside a gradflow store (past its commit point). ``instead(store, inner, kind)`` says what to
+    do instead about a gradflow store (``"record into a group of it: Recorder(...)"``)."""
+    found = enclosing_store(url)
+    if found is None:
+        return
+    store, inner, kind = found
+    if kind == "foreign":
+        if writing:
+            raise GradflowError(f"{url} is inside the Zarr store {store}, which is not a gradflow "
+                                f"store; choose a path outside it")
+        return
+    what = "the gradflow run" if kind == "run" else "the gradflow store"
+    why = ("its root metadata, which readers see, would never follow what is written there"
+           if writing else "that path reads past the store's last commit")
+    raise GradflowError(f"{url} is a path inside {what} {store} ({why}); {instead(store, inner, kind)}")

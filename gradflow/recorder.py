@@ -460,19 +460,22 @@ class Recorder:
             parameter is a layer coordinate; those no optimizer owns (yet) are NaN / zero update.
         optimizer: one optimizer or a list of them (accelerate / Lightning wrappers are unwrapped;
             for SAM pass ``sam.base_optimizer``). A row is one ``step()`` of each.
-        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``). One
+        store: local path or fsspec URL (``"memory://run"``, ``"s3://bucket/run.zarr"``), not
+            inside another Zarr store's folder (``"sweep.zarr/v1"``: pass ``group="v1"``). One
             writer per run: GradflowError while another Recorder (this process or another) writes
             it (:mod:`gradflow.lock`); a resumed run (``mode="a"``) starts a new epoch.
         every: record every ``every``-th optimizer step (steps 0, every, 2·every, …).
         group: sub-group of the store to write into (sweeps: one group per variant): one name,
-            without ``/`` (``gradflow.open`` and the commands look one level down for runs).
+            without ``/`` (``gradflow.open`` and the commands look one level down for runs); a
+            store holding a single run or another tool's data is refused.
         per_parameter: one layer per parameter tensor (``conv1.weight``, ``conv1.bias``) instead
             of one per module.
         metadata: JSON-able dict stored in the store's attrs.
         mode: as xarray's ``to_zarr``: ``"w-"`` (default) creates the run and refuses an existing
             one; ``"w"`` overwrites an existing gradflow run (only a run gradflow wrote: anything
             else is refused, nothing is deleted); ``"a"`` resumes an existing run of the same
-            model (step and epoch counters continue) or creates it.
+            model, ``every``, ``per_parameter``, optimizer classes and param group counts (step and
+            epoch counters continue) or creates it.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the steps it skips
             (Inf/NaN gradients) are recorded as skipped rows (fused optimizers need no scaler).
         snapshot: keep the Δw snapshot and the epoch-start copy (each one copy of the recorded
@@ -558,6 +561,10 @@ class Recorder:
         self._empty = np.array([quantities._local(p).numel() == 0 for p, _, _ in tensors], bool)
         if sharding is not None:
             self._reducer = distributed.Reducer(sharding.group, len(tensors), self._empty)
+        # The run's `optimizers` attribute, kept current when param groups join (written at the next
+        # hand-off), so that a resume with those groups matches it (RunStore._resume).
+        self._described = json.loads(json.dumps(self._store.optimizers)) if self._writes else None
+        self._described_due = False
         self._write_failures = 0  # consecutive failed flushes (their rows are kept and retried)
         self._error: BaseException | None = None  # the last write failure, None once written
         self._stopped = False  # recording stopped after WRITE_ATTEMPTS failed flushes
@@ -916,6 +923,10 @@ class Recorder:
     def _join_groups(self, i: int, optimizer) -> None:
         """Param groups added to optimizer ``i``: record their parameters from this step on."""
         self._num_groups[i] = len(optimizer.param_groups)
+        if self._described is not None:
+            groups = self._described[i]["param_groups"]
+            groups += _optimizer_attrs(optimizer)["param_groups"][len(groups):]
+            self._described_due = True
         new = sorted({self._index[id(p)] for group in optimizer.param_groups
                       for p in group["params"]
                       if id(p) in self._index and self._owner[self._index[id(p)]] < 0})
@@ -1027,18 +1038,23 @@ class Recorder:
             if self._stopped:
                 return  # recording stopped after repeated write failures (warned once)
             seen = max(self._step, steps[-1].step + 1) if steps else self._step
-            self._writer.submit(partial(self._write, steps, epochs, seen))
+            attrs = {"optimizers": json.loads(json.dumps(self._described))} if self._described_due else {}
+            self._described_due = False
+            self._writer.submit(partial(self._write, steps, epochs, seen, attrs))
         finally:
             self._in_handoff = False
 
-    def _write(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int) -> None:
+    def _write(self, steps: list[_StepRow], epochs: list[_EpochRow], steps_seen: int,
+               attrs: dict) -> None:
         """Writer thread: rows → one append per array → commit. A failure keeps the rows (the
         store retries them first at the next hand-off) and is reported once; after
         ``WRITE_ATTEMPTS`` failures in a row recording stops, the store keeps its last commit."""
         if self._stopped:
             return
         try:
-            self._store.write(self._columns(steps, epochs, steps_seen))
+            rows = self._columns(steps, epochs, steps_seen)
+            rows.attrs = attrs
+            self._store.write(rows)
         except Exception as err:  # noqa: BLE001 - training must survive a failing store
             self._error = err
             self._write_failures += 1

@@ -144,9 +144,12 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     a sweep's is rewritten, a single run's is reported and left (nothing rebuilds it).
     """
     from gradflow.lock import filesystem, group_is_locked
+    from gradflow.paths import refuse_inside_store
     from gradflow.store import consolidate, store_url
 
     url = store_url(url)
+    refuse_inside_store(url, lambda root, inner, kind: f"check the store: gradflow check {root}",
+                        writing=False)  # --repair would rewrite that group as a store of its own
     fs, path = filesystem(url)
     lines: list[str] = []
     damage = damaged_root(url)

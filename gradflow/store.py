@@ -2,7 +2,9 @@
 
 Layout of one run (at the store root, or at ``STORE/<group>`` for sweeps)::
 
-    zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers,
+    zarr.json                 attrs: gradflow_schema, gradflow_kind="run", versions, model, optimizers
+                              (class and param groups' settings; a group added with add_param_group is
+                              appended at the next commit; a resume must match its classes and counts),
                               every, per_parameter, metadata, steps_seen, step_restarts (after a
                               repair cut step rows: gradflow.check.derived_coordinate), all_chunks_stored,
                               fixed_chunks_stored, fixed_coordinates (below)
@@ -66,7 +68,7 @@ from zarr.core.sync import sync
 from gradflow import schema
 from gradflow.check import damaged_root, every_chunk_stored, root_error
 from gradflow.errors import GradflowError
-from gradflow.paths import path_exists, store_url
+from gradflow.paths import path_exists, refuse_inside_store, store_kind, store_url
 from gradflow.summary import STATS, SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
                            store_lock)
@@ -149,6 +151,40 @@ def _check_schema(attrs, where: str) -> None:
                             f"reads up to {SCHEMA}); upgrade gradflow")
 
 
+def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
+    """The run's ``optimizers`` attribute (returned) when the resumed optimizers have its classes and
+    numbers of param groups, else a one-line GradflowError: the ``lr`` columns are the stored groups,
+    and another optimizer's group ``j`` is not the run's group ``j``. A store without the attribute
+    (another writer), or a writer that names no optimizers, is not compared."""
+    if not isinstance(stored, list) or not given:
+        return stored if isinstance(stored, list) else given
+
+    def shape(optimizers) -> list[tuple[str, int]]:
+        return [(o.get("class"), len(o.get("param_groups", []))) for o in optimizers]
+
+    def describe(optimizers) -> str:
+        return ", ".join(f"{name} with {n} param group{'s' * (n != 1)}" for name, n in shape(optimizers))
+
+    if shape(stored) != shape(given):
+        raise GradflowError(f"{where} was recorded with {describe(stored)}; this Recorder has "
+                            f"{describe(given)}: a resume (mode=\"a\") needs the same optimizers and "
+                            f"param groups; record into a new store or group")
+    return stored
+
+
+def _record_instead(store: str, inner: str, kind: str) -> str:
+    if kind == "run":
+        return f"record into a new store outside {store}"
+    return f"record into a group of it: Recorder(..., {store!r}, group={inner.split('/')[0]!r})"
+
+
+def _open_instead(store: str, inner: str, kind: str) -> str:
+    rest = inner.partition("/")[2]
+    if (inner == "epochs") if kind == "run" else rest in ("", "epochs"):
+        return f"open it as gradflow.open({store!r}, group={inner!r})"
+    return f"open the store: gradflow.open({store!r})"
+
+
 def _is_run(node) -> bool:
     return isinstance(node, zarr.Group) and node.attrs.get("gradflow_kind") == "run"
 
@@ -161,6 +197,7 @@ class Rows:
     steps: dict[str, np.ndarray]
     epochs: dict[str, np.ndarray]
     steps_seen: int
+    attrs: dict = dataclasses.field(default_factory=dict)  # run attributes the commit updates
 
     @property
     def num_steps(self) -> int:
@@ -174,7 +211,7 @@ class Rows:
         """These rows followed by ``later``'s (scalars missing on one side are NaN there)."""
         steps = _concat(self.steps, later.steps, self.num_steps, later.num_steps)
         epochs = _concat(self.epochs, later.epochs, self.num_epochs, later.num_epochs)
-        return Rows(steps, epochs, later.steps_seen)
+        return Rows(steps, epochs, later.steps_seen, {**self.attrs, **later.attrs})
 
 
 def _concat(a: dict, b: dict, n_a: int, n_b: int) -> dict:
@@ -203,6 +240,10 @@ class RunStore:
         self.url, self.group = url, group
         self.where = url if not group else f"{url} (group {group!r})"
         self.fs, self.path = filesystem(url)
+        refuse_inside_store(url, _record_instead, writing=True)  # before the lock files are made
+        if group and store_kind(url) == "foreign":
+            raise GradflowError(f"{url} is not a gradflow store (another tool's Zarr store); record "
+                                f"group {group!r} into another store")
         self.lock = WriterLock(url, group, self.fs, self.path)
         self._unwritten: Rows | None = None
         self._attrs_update: dict = {}  # attributes the next commit writes
@@ -322,6 +363,7 @@ class RunStore:
                                                  "stat": list(STATS)}})
         self.next_step = self.next_epoch = self.steps_seen = 0
         self.n_steps = self.n_epochs = 0
+        self.optimizers = attrs.get("optimizers", [])
 
     def _create_lr(self, chunk: int, groups: list[str], n_steps: int) -> None:
         """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
@@ -358,6 +400,8 @@ class RunStore:
             raise GradflowError(f"{self.where} was recorded with every={node.attrs.get('every')}, "
                                 f"per_parameter={node.attrs.get('per_parameter')}; resume it with "
                                 f"the same settings")
+        self.optimizers = _same_optimizers(node.attrs.get("optimizers"), attrs.get("optimizers", []),
+                                           self.where)
         if "lr" not in node:  # a store written before lr was recorded: NaN for its earlier steps
             self._create_lr(node["step"].chunks[0], param_group_names(attrs), node["step"].shape[0])
         # What the last complete flush committed, from the consolidated metadata at the root
@@ -434,6 +478,7 @@ class RunStore:
         self.lock.check()
         if self.summary is None:  # a failed write left it ahead of the committed rows: rebuild
             self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
+        self._attrs_update.update(pending.attrs)
         try:
             self._write(pending)
         except BaseException:
@@ -725,9 +770,10 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     (up to two seconds), as it does for a commit being written.
 
     Raises GradflowError (one line) for a missing store or group, a ``group`` that is no group's
-    path (``..``, ``a//b``, not a string), a path that is not a gradflow
-    store, an unknown URL protocol, damaged metadata, and a damaged run (unequal array lengths,
-    steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
+    path (``..``, ``a//b``, not a string), a path that is not a gradflow store, a path inside a
+    gradflow store's folder (``run.zarr/epochs``: the error names the ``gradflow.open(store,
+    group=...)`` call), an unknown URL protocol, damaged metadata, and a damaged run (unequal array
+    lengths, steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` repairs: :mod:`gradflow.repair`).
     """
     return _retrying(store, lambda: _open(store, group, tree=False))
@@ -767,6 +813,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         raise GradflowError(f"group must be a group's path in the store ('variant', "
                             f"'variant/epochs'), got {group!r}")
     group = group.strip("/") if group else None
+    refuse_inside_store(url, _open_instead, writing=False)
     fs, path = filesystem(url)
     try:
         root = zarr.open_group(url, mode="r")
@@ -787,7 +834,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     kind = node.attrs.get("gradflow_kind")
     if kind in ("run", "epochs"):
         _check_schema(node.attrs, where)
-        run = group if kind == "run" else (group.rsplit("/", 1)[0] if "/" in group else None)
+        run = group if kind == "run" else (group.rsplit("/", 1)[0] if group and "/" in group else None)
         if fs.exists(creating_marker(fs, path, run)):
             raise _NotReady(f"{where} is being created (or its creation was interrupted)")
         _refuse_damaged(root.store, run, where, url)

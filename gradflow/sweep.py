@@ -33,7 +33,7 @@ from typing import Any
 import zarr
 
 from gradflow.errors import GradflowError
-from gradflow.paths import path_exists
+from gradflow.paths import path_exists, refuse_inside_store, store_kind
 from gradflow.progress import Progress
 from gradflow.train import TrainConfig
 
@@ -367,11 +367,19 @@ def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool 
     validate(variants)
     from gradflow.check import damaged_root, root_error
 
+    refuse_inside_store(store, lambda root, inner, kind: "sweep into a store outside it" if kind == "run"
+                        else f"sweep into the store itself: {root}", writing=True)
     exists, is_zarr = path_exists(store)
     if exists and not is_zarr and (damage := damaged_root(store)):  # its root file lost
         raise root_error(store, damage)
     if exists and not is_zarr:  # a file or a folder of something else: never write into it
         raise GradflowError(f"{store} exists and is not a Zarr store; choose another store")
+    kind = store_kind(store) if exists else None
+    if kind == "run":
+        raise GradflowError(f"{store} holds a single run at its root; sweep into another store")
+    if kind == "foreign":  # never written into (nor its metadata consolidated)
+        raise GradflowError(f"{store} is not a gradflow store (another tool's Zarr store); sweep into "
+                            f"another store")
     if exists:
         refuse_damaged_runs(store)  # consolidating would drop what --repair restores from
     consolidate(store)  # repair the readers' view if an earlier (Ray) driver was killed

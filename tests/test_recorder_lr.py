@@ -114,3 +114,74 @@ def test_resuming_a_store_without_lr_adds_it_with_nan_history(tmp_path):
     assert lr.shape == (5, 1)
     assert np.isnan(lr[:3]).all()
     np.testing.assert_array_equal(lr[3:], np.array(seen))
+
+
+def _steps(model, optimizer, n: int, seed: int = 2) -> list[list[float]]:
+    """Plain steps; each step's group rates, read by hand before ``optimizer.step()``."""
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+    for _ in range(n):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(16, 4, generator=g)), torch.randn(16, 1, generator=g)).backward()
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+    return seen
+
+
+def test_resume_with_other_optimizers_or_param_groups_is_refused_untouched(tmp_path):
+    """Resumed with two param groups where the run had one, column ``group0`` took the new group 0's
+    lr and group 1's was recorded nowhere, silently; another optimizer or group count is refused."""
+    import pytest
+
+    from gradflow import GradflowError
+
+    model, store = _model(), tmp_path / "run.zarr"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradflow.Recorder(model, optimizer, store):
+        seen = _steps(model, optimizer, 2)
+    split = [{"params": model[0].parameters(), "lr": 0.3}, {"params": model[2].parameters(), "lr": 0.7}]
+    others = {"SGD with 2 param groups": [torch.optim.SGD(split)],
+              "Adam with 1 param group": [torch.optim.Adam(model.parameters(), lr=0.1)],
+              "SGD with 1 param group, SGD with 1 param group": [
+                  torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)]}
+    for described, optimizers in others.items():
+        with pytest.raises(GradflowError) as err:
+            gradflow.Recorder(model, optimizers, store, mode="a")
+        assert str(err.value) == (f"{store} was recorded with SGD with 1 param group; this Recorder has "
+                                  f"{described}: a resume (mode=\"a\") needs the same optimizers and param "
+                                  f"groups; record into a new store or group")
+    ds = gradflow.open(store)
+    assert ds.param_group.values.tolist() == ["group0"] and ds.lr.values.tolist() == seen
+    assert len(ds.attrs["optimizers"][0]["param_groups"]) == 1
+    # the same optimizer class and groups resume, at their current rate
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradflow.Recorder(model, optimizer, store, mode="a"):
+        seen += _steps(model, optimizer, 2)
+    assert gradflow.open(store).lr.values.tolist() == seen == [[0.1], [0.1], [0.05], [0.05]]
+
+
+def test_a_group_added_during_the_run_is_in_the_optimizers_attribute_and_resumes(tmp_path):
+    """Gradual unfreezing, then a restart that rebuilds the optimizer with the added group: the
+    run's ``optimizers`` attribute lists the group from the commit after it joined, so the resume
+    matches; its lr has no column (the groups of the store's creation), as during the run."""
+    model, store = _model(), tmp_path / "run.zarr"
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        seen = _steps(model, optimizer, 2)
+        model[0].requires_grad_(True)
+        optimizer.add_param_group({"params": model[0].parameters(), "lr": 0.02})
+        seen += _steps(model, optimizer, 2, seed=3)
+        rec.end_epoch()
+    ds = gradflow.open(store)
+    assert [g["lr"] for g in ds.attrs["optimizers"][0]["param_groups"]] == [0.1, 0.02]
+    assert ds.param_group.values.tolist() == ["group0"]
+    assert ds.lr.values.tolist() == [[lrs[0]] for lrs in seen]
+    restarted = torch.optim.SGD([{"params": model[2].parameters(), "lr": 0.05},
+                                 {"params": model[0].parameters(), "lr": 0.01}])
+    with gradflow.Recorder(model, restarted, store, mode="a"):
+        seen += _steps(model, restarted, 2, seed=4)
+    ds = gradflow.open(store)
+    assert ds.lr.values.tolist() == [[lrs[0]] for lrs in seen] == [[0.1]] * 4 + [[0.05]] * 2
+    assert [g["lr"] for g in ds.attrs["optimizers"][0]["param_groups"]] == [0.1, 0.02]
+    assert np.isfinite(ds.grad_norm.sel(layer="0").values[2:]).all()

@@ -255,3 +255,95 @@ def test_reading_while_the_recorder_commits_never_fails(tmp_path, monkeypatch):
     writer.join()
     rec.close()
     assert len(seen) > 10 and seen == sorted(seen) and gradflow.open(store).sizes["step"] == 41
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden lock folders included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_path_inside_a_store_is_refused_before_anything_is_written(tmp_path):
+    """A store recorded at a path inside another store's folder bypasses that store's root metadata
+    (its commit point): `sweep.zarr/v1` with mode "w" left v1 reading as damaged, a new
+    `sweep.zarr/v3` never appeared in the sweep. Every such path is refused, naming the right call,
+    and nothing (not even a lock file) is written; another tool's Zarr store is never written into."""
+    import xarray as xr
+
+    model, optimizer = tiny()
+    sweep, run, theirs = tmp_path / "sweep.zarr", tmp_path / "run.zarr", tmp_path / "theirs.zarr"
+    expected = {}
+    for group, steps in (("v1", 3), ("v2", 2)):
+        with gradflow.Recorder(model, optimizer, sweep, group=group) as rec:
+            expected[group] = train(model, optimizer, steps)
+            rec.end_epoch()
+    with gradflow.Recorder(model, optimizer, run) as rec:
+        expected["run"] = train(model, optimizer, 2)
+        rec.end_epoch()
+    xr.Dataset({"a": ("x", np.arange(3.0))}, attrs={"owner": "someone else"}).to_zarr(theirs)
+    before = _files(tmp_path)
+
+    refused = [(sweep / "v1", "w", "group='v1'"), (sweep / "v2", "a", "group='v2'"),
+               (sweep / "v3", "w-", "group='v3'"), (sweep / "v1" / "epochs", "w", "group='v1'"),
+               (sweep / "new" / "deeper.zarr", "w-", "group='new'"),
+               (run / "extra", "w-", f"record into a new store outside {run}"),
+               (run / "epochs", "a", f"record into a new store outside {run}")]
+    for path, mode, advice in refused:
+        with pytest.raises(GradflowError) as err:
+            gradflow.Recorder(model, optimizer, path, mode=mode)
+        assert f"{path} is a path inside the gradflow" in str(err.value) and advice in str(err.value)
+        assert "\n" not in str(err.value)
+    with pytest.raises(GradflowError, match=r"Recorder\(\.\.\., '[^']*sweep.zarr', group='v1'\)"):
+        gradflow.Recorder(model, optimizer, sweep / "v1", mode="w")
+    with pytest.raises(GradflowError, match="inside the Zarr store .*theirs.zarr, which is not a gradflow"):
+        gradflow.Recorder(model, optimizer, theirs / "mine.zarr")
+    for mode in ("w-", "w", "a"):  # its root was refused in every mode; a group of it is too
+        with pytest.raises(GradflowError, match="theirs.zarr is not a gradflow store"):
+            gradflow.Recorder(model, optimizer, theirs, group="v1", mode=mode)
+    assert _files(tmp_path) == before
+
+    tree = gradflow.open(sweep)
+    assert {name: node.ds.sizes["step"] for name, node in tree.children.items()} == {"v1": 3, "v2": 2}
+    for group in ("v1", "v2"):
+        np.testing.assert_allclose(tree[group].ds.grad_norm.sel(layer="0").values, expected[group],
+                                   rtol=2e-6)
+    assert xr.open_zarr(theirs).a.values.tolist() == [0.0, 1.0, 2.0]
+    # A new group of the sweep and a store beside the others are still welcome.
+    with gradflow.Recorder(model, optimizer, sweep, group="v3"):
+        train(model, optimizer, 1)
+    with gradflow.Recorder(model, optimizer, tmp_path / "plain" / "run2.zarr"):
+        train(model, optimizer, 1)
+    assert sorted(gradflow.open(sweep).children) == ["v1", "v2", "v3"]
+
+
+def test_a_memory_store_inside_another_is_refused(tmp_path):
+    model, optimizer = tiny()
+    store = "memory://gradflow-test-inside/sweep.zarr"
+    with gradflow.Recorder(model, optimizer, store, group="v1"):
+        train(model, optimizer, 1)
+    with pytest.raises(GradflowError, match="group='v2'"):
+        gradflow.Recorder(model, optimizer, f"{store}/v2")
+    assert sorted(gradflow.open(store).children) == ["v1"]
+
+
+def test_opening_a_path_inside_a_store_names_the_store_and_group(tmp_path):
+    """`gradflow.open("run.zarr/epochs")` raised TypeError; a path inside a gradflow store reads past
+    its commit point: one line naming the call that reads it from the store."""
+    model, optimizer = tiny()
+    sweep, run = tmp_path / "sweep.zarr", tmp_path / "run.zarr"
+    with gradflow.Recorder(model, optimizer, sweep, group="v1") as rec:
+        train(model, optimizer, 2)
+        rec.end_epoch(train_loss=1.5)
+    with gradflow.Recorder(model, optimizer, run) as rec:
+        train(model, optimizer, 2)
+        rec.end_epoch(train_loss=2.5)
+    cases = [(run / "epochs", run, "epochs"), (sweep / "v1", sweep, "v1"),
+             (sweep / "v1" / "epochs", sweep, "v1/epochs")]
+    for path, store, group in cases:
+        for opener in (gradflow.open, gradflow.open_tree):
+            with pytest.raises(GradflowError) as err:
+                opener(path)
+            assert str(err.value).endswith(f"gradflow.open({str(store)!r}, group={group!r})")
+        assert gradflow.open(store, group=group).sizes  # the call it names works
+    assert gradflow.open(run, group="epochs").train_loss.values.tolist() == [2.5]
+    with pytest.raises(GradflowError, match=r"open the store: gradflow.open\("):
+        gradflow.open(run / "grad_norm")

@@ -29,6 +29,10 @@ def plot_command(
     from gradflow.analyses.report import figures, open_tree, parse_formats, save, store_name
     from gradflow.errors import GradflowError
 
+    from gradflow.paths import refuse_inside_store
+
+    refuse_inside_store(store, lambda root, inner, kind: f"give the store: gradflow plot {root} (it "
+                        f"draws every run of it)", writing=False)
     formats = parse_formats(format)
     if per not in PER:
         raise GradflowError(f"--per must be one of {', '.join(PER)}, got {per!r}")

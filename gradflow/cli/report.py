@@ -21,6 +21,10 @@ def report_command(
 ) -> None:
     """Write OUT/report.md and its figures (and OUT/report.html with --html); print the paths."""
     from gradflow.analyses.report import parse_formats, write_report
+    from gradflow.paths import refuse_inside_store
+
+    refuse_inside_store(store, lambda root, inner, kind: f"give the store: gradflow report {root}",
+                        writing=False)
 
     for path in write_report(store, out, parse_formats(format), html=html):
         typer.echo(str(path))

@@ -26,11 +26,14 @@ def train_command(
     from gradflow.cli._progress import ProgressBars
     from gradflow.errors import GradflowError
     from gradflow.lock import filesystem
+    from gradflow.paths import refuse_inside_store
     from gradflow.train import train
 
     check_choices(TrainConfig, options)
     config = TrainConfig(**options)
     fs, path = filesystem(out)  # an unknown protocol (foo://) is one error line
+    refuse_inside_store(out, lambda root, inner, kind: "choose an --out outside it" + (
+        "" if kind == "run" else f" (`gradflow sweep --out {root}` adds variants to it)"), writing=True)
     if fs.exists(path):
         if not overwrite:
             raise GradflowError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")

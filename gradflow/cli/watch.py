@@ -24,12 +24,33 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def refuse_unwatchable(store: str) -> None:
+    """The one-line GradflowError ``gradflow plot`` gives for what never becomes a store to watch: a
+    path inside a gradflow store, a file or folder that is not a Zarr store, another tool's Zarr
+    store, a damaged store. A store not made yet, an empty group (a sweep about to start its first
+    variant) and a run being created are watched (the page waits for them)."""
+    import gradflow
+    from gradflow.lock import filesystem, lock_root
+    from gradflow.paths import path_exists, refuse_inside_store, store_kind
+
+    refuse_inside_store(store, lambda root, inner, kind: f"watch the store: gradflow watch {root}",
+                        writing=False)
+    fs, path = filesystem(store)
+    if not path_exists(store)[0] or store_kind(store) == "empty" \
+            or fs.glob(f"{lock_root(path)}/**/creating"):
+        return
+    gradflow.open_tree(store)
+
+
 def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> ThreadingHTTPServer:
     """An HTTP server on 127.0.0.1:``port`` (0: any free port; the bound one is ``server.server_port``)
-    serving ``/`` (the live page) and ``/data`` (:meth:`analyses.live.LiveView.snapshot`)."""
+    serving ``/`` (the live page) and ``/data`` (:meth:`analyses.live.LiveView.snapshot`).
+    GradflowError (one line) for a store that cannot be watched (:func:`refuse_unwatchable`), before
+    anything listens."""
     from gradflow.analyses.live import LiveView, live_page
     from gradflow.errors import GradflowError
 
+    refuse_unwatchable(store)
     view = LiveView(store)
     html = live_page(store, refresh).encode()
 

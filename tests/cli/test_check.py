@@ -256,3 +256,45 @@ def test_a_deleted_root_metadata_file_is_damage_exit_1(tmp_path, run_main):
         code, out, err = run_main(*args)
         assert code == 1 and out.startswith("zarr.json: missing; the folder holds a gradflow run's arrays")
         assert "no gradflow store" not in out + err and "restore it from a backup" in out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["plot", "report", "check", "watch", "train", "sweep"])
+def test_a_path_inside_a_store_is_one_line_exit_2_naming_the_store(tmp_path, command, run_main,
+                                                                    monkeypatch):
+    """`plot run.zarr/epochs` raised TypeError (exit 1); `train --out sweep.zarr/v3` and
+    `sweep --out run.zarr/x` wrote a store the outer one never lists. Each command names the store."""
+    import gradflow.cli.watch
+
+    def never_served(*args, **kwargs):
+        raise AssertionError("watch started a server")
+
+    monkeypatch.setattr(gradflow.cli.watch, "_Server", never_served)
+    run, sweep = tmp_path / "run.zarr", tmp_path / "sweep.zarr"
+    record(run)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradflow.Recorder(model, optimizer, sweep, group="v1") as rec:
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        rec.end_epoch()
+    before = _files(tmp_path)
+    options = {"train": TINY, "sweep": [*TINY[:-2], "--depths", "1"]}.get(command, [])
+    for path, store in ((run / "epochs", run), (sweep / "v1", sweep), (sweep / "v1" / "epochs", sweep)):
+        target = ["--out", path] if command in ("train", "sweep") else [path]
+        if command in ("plot", "report"):
+            target += ["--out", tmp_path / "figures"]
+        code, out, err = run_main(command, *options, *target)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, err
+        assert lines[0].startswith(f"error: {path} is a path inside the gradflow"), err
+        if command in ("train", "sweep"):
+            assert "outside" in lines[0] or f"sweep into the store itself: {store}" in lines[0], err
+        else:
+            assert lines[0].endswith(f"gradflow {command} {store}" + (" (it draws every run of it)"
+                                                                       if command == "plot" else "")), err
+    assert _files(tmp_path) == before

@@ -169,6 +169,26 @@ def test_out_that_exists_and_is_not_a_zarr_store_is_refused_untouched(kind, tmp_
     assert (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) in ("not a store", "mine")
 
 
+@pytest.mark.parametrize("kind", ["foreign", "run"])
+def test_out_that_is_another_tools_store_or_a_run_is_refused_untouched(kind, tmp_path, run_main, tiny):
+    """`sweep --out` wrote its variants into an xarray store (exit 0) that the Recorder refuses."""
+    out = tmp_path / "theirs.zarr"
+    if kind == "foreign":
+        xr.Dataset({"a": ("x", np.arange(3.0))}).to_zarr(out)
+        words = "is not a gradflow store (another tool's Zarr store)"
+    else:
+        import torch
+
+        model = torch.nn.Linear(2, 1)
+        gradflow.Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), out).close()
+        words = "holds a single run at its root"
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    code, out_text, err = run_main("sweep", "--depths", "1", *tiny, "--out", out)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert words in err and "Traceback" not in out_text + err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
 def test_ray_executor_without_ray_says_how_to_install(tmp_path, run_main, monkeypatch, tiny):
     import sys
 

@@ -134,3 +134,34 @@ def test_live_page_in_chromium_shows_a_new_step_within_its_refresh_interval(tmp_
         rec.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "foreign"])
+def test_what_plot_refuses_watch_refuses_before_serving(tmp_path, kind, run_main, monkeypatch):
+    """A plain file or another tool's Zarr store was served as a page; it is plot's error line."""
+    import gradflow.cli.watch
+
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("not a store")
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        zarr.open_group(str(target), mode="w").create_array("x", shape=(2,), dtype="f4")
+    code, _, plot_err = run_main("plot", target, "--out", tmp_path / "figs")
+    assert code == 2
+
+    def never_served(*args, **kwargs):
+        raise AssertionError("watch started a server")
+
+    monkeypatch.setattr(gradflow.cli.watch, "_Server", never_served)
+    code, out, err = run_main("watch", target, "--port", "0")
+    assert code == 2 and err == plot_err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_a_store_not_made_yet_or_an_empty_group_is_watched(tmp_path):
+    """What a Recorder or a sweep is about to write is waited for, not refused."""
+    zarr.open_group(str(tmp_path / "sweep.zarr"), mode="w")  # run_sweep's root before a variant
+    for store in (tmp_path / "later.zarr", tmp_path / "sweep.zarr"):
+        server = make_server(str(store), port=0)
+        server.server_close()
