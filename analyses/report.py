@@ -34,7 +34,13 @@ def store_name(store: str | os.PathLike) -> str:
 
 def open_tree(store: str | os.PathLike) -> xr.DataTree:
     """Open any gradflow store lazily as a DataTree (sweep: variants as children; single run: root),
-    every group from one commit (:func:`gradflow.open_tree`)."""
+    every group from one commit (:func:`gradflow.open_tree`). A run group's folder inside a sweep
+    (``sweep.zarr/v1``) is that run, read through the sweep store's commit."""
+    from gradflow.paths import sweep_member
+
+    member = sweep_member(os.fspath(store))
+    if member is not None:
+        return gradflow.open_tree(member[0])[member[1]].copy(deep=False)  # detached: its own root
     return gradflow.open_tree(store)
 
 

@@ -92,14 +92,28 @@ def enclosing_store(url: str) -> tuple[str, str, str] | None:
     return None
 
 
-def refuse_inside_store(url: str, instead: Callable[[str, str, str], str], writing: bool) -> None:
+def sweep_member(url: str) -> tuple[str, str] | None:
+    """``(store, group)`` when ``url`` is the folder of a run group of a sweep store
+    (``"sweep.zarr/v1"`` → ``("sweep.zarr", "v1")``), which readers open through the store
+    (``gradflow.open_tree(store)[group]``: from the store's commit); else None."""
+    found = enclosing_store(url)
+    if found is None or found[2] != "sweep" or "/" in found[1]:
+        return None
+    fs, path = filesystem(found[0])
+    meta = _metadata(fs, f"{path.rstrip('/')}/{found[1]}/zarr.json")
+    return (found[0], found[1]) if meta is not None and _is_run(meta) else None
+
+
+def refuse_inside_store(url: str, instead: Callable[[str, str, str], str], writing: bool,
+                        members: bool = False) -> None:
     """Raise a one-line GradflowError when ``url`` lies inside the folder of a Zarr store
     (:func:`enclosing_store`): for writing, inside any Zarr store (a gradflow store would not see the
     run, or would see its own run damaged; another tool's store is never touched); for reading,
     inside a gradflow store (past its commit point). ``instead(store, inner, kind)`` says what to
-    do instead about a gradflow store (``"record into a group of it: Recorder(...)"``)."""
+    do instead about a gradflow store (``"record into a group of it: Recorder(...)"``).
+    ``members``: reading a run group of a sweep (:func:`sweep_member`) is allowed."""
     found = enclosing_store(url)
-    if found is None:
+    if found is None or (members and not writing and sweep_member(url)):
         return
     store, inner, kind = found
     if kind == "foreign":

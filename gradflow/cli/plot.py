@@ -32,7 +32,7 @@ def plot_command(
     from gradflow.paths import refuse_inside_store
 
     refuse_inside_store(store, lambda root, inner, kind: f"give the store: gradflow plot {root} (it "
-                        f"draws every run of it)", writing=False)
+                        f"draws every run of it)", writing=False, members=True)
     formats = parse_formats(format)
     if per not in PER:
         raise GradflowError(f"--per must be one of {', '.join(PER)}, got {per!r}")

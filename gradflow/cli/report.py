@@ -24,7 +24,7 @@ def report_command(
     from gradflow.paths import refuse_inside_store
 
     refuse_inside_store(store, lambda root, inner, kind: f"give the store: gradflow report {root}",
-                        writing=False)
+                        writing=False, members=True)
 
     for path in write_report(store, out, parse_formats(format), html=html):
         typer.echo(str(path))

@@ -285,6 +285,8 @@ def test_a_path_inside_a_store_is_one_line_exit_2_naming_the_store(tmp_path, com
     before = _files(tmp_path)
     options = {"train": TINY, "sweep": [*TINY[:-2], "--depths", "1"]}.get(command, [])
     for path, store in ((run / "epochs", run), (sweep / "v1", sweep), (sweep / "v1" / "epochs", sweep)):
+        if command in ("plot", "report") and path == sweep / "v1":
+            continue  # a run group of a sweep is drawn: test_a_sweeps_run_group_is_drawn_as_one_run
         target = ["--out", path] if command in ("train", "sweep") else [path]
         if command in ("plot", "report"):
             target += ["--out", tmp_path / "figures"]
@@ -298,3 +300,28 @@ def test_a_path_inside_a_store_is_one_line_exit_2_naming_the_store(tmp_path, com
             assert lines[0].endswith(f"gradflow {command} {store}" + (" (it draws every run of it)"
                                                                        if command == "plot" else "")), err
     assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+def test_a_sweeps_run_group_is_drawn_as_one_run(tmp_path, command, run_main):
+    """`gradflow plot sweep.zarr/v1` draws that run, read through the sweep store's commit (as
+    `gradflow.open(sweep, group="v1")` reads it), and touches nothing in the store."""
+    sweep = tmp_path / "sweep.zarr"
+    torch.manual_seed(0)
+    for group in ("v1", "v2"):
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradflow.Recorder(model, optimizer, sweep, group=group) as rec:
+            for _ in range(2):
+                model(torch.ones(1, 3)).sum().backward()
+                optimizer.step()
+                rec.end_epoch(train_loss=1.0)
+    before = _files(sweep)
+    code, out, err = run_main(command, sweep / "v1", "--out", tmp_path / "figures")
+    assert code == 0 and "Traceback" not in err, err
+    assert any(line.endswith(".png" if command == "plot" else "report.md")
+               for line in out.splitlines()), out
+    if command == "report":
+        text = (tmp_path / "figures" / "report.md").read_text()
+        assert "v2" not in text  # one run: v1's
+    assert _files(sweep) == before
