@@ -16,6 +16,10 @@ L1 cache):
   float64, as the other buckets do), ‖d‖, Σ|d| and max|d|;
 * ``NORM``: ‖w‖ only.
 
+The epoch figures come from the same kernels: ``SNAPSHOT`` copies W_start into the epoch-start
+copy, a flat buffer laid out as the Δw snapshot, and ``AFTER`` reads W_end − W_start against it
+(:meth:`CpuFusedBucket.end_epoch`), with no buffer or transient of the parameters' size.
+
 Sums are accumulated in float64 (float32 inputs: every square is exact), in an order fixed by the
 compiled code (deterministic). max|·| leaves NaN out and is NaN where the tensor holds a NaN, as
 :func:`torch.amax` of ``abs`` is. The compiler may reassociate sums (to vectorize them) but not
