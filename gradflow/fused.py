@@ -72,8 +72,10 @@ def dense(t: torch.Tensor) -> bool:
 class FusedBucket(ForeachBucket):
     """A :class:`~gradflow.quantities.ForeachBucket` whose step statistics come from fused kernels
     that read the tensors in place (epoch statistics, once per epoch, stay with the multi-tensor
-    ops). A subclass supplies the kernels: :meth:`missing`, :meth:`supports`, :meth:`chunking`,
-    :meth:`_make_tables` and :meth:`_run`. Raises :class:`Unavailable` from :meth:`build`.
+    ops and the host epoch copy, except on :class:`~gradflow.fused_cpu.CpuFusedBucket`, whose
+    kernels compute them too). A subclass supplies the kernels: :meth:`missing`,
+    :meth:`supports`, :meth:`chunking`, :meth:`_make_tables` and :meth:`_run`. Raises
+    :class:`Unavailable` from :meth:`build`.
     """
 
     tables: dict = field(default_factory=dict)  # the kernels' work tables (:meth:`_make_tables`)
@@ -250,21 +252,25 @@ class FusedBucket(ForeachBucket):
         return [(row, self.index, out[r]) for r, row in
                 enumerate((PARAM_NORM_AFTER, UPDATE_NORM, UPDATE_ABS_SUM, UPDATE_MAX_ABS))]
 
-    def _relaid_updates(self, out: torch.Tensor, before: list[tuple], after: list[tuple]) -> None:
+    def _relaid_updates(self, out: torch.Tensor, before: list[tuple], after: list[tuple],
+                        saved_flat: torch.Tensor | None = None,
+                        during: str = "optimizer step") -> None:
         """Recompute, in ``out`` (the ``(4, T)`` AFTER figures), ‖d‖, Σ|d| and max|d| of the
         tensors whose memory layout (``before``/``after``: per tensor (shape, strides) at the
-        snapshot and now) changed during the step: an optimizer that assigned ``p.data`` a copy laid
-        out otherwise (channels_last in, contiguous out). The kernel paired elements by memory
-        position; the snapshot is read here through the old layout, with the multi-tensor ops.
-        Raises :class:`~gradflow.errors.GradflowError` for a tensor that changed shape."""
+        copy and now) changed since ``saved_flat`` (default the Δw snapshot; a CPU bucket's
+        epoch-start copy, ``during="epoch"``) was taken: an optimizer that assigned ``p.data`` a
+        copy laid out otherwise (channels_last in, contiguous out). The kernel paired elements by
+        memory position; the copy is read here through the old layout, with the multi-tensor ops
+        (one tensor-sized difference at a time). Raises :class:`~gradflow.errors.GradflowError`
+        for a tensor that changed shape."""
         data, work = self.data(), compute_dtype(self.dtype)
+        saved_flat = self.snapshot_flat if saved_flat is None else saved_flat
         offsets = np.cumsum([0] + self.sizes)
-        check_same_shapes([old[0] for old in before], [new[0] for new in after], [],
-                          "optimizer step")
+        check_same_shapes([old[0] for old in before], [new[0] for new in after], [], during)
         for j, (old, new) in enumerate(zip(before, after)):
             if old == new:
                 continue
-            saved = self.snapshot_flat[offsets[j]:offsets[j + 1]].as_strided(*old)
+            saved = saved_flat[offsets[j]:offsets[j + 1]].as_strided(*old)
             d = [data[j].detach().to(work) - saved.to(work)]
             out[1:, j] = torch.stack(self._norms(d) + self._norms(d, 1) + self._norms(d, math.inf))
 

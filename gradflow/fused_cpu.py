@@ -16,6 +16,10 @@ L1 cache):
   float64, as the other buckets do), ‖d‖, Σ|d| and max|d|;
 * ``NORM``: ‖w‖ only.
 
+The epoch figures come from the same kernels: ``SNAPSHOT`` copies W_start into the epoch-start
+copy, a flat buffer laid out as the Δw snapshot, and ``AFTER`` reads W_end − W_start against it
+(:meth:`CpuFusedBucket.end_epoch`), with no buffer or transient of the parameters' size.
+
 Sums are accumulated in float64 (float32 inputs: every square is exact), in an order fixed by the
 compiled code (deterministic). max|·| leaves NaN out and is NaN where the tensor holds a NaN, as
 :func:`torch.amax` of ``abs`` is. The compiler may reassociate sums (to vectorize them) but not
@@ -45,6 +49,7 @@ import torch
 
 from gradflow.errors import GradflowWarning
 from gradflow.fused import AFTER, GRAD, NORM, SNAPSHOT, FusedBucket
+from gradflow.quantities import EPOCH_ABS_SUM, EPOCH_NORM, check_same_shapes
 
 try:
     import numba
@@ -275,10 +280,19 @@ class CpuFusedBucket(FusedBucket):
     """A :class:`~gradflow.fused.FusedBucket` on a CPU: the same tables of addresses and the same
     checks as Triton's on a GPU, with the phases computed by this module's Numba kernels.
 
-    Memory beyond the ``stack`` bucket's: none per step (the figures are a ``(≤ 4, T)`` float64
-    array); the Δw snapshot (P) and the epoch copy (P), as the other buckets. Raises
-    :class:`~gradflow.fused.Unavailable` from :meth:`build`.
+    The epoch figures too come from the kernels: the epoch-start copy is one flat buffer laid out
+    as the Δw snapshot (:attr:`epoch_flat`), filled by the ``SNAPSHOT`` kernel, and
+    W_end − W_start is read by the ``AFTER`` kernel against it, so ``end_epoch`` makes no copy or
+    difference of the parameters' size (the parent's go through its scratch, up to P/8).
+
+    Memory: none per step beyond the figures (a ``(≤ 4, T)`` float64 array); the Δw snapshot (P)
+    and the epoch copy (P), none with ``snapshot=False``; the parent's scratch is allocated but
+    never written (no resident memory). Raises :class:`~gradflow.fused.Unavailable` from
+    :meth:`build`.
     """
+
+    epoch_flat: torch.Tensor | None = None  # W_start, laid out as snapshot_flat (None: not taken)
+    layouts_at_epoch: list | None = None  # per tensor (shape, strides) when epoch_flat was filled
 
     @classmethod
     def missing(cls) -> str:
@@ -336,8 +350,48 @@ class CpuFusedBucket(FusedBucket):
             t["splits"][threads] = list(zip(bounds[:-1], bounds[1:]))
         return t["splits"][threads]
 
-    def _run(self, mode: int, addresses: torch.Tensor) -> torch.Tensor:
-        """One phase's kernel; returns a fresh ``(ROWS[mode], T)`` float64 tensor."""
+    def start_epoch(self) -> None:
+        """Copy the parameters (W_start) into :attr:`epoch_flat` with the ``SNAPSHOT`` kernel, in
+        their own dtype and memory order, keeping their layouts; nothing with ``snapshot=False``.
+        Raises :class:`~gradflow.errors.GradflowError` for a parameter of another size, dtype or
+        device than at build time."""
+        if not self.keeps_snapshot:
+            return
+        addresses = self._params()
+        if self.epoch_flat is None:
+            self.epoch_flat = torch.empty_like(self.snapshot_flat)  # written whole just below
+        self._run(SNAPSHOT, addresses, self.epoch_flat)
+        self.layouts_at_epoch = self.addresses["param"][2]
+
+    def check_epoch(self) -> None:
+        """Raise :class:`~gradflow.errors.GradflowError` where :meth:`end_epoch` would: a parameter
+        of another size, dtype or device than at build time, or of another shape than at the
+        epoch's start (a layout change alone is measured, elements paired by index)."""
+        self._params()
+        if self.keeps_snapshot:
+            check_same_shapes([old[0] for old in self.layouts_at_epoch],
+                              [new[0] for new in self.addresses["param"][2]], [], "epoch")
+
+    def end_epoch(self) -> list:
+        """‖W_end − W_start‖ and Σ|W_end − W_start| per tensor (float64 sums of differences taken
+        in the parameters' dtype) by the ``AFTER`` kernel against :attr:`epoch_flat`, which then
+        takes W_end; ``[]`` with ``snapshot=False``. Raises as :meth:`check_epoch`, before anything
+        changes."""
+        if not self.keeps_snapshot:
+            return []
+        self.check_epoch()
+        out = self._run(AFTER, self._params(), self.epoch_flat)
+        if self.addresses["param"][2] != self.layouts_at_epoch:  # relaid within the epoch
+            self._relaid_updates(out, self.layouts_at_epoch, self.addresses["param"][2],
+                                 self.epoch_flat, "epoch")
+        self.start_epoch()
+        return [(EPOCH_NORM, self.index, out[1]), (EPOCH_ABS_SUM, self.index, out[2])]
+
+    def _run(self, mode: int, addresses: torch.Tensor,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One phase's kernel; ``buffer``: the copy that ``SNAPSHOT`` writes and ``AFTER`` reads
+        (laid out as :attr:`snapshot_flat`, which it defaults to). Returns a fresh
+        ``(ROWS[mode], T)`` float64 tensor."""
         t = self.tables
         table = addresses.numpy()
         partial = np.empty((len(t["piece_numel"]), COLUMNS[mode]), dtype=np.float64)
@@ -346,7 +400,7 @@ class CpuFusedBucket(FusedBucket):
             kernel, args = (_gradient_kernel if mode == GRAD else _norm_kernel), (t["like"], partial)
         else:
             kernel = _snapshot_kernel if mode == SNAPSHOT else _after_kernel
-            args = (t["offsets"], t["snapshot"], partial)
+            args = (t["offsets"], t["snapshot"] if buffer is None else buffer.numpy(), partial)
         splits = self._splits()
         work = [_threads(len(splits) - 1).submit(kernel, *pieces, *args, lo, hi)
                 for lo, hi in splits[1:]]

@@ -139,7 +139,9 @@ class TritonFusedBucket(FusedBucket):
 
     Memory beyond the parent's (snapshot P, epoch copy P on the host): the tables (a few int64 per
     tensor and per chunk) and a ``(chunks, 6)`` float64 matrix, 48 bytes per :data:`CHUNK`
-    elements (≈ 0.02 % of float32 parameters). Raises :class:`~gradflow.fused.Unavailable` from
+    elements (≈ 0.02 % of float32 parameters). The epoch figures stay with the parent's
+    multi-tensor ops: the epoch copy lives in host memory (GPU memory kept free), which these
+    kernels, launched on the GPU, do not read. Raises :class:`~gradflow.fused.Unavailable` from
     :meth:`build`.
     """
 

@@ -95,6 +95,7 @@ def test_snapshot_false_records_gradient_figures_and_nan_updates(tmp_path):
     with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr", snapshot=False) as rec:
         records = train(model, optimizer, batches(2), rec, epoch_after=1)
         assert all(b.keeps_snapshot is False and not any(c.epoch is not None for c in b.classes)
+                   and not getattr(b, "epoch", None) and getattr(b, "epoch_flat", None) is None
                    for b in rec._all_buckets())  # no Δw snapshot, no epoch copy
     ds = gradflow.open(tmp_path / "run.zarr")
     for k, (g, before, after) in enumerate(records):
@@ -269,6 +270,54 @@ def test_layouts_changed_during_steps_and_epochs_are_measured_by_index(tmp_path,
         got = epochs.sel(epoch=0, layer=layer)
         np.testing.assert_allclose(float(got.update_norm), np.sqrt(np.sum(d**2)), rtol=2e-6)
         np.testing.assert_allclose(float(got.update_mean_abs), np.abs(d).mean(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_epochs_measure_from_their_own_start_with_a_group_joining_and_weights_relaid(
+        tmp_path, monkeypatch, strategy):
+    """Three epochs: each W_end − W_start is from the end of the epoch before; a param group added
+    mid-epoch counts from the step it joined (its weights then); weights relaid within an epoch
+    (a transpose in place, a column-major copy) pair by index."""
+    use(monkeypatch, strategy, torch.float32)
+    model, gen = four_tensors(), torch.Generator().manual_seed(1)
+    model.late = nn.Module()
+    model.late.u, model.late.c = nn.Parameter(torch.randn(40, 30)), nn.Parameter(torch.randn(7))
+    layers = {**LAYERS, "late": ["late.u", "late.c"]}
+    optimizer = torch.optim.SGD([*model.big.parameters(), *model.small.parameters()], lr=0.1)
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
+        starts = [weights(model)]
+        records = [random_step(model, optimizer, gen) for _ in range(2)]
+        with torch.no_grad():
+            model.late.u.mul_(2.0)  # before it joins: in no epoch's figures
+        optimizer.add_param_group({"params": list(model.late.parameters()), "lr": 0.3})
+        joined = weights(model)
+        records.append(random_step(model, optimizer, gen))
+        rec.end_epoch()
+        starts.append(weights(model))
+        records.append(random_step(model, optimizer, gen))
+        relayout(model)
+        records.append(random_step(model, optimizer, gen))
+        rec.end_epoch()
+        starts.append(weights(model))
+        records += [random_step(model, optimizer, gen) for _ in range(2)]
+        with torch.no_grad():
+            parameter(model, "big.v").add_(1.0)  # outside a step: in the epoch's figures only
+        rec.end_epoch()
+        starts.append(weights(model))
+    check_steps(gradflow.open(tmp_path / "run.zarr").sel(layer=list(LAYERS)), records, LAYERS)
+    epochs = gradflow.open(tmp_path / "run.zarr", group="epochs")
+    assert epochs.sizes["epoch"] == 3
+    for epoch in range(3):
+        start, end = starts[epoch], starts[epoch + 1]
+        if epoch == 0:
+            start = {**start, **{n: joined[n] for n in layers["late"]}}
+        for layer, names in layers.items():
+            d = np.concatenate([(end[n] - start[n]).ravel() for n in names])
+            got = epochs.sel(epoch=epoch, layer=layer)
+            np.testing.assert_allclose(float(got.update_norm), np.sqrt(np.sum(d**2)), rtol=2e-6,
+                                       err_msg=f"epoch {epoch} {layer}")
+            np.testing.assert_allclose(float(got.update_mean_abs), np.abs(d).mean(), rtol=2e-6,
+                                       err_msg=f"epoch {epoch} {layer}")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
