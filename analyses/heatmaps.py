@@ -9,11 +9,14 @@ store's ``epochs`` group.
 Computing (:func:`heatmap_data`) is apart from drawing (:func:`heatmaps`). Three cell states are
 never folded into the colour scale, and are drawn in their own colours on top of it:
 
-- **non-finite** (red): some step of the cell had a NaN/Inf gradient in that layer (``nonfinite`` > 0)
-  or a non-finite value of the statistic. Binning never averages it away: a cell is marked when *any*
-  of its steps is.
+- **non-finite** (red): some recorded step of the cell had a NaN/Inf gradient in that layer: the
+  store's ``nonfinite`` count > 0, the only record of one. Binning never averages it away: a cell is
+  marked when *any* of its steps is.
 - **no update** (white): the statistic is exactly 0 (e.g. a frozen layer's |ΔW|).
-- **no data** (light grey): nothing was recorded there (a layer without a gradient at those steps).
+- **no data** (light grey): no finite value of the statistic and no non-finite gradient: a layer
+  without a gradient at those steps, the |ΔW| of a ``snapshot=False`` run or of an epoch a crash cut
+  short (NaN by design), ‖ΔW‖/‖W‖ of a zero weight (±Inf). A NaN or ±Inf statistic is never red by
+  itself: the store uses NaN for "not recorded", so only the counts tell a non-finite gradient.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ PER = ("epoch", "step")
 # Cell states drawn over the colour scale (value → colour, legend text).
 NO_DATA, NO_UPDATE, NONFINITE = 1, 2, 3
 STATE_COLOURS = {NO_DATA: "#d4d4d4", NO_UPDATE: "#ffffff", NONFINITE: "#e31a1c"}
-STATE_NAMES = {NO_DATA: "no data", NO_UPDATE: "no update (0)", NONFINITE: "non-finite (NaN/Inf)"}
+STATE_NAMES = {NO_DATA: "no data", NO_UPDATE: "no update (0)", NONFINITE: "non-finite gradient (NaN/Inf)"}
 MAX_NAMED_LAYERS = 28  # above this, the layer axis is labelled by module-prefix groups
 
 
@@ -81,21 +84,18 @@ def check_stat(data: xr.Dataset | xr.DataTree, stat: str, per: str) -> None:
     raise GradflowError(f"--stat: {why}; per-{per} heatmaps draw one of: {', '.join(valid) or 'nothing'}")
 
 
-def _segment_any(st: xr.Dataset, stat: str, labels: np.ndarray) -> np.ndarray:
-    """(segments, layers) bool: any step of the segment had a non-finite event, read block by block."""
+def _segment_any(st: xr.Dataset, labels: np.ndarray) -> np.ndarray:
+    """(segments, layers) bool: some step of the segment had a NaN/Inf gradient value in the layer
+    (``nonfinite`` > 0; a NaN count, no gradient, is none), read block by block; segments are the
+    sorted unique ``labels``. All False for a store without ``nonfinite``."""
     keys, segment = np.unique(labels, return_inverse=True)
     out = np.zeros((len(keys), st.sizes["layer"]), dtype=bool)
-    value = st[stat].transpose("step", "layer")
-    count = st["nonfinite"].transpose("step", "layer") if "nonfinite" in st and stat != "nonfinite" else None
-    counts = step_chunks(count) if count is not None else None
-    for start, v in step_chunks(value):
-        flag = np.isinf(v)
-        if counts is not None:
-            _, c = next(counts)
-            flag |= (c > 0) | (np.isnan(v) & np.isfinite(c))
-        seg = segment[start : start + len(v)]
+    if "nonfinite" not in st:
+        return out
+    for start, count in step_chunks(st["nonfinite"].transpose("step", "layer")):
+        seg = segment[start : start + len(count)]
         starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-        out[seg[starts]] |= np.logical_or.reduceat(flag, starts, axis=0)
+        out[seg[starts]] |= np.logical_or.reduceat(count > 0, starts, axis=0)
     return out
 
 
@@ -119,7 +119,7 @@ def _step_bins(ds: xr.Dataset, stat: str, bins: int) -> xr.DataArray:
         means,
         dims=("step", "layer"),
         coords={"step": steps[first], "step_end": ("step", steps[last] + 1), **_layer_coords(ds),
-                "nonfinite_event": (("step", "layer"), _segment_any(ds, stat, labels))},
+                "nonfinite_event": (("step", "layer"), _segment_any(ds, labels))},
         name=stat,
     )
 
@@ -154,10 +154,10 @@ def heatmap_data(
     ``update_norm``), otherwise averages the step-level ``stat`` over each epoch's steps.
     ``per="step"`` averages the step-level ``stat`` over ``bins`` equal runs of steps (a 10⁵-step
     store becomes ``bins`` rows, read block by block; a run with a step summary of at least ``bins``
-    blocks is read from it instead, :func:`gradflow.summary.read_steps`, and a cell is marked non-finite
-    there when a step of it had ``nonfinite`` > 0). Means ignore non-finite values; the bool
-    coordinate ``nonfinite_event`` (same dims) marks the cells where any step had one (see the module
-    docstring). ``layers`` / ``module_type`` select layers (:func:`gradflow.analyses.runs.select_layers`).
+    blocks is read from it instead, :func:`gradflow.summary.read_steps`). Means ignore non-finite
+    values; the bool coordinate ``nonfinite_event`` (same dims) marks the cells where some recorded
+    step had a NaN/Inf gradient in the layer (``nonfinite`` > 0), on every path alike: a NaN or ±Inf
+    statistic alone is no event (see the module docstring). ``layers`` / ``module_type`` select layers (:func:`gradflow.analyses.runs.select_layers`).
     Raises :class:`GradflowError` for a ``stat`` without a layer dimension or a bad ``per``.
     """
     check_stat(data, stat, per)
@@ -169,16 +169,16 @@ def heatmap_data(
         if per == "epoch" and ep is not None and stat in ep:
             ep = select_layers(ep, layers, module_type)
             da = ep[stat].transpose("epoch", "layer")
-            event = ~np.isfinite(da.values)
+            event = np.zeros(da.shape, dtype=bool)  # the epoch group has no counts: its steps' counts
             full = step_runs.get(name)
-            if full is not None and "nonfinite" in full and "epoch" in full.coords and full.sizes["step"] > 0:
+            if full is not None and "epoch" in full.coords and full.sizes["step"] > 0:
                 full = select_layers(full, layers, module_type)
                 keys = np.unique(full["epoch"].values).tolist()
-                count = _segment_counts(full, full["epoch"].values)
+                hit = _segment_any(full, full["epoch"].values)
                 row_of = {e: i for i, e in enumerate(ep["epoch"].values.tolist())}
                 for k, epoch in enumerate(keys):
                     if epoch in row_of:
-                        event[row_of[epoch]] |= count[k] > 0
+                        event[row_of[epoch]] |= hit[k]
             out[name] = da.assign_coords(nonfinite_event=(("epoch", "layer"), event))
         elif st is not None:
             if per == "step":
@@ -189,32 +189,23 @@ def heatmap_data(
                 out[name] = xr.DataArray(
                     means, dims=("epoch", "layer"), name=stat,
                     coords={"epoch": keys, **_layer_coords(st),
-                            "nonfinite_event": (("epoch", "layer"), _segment_any(st, stat, st["epoch"].values))})
+                            "nonfinite_event": (("epoch", "layer"), _segment_any(st, st["epoch"].values))})
     out = {name: da for name, da in out.items() if da.sizes[da.dims[0]] > 0}
     if not out:
         raise GradflowError(f"no run in the store has {per}-level data for {stat!r} yet")
     return out
 
 
-def _segment_counts(st: xr.Dataset, labels: np.ndarray) -> np.ndarray:
-    """(segments, layers): total non-finite gradient values per segment (NaN counts as 0)."""
-    keys, segment = np.unique(labels, return_inverse=True)
-    out = np.zeros((len(keys), st.sizes["layer"]))
-    for start, block in step_chunks(st["nonfinite"].transpose("step", "layer")):
-        seg = segment[start : start + len(block)]
-        np.add.at(out, seg, np.nan_to_num(block))
-    return out
-
-
 def cell_states(da: xr.DataArray) -> np.ndarray:
-    """(time, layer) int: 0 = drawn by the colour scale, else ``NO_DATA``, ``NO_UPDATE``, ``NONFINITE``."""
+    """(time, layer) int: 0 = drawn by the colour scale, else ``NO_DATA`` (a NaN or ±Inf value: not on
+    the scale, and not a non-finite gradient by itself), ``NO_UPDATE`` (0) or ``NONFINITE`` (the
+    ``nonfinite_event`` coordinate: a counted NaN/Inf gradient; see the module docstring)."""
     values = da.values
     states = np.zeros(values.shape, dtype=np.int8)
-    states[np.isnan(values)] = NO_DATA
+    states[~np.isfinite(values)] = NO_DATA
     states[values == 0] = NO_UPDATE
     if "nonfinite_event" in da.coords and da.name != "nonfinite":
         states[da["nonfinite_event"].values] = NONFINITE
-    states[np.isinf(values)] = NONFINITE
     return states
 
 

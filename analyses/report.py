@@ -24,6 +24,11 @@ from gradflow.errors import GradflowError
 
 FORMATS = ("png", "svg", "pdf")
 EPOCH_ROWS = 30  # rows of the generic report's per-epoch table (the last ones)
+# What `skipped` means (README, "Recording"): the store keeps the signal, not who gave it.
+SKIPPED = "a real skip signal: GradScaler found Inf/NaN, or the loop's guard called `skip_step()`"
+# Why a run may have no update figure to summarise: NaN there is "not recorded", not a NaN update.
+NO_UPDATES = ("its update figures are NaN where nothing was recorded (a run with `snapshot=False`) "
+              "or 0 where no weight moved")
 
 
 def store_name(store: str | os.PathLike) -> str:
@@ -204,7 +209,7 @@ def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -
         "Mean |W_end − W_start| of each layer over each epoch (layers in input-to-output order, named on the axis "
         "or grouped by module prefix; one shared log colour scale across panels). Own colours, never averaged into "
         "the scale: red = a NaN/Inf gradient at some step of the cell, white = no update (exactly 0), "
-        "light grey = no data.",
+        "light grey = no data (such as the |ΔW| of an epoch a crash cut short).",
         "",
         image("heatmap-update_mean_abs-epoch", "mean |ΔW| per epoch and layer"),
         "",
@@ -279,7 +284,7 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
                   f"- model `{a.get('model_class', '?')}`, optimizer {optimizer or '?'}; {st.sizes['layer']} layers"
                   + (f" ({', '.join(f'{n} {t}' for t, n in types.items())})" if types is not None else ""),
                   f"- {len(steps)} recorded steps ({span}, every {a.get('every', 1)}), {epochs} epoch(s)"
-                  + (f", {int(st['skipped'].values.sum())} skipped by the optimizer" if "skipped" in st.coords else ""),
+                  + (f", {int(st['skipped'].values.sum())} skipped ({SKIPPED})" if "skipped" in st.coords else ""),
                   ""]
         logged = [] if ep is None else [n for n in ("train_loss", "val_loss") if n in ep] + epoch_scalars(ep)
         if logged and ep.sizes["epoch"]:
@@ -290,9 +295,13 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
                       "", _markdown(table.tail(EPOCH_ROWS), ".4g"), ""]
         if len(steps) == 0:
             continue
-        lines += ["### Where the updates go", "",
-                  "Share of Σ‖ΔW‖² (over steps and layers) per module-prefix group, against its share of the "
-                  "parameters:", "", _markdown(update_shares(st), ".3g"), ""]
+        shares, extremes = update_shares(st), update_ratio_extremes(st)
+        lines += ["### Where the updates go", ""]
+        if shares["share"].notna().any():
+            lines += ["Share of Σ‖ΔW‖² (over steps and layers) per module-prefix group, against its share of the "
+                      "parameters:", "", _markdown(shares, ".3g"), ""]
+        else:
+            lines += [f"No finite, non-zero ‖ΔW‖ in the store: {NO_UPDATES}.", ""]
         events, total = nonfinite_events(st)
         lines += ["### Non-finite gradients", ""]
         if total:
@@ -301,12 +310,16 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
                       _markdown(events.set_index("step"), ".3g"), ""]
         else:
             lines += ["None: every recorded gradient value was finite.", ""]
-        lines += ["### Largest and smallest update ratios", "",
-                  "Typical ‖ΔW‖ / ‖W‖ per step (geometric mean over steps; the common reference is ~1e-3):", "",
-                  _markdown(update_ratio_extremes(st), ".3g"), ""]
+        lines += ["### Largest and smallest update ratios", ""]
+        if len(extremes):
+            lines += ["Typical ‖ΔW‖ / ‖W‖ per step (geometric mean over steps; the common reference is ~1e-3):", "",
+                      _markdown(extremes, ".3g"), ""]
+        else:
+            lines += [f"No finite, non-zero ‖ΔW‖ / ‖W‖ in the store: {NO_UPDATES}.", ""]
     lines += ["## Figures", "",
-              "Update-to-weight ratio and gradient norm per layer over binned steps (red: NaN/Inf at some step of "
-              "the cell; white: no update; light grey: no data):", "",
+              "Update-to-weight ratio and gradient norm per layer over binned steps (red: a NaN/Inf gradient at some "
+              "step of the cell; white: no update; light grey: no data, such as the update figures of a run "
+              "recorded with `snapshot=False`):", "",
               *image("heatmap-update_ratio-step", "update ratio per step and layer"),
               *image("heatmap-grad_norm-step", "gradient norm per step and layer"),
               *image("update_ratio", "update-to-weight ratio per layer over steps"),

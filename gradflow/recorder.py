@@ -578,6 +578,10 @@ class Recorder:
 
         self._step = self._store.next_step if self._writes else 0  # the open (or next) step
         self._epoch = self._store.next_epoch if self._writes else 0
+        # Epoch variable names by their case-folded form: two names one case apart are one array
+        # on a case-insensitive file system (macOS, Windows), so end_epoch refuses the second.
+        self._epoch_names = {name.casefold(): name for name in
+                             [*sorted(RESERVED_EPOCH_NAMES), *(self._store.epoch_names if self._writes else [])]}
         if sharding is not None:  # resuming: every rank continues rank 0's counters
             counters = torch.tensor([self._step, self._epoch], dtype=torch.float64)
             counters = counters.to(self._reducer.device)
@@ -668,7 +672,9 @@ class Recorder:
 
         Raises:
             GradflowError: a value that is not one number; a reserved name (``update_norm``,
-                ``epoch`` …) or one that cannot name a Zarr array (``val/loss``, ``..``, empty).
+                ``epoch`` …) or one that cannot name a Zarr array (``val/loss``, ``..``, empty);
+                a name that differs only in case from another epoch variable of the run
+                (``Val_Loss`` beside ``val_loss``: one array on a case-insensitive file system).
         """
         values = {}
         for name, value in scalars.items():
@@ -683,10 +689,18 @@ class Recorder:
             except (TypeError, ValueError):
                 raise GradflowError(f"end_epoch: {name}={value!r} is not a number") from None
         with self._lock:
+            names = dict(self._epoch_names)
+            for name in values:
+                other = names.setdefault(name.casefold(), name)
+                if other != name:
+                    raise GradflowError(f"end_epoch: {name!r} and {other!r} differ only in case, which a "
+                                        f"case-insensitive file system (macOS, Windows) stores as one "
+                                        f"array; choose another name")
             if self._closed:
                 if self._active:
                     raise GradflowError("end_epoch called on a closed Recorder")
                 return
+            self._epoch_names = names
             if self._row_open and threading.get_ident() != self._row_thread:
                 self._deferred_epochs.append(values)  # at the end of the step under way
                 return

@@ -67,7 +67,8 @@ STEP_COORDS = (
     Variable("epoch", ("step",), "int64", "epoch index (number of end_epoch calls before this step)", "epoch"),
     Variable("wall_time", ("step",), "float64", "Unix time in seconds when the step finished", "s"),
     Variable("skipped", ("step",), "bool",
-             "True when the optimizer skipped this step (e.g. GradScaler found Inf/NaN)"),
+             "True on a real skip signal: GradScaler found Inf/NaN (scaler= or a fused optimizer's "
+             "found_inf) or the training loop called Recorder.skip_step(); the store does not say which"),
 )
 
 LAYER_COORDS = (

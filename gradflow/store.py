@@ -517,6 +517,11 @@ class RunStore:
         self.commit(pending.steps_seen)
 
     @property
+    def epoch_names(self) -> list[str]:
+        """The names of the epochs group's arrays (its coordinates, figures and scalars so far)."""
+        return list(self._epoch_arrays)
+
+    @property
     def unwritten(self) -> Rows | None:
         """Rows a failed write left (written again, first, by the next :meth:`write`)."""
         return self._unwritten

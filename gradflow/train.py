@@ -47,7 +47,7 @@ from torch import nn
 from gradflow.errors import GradflowError
 from gradflow.losses import LOSSES
 from gradflow.models.blocks import BLOCKS
-from gradflow.models.fcn import INITS, check_dropout, nearest_side
+from gradflow.models.fcn import INITS, nearest_side
 from gradflow.models.skips import LONG_SKIPS
 from gradflow.progress import Progress
 
@@ -58,10 +58,66 @@ ARCHS = ("simple", "table1")
 WEIGHT_DECAY_MODES = ("torch", "l2", "decoupled")
 
 
-def _option(default: Any, help: str, choices: Iterable[str] | None = None) -> Any:
-    """A :class:`TrainConfig` field with its help text and allowed values, from which the command line's
-    options are made (``gradflow train``, ``gradflow sweep``): each setting is declared here, once."""
-    return field(default=default, metadata={"help": help, **({"choices": tuple(choices)} if choices else {})})
+INT64_MAX = 2**63 - 1  # the largest integer setting: it goes into int64 arrays, torch and numpy seeds
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes: ``low`` … ``high`` (``None``: unbounded), ends closed unless
+    ``open_low`` / ``open_high``; an ``int`` setting takes integers only, a ``float`` one finite numbers."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range (``"must be a non-negative integer up to 2**63 − 1, got -1"``),
+        or None."""
+        ok = isinstance(value, self.kind if self.kind is int else (int, float)) and not isinstance(value, bool)
+        ok = ok and (self.kind is int or math.isfinite(value))
+        ok = ok and (self.low is None or (value > self.low if self.open_low else value >= self.low))
+        ok = ok and (self.high is None or (value < self.high if self.open_high else value <= self.high))
+        return None if ok else f"must be {self.text()}, got {value!r}"
+
+    def text(self) -> str:
+        """``"a positive integer up to 2**63 − 1"``, ``"a number in [0, 1)"``, ``"a positive number"``."""
+        if self.kind is float and self.low is not None and self.high is not None:
+            return (f"a number in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.open_high else ']'}")
+        noun = "integer" if self.kind is int else "number"
+        smallest = self.low + 1 if self.kind is int and self.open_low else self.low
+        if self.kind is int:
+            adjective = {0: "non-negative", 1: "positive"}.get(smallest)
+        else:
+            adjective = {(0, False): "non-negative", (0, True): "positive"}.get((self.low, self.open_low))
+        if self.low is None:
+            text = f"an {noun}" if noun == "integer" else "a number"
+        elif adjective:
+            text = f"a {adjective} {noun}"
+        else:
+            text = f"an {noun} ≥ {smallest:g}" if noun == "integer" else f"a number {'>' if self.open_low else '≥'} {self.low:g}"
+        if self.high is not None:
+            text += " up to 2**63 − 1" if self.high == INT64_MAX else f" up to {self.high}"
+        return text
+
+
+def _option(default: Any, help: str, choices: Iterable[str] | None = None, range: Range | None = None) -> Any:
+    """A :class:`TrainConfig` field with its help text and allowed values (``choices``, or a numeric
+    ``range``), from which the command line's options are made (``gradflow train``, ``gradflow sweep``,
+    ``gradflow bench train``) and checked when parsed: each setting is declared here, once."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}), **({"range": range} if range else {})}
+    return field(default=default, metadata=metadata)
+
+
+def _ints(low: int, high: int = INT64_MAX) -> Range:
+    return Range(int, low, high)
+
+
+def setting_range(name: str) -> Range | None:
+    """The :class:`Range` of :class:`TrainConfig`'s numeric setting ``name`` (None for other settings)."""
+    return {f.name: f for f in fields(TrainConfig)}[name].metadata.get("range")
 
 
 @dataclass
@@ -76,45 +132,45 @@ class TrainConfig:
     arch: str = _option("simple", "simple (block × depth per level) or table1 (the paper's Table 1 net, "
                                   "stage widths × width/32).", ARCHS)
     block: str = _option("simple", "Residual block type.", BLOCKS)
-    depth: int = _option(7, "Residual blocks per level.")
-    levels: int = _option(3, "Down/up-sampling levels (size must divide by 2**levels).")
+    depth: int = _option(7, "Residual blocks per level.", range=_ints(1))
+    levels: int = _option(3, "Down/up-sampling levels (size must divide by 2**levels).", range=_ints(1, 62))
     width: int = _option(16, "Channels of every conv, constant across levels (table1: of the first stage; "
-                             "32 = Table 1).")
+                             "32 = Table 1).", range=_ints(1))
     batch_norm: bool = _option(True, "Batch normalisation.")
     short_skip: bool = _option(True, "Short (residual) skips.")
     long_skip: str = _option("sum", "Long skips.", LONG_SKIPS)
-    dropout: float = _option(0.0, "Dropout probability in every residual block.")
+    dropout: float = _option(0.0, "Dropout probability in every residual block.", range=Range(float, 0.0, 1.0, open_high=True))
     init: str = _option("scaled", "Weight init: scaled (He init with each residual branch's last conv × L^-1/2, "
                                   "so that nets without BN train; a deviation from the paper) or he (the "
                                   "paper's).", INITS)
     data: str = _option("synthetic", "'synthetic' or a folder with ISBI 2012 images and labels (PNG/TIFF "
                                      "folders or train-volume.tif / train-labels.tif).")
-    size: int = _option(64, "Image / tile side in pixels.")
+    size: int = _option(64, "Image / tile side in pixels.", range=_ints(1))
     crop: int = _option(0, "Train on random crop×crop patches of the images (an epoch: (size/crop)² crops "
-                           "per image); 0 = whole images.")
-    crops_per_image: int = _option(0, "With crop: crops of each training image per epoch (0: (size/crop)²).")
-    n_train: int = _option(24, "Training images (tiles for ISBI at size < 512).")
-    n_val: int = _option(4, "Validation images.")
-    epochs: int = _option(15, "Training epochs.")
-    batch_size: int = _option(4, "Images (or crops) per optimizer step.")
+                           "per image); 0 = whole images.", range=_ints(0))
+    crops_per_image: int = _option(0, "With crop: crops of each training image per epoch (0: (size/crop)²).", range=_ints(0))
+    n_train: int = _option(24, "Training images (tiles for ISBI at size < 512).", range=_ints(1))
+    n_val: int = _option(4, "Validation images.", range=_ints(1))
+    epochs: int = _option(15, "Training epochs.", range=_ints(1))
+    batch_size: int = _option(4, "Images (or crops) per optimizer step.", range=_ints(1))
     loss: str = _option("bce", "Training loss.", LOSSES)
     optimizer: str = _option("rmsprop", "rmsprop (the paper's) or sgd (momentum 0.9, no Nesterov).", OPTIMIZERS)
     lr: float | None = _option(None, "Learning rate (default per optimizer: rmsprop 1e-4, sgd 1e-2; the paper's "
-                                     "RMSprop lr 1e-3 blows up nets without BN).")
-    weight_decay: float = _option(1e-3, "Weight decay (the paper's: 1e-3).")
+                                     "RMSprop lr 1e-3 blows up nets without BN).", range=Range(float, 0.0, open_low=True))
+    weight_decay: float = _option(1e-3, "Weight decay (the paper's: 1e-3).", range=Range(float, 0.0))
     weight_decay_mode: str = _option("torch", "torch (wd·w added to every gradient), l2 (Keras l2 regularizer: "
                                               "2·wd·W on conv kernels, the paper's) or decoupled (conv kernels × "
                                               "(1 − lr·wd) after each step).", WEIGHT_DECAY_MODES)
     rmsprop_alpha: float = _option(0.99, "RMSprop's running-average factor (torch: 0.99; Keras 1.x rho, the "
-                                         "paper's: 0.9).")
-    seed: int = _option(0, "Seed for weights, data, batch order, augmentation, dropout.")
+                                         "paper's: 0.9).", range=Range(float, 0.0, 1.0, open_high=True))
+    seed: int = _option(0, "Seed for weights, data, batch order, augmentation, dropout.", range=_ints(0))
     device: str = _option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     amp: bool = _option(False, "Mixed precision (CUDA only).")
-    every: int = _option(1, "Record every N-th optimizer step.")
+    every: int = _option(1, "Record every N-th optimizer step.", range=_ints(1))
     augment: bool = _option(True, "Flips, rotations, shear, elastic warp.")
-    sparsity: float = _option(1e-4, "Weight of the SAT channel-selection L1 penalty.")
+    sparsity: float = _option(1e-4, "Weight of the SAT channel-selection L1 penalty.", range=Range(float, 0.0))
     score_passes: int = _option(0, "Score the best model on the validation images (V_rand, V_info, pixel "
-                                   "error) averaging N dropout passes; 0 = off.")
+                                   "error) averaging N dropout passes; 0 = off.", range=_ints(0))
 
     def __post_init__(self) -> None:
         """Reject values no run could use, naming the field (the model checks its own); resolve lr."""
@@ -125,24 +181,10 @@ class TrainConfig:
                                     f"got {getattr(self, spec.name)!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "every": self.every,
-                    "n_train": self.n_train, "n_val": self.n_val}
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise GradflowError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise GradflowError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("weight_decay", "sparsity"):
-            value = getattr(self, name)
-            if not value >= 0 or not math.isfinite(value):
-                raise GradflowError(f"{name} must be a non-negative number, got {value!r}")
-        check_dropout(self.dropout)
-        if not 0.0 <= self.rmsprop_alpha < 1.0:
-            raise GradflowError(f"rmsprop_alpha must be in [0, 1), got {self.rmsprop_alpha!r}")
-        for name in ("crop", "crops_per_image", "score_passes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise GradflowError(f"{name} must be a non-negative integer, got {value!r}")
+        for spec in fields(self):  # the ranges the command line checks its options against
+            problem = spec.metadata["range"].problem(getattr(self, spec.name)) if "range" in spec.metadata else None
+            if problem:
+                raise GradflowError(f"{spec.name} {problem}")
         if self.crops_per_image and not self.crop:
             raise GradflowError("crops_per_image needs crop > 0")
         if isinstance(self.size, int) and self.size < 1:

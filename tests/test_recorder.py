@@ -621,3 +621,28 @@ def test_bad_inputs(tmp_path):
                 rec.end_epoch(**{name: 1.0})
     with pytest.raises(GradflowError, match="closed"):
         rec.end_epoch(train_loss=1.0)
+
+
+def test_epoch_names_one_case_apart_are_refused_as_one_array(tmp_path):
+    """On a case-insensitive file system (macOS, Windows) 'Val_Loss' and 'val_loss' are one Zarr
+    array, and 'Epoch' is the epoch coordinate's: two series written into one. end_epoch refuses the
+    second name in one line, within a call, across epochs and after a resume; nothing is lost."""
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = tmp_path / "run.zarr"
+    with gradflow.Recorder(model, optimizer, store) as rec:
+        with pytest.raises(GradflowError, match="'Val_Loss' and 'val_loss' differ only in case"):
+            rec.end_epoch(val_loss=1.0, Val_Loss=2.0)
+        for name in ("Epoch", "NUM_STEPS", "Update_Norm", "Layer"):
+            with pytest.raises(GradflowError, match=f"'{name}' and '{name.lower()}' differ only in case"):
+                rec.end_epoch(**{name: 1.0})
+        rec.end_epoch(val_loss=0.5)
+        with pytest.raises(GradflowError, match="'VAL_LOSS' and 'val_loss'"):
+            rec.end_epoch(VAL_LOSS=0.4)
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:
+        with pytest.raises(GradflowError, match="'Val_loss' and 'val_loss'"):
+            rec.end_epoch(Val_loss=0.3)
+        rec.end_epoch(val_loss=0.25)
+    ep = gradflow.open(store, group="epochs")
+    assert [str(name) for name in ep.data_vars if name not in ("update_mean_abs", "update_norm", "num_steps")] == ["val_loss"]
+    np.testing.assert_array_equal(ep["val_loss"].values, [0.5, 0.25])

@@ -320,8 +320,8 @@ def test_crops_per_epoch_and_crop_settings(tmp_path):
     train(full, store=str(tmp_path / "full.zarr"))
     assert gradflow.open(str(tmp_path / "full.zarr")).sizes["step"] == 4
     for bad, message in [(dict(crop=10), "crop 10 is not divisible"), (dict(crop=64), "larger"),
-                         (dict(size=0), "size must be a positive integer, got 0"),
-                         (dict(crop=-8), "crop must be a non-negative integer, got -8"),
+                         (dict(size=0), r"size must be a positive integer up to 2\*\*63 − 1, got 0"),
+                         (dict(crop=-8), r"crop must be a non-negative integer up to 2\*\*63 − 1, got -8"),
                          (dict(crop=0), "crops_per_image needs crop"), (dict(rmsprop_alpha=1.0), "rmsprop_alpha"),
                          (dict(weight_decay_mode="adamw"), "weight_decay_mode"), (dict(arch="unet"), "arch")]:
         with pytest.raises(GradflowError, match=message):

@@ -17,8 +17,12 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gradflow.errors import GradflowError
+from gradflow.train import INT64_MAX, Range
+
+MAX_THREADS = 1024  # torch intra-op threads a benchmark option takes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,12 +78,35 @@ def run_child(script: str, args: list[str], checkout: str, label: str, **env: st
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def in_range(span) -> Callable[[str], int | float]:
+    """An argparse type: a number within ``span`` (a :class:`gradflow.train.Range`: an integer, or a
+    finite float), else a one-line error naming the option (as the CLI's options check theirs)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = span.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {span.text()}") from None
+        problem = span.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
+
+
+def list_of(parse: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of one or more ``parse`` values; an empty list or
+    item (``''``, ``1,,2``) is an error, never an empty run."""
+    def parse_list(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: give one or more comma-separated values, none empty")
+        return [parse(part) for part in parts]
+    return parse_list
+
+
+positive_int = in_range(Range(int, 1, INT64_MAX))  # steps, repetitions, sizes
+seed = in_range(Range(int, 0, INT64_MAX))
+threads = in_range(Range(int, 1, MAX_THREADS))
 
 
 def check_out(out: str | None, force: bool) -> Path | None:

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = bench.parser("durability", __doc__)
     parser.add_argument("--trials", type=bench.positive_int, default=20, help="trials per kind")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=bench.seed, default=0)
     bench.add_report_options(parser)
     args = parser.parse_args(argv)
     out = bench.check_out(args.out, args.force)

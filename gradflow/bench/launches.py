@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--block", type=bench.positive_int, default=5, help="steps per timed block")
     parser.add_argument("--profile-steps", type=bench.positive_int, default=3)
-    parser.add_argument("--threads", type=bench.positive_int, default=1,
+    parser.add_argument("--threads", type=bench.threads, default=1,
                         help="torch intra-op threads in each run (the CPU's fused kernels use as many)")
     parser.add_argument("--compare", default=None, type=bench.checkout,
                         help="another checkout's root, measured as well")

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> lis
     parser.add_argument("--steps", type=bench.positive_int, default=200, help="timed steps per arm and model")
     parser.add_argument("--turn", type=bench.positive_int, default=5,
                         help="steps an arm runs before the next arm's turn")
-    parser.add_argument("--threads", type=bench.positive_int, default=1,
+    parser.add_argument("--threads", type=bench.threads, default=1,
                         help="torch CPU threads (1 gives the steadiest timings)")
     bench.add_report_options(parser)
     args = parser.parse_args(argv)

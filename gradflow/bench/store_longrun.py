@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     from gradflow import bench
 
     parser = bench.parser("store_longrun", __doc__)
-    parser.add_argument("--steps", default="100000,1000000", help="comma-separated store lengths")
-    parser.add_argument("--layers", type=int, default=1000)
+    parser.add_argument("--steps", default=[100_000, 1_000_000], type=bench.list_of(bench.positive_int),
+                        help="comma-separated store lengths")
+    parser.add_argument("--layers", type=bench.positive_int, default=1000)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the stores are written")
     parser.add_argument("--real", help="a recorded store whose figures the codec table also uses")
     parser.add_argument("--record-real", help="record a real store at this path first (then used as --real)")
@@ -379,10 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_report_options(parser)
     args = parser.parse_args(argv)
     out = bench.check_out(args.out, args.force)
-    try:
-        steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+    steps = args.steps
     directory = Path(args.dir) / f"gradflow-bench-store-{os.getpid()}"
     directory.mkdir(parents=True, exist_ok=True)
     try:

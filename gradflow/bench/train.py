@@ -34,7 +34,7 @@ import torch
 
 from gradflow import bench
 from gradflow.progress import Progress
-from gradflow.train import TrainConfig, build_model, resolve_device, train
+from gradflow.train import Range, TrainConfig, build_model, resolve_device, setting_range, train
 
 VARIANTS = ("plain", "recorder off", "recorder on")
 BENCH_CONFIG = TrainConfig(depth=7, levels=4, width=32, size=128, n_train=25, n_val=5, batch_size=4, epochs=3,
@@ -214,11 +214,13 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> pd.
     parser.add_argument("--reps", type=bench.positive_int, default=5, help="timed repetitions of each variant")
     parser.add_argument("--epochs", type=bench.positive_int, default=3, help="epochs per timed run")
     for name in ("depth", "levels", "width", "size", "n_train", "n_val", "batch_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(BENCH_CONFIG, name))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=bench.in_range(setting_range(name)),
+                            default=getattr(BENCH_CONFIG, name))
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=BENCH_CONFIG.augment)
     parser.add_argument("--device", default=BENCH_CONFIG.device)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=BENCH_CONFIG.amp)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--threads", type=bench.in_range(Range(int, 0, bench.MAX_THREADS)), default=0,
+                        help="torch intra-op threads (0: torch's default)")
     bench.add_report_options(parser)
     args = parser.parse_args(argv)
     out = bench.check_out(args.out, args.force)

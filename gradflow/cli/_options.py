@@ -1,7 +1,9 @@
 """Command-line options generated from a config dataclass (``TrainConfig``): each option declared once.
 
-A field's type and default make the option, its ``help`` metadata the help text and its ``choices``
-metadata the accepted values; a ``bool`` field becomes a ``--name/--no-name`` switch. Commands add
+A field's type and default make the option, its ``help`` metadata the help text, its ``choices``
+metadata the accepted values and its ``range`` metadata (:class:`gradflow.train.Range`) the numbers it
+takes, both checked as the option is parsed (one ``error:`` line naming the option, exit code 2); a
+``bool`` field becomes a ``--name/--no-name`` switch. Commands add
 the options they take with :func:`config_options` and get them back as a dict of field values.
 """
 
@@ -42,7 +44,7 @@ def parameter(field: dataclasses.Field, kind: type, default: Any = dataclasses.M
     annotation = kind if default is not None else Optional[kind]
     name = RENAMED.get(field.name, field.name)
     decls = [f"{flag(field.name)}/--no-{flag(field.name)[2:]}"] if kind is bool else []
-    option = typer.Option(*decls, help=help_text(field) if help is None else help)
+    option = typer.Option(*decls, help=help_text(field) if help is None else help, callback=_checker(field))
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, option])
 
@@ -81,6 +83,26 @@ def config_options(config: type, fields: Iterable[str] | None = None, *, exclude
     return decorate
 
 
+def _checker(field: dataclasses.Field) -> Callable[[Any], Any]:
+    """The parse-time check of a field's option: its ``choices`` and ``range``; None (not given) passes."""
+    def check(value: Any) -> Any:
+        if value is not None:
+            problem(field, value)
+        return value
+    return check
+
+
+def problem(field: dataclasses.Field, value: Any) -> None:
+    """A :class:`GradflowError` naming the option when ``value`` is outside the field's ``choices`` or
+    ``range``: ``--init: unknown value 'x'; choose from …``, ``--seed: must be a non-negative integer …``."""
+    choices, span = field.metadata.get("choices"), field.metadata.get("range")
+    if choices and value not in choices:
+        raise GradflowError(f"{flag(field.name)}: unknown value {value!r}; choose from {', '.join(choices)}")
+    why = span.problem(value) if span is not None else None
+    if why:
+        raise GradflowError(f"{flag(field.name)}: {why}")
+
+
 def _plain(hint: Any) -> type:
     """``float | None`` → ``float``; a plain type as it is."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -90,6 +112,5 @@ def _plain(hint: Any) -> type:
 def check_choices(config: type, options: dict[str, Any]) -> None:
     """A value outside a field's ``choices`` is a user mistake naming the option: ``--init: unknown value``."""
     for field in dataclasses.fields(config):
-        choices, value = field.metadata.get("choices"), options.get(field.name)
-        if choices and value is not None and value not in choices:
-            raise GradflowError(f"{flag(field.name)}: unknown value {value!r}; choose from {', '.join(choices)}")
+        if options.get(field.name) is not None:
+            problem(field, options[field.name])

@@ -36,29 +36,41 @@ import typer
 from gradflow.cli import app
 from gradflow.cli._options import check_choices, config_options
 from gradflow.models import LONG_SKIPS
-from gradflow.train import TrainConfig
 from gradflow.errors import GradflowError
+from gradflow.train import TrainConfig, setting_range
 
 
 
-def parse_ints(text: str, option: str, minimum: int) -> list[int]:
-    """``"3,7,9"`` → ``[3, 7, 9]``; anything else is a one-line GradflowError naming the option."""
+def split_list(text: str, option: str, example: str) -> list[str]:
+    """``"3, 7,9"`` → ``["3", "7", "9"]``; an empty list or item (``''``, ``3,,7``) is a one-line
+    GradflowError naming the option (an empty ``--depths`` trained the whole default grid)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise GradflowError(f"{option}: empty list; give one or more values, e.g. {option} {example}")
+    if not all(parts):
+        raise GradflowError(f"{option}: empty item in {text!r}; give e.g. {option} {example}")
+    return parts
+
+
+def parse_ints(text: str, option: str, setting: str) -> list[int]:
+    """``"3,7,9"`` → ``[3, 7, 9]``, each in the range of :class:`TrainConfig`'s ``setting``
+    (:func:`gradflow.train.setting_range`); anything else is a one-line GradflowError naming the option."""
     values = []
-    for part in text.split(","):
-        part = part.strip()
+    for part in split_list(text, option, "3,7,9"):
         try:
             value = int(part)
         except ValueError:
             raise GradflowError(f"{option}: {part!r} is not an integer (expected e.g. {option} 3,7,9)") from None
-        if value < minimum:
-            raise GradflowError(f"{option}: {value} is out of range (each value must be >= {minimum})")
+        problem = setting_range(setting).problem(value)
+        if problem:
+            raise GradflowError(f"{option}: each value {problem}")
         values.append(value)
     return values
 
 
 def parse_choices(text: str, option: str, choices: tuple[str, ...]) -> list[str]:
     """``"sum,none"`` → ``["sum", "none"]``, each checked against ``choices``."""
-    values = [part.strip() for part in text.split(",")]
+    values = split_list(text, option, ",".join(choices[:2]))
     for value in values:
         if value not in choices:
             raise GradflowError(f"{option}: unknown value {value!r}; choose from {', '.join(choices)}")
@@ -102,7 +114,7 @@ def sweep_command(
     from gradflow.sweep import EXECUTORS, PRESETS, StaleVariantError, expand_grid, preset_variants, run_sweep, validate
     from gradflow.train import DEFAULT_LR, OPTIMIZERS
 
-    seed_values = parse_ints(seeds, "--seeds", minimum=0)
+    seed_values = parse_ints(seeds, "--seeds", "seed")
     parse_choices(executor, "--executor", EXECUTORS)
     check_choices(TrainConfig, given)
     if ray_address and executor != "ray":
@@ -124,9 +136,10 @@ def sweep_command(
             overrides["optimizer"] = values[0]
         variants = preset_variants(preset, overrides, seeds=seed_values)
     else:
-        depth_values = parse_ints(depths or GRID_DEFAULTS["depths"], "--depths", minimum=1)
-        long_values = parse_choices(long or TrainConfig.long_skip, "--long", LONG_SKIPS)
-        optimizer_values = parse_choices(optimizer or GRID_DEFAULTS["optimizer"], "--optimizer", OPTIMIZERS)
+        depth_values = parse_ints(GRID_DEFAULTS["depths"] if depths is None else depths, "--depths", "depth")
+        long_values = parse_choices(TrainConfig.long_skip if long is None else long, "--long", LONG_SKIPS)
+        optimizer_values = parse_choices(GRID_DEFAULTS["optimizer"] if optimizer is None else optimizer,
+                                         "--optimizer", OPTIMIZERS)
         batch_norm = TrainConfig.batch_norm if bn is None else bn
         base = TrainConfig(**{name: value for name, value in given.items() if name != "lr"}, batch_norm=batch_norm)
         variants = expand_grid(base, depths=depth_values, batch_norms=[batch_norm], long_skips=long_values,

@@ -86,7 +86,7 @@ def watch_command(
     store: Annotated[str, typer.Argument(help="The store a Recorder is writing (it may not exist yet).",
                                          metavar="STORE")],
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: any free port).")] = 8765,
-    refresh: Annotated[float, typer.Option(min=0.5, help="Seconds between page updates.")] = 3.0,
+    refresh: Annotated[float, typer.Option(min=0.5, max=86400, help="Seconds between page updates (0.5 to 86400).")] = 3.0,
 ) -> None:
     """Serve a page on 127.0.0.1 whose heatmaps and curves follow the store as it is written; Ctrl-C stops."""
     server = make_server(store, port, refresh)

@@ -7,32 +7,52 @@ Lightning calls it (with its closure: the recorded gradient is the one after the
 accumulated over ``accumulate_grad_batches`` and clipped by ``gradient_clip_val``); manual
 optimization works the same. Each training epoch closes with every scalar in
 ``trainer.callback_metrics`` (the logged ``train_loss``, ``val_loss``, …; a "/" in a name becomes
-"_"). The Recorder closes at ``on_fit_end`` or on an exception.
+"_", and two logged names that would share one stored name are a :class:`GradflowError`, see
+:func:`logged_scalars`). The Recorder closes at ``on_fit_end`` or on an exception.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import lightning.pytorch as pl
 import torch
 
+from gradflow.errors import GradflowError, GradflowWarning
 from gradflow.recorder import Recorder
 from gradflow.store import RESERVED_EPOCH_NAMES, node_name_problem
 
 
-def logged_scalars(metrics: dict) -> dict[str, float]:
-    """The one-number metrics of a ``callback_metrics`` dict, as floats under Zarr-safe names."""
+def logged_scalars(metrics: dict, sources: dict[str, str] | None = None) -> dict[str, float]:
+    """The one-number metrics of a ``callback_metrics`` dict, as floats (±Inf and NaN kept as logged)
+    under Zarr-safe names: a "/" or "\\" becomes "_" (``train/loss`` → ``train_loss``).
+
+    ``sources`` (stored name → logged name, updated in place) carries the names of earlier epochs, so
+    that one stored variable never holds two metrics. Raises :class:`GradflowError` when two logged
+    names, in this call or across ``sources``, would be stored under one name. A name the store
+    cannot hold (reserved, such as ``epoch`` or ``num_steps``, empty, ``..``, over 255 bytes) is
+    left out with a :class:`GradflowWarning` naming it."""
+    sources = {} if sources is None else sources
     out = {}
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 continue
             value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            key = str(name).replace("/", "_")
-            if key not in RESERVED_EPOCH_NAMES and not node_name_problem(key):
-                out[key] = float(value) if math.isfinite(value) else math.nan
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        name = str(name)
+        key = name.replace("/", "_").replace("\\", "_")
+        problem = "is reserved" if key in RESERVED_EPOCH_NAMES else node_name_problem(key)
+        if problem:
+            warnings.warn(f"gradflow: the logged metric {name!r} is not recorded: as an epoch variable "
+                          f"{key!r} it {problem}; log it under another name", GradflowWarning, stacklevel=2)
+            continue
+        other = sources.setdefault(key, name)
+        if other != name:
+            raise GradflowError(f"the logged metrics {other!r} and {name!r} would both be stored as "
+                                f"{key!r} (a '/' becomes '_'); rename one of them")
+        out[key] = float(value)
     return out
 
 
@@ -49,6 +69,7 @@ class GradflowCallback(pl.Callback):
     def __init__(self, store, every: int = 1, **recorder_kwargs) -> None:
         self.store, self.every, self.recorder_kwargs = store, every, recorder_kwargs
         self.recorder: Recorder | None = None
+        self._sources: dict[str, str] = {}  # stored epoch variable → the logged metric it holds
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -58,7 +79,7 @@ class GradflowCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recorder is not None:
-            self.recorder.end_epoch(**logged_scalars(trainer.callback_metrics))
+            self.recorder.end_epoch(**logged_scalars(trainer.callback_metrics, self._sources))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()

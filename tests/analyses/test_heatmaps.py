@@ -3,7 +3,7 @@ import pytest
 import xarray as xr
 from matplotlib.colors import LogNorm
 
-from gradflow.analyses.heatmaps import NO_DATA, NO_UPDATE, NONFINITE, heatmap_data, heatmaps, layer_axis
+from gradflow.analyses.heatmaps import NO_DATA, NO_UPDATE, NONFINITE, cell_states, heatmap_data, heatmaps, layer_axis
 from gradflow.errors import GradflowError
 
 CONVS_IN_ORDER = ["down1.conv", "down1.block1.conv1", "across.block1.conv1", "skip1.conv", "up1.block1.conv1",
@@ -52,7 +52,42 @@ def test_zero_and_nan_updates_are_masked_not_fatal(sweep):
     assert (np.ma.getdata(mesh.get_array())[0] == 0).all()  # zeros stay in the data ...
     states = panels(heatmaps(sweep))["simple-d1-bn0-long_sum-short0"].collections[1].get_array()
     assert (states[0] == NO_UPDATE).all()  # ... drawn as "no update", apart from "no data"
-    assert states[1, CONVS_IN_ORDER.index("across.block1.conv1")] == NONFINITE  # NaN weights: non-finite
+    # NaN |ΔW| alone is no data (no snapshot, a crash-cut epoch): no step of epoch 1 counted a NaN/Inf gradient
+    assert states[1, CONVS_IN_ORDER.index("across.block1.conv1")] == NO_DATA
+
+
+def test_a_nan_epoch_row_is_red_only_where_a_step_counted_a_nonfinite_gradient(sweep):
+    name = "simple-d1-bn0-long_sum-short0"
+    ep, step = sweep[f"{name}/epochs"].to_dataset(), sweep[name].to_dataset()
+    values = ep["update_mean_abs"].values.copy()
+    values[1, :] = np.nan  # every layer of epoch 1 NaN, as a crash-cut epoch's row
+    count = step["nonfinite"].values.copy()
+    hit = list(step.layer.values).index("skip1.conv")
+    count[np.flatnonzero(step["epoch"].values == 1)[2], hit] = 3  # one step of epoch 1 had 3 NaN gradient values
+    sweep[f"{name}/epochs"] = xr.DataTree(ep.assign(update_mean_abs=(("epoch", "layer"), values)))
+    sweep[name] = xr.DataTree(step.assign(nonfinite=(("step", "layer"), count)), children=sweep[name].children)
+    states = panels(heatmaps(sweep))[name].collections[1].get_array()
+    expected = np.where(np.array(CONVS_IN_ORDER) == "skip1.conv", NONFINITE, NO_DATA)
+    np.testing.assert_array_equal(states[1], expected)
+    assert np.ma.getmaskarray(states)[[0, 2]].all()  # the other epochs: on the colour scale
+
+
+def test_nan_and_inf_statistics_without_a_counted_nonfinite_gradient_are_no_data(run_factory):
+    step, _ = run_factory(0, epochs=2, steps_per_epoch=6, shuffle=False)
+    ratio, count = step["update_ratio"].values.copy(), step["nonfinite"].values.copy()
+    ratio[:, 0] = np.nan  # layer 0: never an update figure (snapshot=False)
+    ratio[0, 1] = np.inf  # layer 1: ‖ΔW‖/‖W‖ of a zero weight at step 0, gradient finite
+    ratio[7, 2], count[7, 2] = np.nan, 1  # layer 2: a NaN gradient at step 7
+    step = step.assign(update_ratio=(("step", "layer"), ratio), nonfinite=(("step", "layer"), count))
+    for per, kwargs in (("step", {"bins": 12}), ("step", {"bins": 3}), ("epoch", {})):
+        da = heatmap_data(step, stat="update_ratio", per=per, layers="all", **kwargs)["run"]
+        states = cell_states(da)
+        hand = np.zeros(states.shape, dtype=int)  # rows: steps (bins of 1 or 4 steps) or epochs of 6 steps
+        rows = 12 // states.shape[0]
+        hand[:, 0] = NO_DATA
+        hand[0, 1] = NO_DATA if rows == 1 else 0  # alone in its bin: no finite value; else the others' mean
+        hand[7 // rows, 2] = NONFINITE
+        np.testing.assert_array_equal(states, hand, err_msg=f"per={per} {kwargs}")
 
 
 def test_step_bins_are_nan_aware_means_of_consecutive_steps(sweep):
@@ -180,7 +215,7 @@ def test_layout_draws_row_and_column_headers_and_a_key(sweep_factory):
     assert [axes[n].get_title() for n in ("a-short0", "a-short1")] == ["short skips off", "short skips on"]
     assert [t.get_text() for t in axes["a-short0"].texts] == ["depth 3"]
     assert fig.get_suptitle() == "rows: depth; columns: short skips"
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["no data", "no update (0)", "non-finite (NaN/Inf)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["no data", "no update (0)", "non-finite gradient (NaN/Inf)"]
 
 
 def test_stats_without_a_layer_dimension_get_an_error_listing_only_valid_ones(sweep):
@@ -197,3 +232,33 @@ def test_stats_without_a_layer_dimension_get_an_error_listing_only_valid_ones(sw
             tree[name] = xr.DataTree(tree[name].to_dataset().drop_vars("update_mean_abs"),
                                      children={"epochs": tree[f"{name}/epochs"]})
         heatmaps(tree, stat="update_mean_abs", per="step")
+
+
+def test_the_nan_row_of_an_epoch_cut_short_is_no_data_after_resume(tmp_path):
+    """close() (or a crash) within an epoch: the resumed Recorder writes that epoch's row with NaN |ΔW|
+    (its start weights are gone); no gradient was non-finite, so it is "no data", not red."""
+    import torch
+    from torch import nn
+
+    import gradflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def steps(n):
+        for _ in range(n):
+            optimizer.zero_grad()
+            model(torch.randn(3, 4)).pow(2).mean().backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+            optimizer.step()
+
+    store = tmp_path / "cut.zarr"
+    with gradflow.Recorder(model, optimizer, store):
+        steps(3)  # epoch 0, never ended
+    with gradflow.Recorder(model, optimizer, store, mode="a") as rec:
+        steps(3)
+        rec.end_epoch()
+    da = heatmap_data(gradflow.open_tree(store))["run"]
+    assert np.isnan(da.values[0]).all() and np.isfinite(da.values[1]).all() and (da.values[1] > 0).all()
+    np.testing.assert_array_equal(cell_states(da), [[NO_DATA, NO_DATA], [0, 0]])

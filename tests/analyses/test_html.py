@@ -35,7 +35,7 @@ def test_html_figures_hold_the_analysis_arrays(run_factory):
     assert (custom[0, :, 0] == da["module_type"].values).all()
     assert custom[6, 0, 1] == "steps 30–34"
     hit = list(trace.x).index(str(step["layer"].values[1]))
-    assert custom[6, hit, 3] == " (non-finite (NaN/Inf))"  # the blown-up step, marked in its bin
+    assert custom[6, hit, 3] == " (non-finite gradient (NaN/Inf))"  # the blown-up step, marked in its bin
     np.testing.assert_array_equal(np.asarray(figs["lr"].data[0].y, dtype=float), step["lr"].values[:, 0])
 
 

@@ -167,3 +167,57 @@ def test_a_chunk_that_does_not_decode_is_one_line_exit_1(tmp_path, run_main):
     code, out, err = run_main("report", store, "--out", tmp_path / "rep")
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: a chunk of the store does not decode (") and "gradflow check" in err
+
+
+def test_a_snapshot_false_run_with_a_guarded_nan_step_reads_as_no_data_not_red(tmp_path, cli):
+    """snapshot=False stores NaN update figures: "not recorded". The per-epoch |ΔW| heatmap drew them red
+    ("non-finite") and the report summarised empty tables, while it said every gradient was finite.
+    Red only where a gradient was NaN/Inf (counted here from p.grad); the guarded step is "skipped" as
+    the README words it, not "by the optimizer" (the store cannot tell who skipped)."""
+    import torch
+    from torch import nn
+
+    import gradflow
+    from gradflow.analyses.heatmaps import NO_DATA, NONFINITE, cell_states, heatmap_data
+    from gradflow.analyses.html import figures
+
+    store = tmp_path / "nosnap.zarr"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    bad = {}  # (epoch, layer index) -> NaN/Inf gradient values, counted by hand
+    with gradflow.Recorder(model, optimizer, store, snapshot=False) as rec:
+        for epoch in range(3):
+            for step in range(4):
+                optimizer.zero_grad()
+                model(torch.randn(3, 4)).pow(2).mean().backward()
+                if (epoch, step) == (1, 2):
+                    model[2].weight.grad[0, 0] = float("nan")
+                for j, layer in enumerate((model[0], model[2])):
+                    n = sum(int((~torch.isfinite(p.grad)).sum()) for p in layer.parameters())
+                    if n:
+                        bad[epoch, j] = bad.get((epoch, j), 0) + n
+                if bad and not all(torch.isfinite(p.grad).all() for p in model.parameters()):
+                    rec.skip_step()
+                    continue
+                optimizer.step()
+            rec.end_epoch(train_loss=1.0)
+    assert bad == {(1, 1): 1}
+    tree = gradflow.open_tree(store)
+    expected = np.full((3, 2), NO_DATA)
+    expected[1, 1] = NONFINITE
+    da = heatmap_data(tree, "update_mean_abs", "epoch")["run"]
+    np.testing.assert_array_equal(cell_states(da), expected)
+    np.testing.assert_array_equal(cell_states(heatmap_data(tree, "update_norm", "epoch", layers="all")["run"]), expected)
+    custom = np.asarray(figures(tree)["heatmap-update_mean_abs-epoch"].data[0].customdata)
+    assert custom[0, 0, 3] == " (no data)" and custom[1, 1, 3] == " (non-finite gradient (NaN/Inf))"
+    per_step = cell_states(heatmap_data(tree, "update_ratio", "step", layers="all", bins=12)["run"])
+    assert per_step[6, 1] == NONFINITE and (np.delete(per_step.ravel(), 6 * 2 + 1) == NO_DATA).all()
+
+    result = cli("report", store, "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "12 recorded steps (steps 0–11, every 1), 3 epoch(s), 1 skipped (a real skip signal:" in text
+    assert "by the optimizer" not in text
+    assert "1 (step, layer) cell(s) had NaN/Inf gradient values" in text
+    assert text.count("No finite, non-zero ‖ΔW‖") == 2  # the shares and the ratio extremes: no data, said so

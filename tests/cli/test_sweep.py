@@ -102,7 +102,7 @@ def test_rerun_with_other_settings_is_refused_not_skipped(tiny_sweep, tmp_path, 
 
 @pytest.mark.parametrize("args, message", [
     (["--depths", "a,b"], "--depths: 'a' is not an integer"),
-    (["--depths", "3,0"], "--depths: 0 is out of range"),
+    (["--depths", "3,0"], "--depths: each value must be a positive integer up to 2**63 − 1, got 0"),
     (["--long", "sum,diagonal"], "--long: unknown value 'diagonal'"),
     (["--seeds", "x"], "--seeds: 'x' is not an integer"),
     (["--executor", "spark"], "--executor: unknown value 'spark'"),
@@ -111,7 +111,7 @@ def test_rerun_with_other_settings_is_refused_not_skipped(tiny_sweep, tmp_path, 
     (["--loss", "l2"], "loss"),
     (["--init", "xavier"], "--init: unknown value 'xavier'"),
     (["--optimizer", "rmsprop,adam"], "--optimizer: unknown value 'adam'"),
-    (["--lr", "-1"], "lr must be a positive number"),
+    (["--lr", "-1"], "--lr: must be a positive number, got -1.0"),
     (["--executor", "ray", "--out", "memory://sweep"], "memory:// store lives in one process"),
     (["--ray-address", "auto"], "--ray-address needs --executor ray"),
 ])
@@ -251,7 +251,7 @@ def test_each_preset_runs_one_tiny_epoch_on_isbi_crops(preset, extra, names, isb
     (["--preset", "table3", "--data", "x", "--optimizer", "rmsprop,sgd"], "one optimizer"),
     (["--weight-decay-mode", "adamw"], "--weight-decay-mode: unknown value 'adamw'"),
     (["--arch", "unet"], "--arch: unknown value 'unet'"),
-    (["--rmsprop-alpha", "1"], "rmsprop_alpha must be in [0, 1)"),
+    (["--rmsprop-alpha", "1"], "--rmsprop-alpha: must be a number in [0, 1), got 1.0"),
 ])
 def test_bad_preset_and_optimizer_options_are_one_line_and_exit_2(args, message, tmp_path, run_main):
     code, out, err = run_main("sweep", *args, "--out", tmp_path / "s.zarr")

@@ -10,6 +10,7 @@ from reference import layer_reference
 from torch import nn
 
 import gradflow
+from gradflow.errors import GradflowWarning
 
 pl = pytest.importorskip("lightning.pytorch")
 from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
@@ -133,9 +134,37 @@ def test_exception_closes_the_recorder(tmp_path):
     assert gradflow.open(tmp_path / "run.zarr").sizes["step"] == 2
 
 
-def test_logged_scalars_keep_only_names_a_store_can_hold():
+def test_logged_scalars_map_names_one_to_one_and_say_what_they_leave_out():
     from gradflow.integrations.lightning import logged_scalars
 
     metrics = {"val/loss": torch.tensor(0.5), "..": 1.0, "": 2.0, "epoch": 3.0,
-               "acc": torch.tensor([1.0, 2.0]), "x" * 300: 4.0}
-    assert logged_scalars(metrics) == {"val_loss": 0.5}
+               "acc": torch.tensor([1.0, 2.0]), "x" * 300: 4.0, "grad/inf": float("inf")}
+    with pytest.warns(GradflowWarning) as caught:
+        assert logged_scalars(metrics) == {"val_loss": 0.5, "grad_inf": float("inf")}  # Inf stays Inf, not NaN
+    said = " ".join(str(w.message) for w in caught)
+    for name in ("'..'", "''", "'epoch'", repr("x" * 300)):
+        assert f"logged metric {name} is not recorded" in said
+    with pytest.raises(gradflow.GradflowError, match="'train/loss' and 'train_loss' would both be stored as 'train_loss'"):
+        logged_scalars({"train/loss": 1.0, "train_loss": 2.0})
+    with pytest.raises(gradflow.GradflowError, match="'a/b' and 'a\\\\\\\\b' would both be stored as 'a_b'"):
+        logged_scalars({"a/b": 1.0, "a\\b": 2.0})
+    sources = {}
+    assert logged_scalars({"train/loss": 1.0}, sources) == {"train_loss": 1.0}
+    assert logged_scalars({"train/loss": 2.0}, sources) == {"train_loss": 2.0}  # the same metric, next epoch
+    with pytest.raises(gradflow.GradflowError, match="'train/loss' and 'train_loss'"):
+        logged_scalars({"train_loss": 3.0}, sources)  # another metric, a later epoch: same stored name
+
+
+def test_two_logged_names_for_one_stored_name_stop_the_fit_in_one_line(tmp_path):
+    """'train/loss' became 'train_loss' and overwrote the module's own 'train_loss': one metric lost."""
+    class TwoLosses(Regressor):
+        def training_step(self, batch, index):
+            loss = super().training_step(batch, index)
+            self.log("train/loss", 2 * loss, on_step=False, on_epoch=True)
+            return loss
+
+    callback = GradflowCallback(tmp_path / "run.zarr")
+    with pytest.raises(gradflow.GradflowError, match="'train_loss' and 'train/loss' would both be stored as 'train_loss'"):
+        trainer([callback]).fit(TwoLosses([]), loader(20, 1))
+    assert callback.recorder is None
+    assert gradflow.open(tmp_path / "run.zarr").sizes["step"] == 4  # the epoch's rows are kept
