@@ -518,6 +518,10 @@ class Recorder:
         self._writes = _is_writer_rank()
         self._active = self._writes or sharding is not None  # shards: every rank computes
         self._snapshot = bool(snapshot)
+        # Epoch variable names by their case-folded form: two names one case apart are one array
+        # on a case-insensitive file system (macOS, Windows), so end_epoch refuses the second
+        # (on every rank: a replica checks the names its end_epoch calls give, as rank 0 does).
+        self._epoch_names = {name.casefold(): name for name in sorted(RESERVED_EPOCH_NAMES)}
         if not self._active:
             return
 
@@ -578,10 +582,8 @@ class Recorder:
 
         self._step = self._store.next_step if self._writes else 0  # the open (or next) step
         self._epoch = self._store.next_epoch if self._writes else 0
-        # Epoch variable names by their case-folded form: two names one case apart are one array
-        # on a case-insensitive file system (macOS, Windows), so end_epoch refuses the second.
-        self._epoch_names = {name.casefold(): name for name in
-                             [*sorted(RESERVED_EPOCH_NAMES), *(self._store.epoch_names if self._writes else [])]}
+        if self._writes:  # and the names of the run's epochs so far (a resume)
+            self._epoch_names.update({name.casefold(): name for name in self._store.epoch_names})
         if sharding is not None:  # resuming: every rank continues rank 0's counters
             counters = torch.tensor([self._step, self._epoch], dtype=torch.float64)
             counters = counters.to(self._reducer.device)
