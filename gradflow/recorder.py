@@ -171,8 +171,11 @@ def _jsonable(value):
     return str(value)
 
 
-def _optimizer_attrs(optimizer: torch.optim.Optimizer) -> dict:
-    groups = [{k: _jsonable(v) for k, v in group.items() if k != "params"}
+def _optimizer_attrs(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:
+    """The optimizer's class and param groups (hyperparameters, and the names of the model's
+    parameters each holds, ``names``: by ``id``; what a resume compares, :mod:`gradflow.store`)."""
+    groups = [{**{k: _jsonable(v) for k, v in group.items() if k != "params"},
+               "params": [names.get(id(p), "?") for p in group["params"]]}
               for group in optimizer.param_groups]
     return {"class": type(optimizer).__name__, "param_groups": groups}
 
@@ -537,12 +540,15 @@ class Recorder:
         n = len(optimizers)
         self._tensors_of = [np.flatnonzero(self._owner == i) for i in range(n)]
         self._num_groups = [len(opt.param_groups) for opt in optimizers]
+        self._param_names = {id(p): distributed.clean_name(name)
+                             for name, p in model.named_parameters()}
 
         import gradflow
 
         attrs = {"gradflow_version": gradflow.__version__, "torch_version": torch.__version__,
                  "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                 "optimizers": [_optimizer_attrs(o) for o in optimizers], "every": every,
+                 "optimizers": [_optimizer_attrs(o, self._param_names) for o in optimizers],
+                 "every": every,
                  "per_parameter": bool(per_parameter), "metadata": metadata or {},
                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         self._store = self._writer = None
@@ -941,7 +947,7 @@ class Recorder:
         self._num_groups[i] = len(optimizer.param_groups)
         if self._described is not None:
             groups = self._described[i]["param_groups"]
-            groups += _optimizer_attrs(optimizer)["param_groups"][len(groups):]
+            groups += _optimizer_attrs(optimizer, self._param_names)["param_groups"][len(groups):]
             self._described_due = True
         new = sorted({self._index[id(p)] for group in optimizer.param_groups
                       for p in group["params"]

@@ -152,8 +152,9 @@ def _check_schema(attrs, where: str) -> None:
 
 
 def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
-    """The run's ``optimizers`` attribute (returned) when the resumed optimizers have its classes and
-    numbers of param groups, else a one-line GradflowError: the ``lr`` columns are the stored groups,
+    """The run's ``optimizers`` attribute (returned) when the resumed optimizers have its classes,
+    numbers of param groups and (where it names them) each group's parameters, else a one-line
+    GradflowError: the ``lr`` columns are the stored groups,
     and another optimizer's group ``j`` is not the run's group ``j``. A store without the attribute
     (another writer), or a writer that names no optimizers, is not compared."""
     if not isinstance(stored, list) or not given:
@@ -169,6 +170,16 @@ def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
         raise GradflowError(f"{where} was recorded with {describe(stored)}; this Recorder has "
                             f"{describe(given)}: a resume (mode=\"a\") needs the same optimizers and "
                             f"param groups; record into a new store or group")
+    for i, (old, new) in enumerate(zip(stored, given)):  # the same parameters in each group
+        for j, (a, b) in enumerate(zip(old.get("param_groups", []), new.get("param_groups", []))):
+            if isinstance(a, dict) and "params" in a and a["params"] != b.get("params"):
+                shown = ", ".join(a["params"][:3]) + (", …" if len(a["params"]) > 3 else "")
+                now = ", ".join(b.get("params", [])[:3]) + (", …" if len(b.get("params", [])) > 3 else "")
+                raise GradflowError(f"{where}: param group {j} of optimizer {i} held other parameters "
+                                    f"({shown}) than it holds now ({now}): its lr column would "
+                                    f"change meaning, so a resume (mode=\"a\") needs the same "
+                                    f"parameters in each group, optimizers in the same order; "
+                                    f"record into a new store or group")
     return stored
 
 

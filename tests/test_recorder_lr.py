@@ -185,3 +185,44 @@ def test_a_group_added_during_the_run_is_in_the_optimizers_attribute_and_resumes
     assert ds.lr.values.tolist() == [[lrs[0]] for lrs in seen] == [[0.1]] * 4 + [[0.05]] * 2
     assert [g["lr"] for g in ds.attrs["optimizers"][0]["param_groups"]] == [0.1, 0.02]
     assert np.isfinite(ds.grad_norm.sel(layer="0").values[2:]).all()
+
+
+def test_resume_with_the_optimizers_in_another_order_or_groups_swapped_is_refused(tmp_path):
+    """Same classes and group counts, but optimizer 0 now steps the other layer (or the groups
+    swapped their parameters): column opt0/group0 would hold the other layer's rate from the resume
+    on (0.1, 0.1, then 0.3), silently. Refused, the store untouched; the same order resumes."""
+    import pytest
+
+    from gradflow import GradflowError
+
+    def step(optimizers):
+        model(torch.ones(2, 4)).sum().backward()
+        for o in optimizers:
+            o.step()
+
+    model = _model()
+    for name, first, swapped in (
+            ("two.zarr", lambda: [torch.optim.SGD(model[0].parameters(), lr=0.1),
+                                  torch.optim.SGD(model[2].parameters(), lr=0.3)],
+             lambda: [torch.optim.SGD(model[2].parameters(), lr=0.3),
+                      torch.optim.SGD(model[0].parameters(), lr=0.1)]),
+            ("groups.zarr", lambda: [torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                                                      {"params": model[2].parameters(), "lr": 0.3}])],
+             lambda: [torch.optim.SGD([{"params": model[2].parameters(), "lr": 0.3},
+                                       {"params": model[0].parameters(), "lr": 0.1}])])):
+        store = tmp_path / name
+        optimizers = first()
+        with gradflow.Recorder(model, optimizers, store):
+            step(optimizers)
+            step(optimizers)
+        stored = gradflow.open(store).lr.values.tolist()
+        assert stored == [[0.1, 0.3], [0.1, 0.3]]
+        with pytest.raises(GradflowError, match=r"param group 0 of optimizer 0 held other parameters "
+                                                r"\(0\.weight, 0\.bias\) than it holds now "
+                                                r"\(2\.weight, 2\.bias\)"):
+            gradflow.Recorder(model, swapped(), store, mode="a")
+        assert gradflow.open(store).lr.values.tolist() == stored
+        optimizers = first()
+        with gradflow.Recorder(model, optimizers, store, mode="a"):
+            step(optimizers)
+        assert gradflow.open(store).lr.values.tolist() == stored + [[0.1, 0.3]]
