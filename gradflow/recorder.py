@@ -604,6 +604,7 @@ class Recorder:
         self._step_calls = [0] * n  # pre-hook calls, to see a GradScaler step that did not step
         self._outer: list = [None] * n  # frame of the step() call in progress (see _step_frame)
         self._mark = [0] * n  # len(self._parts) when that step() began (see _drop_unfinished)
+        self._raised = [False] * n  # its step() raised in the open row: its update is unknown
         self._parts: list = []
         self._present: np.ndarray | None = None
         self._pending_steps: list[_StepRow] = []
@@ -920,6 +921,7 @@ class Recorder:
             if self._row_open and self._resolved[j] is None and self._recording:
                 del self._parts[self._mark[j]:]
                 self._present[self._tensors_of[j]] = True
+                self._raised[j] = True
 
     @contextlib.contextmanager
     def _unless_refused(self):
@@ -966,6 +968,7 @@ class Recorder:
 
     def _open_row(self) -> None:
         self._row_open = True
+        self._raised = [False] * len(self._raised)
         self._row_thread = threading.get_ident()
         self._recording = self._step % self.every == 0
         if self._recording:
@@ -995,6 +998,7 @@ class Recorder:
         if all(r is None for r in self._resolved):
             # Only steps that never finished (an exception inside step()): not a step, not a row.
             self._row_open, self._parts, self._present = False, [], None
+            self._raised = [False] * len(self._raised)
             return
         skipped = "skip" in self._resolved
         if self._recording:
@@ -1004,6 +1008,14 @@ class Recorder:
                         for bucket in self._buckets[i]:
                             self._parts += bucket.not_stepped()
                         self._present[self._tensors_of[i]] = False
+                        if self._raised[i] and self._reducer is None:
+                            # Its step() raised in this row (another optimizer's step made the
+                            # row), perhaps after moving its weights: its update is unknown, NaN.
+                            unknown = torch.full((len(self._tensors_of[i]),), math.nan,
+                                                 dtype=torch.float64)
+                            self._parts += [(row, self._tensors_of[i], unknown) for row in (
+                                quantities.UPDATE_NORM, quantities.UPDATE_ABS_SUM,
+                                quantities.UPDATE_MAX_ABS)]
                 for bucket in self._frozen:
                     self._parts += bucket.not_stepped()
             self._present[~self._owned] = False
@@ -1017,6 +1029,7 @@ class Recorder:
             self._parts, self._present = [], None
         self._row_open = False
         self._resolved = [None] * len(self._resolved)
+        self._raised = [False] * len(self._raised)
         self._step += 1
         self._epoch_steps += 1
         if self._pending_steps and ((self._rows_handed + len(self._pending_steps)) % FLUSH_ROWS == 0

@@ -619,3 +619,50 @@ def test_a_step_that_raised_after_its_gradient_and_update_leaves_no_trace(tmp_pa
             records.append((g, w0, weights(model)))
     assert failures == 2 and len(records) == 4
     check(gradflow.open(tmp_path / "run.zarr"), records, layers_of(model))
+
+
+@pytest.mark.parametrize("strategy", ["stack", "foreach", "auto"])
+def test_a_gan_step_that_raised_after_its_update_is_unknown_in_its_row(tmp_path, monkeypatch,
+                                                                     strategy):
+    """D's step makes the row; G's step moved G's weights, then raised: G's update in that row is
+    unknown (NaN, not 0: 'no update' would be false), its gradient not recorded; every other
+    figure, and every later row, matches the reference."""
+    from gradflow import buckets
+
+    monkeypatch.setattr(buckets, "STRATEGY", strategy)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"G": nn.Linear(3, 4), "D": nn.Linear(4, 1)})
+    opt_d = torch.optim.SGD(model["D"].parameters(), lr=0.1)
+    opt_g = FlakySGD(model["G"].parameters(), fail_on={3}, lr=0.1)
+    real, records = torch.randn(8, 4), []
+    with gradflow.Recorder(model, [opt_d, opt_g], tmp_path / "run.zarr"):
+        for k in range(5):
+            z = torch.randn(8, 3)
+            opt_d.zero_grad()
+            (nn.functional.softplus(-model["D"](real)).mean()
+             + nn.functional.softplus(model["D"](model["G"](z).detach())).mean()).backward()
+            g_d, w0 = grads(model), weights(model)
+            opt_d.step()
+            opt_g.zero_grad()
+            nn.functional.softplus(-model["D"](model["G"](z))).mean().backward()
+            g_g = grads(model)
+            try:
+                opt_g.step()
+            except RuntimeError:
+                assert k == 2
+            records.append(({**g_d, "G.weight": g_g["G.weight"], "G.bias": g_g["G.bias"]},
+                            w0, weights(model)))
+    ds = gradflow.open(tmp_path / "run.zarr")
+    assert ds.sizes["step"] == 5
+    for k, (g, w0, w1) in enumerate(records):
+        for layer, names in {"G": ["G.weight", "G.bias"], "D": ["D.weight", "D.bias"]}.items():
+            expected = layer_reference(g, w0, w1, names)
+            for var in VARIABLES:
+                got = float(ds[var].sel(layer=layer).values[k])
+                if k == 2 and layer == "G":
+                    if var in ("update_norm", "update_mean_abs", "update_max_abs", "update_ratio",
+                               "grad_norm", "grad_max_abs", "nonfinite"):
+                        assert np.isnan(got), (var, got)
+                        continue
+                np.testing.assert_allclose(got, expected[var], rtol=2e-6, err_msg=f"{var} {layer} {k}")
+    assert np.linalg.norm(records[2][2]["G.weight"] - records[2][1]["G.weight"]) > 0  # G moved
