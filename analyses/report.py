@@ -32,7 +32,13 @@ NO_UPDATES = ("its update figures are NaN where nothing was recorded (a run with
 
 
 def store_name(store: str | os.PathLike) -> str:
-    """``runs/updates.zarr`` or ``s3://b/updates.zarr/`` → ``updates`` (the default report folder name)."""
+    """``runs/updates.zarr`` or ``s3://b/updates.zarr/`` → ``updates`` (the default report folder
+    name); a sweep's run group ``updates.zarr/v2`` → ``updates/v2`` (two stores' ``v2`` apart)."""
+    from gradflow.paths import sweep_member
+
+    member = sweep_member(os.fspath(store))
+    if member is not None:
+        return f"{store_name(member[0])}/{member[1]}"
     name = str(store).rstrip("/").rsplit("/", 1)[-1]
     return name.removesuffix(".zarr") or "store"
 

@@ -325,3 +325,6 @@ def test_a_sweeps_run_group_is_drawn_as_one_run(tmp_path, command, run_main):
         text = (tmp_path / "figures" / "report.md").read_text()
         assert "v2" not in text  # one run: v1's
     assert _files(sweep) == before
+    from gradflow.analyses.report import store_name
+
+    assert store_name(sweep / "v1") == "sweep/v1"  # default folder reports/sweep/v1: no clash
