@@ -36,7 +36,10 @@ def store_name(store: str | os.PathLike) -> str:
     name); a sweep's run group ``updates.zarr/v2`` → ``updates/v2`` (two stores' ``v2`` apart)."""
     from gradflow.paths import sweep_member
 
-    member = sweep_member(os.fspath(store))
+    try:
+        member = sweep_member(os.fspath(store))
+    except GradflowError:  # a URL whose filesystem is not installed: named by its text alone
+        member = None
     if member is not None:
         return f"{store_name(member[0])}/{member[1]}"
     name = str(store).rstrip("/").rsplit("/", 1)[-1]
