@@ -49,7 +49,15 @@ def split_list(text: str, option: str, example: str) -> list[str]:
         raise GradflowError(f"{option}: empty list; give one or more values, e.g. {option} {example}")
     if not all(parts):
         raise GradflowError(f"{option}: empty item in {text!r}; give e.g. {option} {example}")
+    _once(parts, option)
     return parts
+
+
+def _once(values: list, option: str) -> None:
+    """A value given twice (``--depths 3,3``) would name two variants alike: a one-line error."""
+    twice = next((v for k, v in enumerate(values) if v in values[:k]), None)
+    if twice is not None:
+        raise GradflowError(f"{option}: {twice!r} is given twice; give each value once")
 
 
 def parse_ints(text: str, option: str, setting: str) -> list[int]:
@@ -65,6 +73,7 @@ def parse_ints(text: str, option: str, setting: str) -> list[int]:
         if problem:
             raise GradflowError(f"{option}: each value {problem}")
         values.append(value)
+    _once(values, option)  # (3 and 03)
     return values
 
 

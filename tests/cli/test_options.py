@@ -131,6 +131,19 @@ def test_an_empty_list_option_is_refused_not_the_default_grid(option, value, say
     assert "variant(s)" not in out and not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize("option, value, twice", [("--depths", "3,3", "'3'"), ("--depths", "3,03", "3"),
+                                                  ("--seeds", "1,2,1", "'1'"), ("--optimizer", "sgd,sgd", "'sgd'"),
+                                                  ("--long", "sum,sum", "'sum'")])
+def test_a_list_value_given_twice_is_refused(option, value, twice, tmp_path, run_main, monkeypatch):
+    """`--depths 3,3` named two variants alike."""
+    import gradflow.sweep
+
+    monkeypatch.setattr(gradflow.sweep, "run_sweep", lambda *a, **k: pytest.fail("swept"))
+    code, out, err = run_main("sweep", option, value, "--out", tmp_path / "s.zarr")
+    assert code == 2 and err == f"error: {option}: {twice} is given twice; give each value once\n", err
+    assert not (tmp_path / "s.zarr").exists()
+
+
 @pytest.mark.parametrize("args", [["bench", "durability", "--seed", "-1"],
                                   ["bench", "durability", "--seed", "99999999999999999999"],
                                   ["bench", "train", "--depth", "0"], ["bench", "train", "--levels", "63"],
