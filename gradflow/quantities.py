@@ -981,23 +981,23 @@ def layer_step_stats(per_tensor: np.ndarray, present: np.ndarray, starts: np.nda
 
     has_grad = np.logical_or.reduceat(present, starts, axis=1)
     with np.errstate(all="ignore"):  # 0/0 of an empty layer, squares above 1e154, float32 casts
+        update_norm = norm(UPDATE_NORM)
         statistics = {
             "grad_norm": norm(GRAD_NORM),
             "grad_max_abs": largest(GRAD_MAX_ABS),
-            "update_norm": norm(UPDATE_NORM),
+            "update_norm": update_norm,
             "update_mean_abs": add(per_tensor[:, UPDATE_ABS_SUM]) / numel,
             "update_max_abs": largest(UPDATE_MAX_ABS),
             "param_norm": norm(PARAM_NORM_AFTER),
-            "update_ratio": norm(UPDATE_NORM) / norm(PARAM_NORM_BEFORE),
+            "update_ratio": update_norm / norm(PARAM_NORM_BEFORE),
             "nonfinite": add(per_tensor[:, GRAD_NONFINITE]),
         }
-    for name in ("grad_norm", "grad_max_abs", "nonfinite"):
-        statistics[name][~has_grad] = np.nan
-    if owned is not None:
-        has_owner = np.logical_or.reduceat(owned, starts, axis=1)
-        for name in ("param_norm", "update_ratio"):
-            statistics[name][~has_owner] = np.nan
-    with np.errstate(over="ignore"):  # above float32's range: inf, as the figure is
+        for name in ("grad_norm", "grad_max_abs", "nonfinite"):
+            statistics[name][~has_grad] = np.nan
+        if owned is not None:
+            has_owner = np.logical_or.reduceat(owned, starts, axis=1)
+            for name in ("param_norm", "update_ratio"):
+                statistics[name][~has_owner] = np.nan
         return {name: values.astype(np.float32) for name, values in statistics.items()}
 
 

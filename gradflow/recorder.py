@@ -931,10 +931,15 @@ class Recorder:
         try:
             yield
         except GradflowError:
-            self._row_open, self._parts, self._present = False, [], None
-            self._resolved = [None] * len(self._resolved)
-            self._grad_due = [False] * len(self._grad_due)
+            self._discard_row()
             raise
+
+    def _discard_row(self) -> None:
+        """End the open row unrecorded (no step, no row): a refused step, or only steps that never
+        finished. (:meth:`_open_row` resets the rest of a row's state.)"""
+        self._row_open, self._parts, self._present = False, [], None
+        self._resolved = [None] * len(self._resolved)
+        self._grad_due = [False] * len(self._grad_due)
 
     def _empty_gradients(self, i: int) -> None:
         """Optimizer ``i``'s zero-element parameters had a gradient where torch holds one (figures
@@ -994,12 +999,11 @@ class Recorder:
             self._close_row()
 
     def _close_row(self) -> None:
-        self._grad_due = [False] * len(self._grad_due)
         if all(r is None for r in self._resolved):
             # Only steps that never finished (an exception inside step()): not a step, not a row.
-            self._row_open, self._parts, self._present = False, [], None
-            self._raised = [False] * len(self._raised)
+            self._discard_row()
             return
+        self._grad_due = [False] * len(self._grad_due)
         skipped = "skip" in self._resolved
         if self._recording:
             with torch.no_grad():
@@ -1029,7 +1033,6 @@ class Recorder:
             self._parts, self._present = [], None
         self._row_open = False
         self._resolved = [None] * len(self._resolved)
-        self._raised = [False] * len(self._raised)
         self._step += 1
         self._epoch_steps += 1
         if self._pending_steps and ((self._rows_handed + len(self._pending_steps)) % FLUSH_ROWS == 0
