@@ -54,7 +54,7 @@ def open_tree(store: str | os.PathLike) -> xr.DataTree:
 
     member = sweep_member(os.fspath(store))
     if member is not None:
-        return gradflow.open_tree(member[0])[member[1]].copy(deep=False)  # detached: its own root
+        return gradflow.open_tree(member[0], group=member[1])  # that run only, as its own root
     return gradflow.open_tree(store)
 
 

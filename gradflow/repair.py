@@ -29,14 +29,17 @@ from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
 
-def repair_run(url: str, group: str | None) -> RunState:
+def repair_run(url: str, group: str | None, state: RunState | None = None) -> RunState:
     """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
     consistent prefix (and its summary to before a missing chunk), write its missing float figure
     chunks as NaN, rebuild the missing chunks of ``step`` and ``epochs/epoch`` from their numbering
     (:func:`gradflow.check.derived_coordinate`) and of ``num_steps`` from the step rows
     (:func:`gradflow.check.count_steps`: exact, or marked lost) and of the layer table and other
     fixed-length arrays from an intact copy (:func:`gradflow.check._fixed_values`; one that no copy
-    holds stays missing: :attr:`RunState.unrecoverable`), republish it; delete ``*.partial``."""
+    holds stays missing: :attr:`RunState.unrecoverable`), republish it; delete ``*.partial``.
+    ``state``: the run's :func:`~gradflow.check.inspect_run` already taken (``gradflow check
+    --repair``: it decodes every chunk, so it is not taken twice); it reads the committed view,
+    which rewriting node metadata files leaves as it is."""
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.store import _quiet_zarr
 
@@ -46,10 +49,11 @@ def repair_run(url: str, group: str | None) -> RunState:
         raise GradflowError(f"{where} is being written by a live Recorder; repair it after that "
                             f"Recorder finished")
     with _quiet_zarr():  # listing a folder that holds a *.partial file warns
-        return _repair(url, group, where, fs, path)
+        return _repair(url, group, where, fs, path, state)
 
 
-def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
+def _repair(url: str, group: str | None, where: str, fs, path: str,
+            state: RunState | None) -> RunState:
     from gradflow.lock import node_path, store_lock
     from gradflow.store import ALL, _remove_partial_files, consolidate, note_lost
 
@@ -58,7 +62,7 @@ def _repair(url: str, group: str | None, where: str, fs, path: str) -> RunState:
         if isinstance(meta, GroupMetadata):  # only the root holds consolidated metadata
             meta = dataclasses.replace(meta, consolidated_metadata=None)
         sync(zstore.set(key, meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]))
-    state = inspect_run(zstore, group, where)
+    state = state or inspect_run(zstore, group, where)
     node = zarr.open_group(zstore, mode="r+", path=group or "", use_consolidated=False)
     with store_lock(fs, path):
         if state.damaged_files:  # from here on they are missing chunks, their bytes kept
@@ -196,7 +200,7 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
         for problem in state.problems:
             lines.append(f"{name}: {problem}")
         if repair:
-            fixed = repair_run(url, group)
+            fixed = repair_run(url, group, state)
             kept = (f"kept {fixed.good_steps} of {fixed.num_steps} steps and {fixed.good_epochs} of "
                     f"{fixed.num_epochs} epochs")
             if fixed.set_aside:
