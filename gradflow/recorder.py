@@ -598,13 +598,13 @@ class Recorder:
         self._epoch_steps = 0
         self._row_open = False
         self._recording = False
-        self._resolved: list[str | None] = [None] * n  # per optimizer: None, "step" or "skip"
+        # per optimizer: None, "step", "skip" or "raised" (its step() raised: _drop_unfinished)
+        self._resolved: list[str | None] = [None] * n
         self._grad_due = [False] * n  # the step's gradient statistics are still to be taken
         self._grad_scale: list = [None] * n
         self._step_calls = [0] * n  # pre-hook calls, to see a GradScaler step that did not step
         self._outer: list = [None] * n  # frame of the step() call in progress (see _step_frame)
         self._mark = [0] * n  # len(self._parts) when that step() began (see _drop_unfinished)
-        self._raised = [False] * n  # its step() raised in the open row: its update is unknown
         self._parts: list = []
         self._present: np.ndarray | None = None
         self._pending_steps: list[_StepRow] = []
@@ -918,10 +918,11 @@ class Recorder:
             if frame is None or _on_stack(frame):
                 continue
             self._outer[j], self._grad_due[j] = None, False
-            if self._row_open and self._resolved[j] is None and self._recording:
-                del self._parts[self._mark[j]:]
-                self._present[self._tensors_of[j]] = True
-                self._raised[j] = True
+            if self._row_open and self._resolved[j] is None:
+                self._resolved[j] = "raised"  # its part of the row is over: the row may close
+                if self._recording:
+                    del self._parts[self._mark[j]:]
+                    self._present[self._tensors_of[j]] = True
 
     @contextlib.contextmanager
     def _unless_refused(self):
@@ -973,7 +974,6 @@ class Recorder:
 
     def _open_row(self) -> None:
         self._row_open = True
-        self._raised = [False] * len(self._raised)
         self._row_thread = threading.get_ident()
         self._recording = self._step % self.every == 0
         if self._recording:
@@ -999,7 +999,7 @@ class Recorder:
             self._close_row()
 
     def _close_row(self) -> None:
-        if all(r is None for r in self._resolved):
+        if all(r in (None, "raised") for r in self._resolved):
             # Only steps that never finished (an exception inside step()): not a step, not a row.
             self._discard_row()
             return
@@ -1008,11 +1008,11 @@ class Recorder:
         if self._recording:
             with torch.no_grad():
                 for i, state in enumerate(self._resolved):
-                    if state is None:
+                    if state in (None, "raised"):
                         for bucket in self._buckets[i]:
                             self._parts += bucket.not_stepped()
                         self._present[self._tensors_of[i]] = False
-                        if self._raised[i] and self._reducer is None:
+                        if state == "raised" and self._reducer is None:
                             # Its step() raised in this row (another optimizer's step made the
                             # row), perhaps after moving its weights: its update is unknown, NaN.
                             unknown = torch.full((len(self._tensors_of[i]),), math.nan,
