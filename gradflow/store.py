@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
@@ -80,6 +80,17 @@ CHUNK_BYTES = 2**22  # a step variable's chunk holds at most this many bytes (�
 # default zstd on recorded figures and faster to encode; higher levels save ≤ 6% more at 3-10× the
 # writer time (reports/bench_store_longrun.md).
 CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4)
+# Every chunk of every array gradflow writes ends in a CRC-32C of its stored bytes (zarr's standard
+# `crc32c` codec, which xarray and zarr check on every read): without it a flipped bit decodes to
+# other numbers silently (197 of 200 single-bit flips in a chunk of recorded figures did,
+# tests/test_store_faults.py), and `gradflow check` could not tell. 4 bytes per chunk.
+CHECKSUM = Crc32cCodec()
+OTHER_CODECS = (ZstdCodec(level=0), CHECKSUM)  # zarr's default compressor, then the checksum
+
+
+def figure_codecs() -> tuple:
+    """The float32 figures' compressors: :data:`CODEC`, then :data:`CHECKSUM`."""
+    return (CODEC, CHECKSUM)
 CHUNK_EPOCHS = 256
 STEP_VARIABLES = schema.names(schema.STEP_VARIABLES)
 EPOCH_VARIABLES = schema.names(schema.EPOCH_VARIABLES)
@@ -329,7 +340,8 @@ class RunStore:
         self.epochs = self.node["epochs"]
         self._arrays = {name: every_chunk_stored(array) for name, array in self.node.arrays()}
         self._epoch_arrays = {name: every_chunk_stored(array) for name, array in self.epochs.arrays()}
-        self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
+        self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, figure_codecs(),
+                                     OTHER_CODECS)
 
     # -- creation and resumption -------------------------------------------------------------
 
@@ -339,31 +351,32 @@ class RunStore:
         layer_coords = "depth module_type num_params"
         for name in STEP_VARIABLES:
             node.create_array(name, shape=(0, n_layers), chunks=(chunk, n_layers), dtype="float32",
-                              fill_value=np.nan, dimension_names=("step", "layer"), compressors=CODEC,
+                              fill_value=np.nan, dimension_names=("step", "layer"),
+                              compressors=figure_codecs(),
                               attributes={**_described(name, DESCRIPTIONS[name]),
                                           "coordinates": f"epoch wall_time skipped {layer_coords}"})
         for name, dtype in STEP_COORDS.items():
             node.create_array(name, shape=(0,), chunks=(CHUNK_STEPS,), dtype=dtype,
                               fill_value=_fill(dtype), dimension_names=("step",),
-                              attributes=_described(name, DESCRIPTIONS[name]))
+                              compressors=OTHER_CODECS, attributes=_described(name, DESCRIPTIONS[name]))
         groups = param_group_names(attrs)
         self._create_lr(chunk, groups, 0)
         epochs = node.require_group("epochs")
         for name in EPOCH_VARIABLES:
             epochs.create_array(name, shape=(0, n_layers), chunks=(CHUNK_EPOCHS, n_layers),
-                                dtype="float32", fill_value=np.nan,
+                                dtype="float32", fill_value=np.nan, compressors=figure_codecs(),
                                 dimension_names=("epoch", "layer"),
                                 attributes={**_described(name, EPOCH_DESCRIPTIONS[name]),
                                             "coordinates": layer_coords})
         for name in ("epoch", "num_steps"):
             epochs.create_array(name, shape=(0,), chunks=(CHUNK_EPOCHS,), dtype="int64",
-                                fill_value=0, dimension_names=("epoch",),
+                                fill_value=0, dimension_names=("epoch",), compressors=OTHER_CODECS,
                                 attributes=_described(name, DESCRIPTIONS[name]))
         for group in (node, epochs):
             for name, values in layers.arrays().items():
                 dtype = str if values.dtype.kind == "U" else values.dtype
                 array = group.create_array(name, shape=values.shape, dtype=dtype,
-                                           dimension_names=("layer",),
+                                           dimension_names=("layer",), compressors=OTHER_CODECS,
                                            attributes=_described(name, DESCRIPTIONS[name]))
                 every_chunk_stored(array)[:] = values  # depth [0] of one layer too (gradflow.check)
         # Marked as gradflow groups last: an interrupted creation leaves no half-made run behind.
@@ -380,9 +393,10 @@ class RunStore:
         """The ``lr`` step variable (one column per param group) and its ``param_group`` labels."""
         self.node.create_array("lr", shape=(n_steps, len(groups)), chunks=(chunk, max(1, len(groups))),
                                dtype="float64", fill_value=np.nan, dimension_names=("step", "param_group"),
+                               compressors=OTHER_CODECS,
                                attributes=_described("lr", DESCRIPTIONS["lr"]))
         labels = self.node.create_array("param_group", shape=(len(groups),), dtype=str,
-                                        dimension_names=("param_group",),
+                                        dimension_names=("param_group",), compressors=OTHER_CODECS,
                                         attributes=_described("param_group", DESCRIPTIONS["param_group"]))
         every_chunk_stored(labels)[:] = np.array(groups, dtype=str)
 
@@ -488,7 +502,8 @@ class RunStore:
             return
         self.lock.check()
         if self.summary is None:  # a failed write left it ahead of the committed rows: rebuild
-            self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, CODEC)
+            self.summary = SummaryWriter(self.node, self.n_steps, STEP_VARIABLES, figure_codecs(),
+                                     OTHER_CODECS)
         self._attrs_update.update(pending.attrs)
         try:
             self._write(pending)
@@ -512,7 +527,7 @@ class RunStore:
                 if name not in self._epoch_arrays:  # a new scalar: NaN for the epochs before
                     array = every_chunk_stored(self.epochs.create_array(
                         name, shape=(self.n_epochs,), chunks=(CHUNK_EPOCHS,), dtype="float64",
-                        fill_value=np.nan, dimension_names=("epoch",)))
+                        fill_value=np.nan, dimension_names=("epoch",), compressors=OTHER_CODECS))
                     if self.n_epochs:
                         array[:] = np.nan  # stored, like every chunk (gradflow.check)
                     self._epoch_arrays[name] = array

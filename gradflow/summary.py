@@ -122,8 +122,10 @@ class SummaryWriter:
     span, and summarises the raw rows not yet covered. :meth:`append` takes each flush's columns.
     """
 
-    def __init__(self, node: zarr.Group, rows: int, variables: tuple[str, ...], compressors) -> None:
-        self.node, self.variables, self.compressors = node, variables, compressors
+    def __init__(self, node: zarr.Group, rows: int, variables: tuple[str, ...], compressors,
+                 others) -> None:
+        """``compressors``: the figures' (float32) codecs; ``others``: the other arrays'."""
+        self.node, self.variables, self.compressors, self.others = node, variables, compressors, others
         group = node.get("summary")
         if not isinstance(group, zarr.Group) or group.attrs.get("gradflow_kind") != "summary":
             group = self._create()
@@ -152,13 +154,15 @@ class SummaryWriter:
                                              "coordinates": "first_step last_step"})
             for name, what in (("first_step", "first"), ("last_step", "last")):
                 sub.create_array(name, shape=(0,), chunks=(SPAN // level,), dtype="int64",
-                                 fill_value=0, dimension_names=("block",),
+                                 fill_value=0, dimension_names=("block",), compressors=self.others,
                                  attributes={"description": f"step index of the block's {what} row"})
             stat = sub.create_array("stat", shape=(len(STATS),), dtype=str, dimension_names=("stat",),
+                                    compressors=self.others,
                                     attributes={"description": "; ".join(
                                         f"{k}: {v}" for k, v in STAT_DESCRIPTIONS.items())})
             every_chunk_stored(stat)[:] = np.array(STATS)
             layer = sub.create_array("layer", shape=(n_layers,), dtype=str, dimension_names=("layer",),
+                                     compressors=self.others,
                                      attributes=dict(self.node["layer"].attrs))
             every_chunk_stored(layer)[:] = self.node["layer"][:]
             sub.attrs.update({"gradflow_kind": "summary_level", "block_rows": level})

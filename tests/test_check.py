@@ -308,7 +308,11 @@ def test_recorder_on_a_store_whose_root_metadata_is_damaged_is_one_line(tmp_path
 # -- chunk files that exist but do not decode ------------------------------------------------------
 
 DAMAGE = {"truncated": lambda data: data[:len(data) // 2], "empty": lambda data: b"",
-          "garbage": lambda data: bytes(range(256)) * 4}
+          "garbage": lambda data: bytes(range(256)) * 4,
+          # One bit flipped mid-file (bit rot): blosc/zstd would decode it to other numbers
+          # silently; the chunk's CRC-32C (store.CHECKSUM) no longer matches.
+          "bitflip": lambda data: data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x10])
+          + data[len(data) // 2 + 1:]}
 
 
 def damage(path, how: str) -> bytes:

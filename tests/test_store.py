@@ -347,3 +347,24 @@ def test_opening_a_path_inside_a_store_names_the_store_and_group(tmp_path):
     assert gradflow.open(run, group="epochs").train_loss.values.tolist() == [2.5]
     with pytest.raises(GradflowError, match=r"open the store: gradflow.open\("):
         gradflow.open(run / "grad_norm")
+
+
+def test_every_array_the_recorder_writes_ends_in_a_crc32c_checksum(tmp_path):
+    """Every chunk of every array (step figures and coordinates, lr, layer table, epochs, an epoch
+    scalar, the summary) ends in zarr's crc32c codec, so a flipped bit fails its read instead of
+    decoding to other numbers (tests/test_check.py, "bitflip"); xarray still opens the store."""
+    import zarr
+
+    model, optimizer = tiny()
+    rec = gradflow.Recorder(model, optimizer, str(tmp_path / "run.zarr"))
+    train(model, optimizer, 3)
+    rec.end_epoch(val_loss=0.5)
+    rec.close()
+    root = zarr.open_group(tmp_path / "run.zarr", mode="r")
+    arrays = [(name, a) for name, a in root.members(max_depth=None) if isinstance(a, zarr.Array)]
+    assert {"grad_norm", "lr", "layer", "epochs/val_loss", "epochs/num_steps",
+            "summary/256/grad_norm", "summary/256/layer"} <= {name for name, _ in arrays}, [n for n, _ in arrays]
+    unchecked = [name for name, a in arrays if a.metadata.codecs[-1].to_dict()["name"] != "crc32c"]
+    assert not unchecked
+    import xarray as xr
+    assert float(xr.open_zarr(tmp_path / "run.zarr", consolidated=False).grad_norm.count()) > 0

@@ -60,7 +60,7 @@ class _NoSummary:
 
 
 ARMS = {  # name: (CHUNK_BYTES, CODEC, summary writer)
-    "main (1,024-row chunks, zarr's default zstd, no summary)": (2**22, "auto", _NoSummary),
+    "main (1,024-row chunks, zarr's default zstd, no summary)": (2**22, ZstdCodec(level=0), _NoSummary),
     "1 MiB chunks, blosc zstd 1 + shuffle, no summary": (2**20, store_module.CODEC, _NoSummary),
     "256 KiB chunks, blosc zstd 1 + shuffle, no summary": (2**18, store_module.CODEC, _NoSummary),
     "this store (1,024-row chunks, blosc, summary)": (store_module.CHUNK_BYTES, store_module.CODEC,
