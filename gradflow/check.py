@@ -113,14 +113,6 @@ def open_root(url: str, **options) -> zarr.Group:
                             f"folder holds no gradflow run or sweep") from None
 
 
-def _kind(fs, path: str) -> str | None:
-    """The ``gradflow_kind`` attribute in the metadata file ``path``, or None."""
-    try:
-        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def damaged_root(url: str) -> tuple[str, str, bool] | None:
     """``(problem, what to do, whether --repair rebuilds it)`` when the store's root ``zarr.json`` is missing or does not parse
     but its folder holds gradflow's groups: the store is damaged, not absent. A sweep's root (its
@@ -128,6 +120,7 @@ def damaged_root(url: str) -> tuple[str, str, bool] | None:
     the run's settings and its last commit, which no repair rebuilds. None when the root is intact
     or the folder holds nothing of gradflow's."""
     from gradflow.lock import filesystem
+    from gradflow.paths import _metadata, gradflow_kind
 
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -138,10 +131,10 @@ def damaged_root(url: str) -> tuple[str, str, bool] | None:
         problem = "missing"
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
         problem = f"damaged ({type(err).__name__})"
-    if any(_kind(fs, p) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
+    if any(gradflow_kind(_metadata(fs, p)) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
         return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
                          f"rewrites it", True)
-    if _kind(fs, f"{path}/epochs/zarr.json") == "epochs":
+    if gradflow_kind(_metadata(fs, f"{path}/epochs/zarr.json")) == "epochs":
         return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
                          "settings and its last commit, which no repair rebuilds: restore it from a "
                          "backup, or read the arrays one by one with zarr.open_array", False)
