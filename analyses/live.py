@@ -25,8 +25,9 @@ from gradflow.analyses.runs import runs
 class LiveView:
     """Snapshots of one store for the live page: ``{"figures": {id: plotly JSON}, "status": {...}}``."""
 
-    def __init__(self, store: str | os.PathLike, bins: int = 200) -> None:
-        self.store, self.bins = str(store), bins
+    def __init__(self, store: str | os.PathLike, bins: int = 200, opened=None) -> None:
+        """``opened``: the store already opened (``gradflow.open_tree``), for the first snapshot."""
+        self.store, self.bins, self._opened = str(store), bins, opened
         self._lock = threading.Lock()
         self._signature = None
         self._figures = "{}"
@@ -36,7 +37,8 @@ class LiveView:
         """The current view as JSON text (figures rebuilt only when the store changed)."""
         with self._lock:
             try:
-                tree = open_tree(self.store)
+                tree = self._opened if self._opened is not None else open_tree(self.store)
+                self._opened = None
                 step_runs, epoch_runs = runs(tree, "step"), runs(tree, "epoch")
                 signature = (tuple((n, ds.sizes["step"]) for n, ds in step_runs.items()),
                              tuple((n, ds.sizes["epoch"]) for n, ds in epoch_runs.items()))

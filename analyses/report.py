@@ -40,10 +40,8 @@ def store_name(store: str | os.PathLike) -> str:
         member = sweep_member(os.fspath(store))
     except GradflowError:  # a URL whose filesystem is not installed: named by its text alone
         member = None
-    if member is not None:
-        return f"{store_name(member[0])}/{member[1]}"
-    name = str(store).rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".zarr") or "store"
+    name = str(member[0] if member else store).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "store"
+    return f"{name}/{member[1]}" if member else name
 
 
 def open_tree(store: str | os.PathLike) -> xr.DataTree:
@@ -162,19 +160,19 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     """Write ``out_dir/report.md`` (default ``reports/<store name>/``) with its figures, and with
     ``html`` also ``out_dir/report.html`` (:func:`gradflow.analyses.html.write_html`); returns the paths written
     (report.md first). A sweep store gets the paper's sections, any other store the generic ones."""
-    tree = open_tree(store)
-    out_dir = Path(out_dir) if out_dir is not None else Path("reports") / store_name(store)
+    tree, name = open_tree(store), store_name(store)
+    out_dir = Path(out_dir) if out_dir is not None else Path("reports") / name
     formats = formats or ["png"]
     make_out_dir(out_dir)
     write = _sweep_report if is_sweep(tree) else _run_report
-    lines = write(tree, store, out_dir, formats)
+    lines = write(tree, store, name, out_dir, formats)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     paths = [path]
     if html:
         from gradflow.analyses.html import write_html
 
-        paths.append(write_html(tree, out_dir / "report.html", title=f"gradflow report: {store_name(store)}"))
+        paths.append(write_html(tree, out_dir / "report.html", title=f"gradflow report: {name}"))
     return paths
 
 
@@ -187,7 +185,7 @@ def _image(figs: dict, stem: str, alt: str, formats: list[str]) -> str:
     return f"![{alt}]({stem}.{formats[0]})" if stem in figs else ""
 
 
-def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> list[str]:
+def _sweep_report(tree: xr.DataTree, store, title: str, out_dir: Path, formats: list[str]) -> list[str]:
     from gradflow.analyses.curves import loss_name
     from gradflow.analyses.flow_summary import flow_summary
     from gradflow.analyses.heatmaps import heatmaps
@@ -206,7 +204,7 @@ def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -
     settings = _run_settings(tree)
     unfinished = _unfinished(tree)
     return [
-        f"# gradflow report: {store_name(store)}",
+        f"# gradflow report: {title}",
         "",
         f"Store: `{store}`. Produced by `gradflow report`; every number below is read from the store.",
         "",
@@ -251,7 +249,7 @@ def _sweep_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -
     ]
 
 
-def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> list[str]:
+def _run_report(tree: xr.DataTree, store, title: str, out_dir: Path, formats: list[str]) -> list[str]:
     """The generic report of any Recorder store (one run at the root, or several non-sweep groups)."""
     from gradflow.analyses.curves import has_losses, loss_curves, loss_name
     from gradflow.analyses.diagnostics import gradient_bars, lr_curves, lr_data, update_ratio_curves
@@ -278,7 +276,7 @@ def _run_report(tree: xr.DataTree, store, out_dir: Path, formats: list[str]) -> 
         return [_image(figs, stem, alt, formats), ""] if stem in figs else []
 
     attrs = run_attrs(tree)
-    lines = [f"# gradflow report: {store_name(store)}", "",
+    lines = [f"# gradflow report: {title}", "",
              f"Store: `{store}`. Produced by `gradflow report`; every number below is read from the store.", ""]
     for name, st in step_runs.items():
         a = attrs.get(name, {})

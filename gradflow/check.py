@@ -50,9 +50,11 @@ rewrites damaged metadata files from their committed copy and trims the summary 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -113,14 +115,6 @@ def open_root(url: str, **options) -> zarr.Group:
                             f"folder holds no gradflow run or sweep") from None
 
 
-def _kind(fs, path: str) -> str | None:
-    """The ``gradflow_kind`` attribute in the metadata file ``path``, or None."""
-    try:
-        return json.loads(fs.cat_file(path)).get("attributes", {}).get("gradflow_kind")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def damaged_root(url: str) -> tuple[str, str, bool] | None:
     """``(problem, what to do, whether --repair rebuilds it)`` when the store's root ``zarr.json`` is missing or does not parse
     but its folder holds gradflow's groups: the store is damaged, not absent. A sweep's root (its
@@ -128,6 +122,7 @@ def damaged_root(url: str) -> tuple[str, str, bool] | None:
     the run's settings and its last commit, which no repair rebuilds. None when the root is intact
     or the folder holds nothing of gradflow's."""
     from gradflow.lock import filesystem
+    from gradflow.paths import _metadata, gradflow_kind
 
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -138,10 +133,10 @@ def damaged_root(url: str) -> tuple[str, str, bool] | None:
         problem = "missing"
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
         problem = f"damaged ({type(err).__name__})"
-    if any(_kind(fs, p) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
+    if any(gradflow_kind(_metadata(fs, p)) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
         return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
                          f"rewrites it", True)
-    if _kind(fs, f"{path}/epochs/zarr.json") == "epochs":
+    if gradflow_kind(_metadata(fs, f"{path}/epochs/zarr.json")) == "epochs":
         return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
                          "settings and its last commit, which no repair rebuilds: restore it from a "
                          "backup, or read the arrays one by one with zarr.open_array", False)
@@ -182,9 +177,10 @@ DECODE_BYTES = 2**25
 step figures at 1,024 layers): what it holds in memory, whatever the store's size."""
 
 
-def _holes(zstore, array, length: int, missing: bool = True, decode: bool = True,
+def _holes(zstore, keys: set[str], array, length: int, missing: bool = True, decode: bool = True,
            decode_from: int = 0) -> list[Hole]:
-    """The chunk rows below ``length`` that lost a chunk: one ``missing`` (listed; only when
+    """The chunk rows below ``length`` that lost a chunk: one ``missing`` (not in ``keys``, the
+    run's listed files: :func:`_keys`; only when
     ``missing``: an older writer left out chunks of the fill value) or one stored whose bytes do
     not decode (``decode``: truncated, empty, garbage; every stored chunk holding rows from
     ``decode_from`` on is decoded, a few chunk rows at a time, :data:`DECODE_BYTES`). Empty when
@@ -192,7 +188,6 @@ def _holes(zstore, array, length: int, missing: bool = True, decode: bool = True
     if length == 0:
         return []
     chunks = array.metadata.chunk_grid.chunk_shape
-    keys = _keys(zstore, f"{array.path}/")
     grid = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], chunks[1:])]
     n_rows = math.ceil(length / chunks[0])
     undecodable = {}
@@ -300,14 +295,14 @@ def _fixed_values(name: str, length: int, copies: list, holes: dict, table: dict
     return values, [sources[i][0] if i >= 0 else "" for i in origin], "no intact copy holds it"
 
 
-def _inspect_fixed(zstore, node, state: RunState, decode: bool) -> None:
+def _inspect_fixed(zstore, keys: set[str], node, state: RunState, decode: bool) -> None:
     """Report the missing chunks of the run's fixed-length arrays (module docstring), each with the
     values a repair writes (``state.rebuilt``) or as lost (``state.unrecoverable``)."""
     marked = bool(node.attrs.get("fixed_chunks_stored"))
     table = node.attrs.get("fixed_coordinates")
     table = table if isinstance(table, dict) else {}
     for (name, length), copies in _fixed_copies(node).items():
-        holes = {array.path: _holes(zstore, array, length, decode=decode) for array in copies}
+        holes = {array.path: _holes(zstore, keys, array, length, decode=decode) for array in copies}
         if not any(holes.values()):
             continue
         values, origins, why = _fixed_values(name, length, copies, holes, table,
@@ -473,6 +468,7 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             summarised = 0  # a summary of unknown layout: decode every row
     state = RunState(where)
+    keys = _keys(zstore, f"{node.path}/" if node.path else "")  # one listing of the run's files
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
     every = node.attrs.get("every")
     for dim, parent in (("step", node), ("epoch", node["epochs"])):
@@ -490,7 +486,7 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
             listed = all_chunks or (name == dim and n > 1)
             if not (listed or decode):
                 continue
-            holes = _holes(zstore, array, lengths[name], missing=listed, decode=bool(decode),
+            holes = _holes(zstore, keys, array, lengths[name], missing=listed, decode=bool(decode),
                            decode_from=(0 if decode is True else summarised if dim == "step"
                                         else lengths[name]))
             label = _label(array)
@@ -543,7 +539,7 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
     last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
     if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
         state.rowless_epochs = range(state.good_epochs, last_label + 1)
-    _inspect_fixed(zstore, node, state, bool(decode))
+    _inspect_fixed(zstore, keys, node, state, bool(decode))
     # The summary of lost rows describes figures the raw rows no longer hold: trimmed there too.
     state.good_summary = min([state.good_steps] + [a for _, dim, a, _ in state.lost if dim == "step"])
     summary = node.get("summary") if all_chunks else None
@@ -552,7 +548,7 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
             for name, array in summary[str(level)].arrays():
                 if array.metadata.dimension_names[0] != "block":
                     continue
-                holes = _holes(zstore, array, array.shape[0], decode=bool(decode),
+                holes = _holes(zstore, keys, array, array.shape[0], decode=bool(decode),
                                decode_from=0 if decode is True else array.shape[0])
                 for first, end, says, files in holes[:1]:
                     state.problems.append(f"{array.path}: chunk of blocks {first}-{end - 1} {says}")
@@ -603,21 +599,55 @@ def _metadata_problem(buffer, meta) -> str | None:
     return None
 
 
-def refuse_to_resume(zstore, group: str | None, where: str, url: str) -> None:
-    """Raise a one-line GradflowError when the run is damaged: its first damage and what is true
-    of it: ``gradflow check URL --repair`` mends it, or it lost values that no repair rebuilds (the
-    layer table), and the run cannot be resumed at all. Every chunk is listed, but only the chunks
-    a resumed writer appends to are decoded (``decode="tail"``: a crash mid-write tears those), so
-    that resuming costs the same at any length; ``gradflow check`` decodes them all."""
-    state = inspect_run(zstore, group, where, decode="tail")
-    if state.unrecoverable:
+def refuse_damaged(zstore, group: str | None, where: str, url: str, resume: bool = False) -> None:
+    """Raise a one-line GradflowError when the run is damaged, naming its first damage and what
+    mends it: ``gradflow check URL --repair``, unless it lost values that no repair rebuilds (the
+    layer table). Every chunk is listed; none is decoded when opening (``gradflow.open`` costs the
+    same at any length; reading a chunk that does not decode fails with the codec's error, which
+    the CLI says in one line); ``resume``: the chunks a resumed writer appends to are decoded too
+    (``decode="tail"``: a crash mid-write tears those), and a run that lost what no repair
+    rebuilds cannot be resumed at all. ``gradflow check`` decodes them all."""
+    with _quiet_zarr():  # a run being written holds *.partial files, which zarr notes when listing
+        state = inspect_run(zstore, group, where, decode="tail" if resume else False)
+    if state.unrecoverable and resume:
         first = next(p for p in state.problems if "cannot rebuild" in p)
         raise GradflowError(f"{where} is damaged ({first}); no repair rebuilds what it lost, so it "
                             f"cannot be resumed: record into a new store or group (`gradflow check "
                             f"{url}` lists the damage)")
-    if state.problems:
+    if state.unrecoverable:
+        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url}` lists "
+                            f"what no repair can rebuild")
+    if state.problems and resume:
         raise GradflowError(f"{where} is damaged ({state.problems[0]}); run `gradflow check {url} "
                             f"--repair` first")
+    if state.problems:
+        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url} --repair`"
+                            f" repairs it (see `gradflow check --help`)")
+
+
+def refuse_damaged_metadata(zstore, group: str | None, where: str, url: str) -> None:
+    """Raise a one-line GradflowError when a node metadata file of the run is missing or unreadable
+    (:func:`damaged_metadata`): zarr reads those files, so a run is not resumed before a repair."""
+    for key, (problem, _) in damaged_metadata(zstore, group).items():
+        raise GradflowError(f"{where} is damaged ({key}: {problem}); run `gradflow check {url} "
+                            f"--repair` first")
+
+
+@contextlib.contextmanager
+def _quiet_zarr():
+    """Silence zarr's note that consolidated metadata is not in the v3 spec, for one call.
+
+    A local filter, not one set at import: test runners reset filters (and ``-W error`` would turn
+    the note into an exception in the user's program). The filter matches only that message.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part",
+                                category=UserWarning)
+        # ... and listing a group whose folder holds a *.partial file that a kill left behind
+        # (`gradflow check --repair` deletes them)
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component",
+                                category=UserWarning)
+        yield
 
 
 def runs_of(root) -> list[str | None]:

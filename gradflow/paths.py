@@ -37,10 +37,11 @@ def _metadata(fs, path: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _is_run(meta: dict) -> bool:
-    attributes = meta.get("attributes")
-    return meta.get("node_type") == "group" and isinstance(attributes, dict) \
-        and attributes.get("gradflow_kind") == "run"
+def gradflow_kind(meta: dict | None) -> str | None:
+    """The ``gradflow_kind`` of a group's Zarr metadata (``"run"``, ``"epochs"``, …); None for an
+    array, another tool's group or no metadata (:func:`_metadata` gave None)."""
+    attributes = meta.get("attributes") if isinstance(meta, dict) and meta.get("node_type") == "group" else None
+    return attributes.get("gradflow_kind") if isinstance(attributes, dict) else None
 
 
 def store_kind(url: str) -> str | None:
@@ -50,7 +51,11 @@ def store_kind(url: str) -> str | None:
     created), ``"empty"`` (a group with no members), ``"foreign"`` (anything else: another tool's
     store, a Zarr array); None when ``url`` holds no Zarr store or its root ``zarr.json`` does not
     parse (:func:`gradflow.check.damaged_root` tells). A member whose ``zarr.json`` does not parse is
-    left to ``gradflow check``."""
+    left to ``gradflow check``.
+
+    Reads the root ``zarr.json``, lists the root folder and reads the ``zarr.json`` of only the
+    members the root's consolidated metadata (the last commit) does not list: its copy gives the
+    others' kind, so a Recorder opening one group of a sweep of N runs reads no N files."""
     from gradflow.lock import lock_dir
 
     fs, path = filesystem(url)
@@ -58,17 +63,21 @@ def store_kind(url: str) -> str | None:
     root = _metadata(fs, f"{path}/zarr.json")
     if root is None:
         return None
-    if _is_run(root):
+    if gradflow_kind(root) == "run":
         return "run"
     if root.get("node_type") != "group":
         return "foreign"
+    committed = root.get("consolidated_metadata")
+    committed = committed.get("metadata") if isinstance(committed, dict) else None
+    committed = committed if isinstance(committed, dict) else {}
     names = [m.rstrip("/").rsplit("/", 1)[-1] for m in fs.ls(path, detail=False)]
     names = [n for n in names if n != "zarr.json" and not n.startswith(".") and not n.endswith(".partial")]
-    members = {name: _metadata(fs, f"{path}/{name}/zarr.json") for name in names}
+    members = {name: committed.get(name) or _metadata(fs, f"{path}/{name}/zarr.json") for name in names}
     if not any(meta is not None for meta in members.values()):
         return "empty"
     for name, meta in members.items():
-        if meta is not None and not _is_run(meta) and not fs.exists(f"{lock_dir(path, name)}/creating"):
+        if meta is not None and gradflow_kind(meta) != "run" \
+                and not fs.exists(f"{lock_dir(path, name)}/creating"):
             return "foreign"
     return "sweep"
 
@@ -96,12 +105,16 @@ def sweep_member(url: str) -> tuple[str, str] | None:
     """``(store, group)`` when ``url`` is the folder of a run group of a sweep store
     (``"sweep.zarr/v1"`` → ``("sweep.zarr", "v1")``), which readers open through the store
     (``gradflow.open_tree(store)[group]``: from the store's commit); else None."""
-    found = enclosing_store(url)
+    return _member(enclosing_store(url))
+
+
+def _member(found: tuple[str, str, str] | None) -> tuple[str, str] | None:
+    """:func:`sweep_member` from the :func:`enclosing_store` of the url."""
     if found is None or found[2] != "sweep" or "/" in found[1]:
         return None
     fs, path = filesystem(found[0])
     meta = _metadata(fs, f"{path.rstrip('/')}/{found[1]}/zarr.json")
-    return (found[0], found[1]) if meta is not None and _is_run(meta) else None
+    return (found[0], found[1]) if gradflow_kind(meta) == "run" else None
 
 
 def refuse_inside_store(url: str, instead: Callable[[str, str, str], str], writing: bool,
@@ -113,7 +126,7 @@ def refuse_inside_store(url: str, instead: Callable[[str, str, str], str], writi
     do instead about a gradflow store (``"record into a group of it: Recorder(...)"``).
     ``members``: reading a run group of a sweep (:func:`sweep_member`) is allowed."""
     found = enclosing_store(url)
-    if found is None or (members and not writing and sweep_member(url)):
+    if found is None or (members and not writing and _member(found)):
         return
     store, inner, kind = found
     if kind == "foreign":

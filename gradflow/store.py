@@ -46,7 +46,6 @@ when its owner dies) refuses a second writer, in another process or this one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -54,7 +53,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,7 +64,7 @@ from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
 from gradflow import schema
-from gradflow.check import damaged_root, every_chunk_stored, root_error
+from gradflow.check import _quiet_zarr, damaged_root, every_chunk_stored, refuse_damaged, root_error
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, refuse_inside_store, store_kind, store_url
 from gradflow.summary import STATS, SummaryWriter
@@ -273,7 +271,9 @@ class RunStore:
         try:
             with store_lock(self.fs, self.path), _quiet_zarr():  # one creator at a time
                 exists, is_zarr = path_exists(url)
-                if exists and not is_zarr and not damaged_root(url):  # (else: open_root says)
+                if exists and not is_zarr:  # (a Zarr store's root is checked by open_root)
+                    if damage := damaged_root(url):
+                        raise root_error(url, damage)
                     raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
                 self._open(layers, attrs, every, per_parameter, mode)
             if self._unwritten is not None:
@@ -292,7 +292,7 @@ class RunStore:
         stale = self.fs.exists(self._creating)  # its creator died half-way (we hold the lock)
         if not self.fs.exists(node_path(self.path, group) + "/zarr.json"):
             self.fs.touch(self._creating)  # readers wait instead of "not a gradflow store"
-        from gradflow.check import damaged_metadata, open_root
+        from gradflow.check import open_root, refuse_damaged_metadata
 
         root = open_root(url, mode="a", use_consolidated=False)
         self.store = root.store
@@ -300,12 +300,8 @@ class RunStore:
         # A run that is resumed must be whole (zarr reads these files); one that is made again
         # (mode "w", its creator died half-way, or its folder was deleted, as a sweep does with an
         # unfinished variant) may lack files its old commit listed.
-        damaged = (damaged_metadata(self.store, group)
-                   if mode != "w" and not stale and self.fs.exists(node_path(self.path, group)) else {})
-        if damaged:
-            key, (problem, _) = next(iter(damaged.items()))
-            raise GradflowError(f"{self.where} is damaged ({key}: {problem}); run `gradflow check "
-                                f"{url} --repair` first")
+        if mode != "w" and not stale and self.fs.exists(node_path(self.path, group)):
+            refuse_damaged_metadata(self.store, group, self.where, url)
         if group and _is_run(root):
             raise GradflowError(f"{url} holds a single run at its root; record group {group!r} "
                                 f"into another store")
@@ -401,11 +397,9 @@ class RunStore:
         every_chunk_stored(labels)[:] = np.array(groups, dtype=str)
 
     def _resume(self, layers: LayerTable, every: int, per_parameter: bool, attrs: dict) -> None:
-        from gradflow.check import refuse_to_resume
-
         node = self.node
         # First: a lost chunk of the layer table would read as another model's layers.
-        refuse_to_resume(self.store, self.group, self.where, self.url)
+        refuse_damaged(self.store, self.group, self.where, self.url, resume=True)
         stored = [str(name) for name in node["layer"][:]]
         if stored != layers.names:
             extra = sorted(set(stored) ^ set(layers.names))[:3] or stored[:3]
@@ -868,7 +862,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
         run = group if kind == "run" else (group.rsplit("/", 1)[0] if group and "/" in group else None)
         if fs.exists(creating_marker(fs, path, run)):
             raise _NotReady(f"{where} is being created (or its creation was interrupted)")
-        _refuse_damaged(root.store, run, where, url)
+        refuse_damaged(root.store, run, where, url)
         return xr.open_datatree(url, **options) if tree else xr.open_dataset(url, **options)
     runs = [child for _, child in node.groups() if _is_run(child)]
     if not runs:
@@ -881,44 +875,8 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
     for child in runs:
         run_where = f"{url} (group {child.path!r})"
         _check_schema(child.attrs, run_where)
-        _refuse_damaged(root.store, child.path, run_where, url)
+        refuse_damaged(root.store, child.path, run_where, url)
     return xr.open_datatree(url, **options)
-
-
-def _refuse_damaged(zstore, run: str | None, where: str, url: str) -> None:
-    """Raise a one-line GradflowError naming the run's first damage and what mends it: ``gradflow
-    check --repair``, unless the run lost values that no repair rebuilds (the layer table).
-
-    Chunks are listed, not decoded: opening costs the same at any length (a plot of a 10⁶-step run
-    reads its summary, not its raw rows). A chunk file whose bytes do not decode is found by
-    ``gradflow check``; reading it fails with the codec's error (the CLI says so in one line)."""
-    from gradflow.check import inspect_run
-
-    with _quiet_zarr():  # a run being written holds *.partial files, which zarr notes when listing
-        state = inspect_run(zstore, run, where, decode=False)
-    if state.unrecoverable:
-        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url}` lists "
-                            f"what no repair can rebuild")
-    if state.problems:
-        raise GradflowError(f"{where} is damaged: {state.problems[0]}; `gradflow check {url} --repair`"
-                            f" repairs it (see `gradflow check --help`)")
-
-
-@contextlib.contextmanager
-def _quiet_zarr():
-    """Silence zarr's note that consolidated metadata is not in the v3 spec, for one call.
-
-    A local filter, not one set at import: test runners reset filters (and ``-W error`` would turn
-    the note into an exception in the user's program). The filter matches only that message.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part",
-                                category=UserWarning)
-        # ... and listing a group whose folder holds a *.partial file that a kill left behind
-        # (`gradflow check --repair` deletes them)
-        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component",
-                                category=UserWarning)
-        yield
 
 
 def _delete_run(root, group: str | None):

@@ -214,17 +214,15 @@ def finished_variants(store: str) -> dict[str, dict[str, Any]]:
 def refuse_damaged_runs(store: str) -> None:
     """Raise a one-line GradflowError if a finished variant (as the committed metadata has it) is
     damaged: a node metadata file missing or unreadable, or a chunk missing (gradflow.check)."""
-    from gradflow.check import damaged_metadata, open_root, refuse_to_resume
+    from gradflow.check import open_root, refuse_damaged, refuse_damaged_metadata
 
     root = open_root(store, mode="r")  # the committed (consolidated) view
     for name, group in root.groups():
         if not group.attrs.get("finished"):
             continue  # an unfinished variant is recorded again from step 0
         where = f"{store} (group {name!r})"
-        for key, (problem, _) in damaged_metadata(root.store, name).items():
-            raise GradflowError(f"{where} is damaged ({key}: {problem}); run "
-                                f"`gradflow check {store} --repair` first")
-        refuse_to_resume(root.store, name, where, store)
+        refuse_damaged_metadata(root.store, name, where, store)
+        refuse_damaged(root.store, name, where, store, resume=True)
 
 
 def _clear_group(store: str, name: str) -> None:

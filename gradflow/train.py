@@ -36,7 +36,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,39 @@ def _ints(low: int, high: int = INT64_MAX) -> Range:
     return Range(int, low, high)
 
 
+def field_problem(spec: Field, value: Any, option: str | None = None) -> str | None:
+    """Why ``value`` is not a value of the config field ``spec`` (outside its ``choices`` or ``range``
+    metadata), one line naming the field (``init must be one of scaled, he, got 'x'``, ``seed must be
+    a non-negative integer …, got -1``) or the command line's ``option`` that sets it (``--init:
+    unknown value 'x'; choose from scaled, he``, ``--seed: must be …``); None when it is one."""
+    choices, span = spec.metadata.get("choices"), spec.metadata.get("range")
+    if choices and value not in choices:
+        return (f"{option}: unknown value {value!r}; choose from {', '.join(choices)}" if option
+                else f"{spec.name} must be one of {', '.join(choices)}, got {value!r}")
+    why = span.problem(value) if span is not None else None
+    return why and (f"{option}: {why}" if option else f"{spec.name} {why}")
+
+
+def split_list(text: str, option: str, example: str) -> list[str]:
+    """``"3, 7,9"`` → ``["3", "7", "9"]``; an empty list or item (``''``, ``3,,7``) is a one-line
+    GradflowError naming the option (an empty ``--depths`` trained the whole default grid), and so
+    is a value given twice (:func:`once`): the command line's and the benchmarks' list options."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise GradflowError(f"{option}: empty list; give one or more values, e.g. {option} {example}")
+    if not all(parts):
+        raise GradflowError(f"{option}: empty item in {text!r}; give e.g. {option} {example}")
+    once(parts, option)
+    return parts
+
+
+def once(values: list, option: str) -> None:
+    """A value given twice (``--depths 3,3``) would name two variants alike: a one-line error."""
+    twice = next((v for k, v in enumerate(values) if v in values[:k]), None)
+    if twice is not None:
+        raise GradflowError(f"{option}: {twice!r} is given twice; give each value once")
+
+
 def setting_range(name: str) -> Range | None:
     """The :class:`Range` of :class:`TrainConfig`'s numeric setting ``name`` (None for other settings)."""
     return {f.name: f for f in fields(TrainConfig)}[name].metadata.get("range")
@@ -173,34 +206,26 @@ class TrainConfig:
                                    "error) averaging N dropout passes; 0 = off.", range=_ints(0))
 
     def __post_init__(self) -> None:
-        """Reject values no run could use, naming the field (the model checks its own); resolve lr."""
-        for spec in fields(self):
-            choices = spec.metadata.get("choices")
-            if choices and getattr(self, spec.name) not in choices:
-                raise GradflowError(f"{spec.name} must be one of {', '.join(choices)}, "
-                                    f"got {getattr(self, spec.name)!r}")
+        """Reject values no run could use, naming the field (the model checks its own); resolve lr.
+        Each field's choices and range are those the command line checks its option against
+        (:func:`field_problem`)."""
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.optimizer]
-        for spec in fields(self):  # the ranges the command line checks its options against
-            problem = spec.metadata["range"].problem(getattr(self, spec.name)) if "range" in spec.metadata else None
+            self.lr = DEFAULT_LR.get(self.optimizer)  # (an unknown optimizer is refused first)
+        for spec in fields(self):
+            problem = field_problem(spec, getattr(self, spec.name))
             if problem:
-                raise GradflowError(f"{spec.name} {problem}")
+                raise GradflowError(problem)
         if self.crops_per_image and not self.crop:
             raise GradflowError("crops_per_image needs crop > 0")
-        if isinstance(self.size, int) and self.size < 1:
-            raise GradflowError(f"size must be a positive integer, got {self.size}")
-        if self.crop and isinstance(self.size, int) and self.crop > self.size:
+        if self.crop > self.size:
             raise GradflowError(f"crop {self.crop} is larger than the images (size {self.size})")
         levels = 5 if self.arch == "table1" else self.levels
-        if isinstance(levels, int) and levels >= 0:
-            for name in ("size", "crop"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or (name == "crop" and value == 0):
-                    continue
-                nearest = nearest_side(value, levels)
-                if nearest != value:
-                    raise GradflowError(f"{name} {value} is not divisible by 2**levels = {2 ** levels}; "
-                                        f"try {name} {nearest}")
+        for name in ("size", "crop") if self.crop else ("size",):
+            value = getattr(self, name)
+            nearest = nearest_side(value, levels)
+            if nearest != value:
+                raise GradflowError(f"{name} {value} is not divisible by 2**levels = {2 ** levels}; "
+                                    f"try {name} {nearest}")
 
 
 @dataclass

@@ -446,3 +446,56 @@ def test_a_sweeps_deleted_root_metadata_is_rewritten(tmp_path):
     assert check_store(str(store), repair=True)[1] is False
     tree = gradflow.open(store)
     assert tree["v1"].sizes["step"] == 5 and tree["v2"].sizes["step"] == 7
+
+
+def _counted(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` by a wrapper that records each call's arguments (returned list)."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["healthy", "deleted", "garbage"])
+def test_an_open_reads_the_root_metadatas_damage_once(tmp_path, monkeypatch, how):
+    """RunStore asked damaged_root whether a folder without a readable zarr.json is a damaged store,
+    then open_root asked it again (each asking reads the root file and globs the groups' files)."""
+    import gradflow.check
+    import gradflow.store
+
+    store = tmp_path / "run.zarr"
+    make_store(store, steps=5)
+    if how == "deleted":
+        (store / "zarr.json").unlink()
+    elif how == "garbage":
+        (store / "zarr.json").write_bytes(b"\xff\xfe garbage")
+    calls = _counted(monkeypatch, gradflow.check, "damaged_root")
+    monkeypatch.setattr(gradflow.store, "damaged_root", gradflow.check.damaged_root)
+    if how == "healthy":
+        resume(store).close()
+    else:
+        with pytest.raises(GradflowError, match="damaged gradflow store"):
+            resume(store)
+    assert len(calls) == 1
+
+
+def test_checking_a_run_lists_its_files_once(tmp_path, monkeypatch):
+    """Every array's chunks were listed apart (a directory walk each: ~40 per run, at every
+    gradflow.open, every `gradflow watch` poll and every resume); the run's files are listed once."""
+    from zarr.storage import LocalStore
+
+    sweep = tmp_path / "sweep.zarr"
+    for group in ("v1", "v2"):
+        make_store(sweep, steps=5, group=group)
+    listed = _counted(monkeypatch, LocalStore, "list_prefix")
+    gradflow.open_tree(sweep)
+    assert sorted(prefix for _, prefix in listed) == ["v1/", "v2/"]
+    listed.clear()
+    gradflow.open(sweep, group="v1")
+    resume(sweep, "v2").close()
+    assert check_store(str(sweep)) == (["v1: ok, 5 steps, 3 epochs", "v2: ok, 5 steps, 3 epochs"], False)
+    assert [prefix for _, prefix in listed] == ["v1/", "v2/", "v1/", "v2/"]

@@ -368,3 +368,39 @@ def test_every_array_the_recorder_writes_ends_in_a_crc32c_checksum(tmp_path):
     assert not unchecked
     import xarray as xr
     assert float(xr.open_zarr(tmp_path / "run.zarr", consolidated=False).grad_norm.count()) > 0
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    """The files read through fsspec's local filesystem from now on (gradflow.paths reads metadata so)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    reads, cat_file = [], LocalFileSystem.cat_file
+
+    def counted(self, path, *args, **kwargs):
+        reads.append(str(path))
+        return cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", counted)
+    return reads
+
+
+def test_opening_one_group_of_a_sweep_reads_no_other_runs_metadata(tmp_path, monkeypatch):
+    """Each Recorder(group=...) asked gradflow.paths.store_kind whether the store is another tool's,
+    which read every other group's zarr.json: N² reads over a sweep of N runs. The root's
+    consolidated metadata (the last commit) gives their kind; a group it does not list is read."""
+    model, optimizer = tiny()
+    sweep = tmp_path / "sweep.zarr"
+    for group in ("v1", "v2", "v3"):
+        with gradflow.Recorder(model, optimizer, sweep, group=group):
+            train(model, optimizer, 1)
+    reads = _count_reads(monkeypatch)
+    for group, mode in (("v4", "w-"), ("v2", "a")):
+        reads.clear()
+        with gradflow.Recorder(model, optimizer, sweep, group=group, mode=mode):
+            train(model, optimizer, 1)
+        others = [p for p in reads if p.endswith("/zarr.json") and p.rsplit("/", 2)[-2] in {"v1", "v2", "v3", "v4"} - {group}]
+        assert others == [], (group, others)
+    # A group that another tool added after the last commit is still read, and refused.
+    zarr.open_group(sweep / "theirs", mode="w").create_array("x", shape=(2,), dtype="float32")
+    with pytest.raises(GradflowError, match="another tool's Zarr store"):
+        gradflow.Recorder(model, optimizer, sweep, group="v5")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gradflow.errors import GradflowError
-from gradflow.train import INT64_MAX, Range
+from gradflow.train import INT64_MAX, Range, split_list
 
 MAX_THREADS = 1024  # torch intra-op threads a benchmark option takes
 
@@ -93,13 +93,15 @@ def in_range(span) -> Callable[[str], int | float]:
     return parse
 
 
-def list_of(parse: Callable[[str], Any]) -> Callable[[str], list]:
-    """An argparse type: a comma-separated list of one or more ``parse`` values; an empty list or
-    item (``''``, ``1,,2``) is an error, never an empty run."""
+def list_of(parse: Callable[[str], Any], option: str, example: str) -> Callable[[str], list]:
+    """An argparse type for ``option``: a comma-separated list of one or more ``parse`` values
+    (:func:`gradflow.train.split_list`: an empty list or item, ``''``, ``1,,2``, or a value given
+    twice is an error, never an empty run)."""
     def parse_list(text: str) -> list:
-        parts = [part.strip() for part in text.split(",")]
-        if not all(parts):
-            raise argparse.ArgumentTypeError(f"{text!r}: give one or more comma-separated values, none empty")
+        try:
+            parts = split_list(text, option, example)
+        except GradflowError as err:  # argparse names the option itself
+            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{option}: ")) from None
         return [parse(part) for part in parts]
     return parse_list
 

@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     from gradflow import bench
 
     parser = bench.parser("store_longrun", __doc__)
-    parser.add_argument("--steps", default=[100_000, 1_000_000], type=bench.list_of(bench.positive_int),
-                        help="comma-separated store lengths")
+    parser.add_argument("--steps", default=[100_000, 1_000_000], help="comma-separated store lengths",
+                        type=bench.list_of(bench.positive_int, "--steps", "100000,1000000"))
     parser.add_argument("--layers", type=bench.positive_int, default=1000)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the stores are written")
     parser.add_argument("--real", help="a recorded store whose figures the codec table also uses")

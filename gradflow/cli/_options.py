@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from gradflow.errors import GradflowError
+from gradflow.train import field_problem
 
 RENAMED = {"batch_norm": "bn", "short_skip": "short", "long_skip": "long"}
 """Fields whose option has a shorter name (``--bn/--no-bn``, ``--short/--no-short``, ``--long``)."""
@@ -84,33 +85,18 @@ def config_options(config: type, fields: Iterable[str] | None = None, *, exclude
 
 
 def _checker(field: dataclasses.Field) -> Callable[[Any], Any]:
-    """The parse-time check of a field's option: its ``choices`` and ``range``; None (not given) passes."""
+    """The parse-time check of a field's option: its ``choices`` and ``range``
+    (:func:`gradflow.train.field_problem`: ``--init: unknown value 'x'; choose from …``, ``--seed: must
+    be a non-negative integer …``, a :class:`GradflowError`); None (not given) passes."""
     def check(value: Any) -> Any:
-        if value is not None:
-            problem(field, value)
+        problem = None if value is None else field_problem(field, value, flag(field.name))
+        if problem:
+            raise GradflowError(problem)
         return value
     return check
-
-
-def problem(field: dataclasses.Field, value: Any) -> None:
-    """A :class:`GradflowError` naming the option when ``value`` is outside the field's ``choices`` or
-    ``range``: ``--init: unknown value 'x'; choose from …``, ``--seed: must be a non-negative integer …``."""
-    choices, span = field.metadata.get("choices"), field.metadata.get("range")
-    if choices and value not in choices:
-        raise GradflowError(f"{flag(field.name)}: unknown value {value!r}; choose from {', '.join(choices)}")
-    why = span.problem(value) if span is not None else None
-    if why:
-        raise GradflowError(f"{flag(field.name)}: {why}")
 
 
 def _plain(hint: Any) -> type:
     """``float | None`` → ``float``; a plain type as it is."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
-
-
-def check_choices(config: type, options: dict[str, Any]) -> None:
-    """A value outside a field's ``choices`` is a user mistake naming the option: ``--init: unknown value``."""
-    for field in dataclasses.fields(config):
-        if options.get(field.name) is not None:
-            problem(field, options[field.name])

@@ -34,30 +34,11 @@ from typing import Annotated, Optional
 import typer
 
 from gradflow.cli import app
-from gradflow.cli._options import check_choices, config_options
+from gradflow.cli._options import config_options
 from gradflow.models import LONG_SKIPS
 from gradflow.errors import GradflowError
-from gradflow.train import TrainConfig, setting_range
+from gradflow.train import TrainConfig, once, setting_range, split_list
 
-
-
-def split_list(text: str, option: str, example: str) -> list[str]:
-    """``"3, 7,9"`` → ``["3", "7", "9"]``; an empty list or item (``''``, ``3,,7``) is a one-line
-    GradflowError naming the option (an empty ``--depths`` trained the whole default grid)."""
-    parts = [part.strip() for part in text.split(",")]
-    if not any(parts):
-        raise GradflowError(f"{option}: empty list; give one or more values, e.g. {option} {example}")
-    if not all(parts):
-        raise GradflowError(f"{option}: empty item in {text!r}; give e.g. {option} {example}")
-    _once(parts, option)
-    return parts
-
-
-def _once(values: list, option: str) -> None:
-    """A value given twice (``--depths 3,3``) would name two variants alike: a one-line error."""
-    twice = next((v for k, v in enumerate(values) if v in values[:k]), None)
-    if twice is not None:
-        raise GradflowError(f"{option}: {twice!r} is given twice; give each value once")
 
 
 def parse_ints(text: str, option: str, setting: str) -> list[int]:
@@ -73,7 +54,7 @@ def parse_ints(text: str, option: str, setting: str) -> list[int]:
         if problem:
             raise GradflowError(f"{option}: each value {problem}")
         values.append(value)
-    _once(values, option)  # (3 and 03)
+    once(values, option)  # (3 and 03)
     return values
 
 
@@ -125,7 +106,6 @@ def sweep_command(
 
     seed_values = parse_ints(seeds, "--seeds", "seed")
     parse_choices(executor, "--executor", EXECUTORS)
-    check_choices(TrainConfig, given)
     if ray_address and executor != "ray":
         raise GradflowError("--ray-address needs --executor ray")
     if preset is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from gradflow.cli import app
-from gradflow.cli._options import check_choices, config_options
+from gradflow.cli._options import config_options
 from gradflow.train import TrainConfig
 
 
@@ -29,7 +29,6 @@ def train_command(
     from gradflow.paths import refuse_inside_store
     from gradflow.train import train
 
-    check_choices(TrainConfig, options)
     config = TrainConfig(**options)
     fs, path = filesystem(out)  # an unknown protocol (foo://) is one error line
     refuse_inside_store(out, lambda root, inner, kind: "choose an --out outside it" + (

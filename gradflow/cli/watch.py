@@ -24,11 +24,12 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def refuse_unwatchable(store: str) -> None:
+def refuse_unwatchable(store: str):
     """The one-line GradflowError ``gradflow plot`` gives for what never becomes a store to watch: a
     path inside a gradflow store, a file or folder that is not a Zarr store, another tool's Zarr
     store, a damaged store. A store not made yet, an empty group (a sweep about to start its first
-    variant) and a run being created are watched (the page waits for them)."""
+    variant) and a run being created are watched (the page waits for them): None; else the store
+    opened (``gradflow.open_tree``), which the page's first view shows."""
     import gradflow
     from gradflow.lock import filesystem, lock_root
     from gradflow.paths import path_exists, refuse_inside_store, store_kind
@@ -38,8 +39,8 @@ def refuse_unwatchable(store: str) -> None:
     fs, path = filesystem(store)
     if not path_exists(store)[0] or store_kind(store) == "empty" \
             or fs.glob(f"{lock_root(path)}/**/creating"):
-        return
-    gradflow.open_tree(store)
+        return None
+    return gradflow.open_tree(store)
 
 
 def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> ThreadingHTTPServer:
@@ -50,8 +51,7 @@ def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> Threading
     from gradflow.analyses.live import LiveView, live_page
     from gradflow.errors import GradflowError
 
-    refuse_unwatchable(store)
-    view = LiveView(store)
+    view = LiveView(store, opened=refuse_unwatchable(store))
     html = live_page(store, refresh).encode()
 
     class Handler(BaseHTTPRequestHandler):
