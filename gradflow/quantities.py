@@ -84,14 +84,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# On a CPU torch's float32 vector_norm accumulates a row in a few running sums: on rows of millions
-# it is off by tens of ulps (46 on 2.46M elements), where its norms of blocks of this many elements,
-# combined in float64, are within about one.
-NORM_BLOCK = 1 << 16
+# Elements per float32 partial norm on a CPU. torch accumulates a float32 norm in float32, in a few
+# vector lanes, so its error grows with the length: on 65,536 equal entries (Adam's first step, |Δw|
+# = lr everywhere) it was 391 ulps, on 1,024 none; partial norms of 1,024 are combined in float64.
+NORM_BLOCK = 1 << 10
 
 
 def l2_norm(rows: torch.Tensor, checked: bool = True) -> torch.Tensor:
-    """Row-wise ‖·‖₂ of a ``(k, n)`` matrix, without overflow, to about one float32 ulp.
+    """Row-wise ‖·‖₂ of a ``(k, n)`` matrix, without overflow, to about one float32 ulp (on a CPU, float32
+    partial norms of :data:`NORM_BLOCK` elements, combined in float64).
 
     In float32 the squares overflow for entries above ~1.8e19 (an exploding gradient: exactly where
     the number matters) and torch's kernels do not rescale, so ‖(1e20, 1e20)‖ would read as inf. On a
@@ -104,9 +105,17 @@ def l2_norm(rows: torch.Tensor, checked: bool = True) -> torch.Tensor:
         return torch.linalg.vector_norm(rows, dim=1)
     if rows.device.type != "cpu":
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).to(rows.dtype)
-    if rows.shape[1] > NORM_BLOCK:  # float32 accumulation error grows with the row: blocks of it
-        blocks = [torch.linalg.vector_norm(b, dim=1) for b in rows.split(NORM_BLOCK, dim=1)]
-        norm = torch.linalg.vector_norm(torch.stack(blocks, 1).double(), dim=1).to(rows.dtype)
+    k, n = rows.shape
+    if n > NORM_BLOCK:  # float32 accumulation error grows with the row: blocks of it
+        whole = n - n % NORM_BLOCK
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        blocks = torch.linalg.vector_norm(
+            rows.as_strided((k, whole // NORM_BLOCK, NORM_BLOCK), (rows.stride(0), NORM_BLOCK, 1)),
+            dim=2)
+        if whole < n:
+            blocks = torch.cat([blocks, torch.linalg.vector_norm(rows[:, whole:], dim=1, keepdim=True)], 1)
+        norm = torch.linalg.vector_norm(blocks.double(), dim=1).to(rows.dtype)
     else:
         norm = torch.linalg.vector_norm(rows, dim=1)
     if checked and bool(torch.isinf(norm).any()):
