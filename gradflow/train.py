@@ -11,7 +11,8 @@ elastic warping on the fly) but for two settings without which nets without batc
 Nesterov, the same weight decay): its update is proportional to the gradient, so a starved layer
 shows as a small |ΔW|, while RMSprop divides each gradient by its running RMS and turns a tiny
 gradient into an ordinary-sized update (see the README's Results). The weights with the lowest validation loss are kept, saved
-with safetensors when ``checkpoint`` is given, and loaded back into the model at the end.
+with safetensors when ``checkpoint`` is given (rewritten at each new best epoch, so a crash keeps the best so far),
+and loaded back into the model at the end.
 
 Per epoch the store (``rec.end_epoch``) and ``TrainResult.history`` get ``train_loss`` (mean loss
 over the epoch's training batches as they were trained: augmented, dropout on, weights moving
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import Field, dataclass, field, fields
@@ -471,6 +474,8 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
             if _is_better(row["val_loss"], best_val):
                 best_epoch, best_val = epoch, row["val_loss"]
                 best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+                if checkpoint is not None:  # at once: a crash later keeps the best weights so far
+                    save_checkpoint(best_state, checkpoint, best_epoch=best_epoch)
             if rec is not None:
                 rec.end_epoch(**row)
             rows.append({"epoch": epoch, **row, "seconds": time.perf_counter() - started})
@@ -484,8 +489,6 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
             rec.close()
 
     run.model.load_state_dict(best_state)
-    if checkpoint is not None:
-        save_checkpoint(best_state, checkpoint, best_epoch=best_epoch)
     history = pd.DataFrame(rows).set_index("epoch")
     return TrainResult(best_epoch=best_epoch, best_val_loss=best_val,
                        train_loss_at_best=float(history.loc[best_epoch, "train_loss"]),
@@ -500,7 +503,7 @@ def _set_up(config: TrainConfig, checkpoint: str | Path | None, data) -> tuple[E
 
     device = resolve_device(config.device)
     if checkpoint is not None:
-        check_checkpoint_path(checkpoint)
+        check_checkpoint_path(checkpoint, writable=True)
     if config.amp and device.type != "cuda":
         raise GradflowError(f"mixed precision (amp) needs a CUDA device, not {device.type!r}")
     loss_fn = get_loss(config.loss)
@@ -527,12 +530,26 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def check_checkpoint_path(path: str | Path) -> None:
-    """Refuse a checkpoint path that holds anything but a gradflow checkpoint (it would be replaced)."""
+def check_checkpoint_path(path: str | Path, writable: bool = False) -> None:
+    """Refuse a checkpoint path that holds anything but a gradflow checkpoint (it would be replaced);
+    ``writable``: also one whose folder cannot be made or written (a file on the way, no permission,
+    a read-only file system), which is checked by making the folder and a probe file in it, so that
+    a run does not train for hours and then fail to save. Raises
+    :class:`~gradflow.errors.GradflowError`."""
     path = Path(path)
+    if path.is_dir():
+        raise GradflowError(f"checkpoint {str(path)!r} is a folder; give a file path (e.g. best.safetensors)")
     if path.exists() and not is_checkpoint(path):
         raise GradflowError(f"checkpoint {str(path)!r} exists and is not a gradflow checkpoint; "
                             f"choose another path")
+    if writable:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as err:
+            raise GradflowError(f"cannot write checkpoint {str(path)!r}: "
+                                f"{err.strerror or err}") from None
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, **info: Any) -> None:
@@ -544,9 +561,18 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, **info: An
 
     check_checkpoint_path(path)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
-              metadata={**{k: str(v) for k, v in info.items()}, "writer": "gradflow"})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
+                  metadata={**{k: str(v) for k, v in info.items()}, "writer": "gradflow"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # as any new file (safetensors' temporary file is 0600)
+    except Exception as err:  # OSError, or safetensors' own error wrapping one
+        if isinstance(err, GradflowError):
+            raise
+        raise GradflowError(f"cannot write checkpoint {str(path)!r}: "
+                            f"{getattr(err, 'strerror', None) or err}") from None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:

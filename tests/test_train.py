@@ -326,3 +326,31 @@ def test_crops_per_epoch_and_crop_settings(tmp_path):
                          (dict(weight_decay_mode="adamw"), "weight_decay_mode"), (dict(arch="unet"), "arch")]:
         with pytest.raises(GradflowError, match=message):
             dataclasses.replace(config, **bad)
+
+
+def test_the_checkpoint_is_written_at_each_new_best_epoch(tmp_path):
+    """A run stopped after its first epoch (here: interrupted at the second's start) keeps that
+    epoch's weights in the checkpoint, bit for bit those the model had after it."""
+    config = TrainConfig(depth=1, levels=2, width=4, size=32, n_train=4, n_val=2, epochs=3,
+                         device="cpu")
+    after_first = {}
+
+    def progress(task, done, total, status):
+        if task.endswith("epochs") and done == 1 and not after_first:
+            after_first.update({k: v.clone() for k, v in model_of[0].state_dict().items()})
+        if task.endswith("steps") and status == "epoch 1":
+            raise KeyboardInterrupt
+
+    import gradflow.train as train_module
+    model_of = []
+    build = train_module.build_model
+    train_module.build_model = lambda config: model_of.append(build(config)) or model_of[0]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, store=None, checkpoint=tmp_path / "best.safetensors", progress=progress)
+    finally:
+        train_module.build_model = build
+    saved = load_checkpoint(tmp_path / "best.safetensors")
+    assert saved.keys() == after_first.keys()
+    for k in saved:
+        assert torch.equal(saved[k], after_first[k]), k

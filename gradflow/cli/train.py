@@ -45,6 +45,7 @@ def train_command(
         check_checkpoint_path(checkpoint)  # never a file that is not a gradflow checkpoint
         if Path(checkpoint).exists() and not overwrite:
             raise GradflowError(f"checkpoint {checkpoint} already exists; pass --overwrite to replace it")
+        check_checkpoint_path(checkpoint, writable=True)  # before hours of training, not after
     # The store is replaced (mode "w": only a gradflow run) by the Recorder, after train() has checked
     # every other input (data, model, device): a bad input never costs the old store.
     with ProgressBars(transient=True) as progress:

@@ -69,3 +69,17 @@ def test_checkpoint_never_overwrites_another_file(tmp_path, monkeypatch, capsys)
     with pytest.raises(gradflow.GradflowError, match="not a gradflow checkpoint"):
         save_checkpoint({}, notes)
     assert notes.read_text() == "do not lose"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A checkpoint under a file, in a folder that cannot be made, or naming a folder: one error
+    line before anything is trained or created (it was a traceback after the last epoch)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    store = tmp_path / "run.zarr"
+    for checkpoint, says in ((afile / "best.safetensors", "cannot write checkpoint"),
+                             ("/proc/gradflow-test/best.safetensors", "cannot write checkpoint"),
+                             (tmp_path, "is a folder")):
+        one_error_line(*run(monkeypatch, capsys, "--out", store, "--checkpoint", checkpoint), says)
+        assert not store.exists() and afile.read_text() == "keep"
