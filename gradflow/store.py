@@ -261,6 +261,9 @@ class RunStore:
         self.where = url if not group else f"{url} (group {group!r})"
         self.fs, self.path = filesystem(url)
         refuse_inside_store(url, _record_instead, writing=True)  # before the lock files are made
+        exists, is_zarr = path_exists(url)  # nor beside a file or folder that is not a store
+        if exists and not is_zarr and not damaged_root(url):  # (checked again under the lock)
+            raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
         if group and store_kind(url) == "foreign":
             raise GradflowError(f"{url} is not a gradflow store (another tool's Zarr store); record "
                                 f"group {group!r} into another store")

@@ -609,7 +609,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     fails("not a Zarr store", model, optimizer, tmp_path / "notes")
+    fails("not a Zarr store", model, optimizer, tmp_path / "file")
     assert not store.exists()  # nothing was created by the failed attempts
+    assert not (tmp_path / ".notes.gradflow").exists() and not (tmp_path / ".file.gradflow").exists()
 
     with gradflow.Recorder(model, optimizer, store) as rec:
         with pytest.raises(GradflowError, match="reserved"):

@@ -102,5 +102,7 @@ def main() -> None:
                    f"`gradflow check STORE --repair` repairs what it can", err=True)
         sys.exit(DAMAGED)
     if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130
-        typer.echo("interrupted (rerunning a sweep resumes it)", err=True)
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        typer.echo("interrupted (rerunning the same sweep resumes it)" if command == "sweep"
+                   else "interrupted", err=True)
     sys.exit(code if isinstance(code, int) else 0)

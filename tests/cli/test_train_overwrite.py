@@ -83,3 +83,24 @@ def test_a_checkpoint_that_cannot_be_written_is_refused_before_training(tmp_path
                              (tmp_path, "is a folder")):
         one_error_line(*run(monkeypatch, capsys, "--out", store, "--checkpoint", checkpoint), says)
         assert not store.exists() and afile.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command, says", [("train", "interrupted"),
+                                           ("sweep", "interrupted (rerunning the same sweep resumes it)")])
+def test_ctrl_c_says_what_a_rerun_does(tmp_path, monkeypatch, capsys, command, says):
+    """Ctrl-C: exit 130 and one line; only a sweep promises that a rerun resumes (a rerun of train
+    is refused: its --out exists)."""
+    import gradflow.sweep
+    import gradflow.train
+    from gradflow.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradflow.train, "train", interrupted)
+    monkeypatch.setattr(gradflow.sweep, "run_sweep", interrupted)
+    args = TINY if command == "train" else ["--depths", "1", "--epochs", "1"]
+    monkeypatch.setattr(sys, "argv", ["gradflow", command, *args, "--out", str(tmp_path / "s.zarr")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == says
