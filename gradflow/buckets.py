@@ -42,8 +42,8 @@ def build(params: list[torch.Tensor], index: list[int], snapshot: bool = True,
     """A bucket of ``params`` (their global tensor indices ``index``, in layer order).
 
     ``strategy``: a kind named above; None means :data:`STRATEGY`. Where ``"fused"`` cannot be
-    built (its compiler not installed, a dtype it has no kernel for, a parameter not dense in
-    memory, kernels that fail their self-test), a :class:`~gradflow.errors.GradflowWarning` says
+    built (its compiler not installed, a dtype it has no kernel for, kernels that fail their
+    self-test), a :class:`~gradflow.errors.GradflowWarning` says
     why and the torch-only kind of the device (``"stack"`` on a CPU, ``"foreach"`` elsewhere) is
     built instead; ``"auto"`` falls back without a warning where the compiler is not installed or
     the dtype has no kernel (a compiler that is installed but fails to import warns once).

@@ -20,7 +20,9 @@ phase is one Python pass over the tensors (their addresses, re-sent only when th
 :meth:`FusedBucket._check`) and the kernels' calls; the figures reach the host with the step's
 other parts in one copy (:func:`gradflow.quantities.to_host`).
 
-A bucket whose tensors are not dense, whose dtype has no kernel, or whose kernels fail to compile
+A parameter that is not dense in memory (a slice ``w[:, ::2]``, at build time or assigned later) is
+read through a dense copy made afresh in each phase (its table of addresses is then never reused).
+A bucket whose dtype has no kernel, or whose kernels fail to compile
 or fail :func:`self_test` (once per kind, device and dtype: every figure of every phase against
 float64 references on tensors with NaN, ±Inf, a missing gradient and several chunks) is not built
 (:class:`Unavailable`): :func:`gradflow.buckets.build` then warns and falls back to a torch-only
@@ -94,8 +96,6 @@ class FusedBucket(ForeachBucket):
         data = bucket.data()
         if not cls.supports(bucket.dtype):
             raise Unavailable(f"no kernel for {bucket.dtype}")
-        if not all(dense(d) for d in data):
-            raise Unavailable("a parameter is not dense in memory")
         bucket._make_tables(data)
         if verify:
             self_test(bucket.device, bucket.dtype, cls)

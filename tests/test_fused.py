@@ -191,14 +191,9 @@ def test_gradients_of_any_layout_and_moved_tensors(kind):
 
 
 def test_unusable_buckets_fall_back_with_a_warning(fused_triton, monkeypatch):
-    """A parameter that is not dense in memory, or kernels that fail, give the device's torch-only
-    bucket (here, a CPU: stack; foreach on a GPU) and a warning naming why; never an error inside
-    the training step."""
+    """Kernels that fail give the device's torch-only bucket (here, a CPU: stack; foreach on a GPU)
+    and a warning naming why; never an error inside the training step."""
     monkeypatch.setattr(buckets, "fused_kind", lambda device: fused_triton.TritonFusedBucket)
-    gapped = [nn.Parameter(torch.randn(4, 8)[:, ::2])]
-    with pytest.warns(GradflowWarning, match="not dense.*using stack"):
-        bucket = buckets.build(gapped, [0], strategy="fused")
-    assert type(bucket) is quantities.Bucket
 
     class Broken:  # a kernel whose launch fails (as a Triton compile error would)
         def __getitem__(self, grid):
@@ -794,3 +789,29 @@ def test_a_cpu_end_epoch_holds_no_parameter_sized_memory(tmp_path):
     words = result.stdout.split()
     grown, kept = int(words[words.index("grown_kib") + 1]), int(words[words.index("kept_kib") + 1])
     assert grown < 2048 and kept < 2048, result.stdout
+
+
+def test_a_parameter_gapped_at_build_is_read_through_copies(kind):
+    """A parameter that is not dense in memory when the bucket is built (a slice ``w[:, ::2]``) keeps
+    the fused kernels (it gave the stacked ops for the whole bucket): it is read through a dense copy
+    in each phase, and every step and epoch figure matches the references."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 8)[:, ::2]), nn.Parameter(torch.randn(6, 5)),
+              nn.Parameter(torch.randn(3, 10).t())]  # gapped, dense, dense transposed
+    bucket = kind.build(params, [0, 1, 2])
+    bucket.start_epoch()
+    start = [p.detach().clone() for p in params]
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        parts = bucket.gradient_parts(np.ones(3, bool), None)
+        np.testing.assert_allclose(row(parts, quantities.GRAD_NORM),
+                                   [gradient_reference(p.grad)[0] for p in params], rtol=1e-12)
+        before = [p.detach().clone() for p in params]
+        np.testing.assert_allclose(row(bucket.snapshot(), quantities.PARAM_NORM_BEFORE),
+                                   [np.sqrt(np.sum(wide(w) ** 2)) for w in before], rtol=1e-12)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=1e-2)
+        assert_update_figures(bucket.after_step(), params, before, f"step {step} ")
+    assert_epoch_figures(end_epoch(bucket), params, start)
