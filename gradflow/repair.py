@@ -1,7 +1,8 @@
 """Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
 its damaged metadata files rewritten from their committed copy, its lost float chunks written as NaN
 (only those figures are lost, never the other variables' rows), the lost chunks of coordinates whose
-values the writer's numbering fixes (``step``, ``epochs/epoch``, ``depth``) rebuilt, a lost
+values the writer's numbering fixes (``step``, ``epochs/epoch``, ``depth``) rebuilt, and those
+of the steps' ``epoch`` labels where ``num_steps`` gives them (every=1), a lost
 ``num_steps`` chunk recounted from the step rows where that is exact and marked lost (-1, NaN to
 xarray) where not, a lost chunk of the layer table (or another fixed-length array) rebuilt from an
 intact source that agrees with every stored row (the run's ``fixed_coordinates`` attribute, another copy);
@@ -33,7 +34,8 @@ def repair_run(url: str, group: str | None, state: RunState | None = None) -> Ru
     """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
     consistent prefix (and its summary to before a missing chunk), write its missing float figure
     chunks as NaN, rebuild the missing chunks of ``step`` and ``epochs/epoch`` from their numbering
-    (:func:`gradflow.check.derived_coordinate`) and of ``num_steps`` from the step rows
+    (:func:`gradflow.check.derived_coordinate`), of the steps' ``epoch`` labels from ``num_steps``
+    (:func:`gradflow.check.epoch_labels`) and of ``num_steps`` from the step rows
     (:func:`gradflow.check.count_steps`: exact, or marked lost) and of the layer table and other
     fixed-length arrays from an intact copy (:func:`gradflow.check._fixed_values`; one that no copy
     holds stays missing: :attr:`RunState.unrecoverable`), republish it; delete ``*.partial``.

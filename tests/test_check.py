@@ -48,9 +48,11 @@ def test_healthy_store_checks_ok(tmp_path):
 
 @pytest.mark.parametrize("array, rows_kept", [("epoch", 1024), ("skipped", 2048)])
 def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
-    """A missing chunk of the steps' epoch labels or of ``skipped`` (whose fill values would pass
-    for data, and which no numbering rebuilds) cuts the run to the rows before it. (A lost ``step``
-    chunk is rebuilt: tests/test_repair_epochs.py.)"""
+    """A missing chunk of ``skipped`` (whose fill values would pass for data, and which no
+    numbering rebuilds), or of the steps' epoch labels where the epochs' num_steps do not give them
+    (here every row says epoch 0, though each epoch counted 10 steps), cuts the run to the rows
+    before it. (A lost ``step`` chunk, and epoch labels that num_steps gives, are rebuilt:
+    tests/test_repair_epochs.py.)"""
     store = tmp_path / "run.zarr"
     make_store(store)
     chunk = {"epoch": "c/1", "skipped": "c/2"}[array]
