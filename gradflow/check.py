@@ -116,12 +116,14 @@ def open_root(url: str, **options) -> zarr.Group:
                             f"folder holds no gradflow run or sweep") from None
 
 
-def damaged_root(url: str) -> tuple[str, str, bool] | None:
-    """``(problem, what to do, whether --repair rebuilds it)`` when the store's root ``zarr.json`` is missing or does not parse
-    but its folder holds gradflow's groups: the store is damaged, not absent. A sweep's root (its
-    folder holds run groups) is rewritten by ``gradflow check --repair``; a run's own root held
-    the run's settings and its last commit, which no repair rebuilds. None when the root is intact
-    or the folder holds nothing of gradflow's."""
+def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
+    """``(problem, what to do, what no repair rebuilds)`` when the store's root ``zarr.json`` is
+    missing or does not parse but its folder holds gradflow's groups: the store is damaged, not
+    absent. A sweep's root (its folder holds run groups) is rewritten by ``gradflow check
+    --repair`` (nothing lost), unless a metadata file of its runs is damaged too: its committed
+    copy was in the root, and publishing the runs without it would hide that run's arrays. A run's
+    own root held the run's settings and its last commit, which no repair rebuilds. None when the
+    root is intact or the folder holds nothing of gradflow's."""
     from gradflow.lock import filesystem
     from gradflow.paths import _metadata, gradflow_kind
 
@@ -135,16 +137,39 @@ def damaged_root(url: str) -> tuple[str, str, bool] | None:
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
         problem = f"damaged ({type(err).__name__})"
     if any(gradflow_kind(_metadata(fs, p)) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
-        return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
-                         f"rewrites it", True)
+        unreadable = unreadable_metadata(fs, path)
+        if not unreadable:
+            return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
+                             f"rewrites it", [])
+        key, why = next(iter(unreadable.items()))
+        return (problem, f"the folder holds a sweep's runs, but {key} is {why} too and its "
+                         f"committed copy was in that file, so no repair rebuilds it: move "
+                         f"{key.split('/')[0]}/ out of the store, then `gradflow check {url} "
+                         f"--repair` rewrites the root for the other runs", list(unreadable))
     if gradflow_kind(_metadata(fs, f"{path}/epochs/zarr.json")) == "epochs":
         return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
                          "settings and its last commit, which no repair rebuilds: restore it from a "
-                         "backup, or read the arrays one by one with zarr.open_array", False)
+                         "backup, or read the arrays one by one with zarr.open_array", ["zarr.json"])
     return None
 
 
-def root_error(url: str, damage: tuple[str, str, bool]) -> GradflowError:
+def unreadable_metadata(fs, path: str) -> dict[str, str]:
+    """The node metadata files below the store's root (``<node>/zarr.json``, keys from the root)
+    that do not parse as Zarr metadata, each with its problem (``damaged (JSONDecodeError)``)."""
+    from zarr.core.group import GroupMetadata
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    found = {}
+    for file in sorted(fs.glob(f"{path}/*/**/zarr.json")):
+        try:
+            document = json.loads(fs.cat_file(file))
+            {"array": ArrayV3Metadata, "group": GroupMetadata}[document["node_type"]].from_dict(document)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            found[file.split(f"{path}/", 1)[-1]] = f"damaged ({type(err).__name__})"
+    return found
+
+
+def root_error(url: str, damage: tuple[str, str, list[str]]) -> GradflowError:
     """The one-line error for a :func:`damaged_root`."""
     return GradflowError(f"{url} is a damaged gradflow store: its root zarr.json is {damage[0]}; "
                          f"{damage[1]}")
