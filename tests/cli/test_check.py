@@ -355,6 +355,29 @@ def test_a_path_inside_a_store_is_one_line_exit_2_naming_the_store(tmp_path, com
     assert _files(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["plot", "report", "watch", "check"])
+def test_a_sweep_group_that_does_not_exist_is_named(tmp_path, command, run_main, monkeypatch):
+    """`report sweep.zarr/v3` (no such variant) said the path is inside the store: now one line
+    naming the missing group and the groups there are, exit 2, in every reader (and gradflow.open)."""
+    import gradflow.cli.watch
+
+    def never_served(*args, **kwargs):
+        raise AssertionError("watch started a server")
+
+    monkeypatch.setattr(gradflow.cli.watch, "_Server", never_served)
+    sweep = tmp_path / "sweep.zarr"
+    for group in ("v2", "v1"):
+        record_model(sweep, nn.Linear(3, 2), 1, group=group)
+    before = _files(tmp_path)
+    for path in (sweep / "v3", sweep / "v3" / "epochs"):
+        code, out, err = run_main(command, path, *(["--out", tmp_path / "o"] if command in ("plot", "report")
+                                                   else []))
+        assert (code, err) == (2, f"error: {sweep} has no group 'v3'; its groups: v1, v2\n"), err
+        with pytest.raises(gradflow.GradflowError, match=f"^{sweep} has no group 'v3'; its groups: v1, v2$"):
+            gradflow.open(path)
+    assert _files(tmp_path) == before
+
+
 @pytest.mark.parametrize("command", ["plot", "report"])
 def test_a_sweeps_run_group_is_drawn_as_one_run(tmp_path, command, run_main):
     """`gradflow plot sweep.zarr/v1` draws that run, read through the sweep store's commit (as
