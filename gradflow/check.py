@@ -243,15 +243,29 @@ def _holes(zstore, keys: set[str], array, length: int, missing: bool = True, dec
 
 def _undecodable(zstore, array, coords: tuple[int, ...], key: str) -> str | None:
     """Why the stored chunk ``coords`` of ``array`` does not decode (its size and the codec's
-    error), or None when it does."""
+    error; a checksum that does not match says so in words), or None when it does."""
     try:
         array.get_block_selection(coords)
     except OSError:  # cannot read it (permissions, I/O): not damage this check can name
         raise
     except Exception as err:  # noqa: BLE001 - any codec's error: the bytes are not a chunk
         size = sync(zstore.getsize(key))
+        if checksum_failed(err):
+            return f"{size} bytes whose CRC-32C checksum does not match (changed on disk)"
         return f"{size} bytes that do not decode, {type(err).__name__}: {err}"
     return None
+
+
+def checksum_failed(err: BaseException) -> bool:
+    """Whether ``err`` is zarr's ``crc32c`` codec finding that a chunk's bytes no longer match the
+    checksum stored with them (every array gradflow writes ends in it): the file changed on disk.
+    Its message shows both checksums as raw bytes, which tell a person nothing."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "zarr.codecs.crc32c_":
+            return isinstance(err, ValueError)
+        tb = tb.tb_next
+    return False
 
 
 GROWING = ("step", "epoch", "block")
