@@ -24,8 +24,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
-from gradflow.check import (RunState, unreadable_metadata, damaged_metadata, damaged_root,
-                            every_chunk_stored, inspect_run, lost_ranges, runs_of)
+from gradflow.check import (RunState, damaged_metadata, damaged_root, every_chunk_stored,
+                            inspect_run, lost_ranges, runs_of, unreadable_metadata)
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
