@@ -9,7 +9,8 @@ A run's committed state (what the consolidated metadata at the store root publis
   reads as 1,024 NaN rows and a deleted ``step`` chunk as 1,024 rows of step 0). Stores written
   before gradflow stored every chunk (no ``all_chunks_stored`` attr) are checked for ``step`` only.
   What a lost chunk held is known exactly for the coordinates the writer numbers itself
-  (:func:`derived_coordinate`: row i is step i·every, epoch row i is epoch i), and for
+  (:func:`derived_coordinate`: row i is step i·every, epoch row i is epoch i), for the steps'
+  ``epoch`` labels where ``num_steps`` gives them (:func:`epoch_labels`: every=1) and for
   ``num_steps`` where the step rows count it exactly (:func:`count_steps`).
   The derived summary (``summary/<b>``, :mod:`gradflow.summary`) is held to the same rule up to
   its committed number of blocks; a hole there loses nothing (the raw rows recompute it).
@@ -115,12 +116,14 @@ def open_root(url: str, **options) -> zarr.Group:
                             f"folder holds no gradflow run or sweep") from None
 
 
-def damaged_root(url: str) -> tuple[str, str, bool] | None:
-    """``(problem, what to do, whether --repair rebuilds it)`` when the store's root ``zarr.json`` is missing or does not parse
-    but its folder holds gradflow's groups: the store is damaged, not absent. A sweep's root (its
-    folder holds run groups) is rewritten by ``gradflow check --repair``; a run's own root held
-    the run's settings and its last commit, which no repair rebuilds. None when the root is intact
-    or the folder holds nothing of gradflow's."""
+def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
+    """``(problem, what to do, what no repair rebuilds)`` when the store's root ``zarr.json`` is
+    missing or does not parse but its folder holds gradflow's groups: the store is damaged, not
+    absent. A sweep's root (its folder holds run groups) is rewritten by ``gradflow check
+    --repair`` (nothing lost), unless a metadata file of its runs is damaged too: its committed
+    copy was in the root, and publishing the runs without it would hide that run's arrays. A run's
+    own root held the run's settings and its last commit, which no repair rebuilds. None when the
+    root is intact or the folder holds nothing of gradflow's."""
     from gradflow.lock import filesystem
     from gradflow.paths import _metadata, gradflow_kind
 
@@ -134,16 +137,39 @@ def damaged_root(url: str) -> tuple[str, str, bool] | None:
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
         problem = f"damaged ({type(err).__name__})"
     if any(gradflow_kind(_metadata(fs, p)) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
-        return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
-                         f"rewrites it", True)
+        unreadable = unreadable_metadata(fs, path)
+        if not unreadable:
+            return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
+                             f"rewrites it", [])
+        key, why = next(iter(unreadable.items()))
+        return (problem, f"the folder holds a sweep's runs, but {key} is {why} too and its "
+                         f"committed copy was in that file, so no repair rebuilds it: move "
+                         f"{key.split('/')[0]}/ out of the store, then `gradflow check {url} "
+                         f"--repair` rewrites the root for the other runs", list(unreadable))
     if gradflow_kind(_metadata(fs, f"{path}/epochs/zarr.json")) == "epochs":
         return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
                          "settings and its last commit, which no repair rebuilds: restore it from a "
-                         "backup, or read the arrays one by one with zarr.open_array", False)
+                         "backup, or read the arrays one by one with zarr.open_array", ["zarr.json"])
     return None
 
 
-def root_error(url: str, damage: tuple[str, str, bool]) -> GradflowError:
+def unreadable_metadata(fs, path: str) -> dict[str, str]:
+    """The node metadata files below the store's root (``<node>/zarr.json``, keys from the root)
+    that do not parse as Zarr metadata, each with its problem (``damaged (JSONDecodeError)``)."""
+    from zarr.core.group import GroupMetadata
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    found = {}
+    for file in sorted(fs.glob(f"{path}/*/**/zarr.json")):
+        try:
+            document = json.loads(fs.cat_file(file))
+            {"array": ArrayV3Metadata, "group": GroupMetadata}[document["node_type"]].from_dict(document)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            found[file.split(f"{path}/", 1)[-1]] = f"damaged ({type(err).__name__})"
+    return found
+
+
+def root_error(url: str, damage: tuple[str, str, list[str]]) -> GradflowError:
     """The one-line error for a :func:`damaged_root`."""
     return GradflowError(f"{url} is a damaged gradflow store: its root zarr.json is {damage[0]}; "
                          f"{damage[1]}")
@@ -217,15 +243,29 @@ def _holes(zstore, keys: set[str], array, length: int, missing: bool = True, dec
 
 def _undecodable(zstore, array, coords: tuple[int, ...], key: str) -> str | None:
     """Why the stored chunk ``coords`` of ``array`` does not decode (its size and the codec's
-    error), or None when it does."""
+    error; a checksum that does not match says so in words), or None when it does."""
     try:
         array.get_block_selection(coords)
     except OSError:  # cannot read it (permissions, I/O): not damage this check can name
         raise
     except Exception as err:  # noqa: BLE001 - any codec's error: the bytes are not a chunk
         size = sync(zstore.getsize(key))
+        if checksum_failed(err):
+            return f"{size} bytes whose CRC-32C checksum does not match (changed on disk)"
         return f"{size} bytes that do not decode, {type(err).__name__}: {err}"
     return None
+
+
+def checksum_failed(err: BaseException) -> bool:
+    """Whether ``err`` is zarr's ``crc32c`` codec finding that a chunk's bytes no longer match the
+    checksum stored with them (every array gradflow writes ends in it): the file changed on disk.
+    Its message shows both checksums as raw bytes, which tell a person nothing."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "zarr.codecs.crc32c_":
+            return isinstance(err, ValueError)
+        tb = tb.tb_next
+    return False
 
 
 GROWING = ("step", "epoch", "block")
@@ -380,6 +420,42 @@ def lost_ranges(first: int, counts: np.ndarray) -> list[list[int]]:
     return [[first + int(a), first + int(b)] for a, b in zip(starts, ends)]
 
 
+def epoch_labels(steps: np.ndarray, labels: np.ndarray, stored: np.ndarray, counts: np.ndarray,
+                 restarts: list = ()) -> np.ndarray | None:
+    """The steps' epoch labels with the lost rows (not ``stored``) filled in from the epochs' step
+    counts, or None where those do not give every lost row or a stored row disagrees with them.
+
+    With every=1 every optimizer step is a row and epoch e's ``num_steps`` (``counts[e]``; epoch row
+    e is epoch e) are its steps, so epoch e holds steps ``[starts[e], starts[e+1])``, ``starts`` the
+    running sum of ``counts`` from 0: a resumed run goes on from the steps it counted, and an epoch
+    cut short gets its row on resume with the steps it had. ``steps``: the rows' step numbers (-1
+    where unknown); ``labels``: the stored labels (read where not ``stored``); ``counts``: -1 where
+    unknown (lost, or its chunk is). From the first epoch ``u`` whose count is unknown (past the
+    last epoch row: the unfinished epoch) a row's label is only known to be ``u`` or later: a lost
+    one is ``u`` when a stored row after it says ``u`` (labels never decrease; a repair may have cut
+    the later epochs' rows). Where ``restarts`` (``step_restarts``: a repair cut the rows from
+    ``row`` on, a resumed run went on at ``step``), the steps before ``step`` that have no row may
+    belong to an epoch whose ``num_steps`` counts only the resumed ones, so the rows from ``row`` on
+    are given only when the stored label of row ``row`` is an epoch that starts at ``step``.
+    """
+    unknown = np.flatnonzero(counts < 0)
+    end = int(unknown[0]) if len(unknown) else len(counts)  # the first epoch of unknown length
+    starts = np.r_[0, np.cumsum(counts[:end])]
+    expected = np.searchsorted(starts, steps, side="right") - 1
+    expected[steps < 0] = -1
+    for (row, step), stop in zip(restarts, [row for row, _ in restarts[1:]] + [len(steps)]):
+        label = int(labels[row]) if row < len(steps) and stored[row] else -1
+        if not (0 <= label < len(starts) and starts[label] == step and expected[row] == label):
+            expected[row:stop] = -1  # (its stored rows are not checked either)
+    said = np.flatnonzero(stored & (labels == end))
+    later = (expected == end) & (np.arange(len(steps)) > (said[-1] if len(said) else -1))
+    exact = (expected >= 0) & ~later
+    if np.any(~stored & ~exact) or np.any(stored & exact & (labels != expected)) \
+            or np.any(stored & later & (labels < end)):
+        return None
+    return np.where(stored, labels, expected)
+
+
 def derived_coordinate(name: str, length: int, every: object,
                        restarts: list = ()) -> np.ndarray | None:
     """The values the writer's own numbering gives a coordinate, or None for one it does not number.
@@ -417,6 +493,33 @@ def _rebuilt_values(array, name: str, length: int, holes: list[Hole], every: obj
     return expected if np.array_equal(_read(array, length, holes)[stored], expected[stored]) else None
 
 
+def _rebuilt_labels(zstore, keys: set[str], node, array, length: int, holes: list[Hole],
+                    decode: bool) -> np.ndarray | None:
+    """The steps' epoch labels, lost chunks included, when the epochs' step counts give them
+    (:func:`epoch_labels`: ``every=1``, and ``epochs/epoch`` row i is epoch i) for every lost row
+    and every stored row they give agrees (else None: nothing proves what the lost rows held)."""
+    epochs = node["epochs"]
+    if node.attrs.get("every") != 1 or "step" not in node or "num_steps" not in epochs:
+        return None
+    restarts = node.attrs.get("step_restarts", [])
+
+    def known(array, length: int, name: str = "") -> np.ndarray:  # its rows, -1 where lost
+        lost = _holes(zstore, keys, array, length, decode=decode)
+        rebuilt = _rebuilt_values(array, name, length, lost, 1, restarts) if lost and name else None
+        return rebuilt if rebuilt is not None else np.where(_stored(length, lost),
+                                                            _read(array, length, lost), -1)
+
+    n = min(a.shape[0] for _, a in epochs.arrays() if a.metadata.dimension_names[0] == "epoch")
+    numbers = known(epochs["epoch"], n)
+    if np.any((numbers >= 0) & (numbers != np.arange(n))):
+        return None
+    steps = np.full(length, -1, dtype=np.int64)
+    stop = min(length, node["step"].shape[0])
+    steps[:stop] = known(node["step"], stop, "step")
+    return epoch_labels(steps, _read(array, length, holes), _stored(length, holes),
+                        known(epochs["num_steps"], n), restarts)
+
+
 def _read(array, length: int, holes: list[Hole]) -> np.ndarray:
     """The array's first ``length`` rows, its holes read as the fill value (zarr reads a missing
     chunk so; one that does not decode is not read)."""
@@ -431,11 +534,15 @@ def _read(array, length: int, holes: list[Hole]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _recount(node, state: RunState, epochs: np.ndarray, every: object) -> np.ndarray:
-    """:func:`count_steps` of ``epochs`` from the run's kept step rows (``state.good_steps``). A
-    committed epoch row's steps were committed with it or before, so with every step row kept each
-    epoch has all of its rows; with rows cut, only the epochs before the last kept row's label."""
-    labels = node["epoch"][:state.good_steps] if "epoch" in node else np.zeros(0, dtype=np.int64)
+def _recount(node, state: RunState, epochs: np.ndarray, every: object,
+             labels: np.ndarray | None = None) -> np.ndarray:
+    """:func:`count_steps` of ``epochs`` from the run's kept step rows (``state.good_steps``; their
+    epoch ``labels`` where a lost chunk of them is rebuilt, else as stored). A committed epoch
+    row's steps were committed with it or before, so with every step row kept each epoch has all
+    of its rows; with rows cut, only the epochs before the last kept row's label."""
+    if labels is None:
+        labels = node["epoch"] if "epoch" in node else np.zeros(0, dtype=np.int64)
+    labels = labels[:state.good_steps]
     complete = (math.inf if state.good_steps == state.num_steps
                 else int(labels[-1]) if len(labels) else 0)
     return count_steps(labels, epochs, every, complete, node.attrs.get("step_restarts", []))
@@ -471,6 +578,7 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
     keys = _keys(zstore, f"{node.path}/" if node.path else "")  # one listing of the run's files
     all_chunks = bool(node.attrs.get("all_chunks_stored"))
     every = node.attrs.get("every")
+    labels = None  # the steps' epoch labels, when a lost chunk of them is rebuilt
     for dim, parent in (("step", node), ("epoch", node["epochs"])):
         arrays = {name: a for name, a in parent.arrays() if a.metadata.dimension_names[0] == dim}
         lengths = {name: a.shape[0] for name, a in arrays.items()}
@@ -494,24 +602,30 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
                 state.damaged_files += hole.files
             rebuilt = (_rebuilt_values(array, name, lengths[name], holes, every,
                                        node.attrs.get("step_restarts", []))
-                       if holes and name == dim else None)
+                       if holes and name == dim else
+                       _rebuilt_labels(zstore, keys, node, array, lengths[name], holes, bool(decode))
+                       if holes and name == "epoch" else None)  # (the steps' epoch labels)
             if holes and _reads_as_unknown(array, dim):
                 for first, end, says, _ in holes:
                     state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} "
                                           f"(its figures are lost: NaN)")
                     state.lost.append((array.path, dim, first, end))
             elif rebuilt is not None:
-                values = rebuilt
-                rule = "epoch i" if dim == "epoch" else f"step i·{every}" + "".join(
-                    f", from row {row} on step {step} + (i − {row})·{every}"
-                    for row, step in node.attrs.get("step_restarts", []))
+                if name == dim:
+                    values = rebuilt
+                    rule = "row i is " + ("epoch i" if dim == "epoch" else f"step i·{every}" + "".join(
+                        f", from row {row} on step {step} + (i − {row})·{every}"
+                        for row, step in node.attrs.get("step_restarts", [])))
+                else:
+                    labels = rebuilt
+                    rule = "epochs/num_steps give each row's epoch"
                 for first, end, says, _ in holes:
                     state.problems.append(f"{label}: chunk of rows {first}-{end - 1} {says} "
-                                          f"(row i is {rule}: --repair rebuilds it)")
-                    state.rebuilt.append((array.path, dim, first, values[first:end]))
+                                          f"({rule}: --repair rebuilds it)")
+                    state.rebuilt.append((array.path, dim, first, rebuilt[first:end]))
             elif holes and name == "num_steps":
                 for first, end, says, _ in holes:
-                    counts = _recount(node, state, np.arange(first, end), every)
+                    counts = _recount(node, state, np.arange(first, end), every, labels)
                     lost = int(np.sum(counts == LOST_COUNT))
                     why = (f"every={every}: a row stands for {every} steps" if every != 1
                            else "their step rows are cut")
@@ -536,7 +650,9 @@ def inspect_run(zstore, group: str | None, where: str, decode: bool | str = True
             state.num_steps, state.good_steps = n, good
         else:
             state.num_epochs, state.good_epochs = n, good
-    last_label = int(node["epoch"][state.good_steps - 1]) if state.good_steps and "epoch" in node else -1
+    if labels is None and "epoch" in node:
+        labels = node["epoch"]
+    last_label = int(labels[state.good_steps - 1]) if state.good_steps and labels is not None else -1
     if last_label > state.good_epochs:  # (only the last may be an epoch cut short by a crash)
         state.rowless_epochs = range(state.good_epochs, last_label + 1)
     _inspect_fixed(zstore, keys, node, state, bool(decode))

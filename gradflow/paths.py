@@ -82,6 +82,18 @@ def store_kind(url: str) -> str | None:
     return "sweep"
 
 
+def _groups(url: str) -> list[str]:
+    """The groups of the store at ``url``: those its last commit lists and the folders that hold
+    a ``zarr.json`` (a variant being recorded)."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    committed = (_metadata(fs, f"{path}/zarr.json") or {}).get("consolidated_metadata")
+    committed = committed.get("metadata") if isinstance(committed, dict) else None
+    names = {key for key in committed if "/" not in key} if isinstance(committed, dict) else set()
+    names |= {file.rsplit("/", 2)[-2] for file in fs.glob(f"{path}/*/zarr.json")}
+    return sorted(names)
+
+
 def enclosing_store(url: str) -> tuple[str, str, str] | None:
     """``(store, inner, kind)`` when ``url`` lies inside the folder of a Zarr store (an ancestor
     folder holds a ``zarr.json``), else None: the outermost such store as the user wrote it
@@ -129,6 +141,10 @@ def refuse_inside_store(url: str, instead: Callable[[str, str, str], str], writi
     if found is None or (members and not writing and _member(found)):
         return
     store, inner, kind = found
+    group = inner.split("/")[0]
+    if not writing and kind in ("sweep", "empty") and group not in (groups := _groups(store)):
+        raise GradflowError(f"{store} has no group {group!r}; its groups: "
+                            f"{', '.join(groups) or '(none yet)'}")
     if kind == "foreign":
         if writing:
             raise GradflowError(f"{url} is inside the Zarr store {store}, which is not a gradflow "

@@ -1,7 +1,8 @@
 """Repairs and the ``gradflow check`` report: a damaged run truncated to its last consistent commit,
 its damaged metadata files rewritten from their committed copy, its lost float chunks written as NaN
 (only those figures are lost, never the other variables' rows), the lost chunks of coordinates whose
-values the writer's numbering fixes (``step``, ``epochs/epoch``, ``depth``) rebuilt, a lost
+values the writer's numbering fixes (``step``, ``epochs/epoch``, ``depth``) rebuilt, and those
+of the steps' ``epoch`` labels where ``num_steps`` gives them (every=1), a lost
 ``num_steps`` chunk recounted from the step rows where that is exact and marked lost (-1, NaN to
 xarray) where not, a lost chunk of the layer table (or another fixed-length array) rebuilt from an
 intact source that agrees with every stored row (the run's ``fixed_coordinates`` attribute, another copy);
@@ -24,7 +25,7 @@ from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
 from gradflow.check import (RunState, damaged_metadata, damaged_root, every_chunk_stored,
-                            inspect_run, lost_ranges, runs_of)
+                            inspect_run, lost_ranges, runs_of, unreadable_metadata)
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
@@ -33,7 +34,8 @@ def repair_run(url: str, group: str | None, state: RunState | None = None) -> Ru
     """Rewrite its damaged metadata files from their committed copy, truncate one run to its longest
     consistent prefix (and its summary to before a missing chunk), write its missing float figure
     chunks as NaN, rebuild the missing chunks of ``step`` and ``epochs/epoch`` from their numbering
-    (:func:`gradflow.check.derived_coordinate`) and of ``num_steps`` from the step rows
+    (:func:`gradflow.check.derived_coordinate`), of the steps' ``epoch`` labels from ``num_steps``
+    (:func:`gradflow.check.epoch_labels`) and of ``num_steps`` from the step rows
     (:func:`gradflow.check.count_steps`: exact, or marked lost) and of the layer table and other
     fixed-length arrays from an intact copy (:func:`gradflow.check._fixed_values`; one that no copy
     holds stays missing: :attr:`RunState.unrecoverable`), republish it; delete ``*.partial``.
@@ -139,13 +141,32 @@ def _set_aside(fs, path: str, keys: list[str]) -> str:
     return folder
 
 
+@dataclasses.dataclass
+class Report:
+    """What :func:`check_report` found (and did): its ``lines``, one or more per run; ``damaged``:
+    damage was found; ``unrepairable``: the damage ``--repair`` cannot restore (what it says it
+    leaves; with ``repair``, what it left); ``repairable``: damage that ``--repair`` restores."""
+
+    lines: list[str] = dataclasses.field(default_factory=list)
+    damaged: bool = False
+    unrepairable: list[str] = dataclasses.field(default_factory=list)
+    repairable: bool = False
+
+
 def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
-    """Check (and with ``repair`` fix) every run of a store. Returns (report lines, damaged); with
-    ``repair``, damaged means damage is left that no repair restores (lost layer-table chunks).
+    """Check (and with ``repair`` fix) every run of a store (:func:`check_report`). Returns (report
+    lines, damaged); with ``repair``, damaged means damage is left that no repair restores."""
+    report = check_report(url, repair)
+    return report.lines, bool(report.unrepairable) if repair else report.damaged
+
+
+def check_report(url: str, repair: bool = False) -> Report:
+    """Check (and with ``repair`` fix) every run of a store; say which damage no repair restores.
 
     Raises GradflowError for what is not a gradflow store at all. A root ``zarr.json`` that is
     missing or damaged in a folder of gradflow's groups is damage (:func:`gradflow.check.damaged_root`):
-    a sweep's is rewritten, a single run's is reported and left (nothing rebuilds it).
+    a sweep's is rewritten, a single run's is reported and left (nothing rebuilds it); so is a
+    sweep's when a metadata file of its runs is damaged too (:func:`gradflow.check.damaged_root`).
     """
     from gradflow.lock import filesystem, group_is_locked
     from gradflow.paths import refuse_inside_store
@@ -155,12 +176,18 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     refuse_inside_store(url, lambda root, inner, kind: f"check the store: gradflow check {root}",
                         writing=False)  # --repair would rewrite that group as a store of its own
     fs, path = filesystem(url)
-    lines: list[str] = []
+    report = Report()
+    lines = report.lines
     damage = damaged_root(url)
     if damage:
+        report.damaged = True
         lines.append(f"zarr.json: {damage[0]}; {damage[1]}")
-        if not repair or not damage[2]:  # a run's own root: nothing rebuilds it
-            return lines, True
+        if damage[2]:  # a run's own root, or a sweep's whose runs' metadata it alone held
+            report.unrepairable += damage[2]
+            return report
+        report.repairable = True
+        if not repair:
+            return report
         fs.pipe_file(f"{path.rstrip('/')}/zarr.json",
                      b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
         from gradflow.lock import store_lock
@@ -175,11 +202,16 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
                             f"holds no gradflow run or sweep groups; it cannot be repaired") from None
+    if root.metadata.consolidated_metadata is None \
+            and (unreadable := unreadable_metadata(fs, path.rstrip("/"))):  # zarr reads them all
+        report.damaged = True
+        report.unrepairable += list(unreadable)
+        lines += [f"{key}: {problem}; the root zarr.json holds no committed copy of it (no "
+                  f"consolidated metadata), so no repair rebuilds it" for key, problem in unreadable.items()]
+        return report
     runs = runs_of(root)
     if not runs:
         raise GradflowError(f"{url} is not a gradflow store")
-    damaged = bool(lines)
-    left = False  # damage the repair could not restore
     for group in runs:
         name = group or "(run)"
         where = url if not group else f"{url} (group {group!r})"
@@ -196,9 +228,11 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
                 f"; epochs {cut.start}-{cut.stop - 1} have step rows but no epoch row (a repair cut "
                 f"them; a resumed Recorder gives them rows)" if cut else ""))
             continue
-        damaged = True
+        report.damaged = True
+        report.repairable |= len(state.problems) > len(state.unrecoverable)
         for problem in state.problems:
             lines.append(f"{name}: {problem}")
+        report.unrepairable += [f"{name} {lost}" if group else lost for lost in state.unrecoverable]
         if repair:
             fixed = repair_run(url, group, state)
             kept = (f"kept {fixed.good_steps} of {fixed.num_steps} steps and {fixed.good_epochs} of "
@@ -207,7 +241,6 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
                 kept += (f"; {len(fixed.damaged_files)} chunk file(s) that do not decode moved to "
                          f"{fixed.set_aside}")
             if fixed.unrecoverable:
-                left = True
                 lines.append(f"{name}: not repaired: {', '.join(fixed.unrecoverable)} cannot be "
                              f"rebuilt (no trusted copy holds them); the rest is repaired, {kept}")
             else:
@@ -218,4 +251,5 @@ def check_store(url: str, repair: bool = False) -> tuple[list[str], bool]:
             fs.rm_file(p)
         if removed:
             lines.append(f"deleted {len(removed)} leftover *.partial file(s) at the store root")
-    return lines, left if repair else damaged
+    return report
+

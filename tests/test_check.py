@@ -48,9 +48,11 @@ def test_healthy_store_checks_ok(tmp_path):
 
 @pytest.mark.parametrize("array, rows_kept", [("epoch", 1024), ("skipped", 2048)])
 def test_missing_chunk_is_reported_and_repaired(tmp_path, array, rows_kept):
-    """A missing chunk of the steps' epoch labels or of ``skipped`` (whose fill values would pass
-    for data, and which no numbering rebuilds) cuts the run to the rows before it. (A lost ``step``
-    chunk is rebuilt: tests/test_repair_epochs.py.)"""
+    """A missing chunk of ``skipped`` (whose fill values would pass for data, and which no
+    numbering rebuilds), or of the steps' epoch labels where the epochs' num_steps do not give them
+    (here every row says epoch 0, though each epoch counted 10 steps), cuts the run to the rows
+    before it. (A lost ``step`` chunk, and epoch labels that num_steps gives, are rebuilt:
+    tests/test_repair_epochs.py.)"""
     store = tmp_path / "run.zarr"
     make_store(store)
     chunk = {"epoch": "c/1", "skipped": "c/2"}[array]
@@ -315,6 +317,21 @@ DAMAGE = {"truncated": lambda data: data[:len(data) // 2], "empty": lambda data:
           + data[len(data) // 2 + 1:]}
 
 
+def test_a_chunk_without_a_checksum_that_does_not_decode_keeps_the_codecs_words(tmp_path):
+    """A store written before every array ended in crc32c: a garbage chunk is named by the codec's
+    own error, as before (only a checksum mismatch is reworded)."""
+    from zarr.codecs import BytesCodec, ZstdCodec
+
+    from gradflow.check import _undecodable
+
+    array = zarr.create_array(tmp_path / "old.zarr", shape=(4,), chunks=(4,), dtype="float32",
+                              serializer=BytesCodec(), compressors=[ZstdCodec()])
+    array[:] = np.arange(4, dtype=np.float32)
+    (tmp_path / "old.zarr/c/0").write_bytes(b"garbage")
+    why = _undecodable(array.store, array, (0,), "c/0")
+    assert why.startswith("7 bytes that do not decode, ") and "CRC-32C" not in why, why
+
+
 def damage(path, how: str) -> bytes:
     """Damage a chunk file in place (truncate / empty / overwrite); returns the damaged bytes."""
     data = DAMAGE[how](path.read_bytes())
@@ -341,9 +358,10 @@ def test_a_chunk_that_does_not_decode_is_lost_like_a_missing_one(tmp_path, how, 
     label = array if "/" in array else f"./{array}"
     rows = {"step": "1024-2047", "grad_norm": "1024-2047", "skipped": "1024-2047", "layer": "0-1",
             "epochs/num_steps": "0-2"}[array]
-    assert damaged and len(lines) == 1 and lines[0].startswith(
-        f"(run): {label}: chunk of rows {rows} is damaged ({chunk}: {len(bad)} bytes that do not "
-        f"decode, ") and lines[0].endswith(says)
+    # Every one fails the chunk's CRC-32C (the codec decoded first), said in words, not raw bytes.
+    assert damaged and lines == [
+        f"(run): {label}: chunk of rows {rows} is damaged ({chunk}: {len(bad)} bytes whose CRC-32C "
+        f"checksum does not match (changed on disk))" + (f" {says}" if says else "")]
     lines, damaged = check_store(str(store), repair=True)
     assert not damaged and lines[-1].startswith(
         f"(run): repaired, kept {kept} of 2500 steps and 3 of 3 epochs; 1 chunk file(s) that do not "

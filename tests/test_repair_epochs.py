@@ -1,5 +1,5 @@
-"""Repairs of the values a lost chunk of a coordinate or a count held: ``step``, ``epochs/epoch``
-and ``epochs/num_steps``, and a resume after them.
+"""Repairs of the values a lost chunk of a coordinate or a count held: ``step``, ``epochs/epoch``,
+``epochs/num_steps`` and the steps' ``epoch`` labels, and a resume after them.
 
 Every expected value comes from the loop the test runs itself: the steps it takes per epoch, the
 ``every`` it records with, the number of ``end_epoch`` calls.
@@ -258,3 +258,122 @@ def test_a_resume_after_a_cut_never_numbers_a_step_again(tmp_path, every):
         np.testing.assert_array_equal(counts, [1000, np.nan, 5])
     else:
         assert np.isnan(counts).all()
+
+
+
+def session(store, ended: list[int], open_steps: int = 0, mode: str = "a") -> None:
+    """One Recorder (every=1): an epoch per entry of ``ended``, then ``open_steps`` steps of an
+    epoch that no end_epoch closes (closed mid-epoch, as a crash or a preemption leaves it)."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradflow.Recorder(model, optimizer, store, every=1, mode=mode) as rec:
+        for i, n in enumerate([*ended, open_steps]):
+            for _ in range(n):
+                optimizer.zero_grad()
+                model(torch.randn(4, 3)).sum().backward()
+                optimizer.step()
+            if i < len(ended):
+                rec.end_epoch(train_loss=float(n))
+
+
+def epochs_of(*sessions: tuple[list[int], int]) -> list[int]:
+    """The epoch of each recorded step (every=1), from the loops: each end_epoch closes an epoch,
+    and a resumed Recorder starts a new one after an epoch cut short."""
+    labels, epoch = [], 0
+    for ended, open_steps in sessions:
+        for n in ended:
+            labels += [epoch] * n
+            epoch += 1
+        labels += [epoch] * open_steps
+        epoch += bool(open_steps)
+    return labels
+
+
+def test_lost_chunk_of_the_steps_epoch_labels_is_rebuilt_from_num_steps(tmp_path):
+    """every=1: epoch e's num_steps are its step rows, in order, so a lost chunk of the steps'
+    ``epoch`` labels is rebuilt, not every later step row cut: across a resume that gave an epoch
+    cut short its row, and a chunk that does not decode too. Rows past the last epoch row (the
+    unfinished epoch) are rebuilt up to the last stored row that names it; after it nothing says
+    whether a later epoch began there (an earlier repair may have cut the epochs' rows): cut."""
+    store = tmp_path / "run.zarr"
+    loops = ([700, 900], 400), ([600], 500)  # rows 0-3099; the resumed run starts epoch 3 at row 2000
+    session(store, *loops[0], mode="w-")
+    session(store, *loops[1])
+    expected = epochs_of(*loops)
+    assert len(expected) == 3100 and expected[2000] == 3 and expected[2599:2601] == [3, 4]
+    (store / "epoch/c/1").unlink()
+    (store / "epoch/c/2").write_bytes(b"garbage")
+    lines, damaged = check_store(str(store))
+    assert damaged and len(lines) == 2
+    assert lines[0] == ("(run): ./epoch: chunk of rows 1024-2047 is missing (epochs/num_steps give "
+                        "each row's epoch: --repair rebuilds it)")
+    assert lines[1].startswith("(run): ./epoch: chunk of rows 2048-3071 is damaged (epoch/c/2: 7 bytes")
+    assert lines[1].endswith("(epochs/num_steps give each row's epoch: --repair rebuilds it)")
+    lines, _ = check_store(str(store), repair=True)
+    assert lines[-1].startswith("(run): repaired, kept 3100 of 3100 steps and 4 of 4 epochs")
+    assert check_store(str(store)) == (["(run): ok, 3100 steps, 4 epochs"], False)
+    assert gradflow.open(store).epoch.values.tolist() == expected
+    assert "lost_rows" not in raw(store, "epoch").attrs
+    (store / "epoch/c/3").unlink()  # rows 3072-3099: the unfinished epoch's last rows
+    check_store(str(store), repair=True)
+    assert gradflow.open(store).epoch.values.tolist() == expected[:3072]
+
+
+def test_lost_labels_in_a_run_whose_steps_a_repair_cut(tmp_path):
+    """A repair cut the step rows at 1024 (a ``skipped`` chunk that does not decode), then the run
+    was resumed. Where the epoch cut short was the last one, its row's num_steps counts the cut
+    steps too, so the resumed epoch starts where num_steps says: its lost labels are rebuilt.
+    Where it had already ended and more steps followed, the resumed run's first epoch also holds
+    those steps (without rows), which its num_steps does not count: the sums put its last 400 rows
+    in the next epoch, so nothing is rebuilt from the restart on, and the run is cut as before."""
+    for name, first in (("exact", ([1000], 1500)), ("shifted", ([1000, 1100], 400))):
+        store = tmp_path / f"{name}.zarr"
+        session(store, *first, mode="w-")
+        (store / "skipped/c/1").write_bytes(b"garbage")
+        check_store(str(store), repair=True)
+        assert zarr.open_group(store, mode="r").attrs["step_restarts"] == [[1024, 2500]]
+        session(store, [1500], 900)
+        # The resumed run's epochs are 2 and 3 either way: after epoch 1 cut short, or going on
+        # with epoch 2, whose rows the cut took.
+        expected = epochs_of(first)[:1024] + [2] * 1500 + [3] * 900
+        (store / "epoch/c/2").unlink()  # rows 2048-3071
+        lines, _ = check_store(str(store))
+        assert lines[0].endswith("--repair rebuilds it)") == (name == "exact")
+        check_store(str(store), repair=True)
+        kept = 3424 if name == "exact" else 2048
+        assert gradflow.open(store).epoch.values.tolist() == expected[:kept]
+
+
+def test_lost_labels_and_lost_counts(tmp_path):
+    """600 epochs of 5 steps (num_steps in chunks of 256 epochs). With the counts of epochs
+    256-511 lost too, the labels of the rows before epoch 256 are still rebuilt (from the counts
+    of epochs 0-255), and num_steps is recounted from them; labels in epochs 256-511 are not."""
+    counts = np.full(600, 5)
+    labels = np.repeat(np.arange(600), 5)
+    for lost, kept in (("c/0", 3000), ("c/2", 2048)):  # rows 0-1023 (epochs 0-204), 2048-3071 (409-)
+        store = tmp_path / f"{lost[-1]}.zarr"
+        write_rows(store, np.arange(3000), np.arange(600), labels=labels, counts=counts)
+        (store / "epoch" / lost).unlink()
+        (store / "epochs/num_steps/c/1").unlink()
+        check_store(str(store), repair=True)
+        assert gradflow.open(store).epoch.values.tolist() == labels[:kept].tolist()
+        cut = (np.arange(600) >= 409) & (np.arange(600) < 512) & (kept < 3000)
+        np.testing.assert_array_equal(gradflow.open(store, group="epochs").num_steps.values,
+                                      np.where(cut, np.nan, counts))  # epoch 409 lost rows
+
+
+def test_lost_labels_that_the_counts_do_not_give_are_cut(tmp_path):
+    """every=2 (an epoch may end between two recorded steps), and labels that num_steps does not
+    give (1,000 rows say epoch 1, which counted 999 steps: not what gradflow writes): nothing
+    proves the lost labels, the run is cut."""
+    odd = tmp_path / "odd.zarr"
+    write_rows(odd, np.arange(3000), np.arange(3), labels=np.repeat(np.arange(3), 1000),
+               counts=np.array([1000, 999, 1000]))
+    sparse = tmp_path / "sparse.zarr"
+    write_rows(sparse, np.arange(0, 6000, 2), np.arange(3), every=2,
+               labels=np.repeat(np.arange(3), 1000), counts=np.array([2000, 2000, 2000]))
+    for store in (odd, sparse):
+        (store / "epoch/c/1").unlink()
+        assert check_store(str(store))[0] == ["(run): ./epoch: chunk of rows 1024-2047 is missing"]
+        check_store(str(store), repair=True)
+        assert gradflow.open(store).sizes["step"] == 1024

@@ -97,9 +97,13 @@ def main() -> None:
     except Exception as err:
         if not _undecodable_chunk(err):
             raise
-        typer.echo(f"error: a chunk of the store does not decode ({type(err).__name__}: {err}): "
-                   f"the store is damaged; `gradflow check STORE` names the chunk and "
-                   f"`gradflow check STORE --repair` repairs what it can", err=True)
+        from gradflow.check import checksum_failed
+
+        what = ("does not match its CRC-32C checksum (changed on disk)" if checksum_failed(err)
+                else f"does not decode ({type(err).__name__}: {err})")
+        typer.echo(f"error: a chunk of the store {what}: the store is damaged; `gradflow check "
+                   f"STORE` names the chunk and `gradflow check STORE --repair` repairs what it "
+                   f"can", err=True)
         sys.exit(DAMAGED)
     if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")

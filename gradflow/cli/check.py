@@ -16,7 +16,8 @@ def check_command(
     repair: Annotated[bool, typer.Option("--repair", help="Rewrite damaged metadata files from the committed "
                                                           "copy, write lost chunks of float figures as NaN "
                                                           "(every other row is kept), rebuild lost chunks of the "
-                                                          "step and epoch numbers, recount lost num_steps from "
+                                                          "step and epoch numbers (the steps' epoch labels "
+                                                          "from num_steps where exact), recount lost num_steps from "
                                                           "the step rows where exact (else mark them lost), "
                                                           "rebuild lost layer names, types, sizes and other "
                                                           "labels from the copy the run keeps (else leave "
@@ -26,17 +27,23 @@ def check_command(
                                                           "*.partial files.")] = False,
 ) -> None:
     """One line per run (steps, epochs, damage); exit 0 when intact (or repaired), 1 when damaged."""
-    from gradflow.repair import check_store
+    from gradflow.repair import check_report
 
-    lines, damaged = check_store(store, repair=repair)
-    for line in lines:
+    report = check_report(store, repair=repair)
+    for line in report.lines:
         typer.echo(line)
-    if damaged and repair:
-        typer.echo("still damaged: what no intact copy holds cannot be rebuilt (see above)", err=True)
+    lost = ", ".join(report.unrepairable)
+    if report.unrepairable and repair:
+        typer.echo(f"still damaged: no repair rebuilds {lost} (see above)", err=True)
         raise typer.Exit(1)
-    if damaged:
+    if report.unrepairable and not report.repairable:
+        typer.echo(f"damaged; no repair rebuilds {lost} (see above), so `--repair` would change "
+                   f"nothing", err=True)
+        raise typer.Exit(1)
+    if report.damaged and not repair:
+        rest = (f"; it cannot rebuild {lost} (see above)" if report.unrepairable else "")
         typer.echo(f"damaged; `gradflow check {store} --repair` repairs what can be repaired: it rewrites "
                    f"damaged metadata, writes lost float "
                    f"figures as NaN, rebuilds lost step and epoch numbers and layer coordinates and cuts the rest to the last "
-                   f"consistent commit", err=True)
+                   f"consistent commit{rest}", err=True)
         raise typer.Exit(1)

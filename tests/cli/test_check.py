@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,9 +114,9 @@ def table_of(model: nn.Module) -> tuple[list[str], list[str], list[int]]:
     return names, types, counts
 
 
-def record_model(store: Path, model: nn.Module, steps: int = 3) -> None:
+def record_model(store: Path, model: nn.Module, steps: int = 3, group: str | None = None) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradflow.Recorder(model, optimizer, store) as rec:
+    with gradflow.Recorder(model, optimizer, store, group=group) as rec:
         for _ in range(steps):
             optimizer.zero_grad()
             model(torch.randn(4, 3)).sum().backward()
@@ -209,10 +210,12 @@ def test_lost_layer_sizes_without_a_trusted_copy_are_not_repaired(tmp_path, run_
     else:
         edit_copy(store, num_params=[1, 2, 3])  # epochs/num_params holds the real counts
         why, lost = f"{COPY} and epochs/num_params disagree at row 0", "./num_params rows 0-2"
-    code, out, _ = run_main("check", store)
+    code, out, err = run_main("check", store)
     assert code == 1
     assert f"(run): ./num_params: chunk of rows 0-2 is missing and lost ({why}); --repair cannot " \
            f"rebuild it" in out.splitlines()
+    assert "--repair` repairs what can be repaired" in err  # the grad_norm chunk
+    assert err.endswith(f"; it cannot rebuild {lost} (see above)\n")
     code, out, err = run_main("check", store, "--repair")
     assert code == 1 and "still damaged" in err
     assert out.splitlines()[-1] == (f"(run): not repaired: {lost} cannot be rebuilt (no trusted copy "
@@ -256,6 +259,56 @@ def test_a_deleted_root_metadata_file_is_damage_exit_1(tmp_path, run_main):
         code, out, err = run_main(*args)
         assert code == 1 and out.startswith("zarr.json: missing; the folder holds a gradflow run's arrays")
         assert "no gradflow store" not in out + err and "restore it from a backup" in out
+        # --repair cannot rebuild it: no hint says it would (it said "--repair repairs what can be
+        # repaired: it rewrites damaged metadata ...")
+        assert err == ("still damaged: no repair rebuilds zarr.json (see above)\n" if "--repair" in args
+                       else "damaged; no repair rebuilds zarr.json (see above), so `--repair` would "
+                            "change nothing\n")
+
+
+def test_a_sweep_root_and_a_runs_metadata_both_lost_are_not_promised_a_repair(tmp_path, run_main):
+    """The sweep's root zarr.json held the committed copy of its runs' metadata files: with both
+    damaged, --repair rewrote the root and then died in a traceback (and every later check did too).
+    Now nothing is written, the line says what to do, and no hint promises a repair; once that run
+    is moved out, --repair rewrites the root for the other runs."""
+    store = tmp_path / "sweep.zarr"
+    for group in ("a", "b"):
+        record_model(store, nn.Linear(3, 2), 3, group=group)
+    (store / "zarr.json").write_bytes(b"garbage")
+    (store / "a/grad_norm/zarr.json").write_bytes(b"{not json")
+    before = _files(store)
+    line = (f"zarr.json: damaged (JSONDecodeError); the folder holds a sweep's runs, but "
+            f"a/grad_norm/zarr.json is damaged (JSONDecodeError) too and its committed copy was in "
+            f"that file, so no repair rebuilds it: move a/ out of the store, then `gradflow check "
+            f"{store} --repair` rewrites the root for the other runs\n")
+    assert run_main("check", store) == (1, line, "damaged; no repair rebuilds a/grad_norm/zarr.json "
+                                                 "(see above), so `--repair` would change nothing\n")
+    assert run_main("check", store, "--repair") == (
+        1, line, "still damaged: no repair rebuilds a/grad_norm/zarr.json (see above)\n")
+    assert _files(store) == before  # nothing written
+    with pytest.raises(gradflow.GradflowError) as refused:
+        gradflow.open(store, group="b")
+    assert "--repair" not in str(refused.value)
+    (store / "a").rename(tmp_path / "a")
+    code, out, err = run_main("check", store, "--repair")
+    assert (code, err) == (0, "") and out.splitlines()[-1] == "b: ok, 3 steps, 1 epochs"
+
+
+def test_a_metadata_file_without_a_committed_copy_is_one_line(tmp_path, run_main):
+    """A root zarr.json without consolidated metadata (not what gradflow writes) holds no copy of
+    a damaged node metadata file: check printed a traceback; now one line, and no repair promised."""
+    store = tmp_path / "run.zarr"
+    record(store)
+    root = json.loads((store / "zarr.json").read_text())
+    del root["consolidated_metadata"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    (store / "grad_norm/zarr.json").write_bytes(b"garbage")
+    for args in (["check", store], ["check", store, "--repair"]):
+        code, out, err = run_main(*args)
+        assert (code, out) == (1, "grad_norm/zarr.json: damaged (JSONDecodeError); the root zarr.json "
+                                  "holds no committed copy of it (no consolidated metadata), so no "
+                                  "repair rebuilds it\n")
+        assert "no repair rebuilds grad_norm/zarr.json" in err and "Traceback" not in err
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -299,6 +352,29 @@ def test_a_path_inside_a_store_is_one_line_exit_2_naming_the_store(tmp_path, com
         else:
             assert lines[0].endswith(f"gradflow {command} {store}" + (" (it draws every run of it)"
                                                                        if command == "plot" else "")), err
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["plot", "report", "watch", "check"])
+def test_a_sweep_group_that_does_not_exist_is_named(tmp_path, command, run_main, monkeypatch):
+    """`report sweep.zarr/v3` (no such variant) said the path is inside the store: now one line
+    naming the missing group and the groups there are, exit 2, in every reader (and gradflow.open)."""
+    import gradflow.cli.watch
+
+    def never_served(*args, **kwargs):
+        raise AssertionError("watch started a server")
+
+    monkeypatch.setattr(gradflow.cli.watch, "_Server", never_served)
+    sweep = tmp_path / "sweep.zarr"
+    for group in ("v2", "v1"):
+        record_model(sweep, nn.Linear(3, 2), 1, group=group)
+    before = _files(tmp_path)
+    for path in (sweep / "v3", sweep / "v3" / "epochs"):
+        code, out, err = run_main(command, path, *(["--out", tmp_path / "o"] if command in ("plot", "report")
+                                                   else []))
+        assert (code, err) == (2, f"error: {sweep} has no group 'v3'; its groups: v1, v2\n"), err
+        with pytest.raises(gradflow.GradflowError, match=f"^{sweep} has no group 'v3'; its groups: v1, v2$"):
+            gradflow.open(path)
     assert _files(tmp_path) == before
 
 

@@ -51,7 +51,7 @@ def test_permission_denied_is_one_line_and_exit_2(run_main, monkeypatch, tmp_pat
     def refused(url, repair=False):  # check --repair of a store another user owns
         raise PermissionError(13, "Permission denied", lock)
 
-    monkeypatch.setattr(gradflow.repair, "check_store", refused)
+    monkeypatch.setattr(gradflow.repair, "check_report", refused)
     code, out, err = run_main("check", tmp_path / "run.zarr", "--repair")
     assert code == 2 and err == f"error: Permission denied: {lock}\n" and "Traceback" not in out
 
