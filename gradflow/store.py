@@ -261,9 +261,7 @@ class RunStore:
         self.where = url if not group else f"{url} (group {group!r})"
         self.fs, self.path = filesystem(url)
         refuse_inside_store(url, _record_instead, writing=True)  # before the lock files are made
-        exists, is_zarr = path_exists(url)  # nor beside a file or folder that is not a store
-        if exists and not is_zarr and not damaged_root(url):  # (checked again under the lock)
-            raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
+        self._refuse_no_store()  # nor beside a file or folder that is not a store
         if group and store_kind(url) == "foreign":
             raise GradflowError(f"{url} is not a gradflow store (another tool's Zarr store); record "
                                 f"group {group!r} into another store")
@@ -273,11 +271,7 @@ class RunStore:
         self._creating = creating_marker(self.fs, self.path, group)
         try:
             with store_lock(self.fs, self.path), _quiet_zarr():  # one creator at a time
-                exists, is_zarr = path_exists(url)
-                if exists and not is_zarr:  # (a Zarr store's root is checked by open_root)
-                    if damage := damaged_root(url):
-                        raise root_error(url, damage)
-                    raise GradflowError(f"{url} exists and is not a Zarr store; choose a new path")
+                self._refuse_no_store()  # again: another process may have made it meanwhile
                 self._open(layers, attrs, every, per_parameter, mode)
             if self._unwritten is not None:
                 self.write()  # the row of an interrupted epoch (see _close_interrupted_epoch)
@@ -288,6 +282,16 @@ class RunStore:
                 self.fs.rm_file(self._creating)
             self.lock.release()
             raise
+
+    def _refuse_no_store(self) -> None:
+        """Raise :class:`~gradflow.errors.GradflowError` where the path exists but holds no Zarr
+        store: a file, a plain folder, or a store whose root metadata is damaged (named). A Zarr
+        store's root is checked by ``open_root``."""
+        exists, is_zarr = path_exists(self.url)
+        if exists and not is_zarr:
+            if damage := damaged_root(self.url):
+                raise root_error(self.url, damage)
+            raise GradflowError(f"{self.url} exists and is not a Zarr store; choose a new path")
 
     def _open(self, layers: LayerTable, attrs: dict, every: int, per_parameter: bool,
               mode: str) -> None:
