@@ -44,6 +44,38 @@ def store_name(store: str | os.PathLike) -> str:
     return f"{name}/{member[1]}" if member else name
 
 
+SOURCE_FILE = ".gradflow-source"  # in a default report folder: the store it was drawn from
+
+
+def default_out_dir(store: str | os.PathLike) -> Path:
+    """``reports/<store name>/`` (:func:`store_name`), made and claimed for ``store``: its full path
+    (a URL as given) is written into :data:`SOURCE_FILE` there, and a folder that names another
+    store is refused, so that two stores of one name (``a/run.zarr``, ``b/run.zarr``) never draw over
+    each other's figures. Raises :class:`~gradflow.errors.GradflowError` (one line)."""
+    name = store_name(store)
+    out_dir = Path("reports") / name
+    text = os.fspath(store).rstrip("/")
+    source = text if "://" in text else os.path.abspath(text)
+    claim = out_dir / SOURCE_FILE
+    try:
+        other = claim.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        other = None
+    except (OSError, UnicodeDecodeError):
+        other = ""
+    if other is not None and other != source:
+        raise GradflowError(f"{out_dir} holds the report of {other or 'another store'}; give "
+                            f"--out DIR to draw {text} (two stores named {name!r})")
+    make_out_dir(out_dir)
+    if other is None:
+        try:
+            claim.write_text(source + "\n")
+        except OSError as err:
+            raise GradflowError(f"--out {out_dir}: cannot write into it ({err.strerror or err}); "
+                                f"choose another --out") from None
+    return out_dir
+
+
 def open_tree(store: str | os.PathLike) -> xr.DataTree:
     """Open any gradflow store lazily as a DataTree (sweep: variants as children; single run: root),
     every group from one commit (:func:`gradflow.open_tree`). A run group's folder inside a sweep
@@ -161,7 +193,7 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     ``html`` also ``out_dir/report.html`` (:func:`gradflow.analyses.html.write_html`); returns the paths written
     (report.md first). A sweep store gets the paper's sections, any other store the generic ones."""
     tree, name = open_tree(store), store_name(store)
-    out_dir = Path(out_dir) if out_dir is not None else Path("reports") / name
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(store)
     formats = formats or ["png"]
     make_out_dir(out_dir)
     write = _sweep_report if is_sweep(tree) else _run_report

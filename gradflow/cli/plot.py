@@ -26,7 +26,7 @@ def plot_command(
 ) -> None:
     """Draw the heatmaps (one panel per run, shared colour scale) and the loss curves; print the paths."""
     from gradflow.analyses.heatmaps import PER
-    from gradflow.analyses.report import figures, open_tree, parse_formats, save, store_name
+    from gradflow.analyses.report import default_out_dir, figures, open_tree, parse_formats, save
     from gradflow.errors import GradflowError
 
     from gradflow.paths import refuse_inside_store
@@ -36,7 +36,8 @@ def plot_command(
     formats = parse_formats(format)
     if per not in PER:
         raise GradflowError(f"--per must be one of {', '.join(PER)}, got {per!r}")
-    out_dir = Path(out) if out else Path("reports") / store_name(store)
-    for stem, fig in figures(open_tree(store), stat=stat, per=per, layers=layers, module_type=module_type).items():
+    tree = open_tree(store)
+    out_dir = Path(out) if out else default_out_dir(store)
+    for stem, fig in figures(tree, stat=stat, per=per, layers=layers, module_type=module_type).items():
         for path in save(fig, out_dir, stem, formats):
             typer.echo(str(path))

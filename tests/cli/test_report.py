@@ -223,3 +223,23 @@ def test_a_snapshot_false_run_with_a_guarded_nan_step_reads_as_no_data_not_red(t
     assert "by the optimizer" not in text
     assert "1 (step, layer) cell(s) had NaN/Inf gradient values" in text
     assert text.count("No finite, non-zero ‖ΔW‖") == 2  # the shares and the ratio extremes: no data, said so
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_two_stores_of_one_name_never_draw_into_one_default_folder(tmp_path, run_main, monkeypatch,
+                                                                  command):
+    """``a/run.zarr`` and ``b/run.zarr`` both default to ``reports/run/``: the second is refused in
+    one line naming the first and ``--out`` (its figures would replace the first's), the first's
+    files are kept, and drawing the first again, or the second with --out, works."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _recorder_store(tmp_path / folder / "run.zarr")
+    assert run_main(command, "a/run.zarr")[0] == 0
+    drawn = {p: p.read_bytes() for p in (tmp_path / "reports" / "run").iterdir()}
+    code, out, err = run_main(command, "b/run.zarr")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"holds the report of {tmp_path / 'a' / 'run.zarr'}" in err and "--out" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "reports" / "run").iterdir()} == drawn
+    assert run_main(command, str(tmp_path / "a" / "run.zarr"))[0] == 0  # the same store, absolute
+    assert run_main(command, "b/run.zarr", "--out", "reports/run-b")[0] == 0
