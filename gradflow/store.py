@@ -68,8 +68,8 @@ from gradflow.check import _quiet_zarr, damaged_root, every_chunk_stored, refuse
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, refuse_inside_store, store_kind, store_url
 from gradflow.summary import STATS, SummaryWriter
-from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, node_path,
-                           store_lock)
+from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, lock_root,
+                           node_path, store_lock)
 
 SCHEMA = schema.VERSION
 CHUNK_STEPS = 1024  # rows per chunk of the step coordinates; the Recorder flushes this many rows
@@ -261,7 +261,8 @@ class RunStore:
         self.where = url if not group else f"{url} (group {group!r})"
         self.fs, self.path = filesystem(url)
         refuse_inside_store(url, _record_instead, writing=True)  # before the lock files are made
-        self._refuse_no_store()  # nor beside a file or folder that is not a store
+        if not self.fs.exists(lock_root(self.path)):  # no gradflow writer is creating it now:
+            self._refuse_no_store()  # no lock files beside a file or folder that is not a store
         if group and store_kind(url) == "foreign":
             raise GradflowError(f"{url} is not a gradflow store (another tool's Zarr store); record "
                                 f"group {group!r} into another store")
