@@ -123,9 +123,11 @@ def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
     --repair`` (nothing lost), unless a metadata file of its runs is damaged too: its committed
     copy was in the root, and publishing the runs without it would hide that run's arrays. A run's
     own root held the run's settings and its last commit, which no repair rebuilds. None when the
-    root is intact or the folder holds nothing of gradflow's."""
+    root is intact or the folder holds nothing of gradflow's, or holds runs that are stores of
+    their own (:func:`gradflow.paths.folder_kind` ``"runs"``: a folder of runs, never a sweep,
+    which nothing may turn into one)."""
     from gradflow.lock import filesystem
-    from gradflow.paths import _metadata, gradflow_kind
+    from gradflow.paths import folder_kind
 
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -136,7 +138,8 @@ def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
         problem = "missing"
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
         problem = f"damaged ({type(err).__name__})"
-    if any(gradflow_kind(_metadata(fs, p)) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
+    kind = folder_kind(url)
+    if kind == "sweep":
         unreadable = unreadable_metadata(fs, path)
         if not unreadable:
             return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
@@ -146,7 +149,7 @@ def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
                          f"committed copy was in that file, so no repair rebuilds it: move "
                          f"{key.split('/')[0]}/ out of the store, then `gradflow check {url} "
                          f"--repair` rewrites the root for the other runs", list(unreadable))
-    if gradflow_kind(_metadata(fs, f"{path}/epochs/zarr.json")) == "epochs":
+    if kind == "run":
         return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
                          "settings and its last commit, which no repair rebuilds: restore it from a "
                          "backup, or read the arrays one by one with zarr.open_array", ["zarr.json"])

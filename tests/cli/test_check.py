@@ -404,3 +404,17 @@ def test_a_sweeps_run_group_is_drawn_as_one_run(tmp_path, command, run_main):
     from gradflow.analyses.report import store_name
 
     assert store_name(sweep / "v1") == "sweep/v1"  # default folder reports/sweep/v1: no clash
+
+
+def test_a_folder_of_separate_runs_is_refused_not_repaired_into_a_sweep(tmp_path, run_main):
+    """`gradflow check myruns --repair` turned a plain folder of runs into a sweep store, after which
+    `gradflow check myruns/a.zarr` said "a path inside the gradflow store myruns"."""
+    folder = tmp_path / "myruns"
+    record(folder / "a.zarr")
+    record(folder / "b.zarr")
+    error = (f"error: no gradflow store at {folder} (a folder of 2 separate run store(s), not a "
+             f"sweep); check each run: gradflow check {folder}/a.zarr\n")
+    assert run_main("check", folder) == (2, "", error)
+    assert run_main("check", folder, "--repair") == (2, "", error)
+    assert not (folder / "zarr.json").exists()
+    assert run_main("check", folder / "a.zarr") == (0, "(run): ok, 3 steps, 1 epochs\n", "")
