@@ -807,6 +807,12 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     group=...)`` call), an unknown URL protocol, damaged metadata, and a damaged run (unequal array
     lengths, steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` repairs: :mod:`gradflow.repair`).
+
+    It lists chunks but does not decode them (so it costs the same at any length): a chunk file that
+    exists but is truncated, garbage or changed on disk (its CRC-32C no longer matches) passes, and
+    reading its values later (``.values``) raises zarr's ``ValueError``.
+    ``gradflow check STORE`` decodes every chunk and names such a chunk; the CLI's readers say it
+    in one line (:func:`gradflow.check.reading`).
     """
     return _retrying(store, lambda: _open(store, group, tree=False))
 
