@@ -20,6 +20,7 @@ import numpy as np
 from gradflow.analyses.html import CONFIG, figures, figures_json, page
 from gradflow.analyses.report import open_tree
 from gradflow.analyses.runs import runs
+from gradflow.check import decode_error
 
 
 class LiveView:
@@ -33,26 +34,32 @@ class LiveView:
         self._figures = "{}"
         self._status: dict = {"steps": 0, "last_step": None, "epochs": 0, "age_s": None, "error": None}
 
+    def update(self) -> None:
+        """Re-read the store: its status, and the figures when it grew (decoding what they show).
+        Raises what reading raised (:meth:`snapshot` keeps the last good view instead)."""
+        tree = self._opened if self._opened is not None else open_tree(self.store)
+        self._opened = None
+        step_runs, epoch_runs = runs(tree, "step"), runs(tree, "epoch")
+        signature = (tuple((n, ds.sizes["step"]) for n, ds in step_runs.items()),
+                     tuple((n, ds.sizes["epoch"]) for n, ds in epoch_runs.items()))
+        if signature != self._signature:
+            self._figures = figures_json(figures(tree, bins=self.bins))
+            self._signature = signature
+        last = [int(ds["step"].values[-1]) for ds in step_runs.values() if ds.sizes["step"]]
+        walls = [float(ds["wall_time"].values[-1]) for ds in step_runs.values()
+                 if ds.sizes["step"] and "wall_time" in ds.coords]
+        self._status = {"steps": int(sum(ds.sizes["step"] for ds in step_runs.values())),
+                        "last_step": max(last) if last else None,
+                        "epochs": int(sum(ds.sizes["epoch"] for ds in epoch_runs.values())),
+                        "age_s": round(time.time() - max(walls), 1) if walls else None, "error": None}
+
     def snapshot(self) -> str:
         """The current view as JSON text (figures rebuilt only when the store changed)."""
         with self._lock:
             try:
-                tree = self._opened if self._opened is not None else open_tree(self.store)
-                self._opened = None
-                step_runs, epoch_runs = runs(tree, "step"), runs(tree, "epoch")
-                signature = (tuple((n, ds.sizes["step"]) for n, ds in step_runs.items()),
-                             tuple((n, ds.sizes["epoch"]) for n, ds in epoch_runs.items()))
-                if signature != self._signature:
-                    self._figures = figures_json(figures(tree, bins=self.bins))
-                    self._signature = signature
-                last = [int(ds["step"].values[-1]) for ds in step_runs.values() if ds.sizes["step"]]
-                walls = [float(ds["wall_time"].values[-1]) for ds in step_runs.values()
-                         if ds.sizes["step"] and "wall_time" in ds.coords]
-                self._status = {"steps": int(sum(ds.sizes["step"] for ds in step_runs.values())),
-                                "last_step": max(last) if last else None,
-                                "epochs": int(sum(ds.sizes["epoch"] for ds in epoch_runs.values())),
-                                "age_s": round(time.time() - max(walls), 1) if walls else None, "error": None}
+                self.update()
             except Exception as err:  # noqa: BLE001 - the view must survive whatever the writer does
+                err = decode_error(err, self.store) or err  # a chunk gone bad: what check says
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 self._status = {**self._status, "error": message}
             status = {**self._status, "store": self.store, "time": time.time()}

@@ -123,9 +123,11 @@ def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
     --repair`` (nothing lost), unless a metadata file of its runs is damaged too: its committed
     copy was in the root, and publishing the runs without it would hide that run's arrays. A run's
     own root held the run's settings and its last commit, which no repair rebuilds. None when the
-    root is intact or the folder holds nothing of gradflow's."""
+    root is intact or the folder holds nothing of gradflow's, or holds runs that are stores of
+    their own (:func:`gradflow.paths.folder_kind` ``"runs"``: a folder of runs, never a sweep,
+    which nothing may turn into one)."""
     from gradflow.lock import filesystem
-    from gradflow.paths import _metadata, gradflow_kind
+    from gradflow.paths import folder_kind
 
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -136,7 +138,8 @@ def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
         problem = "missing"
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
         problem = f"damaged ({type(err).__name__})"
-    if any(gradflow_kind(_metadata(fs, p)) == "run" for p in fs.glob(f"{path}/*/zarr.json")):
+    kind = folder_kind(url)
+    if kind == "sweep":
         unreadable = unreadable_metadata(fs, path)
         if not unreadable:
             return (problem, f"the folder holds a sweep's runs: `gradflow check {url} --repair` "
@@ -146,7 +149,7 @@ def damaged_root(url: str) -> tuple[str, str, list[str]] | None:
                          f"committed copy was in that file, so no repair rebuilds it: move "
                          f"{key.split('/')[0]}/ out of the store, then `gradflow check {url} "
                          f"--repair` rewrites the root for the other runs", list(unreadable))
-    if gradflow_kind(_metadata(fs, f"{path}/epochs/zarr.json")) == "epochs":
+    if kind == "run":
         return (problem, "the folder holds a gradflow run's arrays, but that file held the run's "
                          "settings and its last commit, which no repair rebuilds: restore it from a "
                          "backup, or read the arrays one by one with zarr.open_array", ["zarr.json"])
@@ -268,6 +271,60 @@ def checksum_failed(err: BaseException) -> bool:
     return False
 
 
+def undecodable_chunk(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a Zarr codec decoding a chunk's bytes (a truncated, empty,
+    garbage or changed chunk file: ``gradflow.open`` lists chunks but does not decode them)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith(("numcodecs.", "zarr.codecs.")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def decode_error(err: BaseException, url: str | None = None) -> GradflowError | None:
+    """The one-line error for a chunk of the store at ``url`` that exists but does not decode
+    (:func:`undecodable_chunk`), met while reading it: damage, said as a missing chunk is
+    (:func:`refuse_damaged`), naming the array where zarr's frames show it and ``gradflow check``,
+    which names the chunk; None for any other ``err``."""
+    if not undecodable_chunk(err):
+        return None
+    from gradflow.paths import sweep_member
+
+    array, tb = None, err.__traceback__
+    while tb is not None and array is None:  # zarr's selection frames hold the array's StorePath
+        array = getattr(tb.tb_frame.f_locals.get("store_path"), "path", None)
+        tb = tb.tb_next
+    what = ("does not match its CRC-32C checksum (changed on disk)" if checksum_failed(err) else
+            f"does not decode ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
+    where = f"{_label_of(array)}: a chunk" if isinstance(array, str) and array else "a chunk"
+    if url is None:
+        return GradflowError(f"the store is damaged: {where} {what}; `gradflow check STORE` names "
+                             f"it and `gradflow check STORE --repair` repairs it")
+    url = (sweep_member(url) or (url,))[0]  # a sweep's group is checked through its sweep
+    return GradflowError(f"{url} is damaged: {where} {what}; `gradflow check {url}` names it and "
+                         f"`gradflow check {url} --repair` repairs it")
+
+
+@contextlib.contextmanager
+def reading(url: str):
+    """Turn a chunk of the store at ``url`` that does not decode, met by the reads in the block,
+    into :func:`decode_error`'s one-line GradflowError; any other error passes as it is."""
+    try:
+        yield
+    except Exception as err:
+        error = decode_error(err, url)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _label_of(path: str) -> str:
+    """:func:`_label` of the array at ``path`` in its store (``./grad_norm``, ``v1/grad_norm``)."""
+    parent, _, name = path.rpartition("/")
+    return f"{parent or '.'}/{name}"
+
+
 GROWING = ("step", "epoch", "block")
 """The dimensions a run's arrays grow along (``block``: the summary's); an array whose first
 dimension is another one (``layer``, ``param_group``, ``stat``) is written once, at creation."""
@@ -283,8 +340,7 @@ def _stored(length: int, holes: list[Hole]) -> np.ndarray:
 
 def _label(array) -> str:
     """How a report names an array: its path in the store, ``./name`` at the root."""
-    parent, _, name = array.path.rpartition("/")
-    return f"{parent or '.'}/{name}"
+    return _label_of(array.path)
 
 
 def _fixed_copies(node) -> dict[tuple[str, int], list]:

@@ -44,6 +44,53 @@ def gradflow_kind(meta: dict | None) -> str | None:
     return attributes.get("gradflow_kind") if isinstance(attributes, dict) else None
 
 
+def own_store(fs, folder: str, name: str, meta: dict | None) -> bool:
+    """Whether the gradflow run in the folder ``folder/name`` (its ``zarr.json`` parsed: ``meta``)
+    is a store of its own, not a group of a sweep in ``folder``: its ``zarr.json`` holds
+    consolidated metadata (gradflow publishes a commit only at a store's root; a sweep's groups
+    never hold one, :func:`gradflow.store.consolidate`), or its writer's lock folder
+    ``.<name>.gradflow`` lies in ``folder`` (a sweep's lie beside the sweep, not in it)."""
+    return gradflow_kind(meta) == "run" and (isinstance(meta.get("consolidated_metadata"), dict)
+                                             or fs.exists(f"{folder}/.{name}.gradflow"))
+
+
+def folder_runs(url: str) -> dict[str, bool]:
+    """The folders in ``url`` that hold a gradflow run (``<name>/zarr.json``), each with whether it
+    is a store of its own (:func:`own_store`) rather than a sweep's group."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    runs = {file.rsplit("/", 2)[-2]: _metadata(fs, file) for file in fs.glob(f"{path}/*/zarr.json")}
+    return {name: own_store(fs, path, name, meta) for name, meta in sorted(runs.items())
+            if gradflow_kind(meta) == "run"}
+
+
+def folder_kind(url: str) -> str | None:
+    """What a folder holds when its own ``zarr.json`` is missing or does not parse: ``"sweep"`` (a
+    sweep's run groups: its root file was lost), ``"run"`` (a run's arrays, ``epochs/``),
+    ``"runs"`` (runs that are stores of their own, :func:`own_store`: a plain folder of runs, never
+    a sweep, whatever else it holds), None (nothing of gradflow's)."""
+    runs = folder_runs(url)
+    if any(runs.values()):
+        return "runs"
+    if runs:
+        return "sweep"
+    fs, path = filesystem(url)
+    return "run" if gradflow_kind(_metadata(fs, f"{path.rstrip('/')}/epochs/zarr.json")) == "epochs" \
+        else None
+
+
+def no_store_error(url: str, each: str = "") -> GradflowError:
+    """``no gradflow store at URL``; for a folder of runs that are stores of their own, which run
+    to name instead (``each``: what to do with it, ``"check each run: gradflow check"``)."""
+    own = [name for name, alone in folder_runs(url).items() if alone]
+    if own:
+        run = f"{url.rstrip('/')}/{own[0]}"
+        return GradflowError(f"no gradflow store at {url} (a folder of {len(own)} separate run "
+                             f"store(s), not a sweep); " + (f"{each} {run}" if each else
+                                                           f"name one run, e.g. {run}"))
+    return GradflowError(f"no gradflow store at {url}")
+
+
 def store_kind(url: str) -> str | None:
     """What the Zarr store at ``url`` is to gradflow, from its metadata files:
 
@@ -96,20 +143,33 @@ def _groups(url: str) -> list[str]:
 
 def enclosing_store(url: str) -> tuple[str, str, str] | None:
     """``(store, inner, kind)`` when ``url`` lies inside the folder of a Zarr store (an ancestor
-    folder holds a ``zarr.json``), else None: the outermost such store as the user wrote it
-    (``"sweep.zarr/v1/epochs"`` → ``"sweep.zarr"``), the path of ``url`` inside it (``"v1/epochs"``)
-    and its :func:`store_kind`. Writing or reading there bypasses the store's root metadata (its
-    commit point), which never lists what is written there."""
+    folder holds a ``zarr.json``, or is a sweep that lost it: :func:`folder_kind`), else None: the
+    outermost such store as the user wrote it (``"sweep.zarr/v1/epochs"`` → ``"sweep.zarr"``), the
+    path of ``url`` inside it (``"v1/epochs"``) and its :func:`store_kind` (a damaged root: its
+    :func:`folder_kind`). Writing or reading there bypasses the store's root metadata (its commit
+    point), which never lists what is written there. A run that is a store of its own
+    (:func:`own_store`) is never inside another: a folder of such runs is no store."""
     fs, path = filesystem(url)
     parts = path.rstrip("/").split("/")
+    rooted = [bool(folder) and fs.exists(f"{folder}/zarr.json")
+              for folder in ("/".join(parts[:k]) for k in range(len(parts) + 1))]
     for k in range(1, len(parts)):
         ancestor = "/".join(parts[:k])
-        if not ancestor or not fs.exists(f"{ancestor}/zarr.json"):
+        if not ancestor or not (rooted[k] or rooted[k + 1]):
+            continue
+        child = _metadata(fs, f"{ancestor}/{parts[k]}/zarr.json") if rooted[k + 1] else None
+        if own_store(fs, ancestor, parts[k], child):
             continue
         inner = "/".join(parts[k:])
         text = url.rstrip("/")
         store = text[:-len(inner) - 1] if text.endswith(f"/{inner}") else fs.unstrip_protocol(ancestor)
-        return store, inner, store_kind(store) or "foreign"
+        if rooted[k]:
+            kind = store_kind(store) or folder_kind(store)
+            if kind == "runs":
+                continue
+            return store, inner, kind or "foreign"
+        if gradflow_kind(child) == "run" and folder_kind(store) == "sweep":  # a sweep's lost root
+            return store, inner, "sweep"
     return None
 
 

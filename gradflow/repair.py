@@ -169,7 +169,7 @@ def check_report(url: str, repair: bool = False) -> Report:
     sweep's when a metadata file of its runs is damaged too (:func:`gradflow.check.damaged_root`).
     """
     from gradflow.lock import filesystem, group_is_locked
-    from gradflow.paths import refuse_inside_store
+    from gradflow.paths import folder_runs, no_store_error, refuse_inside_store
     from gradflow.store import consolidate, store_url
 
     url = store_url(url)
@@ -198,7 +198,7 @@ def check_report(url: str, repair: bool = False) -> Report:
     try:
         root = zarr.open_group(url, mode="r")
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        raise GradflowError(f"no gradflow store at {url}") from None
+        raise no_store_error(url, "check each run: gradflow check") from None
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise GradflowError(f"{url}: its zarr.json is damaged ({type(err).__name__}) and it "
                             f"holds no gradflow run or sweep groups; it cannot be repaired") from None
@@ -212,6 +212,11 @@ def check_report(url: str, repair: bool = False) -> Report:
     runs = runs_of(root)
     if not runs:
         raise GradflowError(f"{url} is not a gradflow store")
+    if own := [group for group, alone in folder_runs(url).items() if alone and group in runs]:
+        raise GradflowError(f"{url} is not a gradflow store but a folder of separate run stores "
+                            f"({own[0]} has its own commit), and its zarr.json (written by an "
+                            f"older `gradflow check --repair`) makes it look like a sweep: delete "
+                            f"that file; check each run: gradflow check {url.rstrip('/')}/{own[0]}")
     for group in runs:
         name = group or "(run)"
         where = url if not group else f"{url} (group {group!r})"

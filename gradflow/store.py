@@ -66,7 +66,7 @@ from zarr.core.sync import sync
 from gradflow import schema
 from gradflow.check import _quiet_zarr, damaged_root, every_chunk_stored, refuse_damaged, root_error
 from gradflow.errors import GradflowError
-from gradflow.paths import path_exists, refuse_inside_store, store_kind, store_url
+from gradflow.paths import no_store_error, path_exists, refuse_inside_store, store_kind, store_url
 from gradflow.summary import STATS, SummaryWriter
 from gradflow.lock import (WriterLock, creating_marker, filesystem, group_is_locked, lock_root,
                            node_path, store_lock)
@@ -808,6 +808,12 @@ def open(store: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.
     group=...)`` call), an unknown URL protocol, damaged metadata, and a damaged run (unequal array
     lengths, steps not strictly increasing, a chunk missing below the committed length; ``gradflow check
     STORE`` reports and ``--repair`` repairs: :mod:`gradflow.repair`).
+
+    It lists chunks but does not decode them (so it costs the same at any length): a chunk file that
+    exists but is truncated, garbage or changed on disk (its CRC-32C no longer matches) passes, and
+    reading its values later (``.values``) raises zarr's ``ValueError``.
+    ``gradflow check STORE`` decodes every chunk and names such a chunk; the CLI's readers say it
+    in one line (:func:`gradflow.check.reading`).
     """
     return _retrying(store, lambda: _open(store, group, tree=False))
 
@@ -855,7 +861,7 @@ def _open(store: str | os.PathLike, group: str | None, tree: bool) -> xr.Dataset
             raise _NotReady(f"{url} is being created (or its creation was interrupted)") from None
         if damage := damaged_root(url):
             raise root_error(url, damage) from None
-        raise GradflowError(f"no gradflow store at {url}") from None
+        raise no_store_error(url) from None
     node = root.get(group) if group else root
     if node is None:
         raise GradflowError(f"{url} has no group {group!r}")

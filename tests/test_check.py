@@ -517,3 +517,95 @@ def test_checking_a_run_lists_its_files_once(tmp_path, monkeypatch):
     resume(sweep, "v2").close()
     assert check_store(str(sweep)) == (["v1: ok, 5 steps, 3 epochs", "v2: ok, 5 steps, 3 epochs"], False)
     assert [prefix for _, prefix in listed] == ["v1/", "v2/", "v1/", "v2/"]
+
+
+def _files(folder) -> dict[str, bytes]:
+    """Every file below ``folder`` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["recorded", "copied"])
+def test_a_folder_of_separate_runs_is_no_store_and_never_written(tmp_path, how):
+    """A plain folder holding runs that are stores of their own (recorded there, or copied there
+    without their lock folders) was called a sweep that lost its root zarr.json, and --repair wrote
+    one: each run was then "a path inside the gradflow store" and could no longer be opened, checked
+    or resumed at its own path. Such a run's zarr.json holds its own commit (consolidated metadata),
+    which a sweep's groups never do."""
+    folder = tmp_path / "myruns"
+    folder.mkdir()
+    for name, steps in (("a.zarr", 5), ("b.zarr", 7)):
+        make_store(folder / name if how == "recorded" else tmp_path / name, steps=steps)
+        if how == "copied":
+            shutil.copytree(tmp_path / name, folder / name)
+    assert (folder / ".a.zarr.gradflow").exists() == (how == "recorded")
+    before = _files(folder)
+    message = (f"no gradflow store at {folder} (a folder of 2 separate run store(s), not a sweep); "
+               f"check each run: gradflow check {folder}/a.zarr")
+    for repair in (False, True):
+        with pytest.raises(GradflowError) as err:
+            check_store(str(folder), repair=repair)
+        assert str(err.value) == message
+    for opener in (gradflow.open, gradflow.open_tree):
+        with pytest.raises(GradflowError, match=f"no gradflow store at {folder} .*e.g. {folder}/a.zarr"):
+            opener(folder)
+    with pytest.raises(GradflowError, match="exists and is not a Zarr store"):
+        RunStore(str(folder), "c", LAYERS, {"every": 1, "per_parameter": False}, 1, False)
+    assert _files(folder) == before  # nothing written into the folder, nor into its runs
+    assert check_store(str(folder / "a.zarr")) == (["(run): ok, 5 steps, 3 epochs"], False)
+    assert gradflow.open(folder / "b.zarr").sizes["step"] == 7
+    writer = RunStore(str(folder / "a.zarr"), None, LAYERS, {"every": 1, "per_parameter": False}, 1,
+                      False, mode="a")
+    writer.write(rows(5, 2))
+    writer.close()
+    np.testing.assert_array_equal(gradflow.open(folder / "a.zarr")["step"], np.arange(7))
+
+
+def test_a_root_written_over_a_folder_of_runs_is_named_and_the_runs_stay_usable(tmp_path):
+    """A folder of separate runs that an older `gradflow check --repair` gave a root zarr.json
+    (as a sweep's): check says so instead of checking (and repairing) the runs as its groups, and
+    each run is used at its own path again."""
+    from gradflow.store import consolidate
+
+    folder = tmp_path / "myruns"
+    for name in ("a.zarr", "b.zarr"):
+        make_store(tmp_path / name, steps=5)
+        shutil.copytree(tmp_path / name, folder / name)
+    (folder / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    consolidate(str(folder))  # what that repair did
+    before = _files(folder)
+    for repair in (False, True):
+        with pytest.raises(GradflowError, match=f"{folder} is not a gradflow store but a folder of "
+                           f"separate run stores .*delete that file; check each run: gradflow "
+                           f"check {folder}/a.zarr"):
+            check_store(str(folder), repair=repair)
+    assert _files(folder) == before
+    assert check_store(str(folder / "a.zarr")) == (["(run): ok, 5 steps, 3 epochs"], False)
+    assert gradflow.open(folder / "a.zarr").sizes["step"] == 5
+    RunStore(str(folder / "b.zarr"), None, LAYERS, {"every": 1, "per_parameter": False}, 1,
+             False, mode="a").close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "garbage"])
+def test_a_group_of_a_sweep_that_lost_its_root_is_not_a_store_of_its_own(tmp_path, how):
+    """With the sweep's root zarr.json missing (or unparseable), its group was checked as a store
+    of its own, which --repair would have made one (its own root metadata); it is refused like any
+    path inside the sweep, which --repair rebuilds as a whole."""
+    sweep = tmp_path / "sweep.zarr"
+    make_store(sweep, steps=5, group="v1")
+    make_store(sweep, steps=7, group="v2")
+    if how == "deleted":
+        (sweep / "zarr.json").unlink()
+    else:
+        (sweep / "zarr.json").write_text("{not json")
+    before = _files(sweep / "v1")
+    for repair in (False, True):
+        with pytest.raises(GradflowError, match=f"{sweep}/v1 is a path inside the gradflow store "
+                           f"{sweep} .*check the store: gradflow check {sweep}$"):
+            check_store(str(sweep / "v1"), repair=repair)
+    with pytest.raises(GradflowError, match="path inside the gradflow store"):
+        gradflow.open(sweep / "v1")
+    with pytest.raises(GradflowError, match="path inside the gradflow store"):
+        RunStore(str(sweep / "v1"), None, LAYERS, {"every": 1, "per_parameter": False}, 1, False)
+    assert _files(sweep / "v1") == before
+    assert check_store(str(sweep), repair=True)[1] is False
+    assert gradflow.open(sweep, group="v1").sizes["step"] == 5

@@ -47,19 +47,7 @@ def _register() -> None:
 INTERRUPTED = 130  # the shell's exit code for Ctrl-C
 
 
-DAMAGED = 1  # the exit code of `gradflow check` for a damaged store (not a user mistake)
-
-
-def _undecodable_chunk(err: BaseException) -> bool:
-    """Whether ``err`` was raised by a Zarr codec decoding a chunk's bytes (a truncated, empty or
-    garbage chunk file: ``gradflow.open`` lists chunks but does not decode them)."""
-    tb = err.__traceback__
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        if module.startswith(("numcodecs.", "zarr.codecs.")):
-            return True
-        tb = tb.tb_next
-    return False
+DAMAGED = 2  # the exit code of a command that meets a damaged store (as `gradflow.open` refuses it)
 
 
 def main() -> None:
@@ -94,16 +82,13 @@ def main() -> None:
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         code = INTERRUPTED
-    except Exception as err:
-        if not _undecodable_chunk(err):
-            raise
-        from gradflow.check import checksum_failed
+    except Exception as err:  # a chunk that does not decode, met outside a command's `reading`
+        from gradflow.check import decode_error
 
-        what = ("does not match its CRC-32C checksum (changed on disk)" if checksum_failed(err)
-                else f"does not decode ({type(err).__name__}: {err})")
-        typer.echo(f"error: a chunk of the store {what}: the store is damaged; `gradflow check "
-                   f"STORE` names the chunk and `gradflow check STORE --repair` repairs what it "
-                   f"can", err=True)
+        error = decode_error(err)
+        if error is None:
+            raise
+        typer.echo(f"error: {error}", err=True)
         sys.exit(DAMAGED)
     if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")

@@ -27,8 +27,8 @@ def plot_command(
     """Draw the heatmaps (one panel per run, shared colour scale) and the loss curves; print the paths."""
     from gradflow.analyses.heatmaps import PER
     from gradflow.analyses.report import default_out_dir, figures, open_tree, parse_formats, save
+    from gradflow.check import reading
     from gradflow.errors import GradflowError
-
     from gradflow.paths import refuse_inside_store
 
     refuse_inside_store(store, lambda root, inner, kind: f"give the store: gradflow plot {root} (it "
@@ -36,8 +36,9 @@ def plot_command(
     formats = parse_formats(format)
     if per not in PER:
         raise GradflowError(f"--per must be one of {', '.join(PER)}, got {per!r}")
-    tree = open_tree(store)
+    with reading(store):  # a chunk that does not decode: damage, one line, as a missing one
+        drawn = figures(open_tree(store), stat=stat, per=per, layers=layers, module_type=module_type)
     out_dir = Path(out) if out else default_out_dir(store)
-    for stem, fig in figures(tree, stat=stat, per=per, layers=layers, module_type=module_type).items():
+    for stem, fig in drawn.items():
         for path in save(fig, out_dir, stem, formats):
             typer.echo(str(path))

@@ -21,10 +21,12 @@ def report_command(
 ) -> None:
     """Write OUT/report.md and its figures (and OUT/report.html with --html); print the paths."""
     from gradflow.analyses.report import parse_formats, write_report
+    from gradflow.check import reading
     from gradflow.paths import refuse_inside_store
 
     refuse_inside_store(store, lambda root, inner, kind: f"give the store: gradflow report {root}",
                         writing=False, members=True)
-
-    for path in write_report(store, out, parse_formats(format), html=html):
-        typer.echo(str(path))
+    formats = parse_formats(format)
+    with reading(store):  # a chunk that does not decode: damage, one line, as a missing one
+        for path in write_report(store, out, formats, html=html):
+            typer.echo(str(path))

@@ -46,12 +46,18 @@ def refuse_unwatchable(store: str):
 def make_server(store: str, port: int = 8765, refresh: float = 3.0) -> ThreadingHTTPServer:
     """An HTTP server on 127.0.0.1:``port`` (0: any free port; the bound one is ``server.server_port``)
     serving ``/`` (the live page) and ``/data`` (:meth:`analyses.live.LiveView.snapshot`).
-    GradflowError (one line) for a store that cannot be watched (:func:`refuse_unwatchable`), before
-    anything listens."""
+    GradflowError (one line) for a store that cannot be watched (:func:`refuse_unwatchable`; a
+    chunk of what the page shows that does not decode, :func:`gradflow.check.reading`), before
+    anything listens. A chunk that goes bad later is said on the page (``status["error"]``)."""
     from gradflow.analyses.live import LiveView, live_page
+    from gradflow.check import reading
     from gradflow.errors import GradflowError
 
-    view = LiveView(store, opened=refuse_unwatchable(store))
+    opened = refuse_unwatchable(store)
+    view = LiveView(store, opened=opened)
+    if opened is not None:  # what the page shows is read (decoded) once before serving it
+        with reading(store):
+            view.update()
     html = live_page(store, refresh).encode()
 
     class Handler(BaseHTTPRequestHandler):

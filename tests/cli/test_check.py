@@ -404,3 +404,49 @@ def test_a_sweeps_run_group_is_drawn_as_one_run(tmp_path, command, run_main):
     from gradflow.analyses.report import store_name
 
     assert store_name(sweep / "v1") == "sweep/v1"  # default folder reports/sweep/v1: no clash
+
+
+def test_a_folder_of_separate_runs_is_refused_not_repaired_into_a_sweep(tmp_path, run_main):
+    """`gradflow check myruns --repair` turned a plain folder of runs into a sweep store, after which
+    `gradflow check myruns/a.zarr` said "a path inside the gradflow store myruns"."""
+    folder = tmp_path / "myruns"
+    record(folder / "a.zarr")
+    record(folder / "b.zarr")
+    error = (f"error: no gradflow store at {folder} (a folder of 2 separate run store(s), not a "
+             f"sweep); check each run: gradflow check {folder}/a.zarr\n")
+    assert run_main("check", folder) == (2, "", error)
+    assert run_main("check", folder, "--repair") == (2, "", error)
+    assert not (folder / "zarr.json").exists()
+    assert run_main("check", folder / "a.zarr") == (0, "(run): ok, 3 steps, 1 epochs\n", "")
+
+
+@pytest.mark.parametrize("command", [["plot", "--stat", "grad_norm", "--per", "step"], ["report"],
+                                     ["watch", "--port", "0"]])
+def test_a_chunk_missing_or_not_decoding_is_the_same_damage_in_every_reader(tmp_path, command,
+                                                                           run_main, monkeypatch):
+    """A missing chunk was refused at open (exit 2) but one that exists and does not decode
+    (truncated, garbage, changed on disk) failed later with exit 1 and no store named, and `watch`
+    served it (its /data then held the codec's error). Both are damage: one line naming the
+    store and the array, exit 2, nothing served."""
+    import gradflow.cli.watch
+
+    def never_served(*args, **kwargs):
+        raise AssertionError("watch started a server")
+
+    monkeypatch.setattr(gradflow.cli.watch, "_Server", never_served)
+    for how in ("missing", "truncated", "garbage"):
+        store = tmp_path / f"{how}.zarr"
+        record(store)
+        chunk = store / "grad_norm/c/0/0"
+        if how == "missing":
+            chunk.unlink()
+        else:
+            chunk.write_bytes(chunk.read_bytes()[:10] if how == "truncated" else b"\x00garbage")
+        out = [] if command[0] == "watch" else ["--out", tmp_path / "out"]
+        code, _, err = run_main(command[0], store, *command[1:], *out)
+        says = ("chunk of rows 0-2 is missing (its figures are lost: NaN)" if how == "missing" else
+                "a chunk does not match its CRC-32C checksum (changed on disk)")
+        assert code == 2 and err.startswith(f"error: {store} is damaged: ./grad_norm: {says}; ") \
+            and err.endswith(f"`gradflow check {store} --repair` repairs it"
+                             + (" (see `gradflow check --help`)\n" if how == "missing" else "\n")) \
+            and len(err.splitlines()) == 1, err

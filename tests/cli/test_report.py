@@ -153,9 +153,10 @@ def test_generic_report_of_epochs_without_steps_and_a_pipe_in_a_name(tmp_path, c
     assert [cell.strip() for cell in rows[-1]] == ["2", f"{1 / 3:.4g}", f"{2 / 4:.4g}"]
 
 
-def test_a_chunk_that_does_not_decode_is_one_line_exit_1(tmp_path, run_main):
+def test_a_chunk_that_does_not_decode_is_one_line_exit_2(tmp_path, run_main):
     """gradflow.open lists chunks without decoding them (opening costs the same at any length), so
-    a garbage chunk file is met when a figure is read: one line naming the damage and `check`."""
+    a garbage chunk file is met when a figure is read: one line naming the damage and `check`,
+    exit 2 as for a missing chunk (tests/cli/test_check.py)."""
     import gradflow
     from gradflow.repair import check_store
 
@@ -165,10 +166,10 @@ def test_a_chunk_that_does_not_decode_is_one_line_exit_1(tmp_path, run_main):
     gradflow.open(store)  # lazily opened: nothing decoded yet
     assert check_store(str(store))[1] is True  # check decodes every chunk: it finds the damage
     code, out, err = run_main("report", store, "--out", tmp_path / "rep")
-    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err == ("error: a chunk of the store does not match its CRC-32C checksum (changed on disk): "
-                   "the store is damaged; `gradflow check STORE` names the chunk and `gradflow check "
-                   "STORE --repair` repairs what it can\n")  # not the checksums as raw bytes
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err == (f"error: {store} is damaged: ./grad_norm: a chunk does not match its CRC-32C "
+                   f"checksum (changed on disk); `gradflow check {store}` names it and `gradflow "
+                   f"check {store} --repair` repairs it\n")  # not the checksums as raw bytes
 
 
 def test_a_snapshot_false_run_with_a_guarded_nan_step_reads_as_no_data_not_red(tmp_path, cli):

@@ -165,3 +165,39 @@ def test_a_store_not_made_yet_or_an_empty_group_is_watched(tmp_path):
     for store in (tmp_path / "later.zarr", tmp_path / "sweep.zarr"):
         server = make_server(str(store), port=0)
         server.server_close()
+
+
+def test_a_chunk_that_goes_bad_while_watched_is_one_message_on_the_page(tmp_path):
+    """A chunk that stopped decoding while the store was watched reached the page as zarr's raw
+    error (the two checksums as bytes); the page keeps its last good view and says what check says."""
+    import shutil
+
+    from gradflow.store import LayerTable, Rows, RunStore
+
+    names = ("grad_norm", "grad_max_abs", "update_norm", "update_mean_abs", "update_max_abs",
+             "param_norm", "update_ratio", "nonfinite")
+
+    def write(store, n: int) -> None:
+        steps = {name: np.ones((n, 2), np.float32) for name in names}
+        steps.update(step=np.arange(n), epoch=np.zeros(n, dtype=np.int64), wall_time=np.zeros(n),
+                     skipped=np.zeros(n, dtype=bool))
+        writer = RunStore(str(store), None, LayerTable(["a", "b"], ["Linear", "Linear"], [3, 5]),
+                          {"every": 1, "per_parameter": False}, 1, False)
+        writer.write(Rows(steps, {}, n))
+        writer.close()
+
+    store, grown = tmp_path / "run.zarr", tmp_path / "grown.zarr"
+    write(store, 9000)
+    write(grown, 9005)
+    view = LiveView(store, bins=20)
+    good = json.loads(view.snapshot())
+    assert good["status"]["error"] is None and good["status"]["steps"] == 9000
+    shutil.copytree(grown, store, dirs_exist_ok=True)  # the store grows: the page re-reads ...
+    first = store / "summary/256/grad_norm/c/0/0/0"  # ... what it draws grad_norm from, which
+    first.write_bytes(first.read_bytes()[:-1] + b"\x00")  # changed on disk meanwhile
+    seen = json.loads(view.snapshot())
+    assert seen["figures"] == good["figures"]
+    assert seen["status"]["error"] == (
+        f"{store} is damaged: summary/256/grad_norm: a chunk does not match its CRC-32C checksum "
+        f"(changed on disk); `gradflow check {store}` names it and `gradflow check {store} --repair` "
+        f"repairs it")
