@@ -5,10 +5,18 @@ every optimizer of ``configure_optimizers`` (and to the precision plugin's GradS
 it skips are rows with ``skipped=True``). A row is one ``optimizer.step`` of each optimizer, as
 Lightning calls it (with its closure: the recorded gradient is the one after the closure ran,
 accumulated over ``accumulate_grad_batches`` and clipped by ``gradient_clip_val``); manual
-optimization works the same. Each training epoch closes with every scalar in
-``trainer.callback_metrics`` (the logged ``train_loss``, ``val_loss``, …; a "/" in a name becomes
-"_", and two logged names that would share one stored name are a :class:`GradflowError`, see
-:func:`logged_scalars`). The Recorder closes at ``on_fit_end`` or on an exception.
+optimization works the same. Each training epoch closes with the scalars of
+``trainer.callback_metrics`` logged during that epoch (the logged ``train_loss``, ``val_loss``, …;
+a "/" in a name becomes "_", and two logged names that would share one stored name are a
+:class:`GradflowError`, see :func:`logged_scalars`). A metric that was not logged again since the
+last epoch (``val_loss`` in an epoch without validation, ``check_val_every_n_epoch=2``) is NaN
+there, not the old value Lightning keeps in ``callback_metrics``. Lightning calls callbacks'
+``on_train_epoch_end`` before the LightningModule's, so the epoch is closed at the next hook (the
+next epoch's start, or the end of training), and what the module logs in its own
+``on_train_epoch_end`` (a torchmetrics ``compute()``) belongs to that epoch. Rows are committed
+whenever Lightning saves a checkpoint (``on_save_checkpoint``), so a run resumed from that
+checkpoint after a crash continues the store from the same step. The Recorder closes at
+``on_fit_end`` or on an exception.
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ class GradflowCallback(pl.Callback):
         self.store, self.every, self.recorder_kwargs = store, every, recorder_kwargs
         self.recorder: Recorder | None = None
         self._sources: dict[str, str] = {}  # stored epoch variable → the logged metric it holds
+        self._epoch_due = False  # a training epoch ended; closed at the next hook (see module doc)
+        # callback_metrics' values when the last epoch closed: an entry that is still the same object
+        # was not logged since (Lightning keeps old values in callback_metrics)
+        self._closed_with: dict = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -78,15 +90,39 @@ class GradflowCallback(pl.Callback):
                                  scaler=scaler, **self.recorder_kwargs)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.recorder is not None:
-            self.recorder.end_epoch(**logged_scalars(trainer.callback_metrics, self._sources))
+        self._epoch_due = self.recorder is not None  # the module's own hook logs after this one
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_epoch(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_epoch(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict) -> None:
+        self._end_epoch(trainer)  # at an epoch's end (ModelCheckpoint), its row goes in too
+        if self.recorder is not None:  # the store holds every step the checkpoint holds
+            self.recorder.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_epoch(trainer)
         self._close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._close()
+        try:
+            self._end_epoch(trainer)  # an epoch that ended before the exception keeps its row
+        finally:
+            self._close()
+
+    def _end_epoch(self, trainer: pl.Trainer) -> None:
+        if not self._epoch_due or self.recorder is None:
+            return
+        self._epoch_due = False
+        metrics = dict(trainer.callback_metrics)
+        fresh = {k: v for k, v in metrics.items() if self._closed_with.get(k) is not v}
+        self._closed_with = metrics
+        self.recorder.end_epoch(**logged_scalars(fresh, self._sources))
 
     def _close(self) -> None:
         if self.recorder is not None:

@@ -7,8 +7,11 @@ with ``gradient_accumulation_steps`` the accumulated gradient, with ``max_grad_n
 one. The Trainer evaluates and logs after ``on_epoch_end``, so each epoch is closed when the next
 begins (or at ``on_train_end``) with ``train_loss`` = the mean of the losses the Trainer logged in
 that epoch (``logging_strategy="epoch"``: the epoch's mean loss) and ``val_loss`` = its last
-``eval_loss`` (NaN when not logged). The Recorder closes at ``on_train_end``; after an exception it is
-closed by the next ``on_train_begin`` or at interpreter exit.
+``eval_loss`` (NaN when not logged). Rows are committed whenever the Trainer saves a checkpoint
+(``on_save``, after that epoch's evaluation: an epoch that ended is closed first), so a run resumed
+from that checkpoint after a crash continues the store from the same step. The Recorder closes at
+``on_train_end``; after an exception it is closed by the next ``on_train_begin`` or at interpreter
+exit.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class GradflowCallback(TrainerCallback):
             self._losses.append(float(logs["loss"]))
         if isinstance(logs.get("eval_loss"), (int, float)):
             self._val_loss = float(logs["eval_loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        self._end_epoch()  # a save at an epoch's end comes after its evaluation and logs
+        if self.recorder is not None:  # the store holds every step the checkpoint holds
+            self.recorder.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
         self._end_epoch()

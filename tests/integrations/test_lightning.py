@@ -168,3 +168,46 @@ def test_two_logged_names_for_one_stored_name_stop_the_fit_in_one_line(tmp_path)
         trainer([callback]).fit(TwoLosses([]), loader(20, 1))
     assert callback.recorder is None
     assert gradflow.open(tmp_path / "run.zarr").sizes["step"] == 4  # the epoch's rows are kept
+
+
+class EpochEndLogger(Regressor):
+    """Logs in its own ``on_train_epoch_end`` (the torchmetrics ``compute()`` pattern), which Lightning
+    calls after the callbacks' hook of the same name."""
+
+    def on_train_epoch_end(self):
+        self.log("epoch_metric", 100.0 + self.current_epoch)
+
+
+class StoreOnDisk(pl.Callback):
+    """What a reader of the store sees at each epoch's start (after the previous checkpoint)."""
+
+    def __init__(self, store):
+        self.store, self.seen = store, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            tree = gradflow.open_tree(self.store)
+            self.seen.append((tree.ds.sizes["step"], tree["epochs"].ds.sizes["epoch"]))
+
+
+def test_each_epoch_holds_what_was_logged_in_it_and_a_checkpoint_commits(tmp_path):
+    """A metric logged in the module's on_train_epoch_end belongs to that epoch (it was one epoch
+    late, the last lost); val_loss of an epoch without validation (every 2nd epoch) is NaN (it was
+    the previous validation's value again); at each checkpoint the store on disk holds every step
+    and epoch so far (they waited for the 10 s flush, so a crash left a resumed run relabelled)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    records, metrics = [], EpochMetrics()
+    model, store = EpochEndLogger(records), tmp_path / "run.zarr"
+    on_disk = StoreOnDisk(store)
+    trainer([GradflowCallback(store), metrics, on_disk,
+             ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_on_train_epoch_end=True)],
+            max_epochs=4, check_val_every_n_epoch=2, enable_checkpointing=True
+            ).fit(model, loader(20, 1), loader(10, 2))
+    ep = gradflow.open(store, group="epochs")
+    assert ep.epoch_metric.values.tolist() == [100.0, 101.0, 102.0, 103.0]
+    validated = [m.get("val_loss") for m in metrics.seen]  # as Lightning holds it at each epoch's end
+    np.testing.assert_array_equal(np.isnan(ep.val_loss.values), [True, False, True, False])
+    np.testing.assert_allclose(ep.val_loss.values[[1, 3]], [validated[1], validated[3]])
+    assert on_disk.seen == [(4, 1), (8, 2), (12, 3)]  # 4 steps per epoch, committed at each save
+    check(gradflow.open(store), records, layers_of(model))

@@ -67,3 +67,28 @@ def test_accumulation_clipping_and_epoch_losses(tmp_path):
     np.testing.assert_allclose(ep.train_loss.values, [e["loss"] for e in logged if "loss" in e])
     np.testing.assert_allclose(ep.val_loss.values, [e["eval_loss"] for e in logged
                                                     if "eval_loss" in e])
+
+
+def test_each_checkpoint_commits_the_steps_it_holds(tmp_path):
+    """Saving a checkpoint (every 3 steps, and at each epoch's end with its evaluation) commits
+    the store: a reader sees every step so far at once (they waited for the 10 s flush, so a run
+    resumed from the checkpoint after a crash was relabelled from step 0)."""
+    store, seen = tmp_path / "run.zarr", []
+
+    class Reader(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # after gradflow's (it comes first)
+            tree = gradflow.open_tree(store)
+            seen.append((state.global_step, tree.ds.sizes["step"], tree["epochs"].ds.sizes["epoch"]))
+
+    model = Regressor()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=2,
+        logging_strategy="epoch", eval_strategy="epoch", save_strategy="steps", save_steps=3,
+        report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=dataset(16, 1),
+                         eval_dataset=dataset(8, 2),
+                         callbacks=[GradflowCallback(store), Reader()]).train()
+    assert [(step, rows) for step, rows, _ in seen] == [(3, 3), (6, 6), (8, 8)]
+    # epoch 0 is closed by the first save after its evaluation; the save at the last step comes
+    # before the last epoch ends (its row is written at on_train_end)
+    assert [epochs for _, _, epochs in seen] == [0, 1, 1]
