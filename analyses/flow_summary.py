@@ -8,7 +8,10 @@ the two centre-to-end ratios below are what differ between runs.)
   ≪ 1 without short skips, near 1 with them.
 - ``centre_to_end_grad_ratio``: the same ratio for the gradient L2 norm, each layer's norm averaged
   geometrically over steps (gradients span orders of magnitude; an arithmetic mean would be the first
-  few steps' value). With
+  few steps' value). A layer whose gradient norm is exactly 0 at any recorded step has geometric mean
+  0, so one such step in a lone centre layer makes the ratio 0 (an end layer's: larger, or Inf).
+- ``centre_zero_grad_steps``: the recorded steps at which some centre layer's gradient norm was
+  exactly 0 (each one pulls ``centre_to_end_grad_ratio`` to 0). With
   an adaptive optimizer (RMSprop, Adam) a starved layer's tiny gradient is rescaled into an ordinary
   update, so the gradient ratio is where vanishing gradients show even when the update ratio does not.
 - ``optimizer``: the optimizer class the Recorder recorded (blank when the store does not say): the
@@ -31,6 +34,7 @@ COLUMNS = [
     "layers",
     "centre_to_end_ratio",
     "centre_to_end_grad_ratio",
+    "centre_zero_grad_steps",
     "nonfinite_values",
     "nonfinite_steps",
     "first_nonfinite_step",
@@ -77,6 +81,17 @@ def _centre_to_end(per_layer: xr.DataArray | None) -> float:
     centre = values[_centre([str(n) for n in per_layer["layer"].values])]
     with np.errstate(invalid="ignore", divide="ignore"):
         return float(np.mean(centre) / np.mean(values[[0, -1]]))
+
+
+def _centre_zero_steps(st: xr.Dataset | None, layers) -> float:
+    """The steps at which some centre layer's ``grad_norm`` is exactly 0; NaN when unrecorded."""
+    if st is None or "grad_norm" not in st or st.sizes["step"] == 0:
+        return np.nan
+    da = select_layers(st, layers)["grad_norm"].transpose("step", "layer")
+    if da.sizes["layer"] == 0:
+        return np.nan
+    centre = _centre([str(n) for n in da["layer"].values])
+    return sum(int((block[:, centre] == 0).any(axis=1).sum()) for _, block in step_chunks(da))
 
 
 def _centre(names: list[str]) -> list[int]:
@@ -128,9 +143,10 @@ def flow_summary(data: xr.Dataset | xr.DataTree, layers: str | list[str] = "auto
             row["layers"] = int(update.sizes["layer"])
         row["centre_to_end_ratio"] = _centre_to_end(update)
         row["centre_to_end_grad_ratio"] = _centre_to_end(_mean_over_steps(st, "grad_norm", layers, geometric=True))
+        row["centre_zero_grad_steps"] = _centre_zero_steps(st, layers)
         row.update(_nonfinite(st))
         rows.append(row)
     table = pd.DataFrame(rows, columns=["run", *COLUMNS])
-    return table.astype({"nonfinite_values": "Int64", "nonfinite_steps": "Int64", "first_nonfinite_step": "Int64"}).set_index(
+    return table.astype({"centre_zero_grad_steps": "Int64", "nonfinite_values": "Int64", "nonfinite_steps": "Int64", "first_nonfinite_step": "Int64"}).set_index(
         "run"
     )

@@ -17,6 +17,10 @@ never folded into the colour scale, and are drawn in their own colours on top of
   without a gradient at those steps, the |ΔW| of a ``snapshot=False`` run or of an epoch a crash cut
   short (NaN by design), ‖ΔW‖/‖W‖ of a zero weight (±Inf). A NaN or ±Inf statistic is never red by
   itself: the store uses NaN for "not recorded", so only the counts tell a non-finite gradient.
+
+Module-prefix groups of layers (``layer3``, ``down2``) are parted by thin black dashed lines, a colour
+and a pattern no cell has (viridis runs dark purple → yellow; the states are white, light grey, red).
+A cell that combines several steps says how in the colour-bar label (:func:`stat_label`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ PER = ("epoch", "step")
 NO_DATA, NO_UPDATE, NONFINITE = 1, 2, 3
 STATE_COLOURS = {NO_DATA: "#d4d4d4", NO_UPDATE: "#ffffff", NONFINITE: "#e31a1c"}
 STATE_NAMES = {NO_DATA: "no data", NO_UPDATE: "no update (0)", NONFINITE: "non-finite gradient (NaN/Inf)"}
+SEPARATOR = {"color": "black", "linewidth": 0.8, "linestyle": (0, (3, 2))}  # between layer groups
+MEAN_OF_EPOCH = "mean of the epoch's recorded steps"  # how a step statistic becomes one epoch's cell
+MEAN_OF_BIN = "mean of each bin of recorded steps"  # how binned steps become one cell
 MAX_NAMED_LAYERS = 28  # above this, the layer axis is labelled by module-prefix groups
 
 
@@ -121,6 +128,7 @@ def _step_bins(ds: xr.Dataset, stat: str, bins: int) -> xr.DataArray:
         coords={"step": steps[first], "step_end": ("step", steps[last] + 1), **_layer_coords(ds),
                 "nonfinite_event": (("step", "layer"), _segment_any(ds, labels))},
         name=stat,
+        attrs={"combined": MEAN_OF_BIN} if n_bins < n else {},
     )
 
 
@@ -137,7 +145,7 @@ def _summary_bins(data: xr.Dataset | xr.DataTree, name: str, stat: str, layers, 
     binned = select_layers(binned, layers, module_type)
     da = binned[stat].sel(stat="mean", drop=True).transpose("step", "layer")
     event = binned["nonfinite"].sel(stat="max", drop=True).transpose("step", "layer").values > 0
-    return da.assign_coords(nonfinite_event=(("step", "layer"), event))
+    return da.assign_coords(nonfinite_event=(("step", "layer"), event)).assign_attrs(combined=MEAN_OF_BIN)
 
 
 def heatmap_data(
@@ -157,7 +165,9 @@ def heatmap_data(
     blocks is read from it instead, :func:`gradflow.summary.read_steps`). Means ignore non-finite
     values; the bool coordinate ``nonfinite_event`` (same dims) marks the cells where some recorded
     step had a NaN/Inf gradient in the layer (``nonfinite`` > 0), on every path alike: a NaN or ±Inf
-    statistic alone is no event (see the module docstring). ``layers`` / ``module_type`` select layers (:func:`gradflow.analyses.runs.select_layers`).
+    statistic alone is no event (see the module docstring). ``attrs["combined"]`` says how a cell
+    combines steps (``MEAN_OF_EPOCH``, ``MEAN_OF_BIN``); absent where a cell is one recorded figure
+    (an epoch-group variable, or one step per row). ``layers`` / ``module_type`` select layers (:func:`gradflow.analyses.runs.select_layers`).
     Raises :class:`GradflowError` for a ``stat`` without a layer dimension or a bad ``per``.
     """
     check_stat(data, stat, per)
@@ -187,13 +197,20 @@ def heatmap_data(
             elif "epoch" in st.coords:
                 keys, means = segment_mean(st[stat], st["epoch"].values)
                 out[name] = xr.DataArray(
-                    means, dims=("epoch", "layer"), name=stat,
+                    means, dims=("epoch", "layer"), name=stat, attrs={"combined": MEAN_OF_EPOCH},
                     coords={"epoch": keys, **_layer_coords(st),
                             "nonfinite_event": (("epoch", "layer"), _segment_any(st, st["epoch"].values))})
     out = {name: da for name, da in out.items() if da.sizes[da.dims[0]] > 0}
     if not out:
         raise GradflowError(f"no run in the store has {per}-level data for {stat!r} yet")
     return out
+
+
+def stat_label(arrays: dict[str, xr.DataArray], stat: str, per: str) -> str:
+    """What the colour of :func:`heatmap_data`'s ``arrays`` is: ``"‖W‖₂ per epoch (mean of the epoch's
+    recorded steps)"``; the statistic alone where no cell combines steps."""
+    how = list(dict.fromkeys(da.attrs["combined"] for da in arrays.values() if "combined" in da.attrs))
+    return f"{LABELS.get(stat, stat)} per {per}" + (f" ({'; '.join(how)})" if how else "")
 
 
 def cell_states(da: xr.DataArray) -> np.ndarray:
@@ -267,7 +284,7 @@ def draw_heatmap(ax, da: xr.DataArray, norm: Normalize, cmap) -> None:
     fontsize = 7 if len(axis.labels) <= 16 else 5
     ax.set_xticks(axis.ticks, axis.labels, rotation=axis.rotation, fontsize=fontsize)
     for x_sep in axis.separators:
-        ax.axvline(x_sep, color="white", linewidth=0.8)
+        ax.axvline(x_sep, **SEPARATOR)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel(time, fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
@@ -337,7 +354,7 @@ def heatmaps(
     for ax in cells.ravel():
         if not any(ax is u for u in used):
             ax.remove()
-    label = f"{LABELS.get(stat, stat)} per {per}" + (" (log)" if isinstance(norm, LogNorm) else "")
+    label = stat_label(arrays, stat, per) + (", log scale" if isinstance(norm, LogNorm) else "")
     mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(mappable, ax=used, label=label, fraction=0.15 / max(1, nrows / 3), aspect=20 * max(1, nrows / 3))
     key = [Patch(facecolor=STATE_COLOURS[s], edgecolor="0.5", label=STATE_NAMES[s]) for s in STATE_NAMES]

@@ -26,7 +26,7 @@ import xarray as xr
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from gradflow.analyses.heatmaps import LABELS, NO_DATA, NO_UPDATE, NONFINITE, STATE_COLOURS, STATE_NAMES, cell_states, heatmap_data
+from gradflow.analyses.heatmaps import LABELS, NO_DATA, NO_UPDATE, NONFINITE, STATE_COLOURS, STATE_NAMES, cell_states, heatmap_data, stat_label
 from gradflow.analyses.panel_grid import panel_layout
 from gradflow.analyses.runs import runs
 
@@ -109,7 +109,7 @@ def heatmap_figure(data: xr.Dataset | xr.DataTree, stat: str = "update_mean_abs"
         colorbar.update(tickvals=ticks.tolist(), ticktext=[f"1e{int(t)}" for t in ticks])
     fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": lo, "cmax": hi, "colorbar": colorbar},
                       height=260 * len(rows) + 120, margin={"t": 70, "l": 60, "r": 20, "b": 40},
-                      title={"text": f"{LABELS.get(stat, stat)} per {per} (red: a NaN/Inf gradient, white: no update, "
+                      title={"text": f"{stat_label(arrays, stat, per)} (red: a NaN/Inf gradient, white: no update, "
                                      f"grey: no data)" + (f"<br><sup>{layout.key}</sup>" if layout else ""),
                              "font": {"size": 14}})
     return fig

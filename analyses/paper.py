@@ -57,13 +57,15 @@ def _panel(attrs: dict) -> str:
 
 def fig4_table(tree: xr.DataTree) -> pd.DataFrame:
     """Per fig4 run (index ``panel``): variant, centre-to-end |ΔW| ratio, that ratio over panel (a)'s,
-    the gradient-norm ratio, and the paper's claim for the panel."""
+    the gradient-norm ratio with its ``centre_zero_grad_steps``, and the paper's claim for the panel."""
     names = _runs_by_preset(tree).get("fig4", [])
     attrs = run_attrs(tree)
     summary = flow_summary(tree).loc[names] if names else flow_summary(tree).iloc[:0]
     rows = [{"panel": _panel(attrs[n]), "variant": n, "centre_to_end_ratio": summary.loc[n, "centre_to_end_ratio"],
-             "centre_to_end_grad_ratio": summary.loc[n, "centre_to_end_grad_ratio"]} for n in names]
-    table = pd.DataFrame(rows, columns=["panel", "variant", "centre_to_end_ratio", "centre_to_end_grad_ratio"])
+             "centre_to_end_grad_ratio": summary.loc[n, "centre_to_end_grad_ratio"],
+             "centre_zero_grad_steps": summary.loc[n, "centre_zero_grad_steps"]} for n in names]
+    table = pd.DataFrame(rows, columns=["panel", "variant", "centre_to_end_ratio", "centre_to_end_grad_ratio",
+                                        "centre_zero_grad_steps"])
     table = table.sort_values("panel").set_index("panel")
     first = table[table.index.str.startswith("(a)")]["centre_to_end_ratio"]
     reference = float(first.iloc[0]) if len(first) else np.nan
@@ -152,7 +154,9 @@ def paper_section(tree: xr.DataTree, markdown) -> list[str]:
                   "The paper shows Fig. 4 as heatmaps, without numbers; its claim per panel is in `paper_fig4`. "
                   "Ours: `centre_to_end_ratio` = mean |ΔW| per epoch of the centre layers over that of the first "
                   "and last layer, averaged over epochs (≪ 1: the centre is starved); `ratio_over_panel_a` "
-                  "compares each panel with the long + short net.", "", markdown(fig4_table(tree), ".3g"), ""]
+                  "compares each panel with the long + short net; `centre_to_end_grad_ratio`: the same for the "
+                  "gradient norm, geometric mean over steps, 0 when a centre layer's gradient norm was exactly 0 "
+                  "at any step (`centre_zero_grad_steps` of them).", "", markdown(fig4_table(tree), ".3g"), ""]
     if "table3" in presets:
         table = table3_table(tree)
         ours = " < ".join(table.sort_values("best_val_loss").index)

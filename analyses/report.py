@@ -272,8 +272,10 @@ def _sweep_report(tree: xr.DataTree, store, title: str, out_dir: Path, formats: 
         "`centre_to_end_ratio`: mean |ΔW| of the centre layers over that of the first and last layer "
         "(≪ 1: the centre is starved); `centre_to_end_grad_ratio`: the same for the gradient norm, "
         "geometric mean over steps (adaptive optimizers such as RMSprop rescale small gradients into ordinary "
-        "updates, so vanishing gradients can show here and not in |ΔW|); `nonfinite_*`: where NaN/Inf "
-        "gradients appeared.",
+        "updates, so vanishing gradients can show here and not in |ΔW|); a step with an exactly-zero gradient "
+        "norm in a centre layer makes that layer's geometric mean 0, and so the ratio 0 or near it: "
+        "`centre_zero_grad_steps` counts those steps (0 ratio with a count > 0: some step's centre gradient "
+        "was exactly 0, not a gradient that faded); `nonfinite_*`: where NaN/Inf gradients appeared.",
         "",
         _markdown(flow_summary(tree), ".3g"),
         "",

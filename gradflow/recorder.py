@@ -79,6 +79,7 @@ import datetime
 import functools
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -455,6 +456,28 @@ def _synchronized(method):
     return locked
 
 
+def _one_number(name: str, value) -> float:
+    """``value`` as a float for :meth:`Recorder.end_epoch` (the rule in its docstring)."""
+    if value is None:
+        return math.nan
+    number, shown = value, repr(value)
+    if isinstance(value, torch.Tensor):
+        real = not (value.dtype.is_complex or value.dtype == torch.bool)
+        number = value.item() if value.numel() == 1 and real else None
+        shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    elif isinstance(value, (np.ndarray, np.generic)):
+        array = np.asarray(value)
+        number = array.item() if array.size == 1 and array.dtype.kind in "iuf" else None
+        shown = f"a {array.dtype} array of shape {array.shape}" if isinstance(value, np.ndarray) else shown
+    if isinstance(number, numbers.Real) and not isinstance(number, (bool, np.bool_)):
+        try:
+            return float(number)
+        except OverflowError:
+            pass
+    raise GradflowError(f"end_epoch: {name}={shown[:80]} is not a number: give one real number (an int or "
+                        f"float, or an array or tensor of exactly one element)")
+
+
 class Recorder:
     """Record per-layer, per-step gradient and update statistics of ``model`` into a Zarr store.
 
@@ -676,11 +699,18 @@ class Recorder:
     def end_epoch(self, **scalars: float) -> None:
         """Close an epoch: store mean |W_end − W_start| per layer and the given scalars.
 
-        Any float keyword is stored as a per-epoch variable (``train_loss``, ``val_loss``,
+        Each keyword is stored as a per-epoch float64 variable (``train_loss``, ``val_loss``,
         ``val_accuracy`` …); an epoch that omits a scalar given in another epoch gets NaN there.
+        A value is one real number: a Python ``int``/``float`` (any ``numbers.Real``), a NumPy
+        scalar, or a NumPy array or torch tensor holding exactly one element of an integer or
+        floating dtype (any shape: ``tensor(1.5)``, ``tensor([1.5])``, ``np.array([[1.5]])``);
+        ``None`` is stored as NaN, and ±Inf and NaN are kept as given.
 
         Raises:
-            GradflowError: a value that is not one number; a reserved name (``update_norm``,
+            GradflowError: a value that is not one real number: a string (``"1.0"``), a bool
+                (``True``, ``np.True_``, a bool tensor), a complex number, an array or tensor of
+                zero or more than one element, an integer too large for a float, any other
+                object; a reserved name (``update_norm``,
                 ``epoch`` …) or one that cannot name a Zarr array (``val/loss``, ``..``, empty);
                 a name that differs only in case from another epoch variable of the run
                 (``Val_Loss`` beside ``val_loss``: one array on a case-insensitive file system).
@@ -693,10 +723,7 @@ class Recorder:
             if problem:
                 raise GradflowError(f"end_epoch: the name {name!r} {problem}; choose another "
                                     f"(e.g. 'val_loss' for 'val/loss')")
-            try:
-                values[name] = math.nan if value is None else float(value)
-            except (TypeError, ValueError):
-                raise GradflowError(f"end_epoch: {name}={value!r} is not a number") from None
+            values[name] = _one_number(name, value)
         with self._lock:
             names = dict(self._epoch_names)
             for name in values:

@@ -258,7 +258,8 @@ def train_variant(variant: Variant, store: str, command: str, progress: Progress
     started = time.perf_counter()
     _clear_group(store, variant.name)
     if data is None:
-        data = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+        data = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val,
+                         side_step=c.side_step)
     metadata = {"variant": variant.name, "command": command, "device_name": _device_name(resolve_device(c.device))}
     if variant.preset:
         metadata.update(preset=variant.preset, panel=variant.label)
@@ -347,7 +348,8 @@ def validate(variants: list[Variant]) -> None:
         resolve_device(c.device)
     for c in {(v.config.data, v.config.size, v.config.n_train, v.config.n_val): v.config for v in variants}.values():
         if c.data != "synthetic":
-            load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+            load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val,
+                      side_step=c.side_step)
 
 
 def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool = False, executor: str = "local",
@@ -417,7 +419,8 @@ def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, pr
         c = variant.config
         key = (c.data, c.size, c.seed, c.n_train, c.n_val)
         if key not in cache:
-            cache[key] = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val)
+            cache[key] = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val,
+                                   side_step=c.side_step)
         progress("sweep: variants", done, total, variant.name)
         outcomes[variant.name] = train_variant(variant, store, command, progress=progress, data=cache[key])
         say(_outcome(variant.name, outcomes[variant.name]))

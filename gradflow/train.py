@@ -185,8 +185,10 @@ class TrainConfig:
     crop: int = _option(0, "Train on random crop×crop patches of the images (an epoch: (size/crop)² crops "
                            "per image); 0 = whole images.", range=_ints(0))
     crops_per_image: int = _option(0, "With crop: crops of each training image per epoch (0: (size/crop)²).", range=_ints(0))
-    n_train: int = _option(24, "Training images (tiles for ISBI at size < 512).", range=_ints(1))
-    n_val: int = _option(4, "Validation images.", range=_ints(1))
+    n_train: int = _option(24, "Training images: synthetic images, or ISBI slices, each cut into (512/size)² "
+                               "size×size tiles (24 slices at size 128: 384 tiles).", range=_ints(1))
+    n_val: int = _option(4, "Validation images: synthetic images, or ISBI slices, each cut into (512/size)² "
+                            "tiles.", range=_ints(1))
     epochs: int = _option(15, "Training epochs.", range=_ints(1))
     batch_size: int = _option(4, "Images (or crops) per optimizer step.", range=_ints(1))
     loss: str = _option("bce", "Training loss.", LOSSES)
@@ -222,13 +224,22 @@ class TrainConfig:
             raise GradflowError("crops_per_image needs crop > 0")
         if self.crop > self.size:
             raise GradflowError(f"crop {self.crop} is larger than the images (size {self.size})")
-        levels = 5 if self.arch == "table1" else self.levels
         for name in ("size", "crop") if self.crop else ("size",):
             value = getattr(self, name)
-            nearest = nearest_side(value, levels)
+            nearest = nearest_side(value, self.model_levels)
             if nearest != value:
-                raise GradflowError(f"{name} {value} is not divisible by 2**levels = {2 ** levels}; "
+                raise GradflowError(f"{name} {value} is not divisible by 2**levels = {self.side_step}; "
                                     f"try {name} {nearest}")
+
+    @property
+    def model_levels(self) -> int:
+        """The model's down/up-sampling levels: ``levels``, or table1's 5."""
+        return 5 if self.arch == "table1" else self.levels
+
+    @property
+    def side_step(self) -> int:
+        """2**levels of the model: size and crop must be multiples of it (px)."""
+        return 2 ** self.model_levels
 
 
 @dataclass
@@ -511,7 +522,7 @@ def _set_up(config: TrainConfig, checkpoint: str | Path | None, data) -> tuple[E
     model = build_model(config).to(device)
     if data is None:
         data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train,
-                         n_val=config.n_val)
+                         n_val=config.n_val, side_step=config.side_step)
     run = Epochs(config, model, build_optimizer(config, model), torch.amp.GradScaler(device.type, enabled=config.amp),
                  loss_fn, data.train_images.to(device), data.train_labels.to(device), data.val_images.to(device),
                  data.val_labels.to(device), torch.Generator().manual_seed(config.seed),

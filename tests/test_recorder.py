@@ -625,6 +625,39 @@ def test_bad_inputs(tmp_path):
         rec.end_epoch(train_loss=1.0)
 
 
+def test_end_epoch_takes_one_real_number_and_refuses_anything_else(tmp_path):
+    """The one rule of end_epoch's docstring: one real number in any container of exactly one
+    element is stored as that float, None as NaN; a string, a bool, a complex number and a container
+    of zero or several elements are refused in one line, and nothing of a refused epoch is stored.
+    (Before: "1.0" was stored as 1.0, True as 1.0, np.array([2.0]) was refused beside tensor([2.0]).)"""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    accepted = {"py_int": (3, 3.0), "py_float": (2.5, 2.5), "np_float32": (np.float32(0.25), 0.25),
+                "np_int": (np.int64(-7), -7.0), "tensor_0d": (torch.tensor(1.5), 1.5),
+                "tensor_1": (torch.tensor([4.0]), 4.0), "tensor_int": (torch.tensor([[5]]), 5.0),
+                "array_1": (np.array([6.0]), 6.0), "array_11": (np.array([[0.5]]), 0.5),
+                "none": (None, np.nan), "inf": (float("-inf"), -np.inf)}
+    refused = {"str": "1.0", "bool": True, "np_bool": np.True_, "bool_tensor": torch.tensor(True),
+               "complex": 1 + 0j, "np_complex": np.complex128(2), "complex_tensor": torch.tensor([1j]),
+               "empty": np.array([]), "two": np.array([1.0, 2.0]), "two_tensor": torch.zeros(2),
+               "huge": 10 ** 400, "str_array": np.array(["1"]), "list": [1.0]}
+    with gradflow.Recorder(model, optimizer, tmp_path / "run.zarr") as rec:
+        optimizer.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        for name, value in refused.items():
+            with pytest.raises(GradflowError, match="not a number") as raised:
+                rec.end_epoch(ok=1.0, **{name: value})
+            assert "\n" not in str(raised.value) and name in str(raised.value)
+        rec.end_epoch(**{name: value for name, (value, _) in accepted.items()})
+    epochs = gradflow.open(tmp_path / "run.zarr", group="epochs")
+    assert epochs.sizes["epoch"] == 1 and "ok" not in epochs and not set(refused) & set(epochs.data_vars)
+    for name, (_, expected) in accepted.items():
+        assert epochs[name].dtype == np.float64
+        np.testing.assert_array_equal(epochs[name].values, [expected], err_msg=name)
+
+
 def test_epoch_names_one_case_apart_are_refused_as_one_array(tmp_path):
     """On a case-insensitive file system (macOS, Windows) 'Val_Loss' and 'val_loss' are one Zarr
     array, and 'Epoch' is the epoch coordinate's: two series written into one. end_epoch refuses the

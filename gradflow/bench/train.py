@@ -118,7 +118,8 @@ def run_benchmark(config: TrainConfig, reps: int, progress: Progress | None = No
     """
     from gradflow.data import load_data
 
-    data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val)
+    data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val,
+                     side_step=config.side_step)
     images = len(data.train_images) * config.epochs
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

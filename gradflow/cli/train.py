@@ -59,7 +59,8 @@ def train_command(
         from gradflow.data import load_data
         from gradflow.sweep import score_segmentation
 
-        data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val)
+        data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val,
+                         side_step=config.side_step)
         scores = score_segmentation(result.model, data.val_images, data.val_labels, config.score_passes,
                                     seed=config.seed, batch_size=config.batch_size)
         typer.echo(f"validation images, {config.score_passes} dropout passes: V_rand {scores['v_rand']:.4f}, "

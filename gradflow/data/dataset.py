@@ -35,12 +35,19 @@ class EMData:
 
 
 def load_data(source: str | Path = "synthetic", size: int = 128, seed: int = 0,
-              n_train: int = 25, n_val: int = 5) -> EMData:
+              n_train: int = 25, n_val: int = 5, side_step: int = 1) -> EMData:
     """Synthetic EM images (`source="synthetic"`) or the ISBI 2012 training slices in folder `source`.
 
     Synthetic: n_train + n_val images of size×size from `synthetic_em(seed=seed)`.
     ISBI: n_train + n_val of the slices, drawn with `seed`; each slice is cut into non-overlapping
-    size×size tiles (size must divide the slice), tiles of a training slice only in training.
+    size×size tiles (size must divide the slice), tiles of a training slice only in training: n_train
+    slices give n_train·(H/size)·(W/size) training tiles, e.g. 24 × (512/128)² = 384 for ISBI 2012.
+    ``side_step``: what size must also be a multiple of for the model (2**levels), so that the error
+    for a size that does not divide the slices suggests only sizes the model takes.
+
+    Raises:
+        GradflowError: n_train < 1 or n_val < 0; size below 8; more slices asked for than the folder
+            holds; a size that does not divide the slices (naming the sizes that do).
     """
     if n_train < 1 or n_val < 0:
         raise GradflowError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
@@ -56,8 +63,11 @@ def load_data(source: str | Path = "synthetic", size: int = 128, seed: int = 0,
             raise GradflowError(f"n_train + n_val = {n_train + n_val} but '{source}' has only {len(images)} images")
         height, width = images.shape[1:]
         if height % size or width % size:
-            divisors = [d for d in range(MIN_SIZE, min(height, width) + 1) if height % d == 0 and width % d == 0]
-            raise GradflowError(f"size {size} does not divide the {height}×{width} ISBI images; use one of {divisors}")
+            sizes = [d for d in range(MIN_SIZE, min(height, width) + 1)
+                     if height % d == 0 and width % d == 0 and d % side_step == 0]
+            hint = (f"use one of {sizes}" if sizes else
+                    f"no size does at 2**levels = {side_step}: use fewer levels")
+            raise GradflowError(f"size {size} does not divide the {height}×{width} ISBI images; {hint}")
         order = np.random.default_rng(seed).permutation(len(images))
         train_index, val_index = sorted(order[:n_train].tolist()), sorted(order[n_train:n_train + n_val].tolist())
     split = {

@@ -53,3 +53,23 @@ def test_without_nonfinite_values_and_for_non_fcn_models(run_factory):
     row = flow_summary(xr.DataTree.from_dict({"/": step, "/epochs": epoch})).loc["run"]
     assert row["centre_to_end_ratio"] == 0.5 / 2.0  # middle layer b over the mean of a and c
     assert row["nonfinite_values"] == 0 and row["nonfinite_steps"] == 0 and row["nonfinite_layers"] == ""
+
+
+def test_one_step_with_a_zero_centre_gradient_makes_the_ratio_0_and_is_counted(run_factory):
+    """The geometric mean of a layer that had gradient norm exactly 0 at one step is 0, so one such
+    step zeroes the centre-to-end gradient ratio; the report says so, and counts those steps, so that
+    a 0 is not read as a gradient that faded (found in a fig4 report: panel (d) showed 0)."""
+    step, _ = run_factory(0, layers=[("a", "Linear"), ("b", "Linear"), ("c", "Linear")], epochs=2,
+                          steps_per_epoch=3)
+    names = [str(n) for n in step["layer"].values]
+    grad = np.ones((6, 3), dtype="float32")
+    grad[:, names.index("a")], grad[:, names.index("c")] = 2.0, 8.0
+    grad[:, names.index("b")] = [0.5, 0.0, 0.5, 0.5, 0.0, 0.5]  # centre b: exactly 0 at steps 1 and 4
+    grad[3, names.index("a")] = 0.0  # an end layer at 0 is no centre step
+    row = flow_summary(xr.DataTree.from_dict({"/": step.assign(grad_norm=(("step", "layer"), grad))})).loc["run"]
+    assert row["centre_to_end_grad_ratio"] == 0.0
+    assert row["centre_zero_grad_steps"] == 2
+    grad[[1, 4], names.index("b")] = 0.5  # without them: 0.5 / mean(geometric mean of a (0 at step 3), 8)
+    row = flow_summary(xr.DataTree.from_dict({"/": step.assign(grad_norm=(("step", "layer"), grad))})).loc["run"]
+    np.testing.assert_allclose(row["centre_to_end_grad_ratio"], 0.5 / ((0.0 + 8.0) / 2), rtol=1e-6)
+    assert row["centre_zero_grad_steps"] == 0

@@ -262,3 +262,41 @@ def test_the_nan_row_of_an_epoch_cut_short_is_no_data_after_resume(tmp_path):
     da = heatmap_data(gradflow.open_tree(store))["run"]
     assert np.isnan(da.values[0]).all() and np.isfinite(da.values[1]).all() and (da.values[1] > 0).all()
     np.testing.assert_array_equal(cell_states(da), [[NO_DATA, NO_DATA], [0, 0]])
+
+
+def test_group_separators_have_a_colour_no_cell_has(run_factory):
+    """The lines between layer groups were white, the colour of "no update (0)": a separator beside a
+    frozen layer read as one more frozen column. Their colour must be far from every colour a cell
+    can take: every colour of the colour map and the three state colours."""
+    import matplotlib
+    from matplotlib.colors import to_rgb
+
+    from gradflow.analyses.heatmaps import STATE_COLOURS
+
+    layers = [(f"layer{g}.{i}.conv", "Conv2d") for g in range(4) for i in range(10)]  # > 28: grouped
+    step, epoch = run_factory(0, layers=layers)
+    ax = panels(heatmaps(epoch))["run"]
+    separators = ax.get_lines()
+    assert len(separators) == 3  # between the 4 groups
+    cells = [*matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3], *map(to_rgb, STATE_COLOURS.values())]
+    for line in separators:
+        nearest = min(np.linalg.norm(np.subtract(to_rgb(line.get_color()), cell)) for cell in cells)
+        assert nearest > 0.25, (line.get_color(), nearest)
+
+
+def colour_label(fig):
+    return next(ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>")
+
+
+def test_the_colour_label_says_how_a_cell_combines_steps(sweep):
+    """A step statistic per epoch is the mean of each epoch's recorded steps (see the test above), and
+    so is a bin of steps; the label said only "‖W‖₂ per epoch". An epoch-group variable, or one step
+    per row, combines nothing and says nothing more."""
+    from gradflow.analyses.html import heatmap_figure
+
+    label = colour_label(heatmaps(sweep, stat="param_norm", per="epoch"))
+    assert label.startswith("‖W‖₂ per epoch (mean of the epoch's recorded steps)"), label
+    assert "mean of the epoch's recorded steps" in heatmap_figure(sweep, stat="param_norm", per="epoch").layout.title.text
+    assert "(mean of each bin of recorded steps)" in colour_label(heatmaps(sweep, stat="grad_norm", per="step", bins=5))
+    assert "mean of" not in colour_label(heatmaps(sweep, stat="grad_norm", per="step", bins=200))  # 12 steps: one a row
+    assert colour_label(heatmaps(sweep)) == "mean |ΔW| per epoch, log scale"  # from the epoch group

@@ -32,6 +32,7 @@ def test_fig4_ratio_per_panel_against_the_hand_ratio(run_factory):
     assert table.loc["(b) long only", "centre_to_end_ratio"] == pytest.approx(0.1 / 2)    # 0.1 / mean(2, 2)
     assert table.loc["(b) long only", "ratio_over_panel_a"] == pytest.approx(0.05)
     assert table.loc["(b) long only", "paper_fig4"] == "the centre barely updates"
+    assert "centre_zero_grad_steps" in table.columns  # beside the gradient ratio it explains
 
 
 def test_table3_ranks_ours_and_the_papers(run_factory):

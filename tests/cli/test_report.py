@@ -23,6 +23,9 @@ def test_report_has_figures_table_3_and_flow_summary(tiny_sweep, tmp_path, cli, 
         assert f"{epochs['train_loss'].values[best]:.4f}" in row
         assert "| RMSprop " in row  # the optimizer column (the tiny sweep is RMSprop only)
     assert "## Gradient-flow summary" in text and text.count("| simple-d1-bn0-long_sum-short") == 4
+    # a 0 gradient ratio is explained where it is shown: one exactly-0 centre step makes it 0, and counted
+    assert "exactly-zero gradient norm in a centre layer" in text
+    assert "centre_zero_grad_steps" in next(line for line in text.splitlines() if "centre_to_end_grad_ratio |" in line)
 
 
 def test_report_defaults_to_reports_store_name(tiny_sweep, tmp_path, cli, monkeypatch):

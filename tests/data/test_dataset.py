@@ -1,4 +1,6 @@
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import skimage.io
@@ -6,6 +8,7 @@ import torch
 
 from gradflow.data import EMData, load_data, synthetic_em
 from gradflow.errors import GradflowError
+from gradflow.train import TrainConfig
 
 
 
@@ -90,6 +93,33 @@ def test_isbi_size_must_divide_both_sides(isbi_like):
     path, _, _ = isbi_like
     with pytest.raises(GradflowError, match="does not divide"):
         load_data(path, size=64, seed=0, n_train=1, n_val=1)  # 64 divides 64 but not 48
+
+
+def test_isbi_size_error_suggests_only_sizes_the_model_takes(isbi_like):
+    """The sizes named for a size that does not divide the slices are those that do AND that the model's
+    2**levels divides: of 64×48's common divisors 8 and 16, 8 is no size for 4 levels (before: both named)."""
+    path, _, _ = isbi_like
+    assert_one_line_error("does not divide the 64×48 ISBI images; use one of [8, 16]", path, size=32,
+                          n_train=1, n_val=1)
+    assert_one_line_error("use one of [16]", path, size=32, n_train=1, n_val=1, side_step=16)
+    assert_one_line_error("no size does at 2**levels = 32: use fewer levels", path, size=32, n_train=1,
+                          n_val=1, side_step=32)
+    for levels, expected in ((3, "[8, 16]"), (4, "[16]")):  # through the config, as every command calls it
+        config = TrainConfig(data=str(path), size=32, levels=levels)
+        assert_one_line_error(f"use one of {expected}", config.data, size=config.size, n_train=1, n_val=1,
+                              side_step=config.side_step)
+    assert TrainConfig(arch="table1", size=32).side_step == 32  # table1 has 5 levels whatever --levels says
+
+
+def test_isbi_n_train_counts_slices_and_help_says_so(isbi_like):
+    """n_train/n_val pick ISBI slices, each cut into (H/size)·(W/size) tiles: 2 slices of 64×48 at size
+    16 are 2·4·3 = 24 tiles. The option's help says slices and tiles (before: 'tiles for ISBI')."""
+    path, _, _ = isbi_like
+    data = load_data(path, size=16, seed=0, n_train=2, n_val=1)
+    assert len(data.train_images) == 2 * (64 // 16) * (48 // 16) and len(data.val_images) == 1 * 4 * 3
+    helps = {spec.name: spec.metadata["help"] for spec in fields(TrainConfig)}
+    for name in ("n_train", "n_val"):
+        assert "ISBI slices, each cut into (512/size)²" in helps[name], helps[name]
 
 
 def assert_one_line_error(fragment, *args, **kwargs):
