@@ -15,7 +15,8 @@ there, not the old value Lightning keeps in ``callback_metrics``. Lightning call
 next epoch's start, or the end of training), and what the module logs in its own
 ``on_train_epoch_end`` (a torchmetrics ``compute()``) belongs to that epoch. Rows are committed
 whenever Lightning saves a checkpoint (``on_save_checkpoint``), so a run resumed from that
-checkpoint after a crash continues the store from the same step. The Recorder closes at
+checkpoint after a crash continues the store from the same step; where the store's next step is
+not the trainer's ``global_step`` all the same, ``on_train_start`` warns. The Recorder closes at
 ``on_fit_end`` or on an exception.
 """
 
@@ -88,6 +89,22 @@ class GradflowCallback(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.recorder = Recorder(pl_module, list(trainer.optimizers), self.store, every=self.every,
                                  scaler=scaler, **self.recorder_kwargs)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn where the store's next step is not the trainer's (restored) ``global_step``: rows
+        committed after the checkpoint this run resumed from, or a resumed store with a fresh
+        trainer. (Compared under automatic optimization with one optimizer, where ``global_step``
+        counts optimizer steps as the store does.)"""
+        recorder = self.recorder
+        if (recorder is None or not trainer.is_global_zero or not pl_module.automatic_optimization
+                or len(trainer.optimizers) != 1 or recorder.step == trainer.global_step):
+            return
+        warnings.warn(f"gradflow: {self.store} continues at step {recorder.step}, but the trainer "
+                      f"starts at global step {trainer.global_step}, so the store's step numbers "
+                      f"will differ from the trainer's by {recorder.step - trainer.global_step} "
+                      f"(rows committed after the checkpoint this run resumed from, or another "
+                      f"run's store); record into a new store or group to keep them equal",
+                      GradflowWarning, stacklevel=2)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_due = self.recorder is not None  # the module's own hook logs after this one

@@ -211,3 +211,27 @@ def test_each_epoch_holds_what_was_logged_in_it_and_a_checkpoint_commits(tmp_pat
     np.testing.assert_allclose(ep.val_loss.values[[1, 3]], [validated[1], validated[3]])
     assert on_disk.seen == [(4, 1), (8, 2), (12, 3)]  # 4 steps per epoch, committed at each save
     check(gradflow.open(store), records, layers_of(model))
+
+
+def test_a_store_that_continues_at_another_step_than_the_trainer_warns(tmp_path):
+    """Resuming the store (mode="a") from a checkpoint at the same step: silent. Resuming it with
+    a trainer that starts elsewhere (here: from scratch): one warning naming both step numbers,
+    so the offset between the store's steps and global_step is not silent."""
+    import warnings as warnings_module
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    store, records = tmp_path / "run.zarr", []
+    trainer([GradflowCallback(store), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+            max_epochs=1, enable_checkpointing=True).fit(Regressor(records), loader(20, 1))
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        trainer([GradflowCallback(store, mode="a"), ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+                max_epochs=2, enable_checkpointing=True).fit(
+            Regressor(records), loader(20, 1), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert not [w for w in caught if issubclass(w.category, GradflowWarning)]
+    with pytest.warns(GradflowWarning, match=r"continues at step 8, but the trainer starts at "
+                                              r"global step 0"):
+        trainer([GradflowCallback(store, mode="a")], max_epochs=1).fit(Regressor(records),
+                                                                          loader(20, 1))
+    assert gradflow.open(store).sizes["step"] == 12
