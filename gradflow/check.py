@@ -259,27 +259,27 @@ def _undecodable(zstore, array, coords: tuple[int, ...], key: str) -> str | None
     return None
 
 
+def _frames(err: BaseException):
+    """The frames ``err`` passed through, from where it was caught to where it was raised."""
+    tb = err.__traceback__
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
 def checksum_failed(err: BaseException) -> bool:
     """Whether ``err`` is zarr's ``crc32c`` codec finding that a chunk's bytes no longer match the
     checksum stored with them (every array gradflow writes ends in it): the file changed on disk.
     Its message shows both checksums as raw bytes, which tell a person nothing."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__") == "zarr.codecs.crc32c_":
-            return isinstance(err, ValueError)
-        tb = tb.tb_next
-    return False
+    return isinstance(err, ValueError) and any(
+        frame.f_globals.get("__name__") == "zarr.codecs.crc32c_" for frame in _frames(err))
 
 
 def undecodable_chunk(err: BaseException) -> bool:
     """Whether ``err`` was raised by a Zarr codec decoding a chunk's bytes (a truncated, empty,
     garbage or changed chunk file: ``gradflow.open`` lists chunks but does not decode them)."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__", "").startswith(("numcodecs.", "zarr.codecs.")):
-            return True
-        tb = tb.tb_next
-    return False
+    return any(frame.f_globals.get("__name__", "").startswith(("numcodecs.", "zarr.codecs."))
+               for frame in _frames(err))
 
 
 def decode_error(err: BaseException, url: str | None = None) -> GradflowError | None:
@@ -291,10 +291,8 @@ def decode_error(err: BaseException, url: str | None = None) -> GradflowError | 
         return None
     from gradflow.paths import sweep_member
 
-    array, tb = None, err.__traceback__
-    while tb is not None and array is None:  # zarr's selection frames hold the array's StorePath
-        array = getattr(tb.tb_frame.f_locals.get("store_path"), "path", None)
-        tb = tb.tb_next
+    array = next((path for frame in _frames(err)  # zarr's selection frames hold its StorePath
+                  if (path := getattr(frame.f_locals.get("store_path"), "path", None)) is not None), None)
     what = ("does not match its CRC-32C checksum (changed on disk)" if checksum_failed(err) else
             f"does not decode ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
     where = f"{_label_of(array)}: a chunk" if isinstance(array, str) and array else "a chunk"

@@ -79,6 +79,14 @@ def folder_kind(url: str) -> str | None:
         else None
 
 
+def _committed(meta: dict | None) -> dict:
+    """The node metadata a store root's ``zarr.json`` (parsed: ``meta``) holds as its last commit
+    (its consolidated metadata, keyed by path); empty where it holds none or is no dict."""
+    found = meta.get("consolidated_metadata") if isinstance(meta, dict) else None
+    found = found.get("metadata") if isinstance(found, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
 def no_store_error(url: str, each: str = "") -> GradflowError:
     """``no gradflow store at URL``; for a folder of runs that are stores of their own, which run
     to name instead (``each``: what to do with it, ``"check each run: gradflow check"``)."""
@@ -114,12 +122,10 @@ def store_kind(url: str) -> str | None:
         return "run"
     if root.get("node_type") != "group":
         return "foreign"
-    committed = root.get("consolidated_metadata")
-    committed = committed.get("metadata") if isinstance(committed, dict) else None
-    committed = committed if isinstance(committed, dict) else {}
+    listed = _committed(root)
     names = [m.rstrip("/").rsplit("/", 1)[-1] for m in fs.ls(path, detail=False)]
     names = [n for n in names if n != "zarr.json" and not n.startswith(".") and not n.endswith(".partial")]
-    members = {name: committed.get(name) or _metadata(fs, f"{path}/{name}/zarr.json") for name in names}
+    members = {name: listed.get(name) or _metadata(fs, f"{path}/{name}/zarr.json") for name in names}
     if not any(meta is not None for meta in members.values()):
         return "empty"
     for name, meta in members.items():
@@ -134,9 +140,7 @@ def _groups(url: str) -> list[str]:
     a ``zarr.json`` (a variant being recorded)."""
     fs, path = filesystem(url)
     path = path.rstrip("/")
-    committed = (_metadata(fs, f"{path}/zarr.json") or {}).get("consolidated_metadata")
-    committed = committed.get("metadata") if isinstance(committed, dict) else None
-    names = {key for key in committed if "/" not in key} if isinstance(committed, dict) else set()
+    names = {key for key in _committed(_metadata(fs, f"{path}/zarr.json")) if "/" not in key}
     names |= {file.rsplit("/", 2)[-2] for file in fs.glob(f"{path}/*/zarr.json")}
     return sorted(names)
 

@@ -24,8 +24,9 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
-from gradflow.check import (RunState, damaged_metadata, damaged_root, every_chunk_stored,
-                            inspect_run, lost_ranges, runs_of, unreadable_metadata)
+from gradflow.check import (RunState, _quiet_zarr, damaged_metadata, damaged_root,
+                            every_chunk_stored, inspect_run, lost_ranges, runs_of,
+                            unreadable_metadata)
 from gradflow.errors import GradflowError
 from gradflow.summary import trim
 
@@ -43,7 +44,6 @@ def repair_run(url: str, group: str | None, state: RunState | None = None) -> Ru
     --repair``: it decodes every chunk, so it is not taken twice); it reads the committed view,
     which rewriting node metadata files leaves as it is."""
     from gradflow.lock import filesystem, group_is_locked
-    from gradflow.store import _quiet_zarr
 
     fs, path = filesystem(url)
     where = url if not group else f"{url} (group {group!r})"

@@ -80,15 +80,11 @@ CHUNK_BYTES = 2**22  # a step variable's chunk holds at most this many bytes (�
 CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4)
 # Every chunk of every array gradflow writes ends in a CRC-32C of its stored bytes (zarr's standard
 # `crc32c` codec, which xarray and zarr check on every read): without it a flipped bit decodes to
-# other numbers silently (197 of 200 single-bit flips in a chunk of recorded figures did,
-# tests/test_store_faults.py), and `gradflow check` could not tell. 4 bytes per chunk.
+# other numbers silently (197 of 200 single-bit flips in a blosc/zstd chunk of recorded figures
+# did; the "bitflip" damage of tests/test_check.py), and `gradflow check` could not tell. 4 bytes
+# per chunk.
 CHECKSUM = Crc32cCodec()
 OTHER_CODECS = (ZstdCodec(level=0), CHECKSUM)  # zarr's default compressor, then the checksum
-
-
-def figure_codecs() -> tuple:
-    """The float32 figures' compressors: :data:`CODEC`, then :data:`CHECKSUM`."""
-    return (CODEC, CHECKSUM)
 CHUNK_EPOCHS = 256
 STEP_VARIABLES = schema.names(schema.STEP_VARIABLES)
 EPOCH_VARIABLES = schema.names(schema.EPOCH_VARIABLES)
@@ -151,6 +147,12 @@ class LayerTable:
                 "num_params": [int(n) for n in self.num_params]}
 
 
+def figure_codecs() -> tuple:
+    """The float32 figures' compressors: :data:`CODEC` (read when called: the long-run benchmark
+    swaps it), then :data:`CHECKSUM`."""
+    return (CODEC, CHECKSUM)
+
+
 def _check_schema(attrs, where: str) -> None:
     schema = attrs.get("gradflow_schema")
     if not isinstance(schema, int):
@@ -158,6 +160,11 @@ def _check_schema(attrs, where: str) -> None:
     if schema > SCHEMA:
         raise GradflowError(f"{where} was written by a newer gradflow (schema {schema}, this one "
                             f"reads up to {SCHEMA}); upgrade gradflow")
+
+
+def _first_names(names: list) -> str:
+    """``a, b, c, …``: the first three of ``names``, for a one-line error."""
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
 
 
 def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
@@ -182,10 +189,9 @@ def _same_optimizers(stored, given: list[dict], where: str) -> list[dict]:
     for i, (old, new) in enumerate(zip(stored, given)):  # the same parameters in each group
         for j, (a, b) in enumerate(zip(old.get("param_groups", []), new.get("param_groups", []))):
             if isinstance(a, dict) and "params" in a and a["params"] != b.get("params"):
-                shown = ", ".join(a["params"][:3]) + (", …" if len(a["params"]) > 3 else "")
-                now = ", ".join(b.get("params", [])[:3]) + (", …" if len(b.get("params", [])) > 3 else "")
                 raise GradflowError(f"{where}: param group {j} of optimizer {i} held other parameters "
-                                    f"({shown}) than it holds now ({now}): its lr column would "
+                                    f"({_first_names(a['params'])}) than it holds now "
+                                    f"({_first_names(b.get('params', []))}): its lr column would "
                                     f"change meaning, so a resume (mode=\"a\") needs the same "
                                     f"parameters in each group, optimizers in the same order; "
                                     f"record into a new store or group")
