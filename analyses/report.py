@@ -47,12 +47,12 @@ def store_name(store: str | os.PathLike) -> str:
 SOURCE_FILE = ".gradflow-source"  # in a default report folder: the store it was drawn from
 
 
-def default_out_dir(store: str | os.PathLike) -> Path:
-    """``reports/<store name>/`` (:func:`store_name`), made and claimed for ``store``: its full path
+def default_out_dir(store: str | os.PathLike, name: str | None = None) -> Path:
+    """``reports/<store name>/`` (``name``, default :func:`store_name`), made and claimed for ``store``: its full path
     (a URL as given) is written into :data:`SOURCE_FILE` there, and a folder that names another
     store is refused, so that two stores of one name (``a/run.zarr``, ``b/run.zarr``) never draw over
     each other's figures. Raises :class:`~gradflow.errors.GradflowError` (one line)."""
-    name = store_name(store)
+    name = name or store_name(store)
     out_dir = Path("reports") / name
     text = os.fspath(store).rstrip("/")
     source = text if "://" in text else os.path.abspath(text)
@@ -193,7 +193,7 @@ def write_report(store: str | os.PathLike, out_dir: str | os.PathLike | None = N
     ``html`` also ``out_dir/report.html`` (:func:`gradflow.analyses.html.write_html`); returns the paths written
     (report.md first). A sweep store gets the paper's sections, any other store the generic ones."""
     tree, name = open_tree(store), store_name(store)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(store)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(store, name)
     formats = formats or ["png"]
     make_out_dir(out_dir)
     write = _sweep_report if is_sweep(tree) else _run_report

@@ -35,7 +35,7 @@ import zarr
 from gradflow.errors import GradflowError
 from gradflow.paths import path_exists, refuse_inside_store, store_kind
 from gradflow.progress import Progress
-from gradflow.train import TrainConfig
+from gradflow.train import TrainConfig, config_data
 
 EXECUTORS = ("local", "ray")
 # Settings a variant's name does not show; a finished variant recorded with other values is stale.
@@ -251,15 +251,13 @@ def train_variant(variant: Variant, store: str, command: str, progress: Progress
     validation images (:func:`score_segmentation`) and the scores join the outcome.
     ``consolidated=False`` (Ray tasks) leaves re-consolidating the root to the driver.
     """
-    from gradflow.data import load_data
     from gradflow.train import resolve_device, train
 
     c = variant.config
     started = time.perf_counter()
     _clear_group(store, variant.name)
     if data is None:
-        data = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val,
-                         side_step=c.side_step)
+        data = config_data(c)
     metadata = {"variant": variant.name, "command": command, "device_name": _device_name(resolve_device(c.device))}
     if variant.preset:
         metadata.update(preset=variant.preset, panel=variant.label)
@@ -335,7 +333,6 @@ def plan(variants: list[Variant], store: str, force: bool = False) -> tuple[list
 
 def validate(variants: list[Variant]) -> None:
     """Fail fast, before any training, on what would fail later: model options, device, data path."""
-    from gradflow.data import load_data
     from gradflow.train import build_model, resolve_device
 
     checked: set = set()
@@ -348,8 +345,7 @@ def validate(variants: list[Variant]) -> None:
         resolve_device(c.device)
     for c in {(v.config.data, v.config.size, v.config.n_train, v.config.n_val): v.config for v in variants}.values():
         if c.data != "synthetic":
-            load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val,
-                      side_step=c.side_step)
+            config_data(c)
 
 
 def run_sweep(variants: list[Variant], store: str | os.PathLike, *, force: bool = False, executor: str = "local",
@@ -410,8 +406,6 @@ def _outcome(name: str, summary: dict[str, Any]) -> str:
 def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, progress: Progress,
                say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """One variant after another in this process; data loaded once per distinct data setting."""
-    from gradflow.data import load_data
-
     outcomes: dict[str, dict[str, Any]] = {}
     cache: dict[tuple, Any] = {}
     total = len(todo) + n_skipped
@@ -419,8 +413,7 @@ def _run_local(todo: list[Variant], store: str, command: str, n_skipped: int, pr
         c = variant.config
         key = (c.data, c.size, c.seed, c.n_train, c.n_val)
         if key not in cache:
-            cache[key] = load_data(c.data, size=c.size, seed=c.seed, n_train=c.n_train, n_val=c.n_val,
-                                   side_step=c.side_step)
+            cache[key] = config_data(c)
         progress("sweep: variants", done, total, variant.name)
         outcomes[variant.name] = train_variant(variant, store, command, progress=progress, data=cache[key])
         say(_outcome(variant.name, outcomes[variant.name]))

@@ -509,7 +509,6 @@ def train(config: TrainConfig, store: Any = "run.zarr", group: str | None = None
 
 def _set_up(config: TrainConfig, checkpoint: str | Path | None, data) -> tuple[Epochs, Any]:
     """Check the inputs, then build the model (seeded), the optimizer and the data on the device."""
-    from gradflow.data import load_data
     from gradflow.losses import get_loss
 
     device = resolve_device(config.device)
@@ -521,13 +520,23 @@ def _set_up(config: TrainConfig, checkpoint: str | Path | None, data) -> tuple[E
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     if data is None:
-        data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train,
-                         n_val=config.n_val, side_step=config.side_step)
+        data = config_data(config)
     run = Epochs(config, model, build_optimizer(config, model), torch.amp.GradScaler(device.type, enabled=config.amp),
                  loss_fn, data.train_images.to(device), data.train_labels.to(device), data.val_images.to(device),
                  data.val_labels.to(device), torch.Generator().manual_seed(config.seed),
                  torch.Generator(device=device).manual_seed(config.seed))
     return run, data
+
+
+def config_data(config: TrainConfig):
+    """The :class:`~gradflow.data.EMData` that ``config`` trains on: :func:`gradflow.data.load_data`
+    of its ``data``, ``size``, ``seed``, ``n_train`` and ``n_val`` (a size that does not divide the
+    ISBI slices is answered with the sizes its model's levels take). Raises
+    :class:`~gradflow.errors.GradflowError`."""
+    from gradflow.data import load_data
+
+    return load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train,
+                     n_val=config.n_val, side_step=config.side_step)
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -116,10 +116,9 @@ def run_benchmark(config: TrainConfig, reps: int, progress: Progress | None = No
 
     ``progress``: called after each timed run (:mod:`gradflow.progress`).
     """
-    from gradflow.data import load_data
+    from gradflow.train import config_data
 
-    data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val,
-                     side_step=config.side_step)
+    data = config_data(config)
     images = len(data.train_images) * config.epochs
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -45,7 +45,6 @@ def train_command(
         check_checkpoint_path(checkpoint)  # never a file that is not a gradflow checkpoint
         if Path(checkpoint).exists() and not overwrite:
             raise GradflowError(f"checkpoint {checkpoint} already exists; pass --overwrite to replace it")
-        check_checkpoint_path(checkpoint, writable=True)  # before hours of training, not after
     # The store is replaced (mode "w": only a gradflow run) by the Recorder, after train() has checked
     # every other input (data, model, device): a bad input never costs the old store.
     with ProgressBars(transient=True) as progress:
@@ -56,11 +55,10 @@ def train_command(
                f"(train {result.train_loss_at_best:.4f}), val accuracy {best['val_accuracy']:.4f}; "
                f"store {out}{saved}")
     if config.score_passes:
-        from gradflow.data import load_data
         from gradflow.sweep import score_segmentation
+        from gradflow.train import config_data
 
-        data = load_data(config.data, size=config.size, seed=config.seed, n_train=config.n_train, n_val=config.n_val,
-                         side_step=config.side_step)
+        data = config_data(config)
         scores = score_segmentation(result.model, data.val_images, data.val_labels, config.score_passes,
                                     seed=config.seed, batch_size=config.batch_size)
         typer.echo(f"validation images, {config.score_passes} dropout passes: V_rand {scores['v_rand']:.4f}, "
